@@ -1,0 +1,47 @@
+"""Configuration of the gateway and the limits of its public fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Allowed ranges of the public request fields; errors quote them."""
+
+    max_k: int = 1000
+    max_id_bytes: int = 256
+    max_list_items: int = 1000      # exclude_item_ids, context_item_ids
+    max_events: int = 1000          # per Feedback call
+    max_items: int = 1000           # per UpsertItems / DeleteItems call
+    max_text_bytes: int = 16_384
+    max_tags: int = 32
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    recall_addresses: tuple[str, ...]
+    ranking_address: str
+    db_path: Path = Path("recfunnel.sqlite")
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    # Candidates asked of every shard per channel; the merged funnel keeps each channel's
+    # quota so no channel starves the others.
+    channel_budgets: tuple[tuple[str, int], ...] = (("sequential", 100), ("semantic", 20), ("popular", 10))
+    history_length: int = 200       # most recent events read per user
+    default_deadline_s: float = 1.0 # budget when the client sets no deadline
+    explain_top: int = 3            # because_item_ids per item when explain is set
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not self.recall_addresses:
+            raise ValueError("at least one recall shard address is needed")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be in 0..65535")
+        if self.default_deadline_s <= 0:
+            raise ValueError(f"default_deadline_s={self.default_deadline_s} must be > 0")
+        if any(k < 0 for _, k in self.channel_budgets):
+            raise ValueError("channel budgets must be >= 0")

@@ -1,0 +1,81 @@
+"""The feedback event log and the per-user history it gives, in SQLite (WAL mode).
+
+One table serves both: an event is durable once its transaction commits, and the next
+history read of the same user sees it. SQLite in WAL mode lets reads run beside a write.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    value REAL NOT NULL DEFAULT 0,
+    timestamp_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, timestamp_ms, seq);
+"""
+
+
+@dataclass(frozen=True)
+class Event:
+    user_id: str
+    item_id: str
+    event_type: str = "interaction"
+    value: float = 0.0
+    timestamp_ms: int = 0  # 0 = now
+
+
+class EventLog:
+    """Append-only interaction events with per-user recent-history reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        # One connection shared by the gateway's threads, serialised by the lock.
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
+        self._db.executescript(SCHEMA)
+
+    def append(self, events: Iterable[Event]) -> int:
+        """Write events in one transaction; returns how many were written once durable."""
+        now = int(time.time() * 1000)
+        rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now) for e in events]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO events (user_id, item_id, event_type, value, timestamp_ms) VALUES (?, ?, ?, ?, ?)",
+                    rows)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    def recent_items(self, user_id: str, limit: int) -> list[str]:
+        """The user's last `limit` item ids, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT item_id FROM events WHERE user_id = ? ORDER BY timestamp_ms DESC, seq DESC LIMIT ?",
+                (user_id, limit),
+            ).fetchall()
+        return [r[0] for r in reversed(rows)]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

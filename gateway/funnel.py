@@ -1,0 +1,182 @@
+"""The funnel one Recommend runs: history -> encode -> fan-out recall -> merge -> rank -> top-k.
+
+Pure logic over two small interfaces, so the same code runs against gRPC clients (the
+gateway), in-process models (benchmarks) and fakes that fail on purpose (fault tests).
+Every stage may fail without failing the request: a missing shard gives partial
+candidates, a failed encoder or ranker falls back to popularity or recall order; each
+such answer is marked degraded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from recdata.channels import POPULAR, VECTOR_CHANNELS
+from retrieval.shard import ChannelQuery
+
+log = logging.getLogger(__name__)
+
+ChannelHits = dict[str, list[tuple[str, float]]]
+
+
+class StageFailed(Exception):
+    """A downstream stage did not answer in time or answered with an error."""
+
+
+class RecallBackend(Protocol):
+    async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
+                     model_version: str) -> ChannelHits: ...
+
+
+class RankingBackend(Protocol):
+    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]: ...
+
+    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]],
+                   explain_top: int, timeout: float, model_version: str
+                   ) -> list[tuple[str, float, list[str]]]: ...
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    user_id: str
+    k: int
+    history: list[str]            # oldest first: the logged events, then the request's context
+    exclude_item_ids: list[str] = field(default_factory=list)
+    explain: bool = False
+
+
+@dataclass
+class Recommendation:
+    item_id: str
+    score: float
+    channels: list[str]
+    because_item_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    items: list[Recommendation]
+    model_version: str
+    degraded: bool
+    recall_coverage: float
+    stages_ms: dict[str, float] = field(default_factory=dict)
+
+
+def merge_shards(answers: Sequence[ChannelHits], budgets: dict[str, int]) -> ChannelHits:
+    """Per channel, the best `budget` hits over all shards' answers, best first, deduplicated."""
+    merged: ChannelHits = {}
+    for channel, budget in budgets.items():
+        best: dict[str, float] = {}
+        for answer in answers:
+            for item_id, score in answer.get(channel, []):
+                if score > best.get(item_id, float("-inf")):
+                    best[item_id] = score
+        merged[channel] = heapq.nlargest(budget, best.items(), key=lambda hit: (hit[1], hit[0]))
+    return merged
+
+
+def combine_channels(per_channel: ChannelHits, order: Sequence[str]) -> list[tuple[str, dict[str, float]]]:
+    """Union of every channel's hits, each item once with its score per channel that found it.
+
+    Listed round-robin over channels by rank, so recall order (the fallback when ranking is
+    down) gives every channel its share near the top.
+    """
+    combined: dict[str, dict[str, float]] = {}
+    longest = max((len(per_channel.get(c, [])) for c in order), default=0)
+    for rank in range(longest):
+        for channel in order:
+            hits = per_channel.get(channel, [])
+            if rank < len(hits):
+                item_id, score = hits[rank]
+                combined.setdefault(item_id, {})[channel] = score
+    return list(combined.items())
+
+
+class Funnel:
+    def __init__(self, shards: Sequence[RecallBackend], ranking: RankingBackend,
+                 channel_budgets: dict[str, int], explain_top: int = 3):
+        self.shards = list(shards)
+        self.ranking = ranking
+        self.budgets = channel_budgets
+        self.explain_top = explain_top
+
+    async def _fan_out(self, queries: list[ChannelQuery], exclude: list[str], deadline: float,
+                       version: str) -> tuple[list[ChannelHits], float]:
+        timeout = max(deadline - time.monotonic(), 0.001)
+        answers = await asyncio.gather(
+            *(shard.search(queries, exclude, timeout, version) for shard in self.shards),
+            return_exceptions=True,
+        )
+        ok = [a for a in answers if not isinstance(a, BaseException)]
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                log.warning("recall shard failed: %s", answer)
+        return ok, len(ok) / len(self.shards)
+
+    async def recommend(self, query: RecommendQuery, deadline: float) -> Answer:
+        """Answer one query before `deadline` (time.monotonic() seconds)."""
+        stages: dict[str, float] = {}
+        started = time.monotonic()
+        degraded = False
+        seen = set(query.history) | set(query.exclude_item_ids)
+        vectors: dict[str, np.ndarray] = {}
+        version = ""
+        if query.history:
+            try:
+                budget = (deadline - time.monotonic()) * 0.3
+                vectors, version = await self.ranking.encode(query.history, max(budget, 0.001))
+            except StageFailed as error:
+                log.warning("encode failed, answering from popularity: %s", error)
+                degraded = True
+        stages["encode"] = (time.monotonic() - started) * 1000
+
+        budgets = dict(self.budgets)
+        if not vectors:  # nobody to personalise for: popularity has to fill the whole answer
+            budgets = {POPULAR: max(budgets.get(POPULAR, 0), query.k)}
+        queries = [
+            ChannelQuery(channel, k, vectors.get(channel))
+            for channel, k in budgets.items()
+            if k > 0 and (channel == POPULAR or channel in vectors)
+        ]
+        # Shards drop seen and excluded items before cutting their top-k, so each channel
+        # still brings its full budget of new items.
+        exclude = sorted(seen)
+        t = time.monotonic()
+        recall_deadline = t + (deadline - t) * 0.6
+        answers, coverage = await self._fan_out(queries, exclude, recall_deadline, version)
+        stages["recall"] = (time.monotonic() - t) * 1000
+        degraded |= coverage < 1.0
+        merged = merge_shards(answers, {q.channel: q.k for q in queries})
+        order = [c for c in (*VECTOR_CHANNELS, POPULAR) if c in merged]
+        candidates = [(i, s) for i, s in combine_channels(merged, order) if i not in seen]
+
+        t = time.monotonic()
+        ranked: list[tuple[str, float, list[str]]] | None = None
+        if vectors and candidates:
+            try:
+                ranked = await self.ranking.rank(
+                    query.history, candidates, self.explain_top if query.explain else 0,
+                    max(deadline - time.monotonic(), 0.001), version)
+            except StageFailed as error:
+                log.warning("ranking failed, answering in recall order: %s", error)
+                degraded = True
+        stages["rank"] = (time.monotonic() - t) * 1000
+
+        channels_of = dict(candidates)
+        if ranked is not None:
+            ranked.sort(key=lambda r: -r[1])
+            items = [Recommendation(i, s, sorted(channels_of[i]), because) for i, s, because in ranked[: query.k]]
+        else:
+            n = len(candidates)
+            # Recall order with a score that falls with rank, so clients can still sort by it.
+            items = [Recommendation(i, float(n - rank) / max(n, 1), sorted(ch))
+                     for rank, (i, ch) in enumerate(candidates[: query.k])]
+        return Answer(items, version, degraded, coverage, stages)

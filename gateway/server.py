@@ -1,0 +1,72 @@
+"""Run the gateway: `python -m gateway --recall ADDR [--recall ADDR ...] --ranking ADDR`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.backends import GrpcRanking, GrpcRecall
+from gateway.config import DEFAULT_PORT, GatewayConfig
+from gateway.events import EventLog
+from gateway.funnel import Funnel
+from gateway.servicer import RecommenderServicer
+from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
+from protos.serving import ServerHandle, start_server
+
+SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+@dataclass
+class Gateway:
+    handle: ServerHandle
+    events: EventLog
+    backends: list[GrpcRecall | GrpcRanking]
+
+    @property
+    def address(self) -> str:
+        return self.handle.address
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.handle.stop(grace)
+        for backend in self.backends:
+            await backend.close()
+        self.events.close()
+
+
+async def start(config: GatewayConfig) -> Gateway:
+    shards = [GrpcRecall(address) for address in config.recall_addresses]
+    ranking = GrpcRanking(config.ranking_address)
+    funnel = Funnel(shards, ranking, dict(config.channel_budgets), config.explain_top)
+    events = EventLog(config.db_path)
+    servicer = RecommenderServicer(funnel, events, config, ThreadPoolExecutor(4, thread_name_prefix="gateway"))
+    handle = await start_server(
+        config.host, config.port,
+        [lambda server: recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+    )
+    return Gateway(handle, events, [*shards, ranking])
+
+
+async def serve(config: GatewayConfig) -> None:
+    gateway = await start(config)
+    try:
+        await gateway.handle.server.wait_for_termination()
+    finally:
+        await gateway.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    parser.add_argument("--recall", action="append", required=True, help="recall shard address (repeat)")
+    parser.add_argument("--ranking", required=True, help="ranking service address")
+    parser.add_argument("--db", type=Path, default=Path("recfunnel.sqlite"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(GatewayConfig(recall_addresses=tuple(args.recall), ranking_address=args.ranking,
+                                    db_path=args.db, host=args.host, port=args.port)))

@@ -1,0 +1,113 @@
+"""Recommender servicer: the public contract <-> the funnel and the event log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from gateway.config import GatewayConfig
+from gateway.events import Event, EventLog
+from gateway.funnel import Funnel, RecommendQuery
+from gateway.validation import InvalidRequest, check_event, check_id, check_id_list, check_recommend
+from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
+
+log = logging.getLogger(__name__)
+request_log = logging.getLogger("recfunnel.requests")
+
+
+class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
+    def __init__(self, funnel: Funnel, events: EventLog, config: GatewayConfig, executor: ThreadPoolExecutor):
+        self.funnel = funnel
+        self.events = events
+        self.config = config
+        self.executor = executor
+
+    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        budget = self.config.default_deadline_s if remaining is None else remaining
+        return time.monotonic() + budget * 0.95  # keep a little to serialise the answer
+
+    async def Recommend(self, request: recommender_pb2.RecommendRequest,
+                        context: grpc.aio.ServicerContext) -> recommender_pb2.RecommendResponse:
+        request_id = uuid.uuid4().hex
+        started = time.monotonic()
+        try:
+            check_recommend(request.user_id, request.k, request.exclude_item_ids,
+                            request.context_item_ids, request.diversity, self.config.limits)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        deadline = self._deadline(context)
+        history = await self._run(self.events.recent_items, request.user_id, self.config.history_length)
+        query = RecommendQuery(
+            user_id=request.user_id,
+            k=request.k,
+            history=history + list(request.context_item_ids),
+            exclude_item_ids=list(request.exclude_item_ids),
+            explain=request.explain,
+        )
+        answer = await self.funnel.recommend(query, deadline)
+        request_log.info(json.dumps({
+            "request_id": request_id, "user_id": request.user_id, "k": request.k,
+            "history": len(query.history), "returned": len(answer.items),
+            "degraded": answer.degraded, "coverage": answer.recall_coverage,
+            "model_version": answer.model_version,
+            "ms": round((time.monotonic() - started) * 1000, 2),
+            "stages_ms": {k: round(v, 2) for k, v in answer.stages_ms.items()},
+        }))
+        return recommender_pb2.RecommendResponse(
+            items=[
+                recommender_pb2.RecommendedItem(item_id=r.item_id, score=r.score, channels=r.channels,
+                                                because_item_ids=r.because_item_ids)
+                for r in answer.items
+            ],
+            model_version=answer.model_version,
+            degraded=answer.degraded,
+            recall_coverage=answer.recall_coverage,
+            request_id=request_id,
+        )
+
+    async def Feedback(self, request: recommender_pb2.FeedbackRequest,
+                       context: grpc.aio.ServicerContext) -> recommender_pb2.FeedbackResponse:
+        limits = self.config.limits
+        try:
+            if not 1 <= len(request.events) <= limits.max_events:
+                raise InvalidRequest(f"events has {len(request.events)} entries; allowed 1..{limits.max_events}")
+            for n, e in enumerate(request.events):
+                check_event(n, e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms, limits)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        events = [Event(e.user_id, e.item_id, e.event_type or "interaction", e.value, e.timestamp_ms)
+                  for e in request.events]
+        written = await self._run(self.events.append, events)  # returns only once committed
+        return recommender_pb2.FeedbackResponse(accepted=written)
+
+    async def UpsertItems(self, request: recommender_pb2.UpsertItemsRequest,
+                          context: grpc.aio.ServicerContext) -> recommender_pb2.UpsertItemsResponse:
+        limits = self.config.limits
+        try:
+            if not 1 <= len(request.items) <= limits.max_items:
+                raise InvalidRequest(f"items has {len(request.items)} entries; allowed 1..{limits.max_items}")
+            for n, item in enumerate(request.items):
+                check_id(f"items[{n}].item_id", item.item_id, limits)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "UpsertItems is not served by this version: items come from the model bundle")
+
+    async def DeleteItems(self, request: recommender_pb2.DeleteItemsRequest,
+                          context: grpc.aio.ServicerContext) -> recommender_pb2.DeleteItemsResponse:
+        try:
+            check_id_list("item_ids", request.item_ids, self.config.limits, self.config.limits.max_items)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            "DeleteItems is not served by this version: items come from the model bundle")

@@ -1,0 +1,1 @@
+"""recfunnel's gRPC contracts (`package recfunnel.v1`) and their generated Python code."""

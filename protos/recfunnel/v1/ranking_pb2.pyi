@@ -1,0 +1,78 @@
+from protos.recfunnel.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EncodeRequest(_message.Message):
+    __slots__ = ("history_item_ids", "model_version")
+    HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    history_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
+    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ChannelVector(_message.Message):
+    __slots__ = ("channel", "vector")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    vector: _tensor_pb2.Tensor
+    def __init__(self, channel: _Optional[str] = ..., vector: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class EncodeResponse(_message.Message):
+    __slots__ = ("vectors", "model_version")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[ChannelVector]
+    model_version: str
+    def __init__(self, vectors: _Optional[_Iterable[_Union[ChannelVector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ChannelScore(_message.Message):
+    __slots__ = ("channel", "score")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    score: float
+    def __init__(self, channel: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class RankCandidate(_message.Message):
+    __slots__ = ("item_id", "channel_scores")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_SCORES_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    channel_scores: _containers.RepeatedCompositeFieldContainer[ChannelScore]
+    def __init__(self, item_id: _Optional[str] = ..., channel_scores: _Optional[_Iterable[_Union[ChannelScore, _Mapping]]] = ...) -> None: ...
+
+class RankRequest(_message.Message):
+    __slots__ = ("history_item_ids", "candidates", "explain_top", "model_version")
+    HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_TOP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    history_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    candidates: _containers.RepeatedCompositeFieldContainer[RankCandidate]
+    explain_top: int
+    model_version: str
+    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., candidates: _Optional[_Iterable[_Union[RankCandidate, _Mapping]]] = ..., explain_top: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ScoredItem(_message.Message):
+    __slots__ = ("item_id", "score", "because_item_ids")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    BECAUSE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    because_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., because_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RankResponse(_message.Message):
+    __slots__ = ("items", "model_version")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,82 @@
+from protos.recfunnel.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ChannelQuery(_message.Message):
+    __slots__ = ("channel", "vector", "k")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    vector: _tensor_pb2.Tensor
+    k: int
+    def __init__(self, channel: _Optional[str] = ..., vector: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("queries", "exclude_item_ids", "model_version")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[ChannelQuery]
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
+    def __init__(self, queries: _Optional[_Iterable[_Union[ChannelQuery, _Mapping]]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("item_id", "score")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    score: float
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ChannelResult(_message.Message):
+    __slots__ = ("channel", "candidates")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, channel: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("results", "model_version", "shard_id")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ChannelResult]
+    model_version: str
+    shard_id: int
+    def __init__(self, results: _Optional[_Iterable[_Union[ChannelResult, _Mapping]]] = ..., model_version: _Optional[str] = ..., shard_id: _Optional[int] = ...) -> None: ...
+
+class ShardInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ChannelInfo(_message.Message):
+    __slots__ = ("channel", "dim", "items", "index_kind")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    dim: int
+    items: int
+    index_kind: str
+    def __init__(self, channel: _Optional[str] = ..., dim: _Optional[int] = ..., items: _Optional[int] = ..., index_kind: _Optional[str] = ...) -> None: ...
+
+class ShardInfoResponse(_message.Message):
+    __slots__ = ("shard_id", "num_shards", "model_version", "channels")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    num_shards: int
+    model_version: str
+    channels: _containers.RepeatedCompositeFieldContainer[ChannelInfo]
+    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., model_version: _Optional[str] = ..., channels: _Optional[_Iterable[_Union[ChannelInfo, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,5 @@
+"""`python -m ranking`: the ranking service, standalone."""
+
+from ranking.server import main
+
+main()

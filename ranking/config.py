@@ -1,0 +1,77 @@
+"""Configuration of the ranking models, their training and the Ranking service."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64            # item/user vector width; small catalogues need no more
+    max_len: int = 50        # history positions the query encoder reads (SASRec's 50)
+    layers: int = 2
+    heads: int = 2
+    dropout: float = 0.2
+    temperature: float = 0.07  # softmax temperature over cosine scores
+    id_dropout: float = 0.1  # share of items whose ID embedding is hidden per step, so text
+                             # alone must carry them: that is what serves cold-start items
+    ranker_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} must be positive and divisible by heads={self.heads}")
+        if not 1 <= self.max_len <= 1000:
+            raise ValueError(f"max_len={self.max_len} must be in 1..1000")
+        if not 0 <= self.dropout < 1 or not 0 <= self.id_dropout < 1:
+            raise ValueError("dropout and id_dropout must be in [0, 1)")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 60           # upper bound; early stopping usually ends sooner
+    patience: int = 5          # epochs without better validation NDCG@10 before stopping
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    num_negatives: int = 1024  # uniform negatives per batch; >= catalogue means exact softmax
+    ranker_epochs: int = 6
+    ranker_positions: int = 8  # training positions per user for the ranker (most recent)
+    candidates_per_channel: tuple[tuple[str, int], ...] = (
+        ("sequential", 100), ("semantic", 20), ("popular", 10))
+    seed: int = 0
+    threads: int = 2           # torch intra-op threads; the build machines have 2 cores
+    time_budget_s: float = 600.0  # stop the query-encoder phase after this many seconds
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.num_negatives < 1:
+            raise ValueError(f"num_negatives={self.num_negatives} must be >= 1")
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = 0              # 0 = any free port
+    threads: int = 1           # torch threads for inference
+    max_history: int = 200     # history items read per request (the encoder keeps max_len)
+    max_candidates: int = 2000
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be in 0..65535")
+        if self.threads < 1:
+            raise ValueError(f"threads={self.threads} must be >= 1")

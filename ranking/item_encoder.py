@@ -1,0 +1,59 @@
+"""Item encoder: item_vec = norm(E_id[i] + W · LM(text_i) + Σ E_tag).
+
+Index 0 is padding everywhere; catalogue item i is row i + 1. The LM text vectors and
+tag lists are fixed inputs (buffers); only the ID/tag embeddings and W are learned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ranking.config import ModelConfig
+
+
+class ItemEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, text_vectors: np.ndarray, tag_index: np.ndarray,
+                 num_tags: int):
+        super().__init__()
+        num_items, text_dim = text_vectors.shape
+        self.config = config
+        self.id_embedding = nn.Embedding(num_items + 1, config.dim, padding_idx=0)
+        nn.init.normal_(self.id_embedding.weight, std=0.02)
+        self.text_projection = nn.Linear(text_dim, config.dim, bias=False)
+        self.tag_embedding = nn.Embedding(num_tags + 1, config.dim, padding_idx=0)
+        nn.init.normal_(self.tag_embedding.weight, std=0.02)
+        padded_text = np.vstack([np.zeros((1, text_dim), np.float32), text_vectors])
+        padded_tags = np.vstack([np.zeros((1, tag_index.shape[1]), np.int64), tag_index])
+        self.register_buffer("text_vectors", torch.from_numpy(padded_text), persistent=False)
+        self.register_buffer("tag_index", torch.from_numpy(padded_tags), persistent=False)
+        # 1 for items whose ID embedding was trained; cold items rely on text and tags only.
+        self.register_buffer("id_known", torch.ones(num_items + 1), persistent=False)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """items: (...,) padded indexes -> (..., dim) unit vectors (zeros for padding)."""
+        id_part = self.id_embedding(items) * self.id_known[items].unsqueeze(-1)
+        if self.training and self.config.id_dropout > 0:
+            keep = torch.rand(items.shape, device=items.device) >= self.config.id_dropout
+            id_part = id_part * keep.unsqueeze(-1)
+        text_part = self.text_projection(self.text_vectors[items])
+        tag_part = self.tag_embedding(self.tag_index[items]).sum(-2)
+        vectors = F.normalize(id_part + text_part + tag_part, dim=-1)
+        return vectors * (items != 0).unsqueeze(-1)
+
+    def all_items(self) -> torch.Tensor:
+        """(num_items, dim) vectors of the whole catalogue, unpadded order."""
+        return self.forward(torch.arange(1, self.text_vectors.shape[0], device=self.text_vectors.device))
+
+
+def tag_matrix(item_tags: list[tuple[str, ...]], max_tags: int = 8) -> tuple[np.ndarray, list[str]]:
+    """(num_items, max_tags) tag indexes (0 = none, tag t -> t + 1) and the tag vocabulary."""
+    vocabulary = sorted({t for tags in item_tags for t in tags})
+    lookup = {t: n + 1 for n, t in enumerate(vocabulary)}
+    matrix = np.zeros((len(item_tags), max_tags), dtype=np.int64)
+    for row, tags in enumerate(item_tags):
+        ids = [lookup[t] for t in tags][:max_tags]
+        matrix[row, : len(ids)] = ids
+    return matrix, vocabulary

@@ -1,0 +1,53 @@
+"""Run the ranking service as a gRPC server: `python -m ranking --bundle DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc
+from protos.serving import ServerHandle, start_server
+from ranking.config import RankingConfig
+from ranking.inference import RankingModel
+from ranking.servicer import RankingServicer
+
+SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["Ranking"].full_name
+
+
+async def start(config: RankingConfig) -> ServerHandle:
+    """Load the bundle's models and start serving them."""
+    torch.set_num_threads(config.threads)
+    # One model thread: torch parallelises inside each call with `threads` threads.
+    executor = ThreadPoolExecutor(1, thread_name_prefix="ranking")
+    loop = asyncio.get_running_loop()
+    model = await loop.run_in_executor(executor, RankingModel.load, config.bundle)
+    servicer = RankingServicer(model, config, executor)
+    return await start_server(
+        config.host, config.port,
+        [lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+    )
+
+
+async def serve(config: RankingConfig) -> None:
+    handle = await start(config)
+    try:
+        await handle.server.wait_for_termination()
+    finally:
+        await handle.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ranking", description=__doc__)
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50071)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(serve(RankingConfig(bundle=args.bundle, host=args.host, port=args.port, threads=args.threads)))

@@ -1,0 +1,1 @@
+"""Data shared by every recfunnel stage: data sets, the time split, metrics and model bundles."""

@@ -1,0 +1,81 @@
+"""A model version on disk: safetensors weights and arrays plus a JSON manifest.
+
+Layout of a bundle folder:
+    manifest.json         version id, model configs, metrics, creation time
+    items.json            item ids in index order (the id map every stage shares)
+    arrays.safetensors    item vectors per channel, popularity, co-occurrence lists
+    query_encoder.safetensors, ranker.safetensors   model weights
+
+Nothing is pickled: tensors go through safetensors and everything else through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+MANIFEST = "manifest.json"
+ITEMS = "items.json"
+ARRAYS = "arrays.safetensors"
+FORMAT_VERSION = 1
+
+
+def new_version_id(prefix: str) -> str:
+    """A sortable, unique model version id: `<prefix>-<utc time>-<random>`."""
+    return f"{prefix}-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class Bundle:
+    """Everything one model version serves with; `arrays` are numpy, weights torch-free."""
+
+    version: str
+    item_ids: list[str]
+    item_texts: list[str]
+    arrays: dict[str, np.ndarray]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: Path, weights: dict[str, dict[str, np.ndarray]]) -> Path:
+        """Write the bundle and the named weight sets (`<name>.safetensors`) to `folder`."""
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in self.arrays.items()}, folder / ARRAYS)
+        for name, tensors in weights.items():
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                      folder / f"{name}.safetensors")
+        (folder / ITEMS).write_text(
+            json.dumps({"item_ids": self.item_ids, "item_texts": self.item_texts}), "utf-8"
+        )
+        manifest = {"format": FORMAT_VERSION, "version": self.version, **self.manifest}
+        # The manifest goes last: a folder with a manifest is a complete bundle.
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), "utf-8")
+        return folder
+
+
+def load_bundle(folder: Path) -> Bundle:
+    """Read a bundle's manifest, id map and arrays (weights load with `load_weights`)."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{folder} is not a recfunnel bundle (no {MANIFEST})")
+    manifest = json.loads(manifest_path.read_text("utf-8"))
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{folder}: bundle format {manifest.get('format')}, expected {FORMAT_VERSION}")
+    items = json.loads((folder / ITEMS).read_text("utf-8"))
+    return Bundle(
+        version=manifest["version"],
+        item_ids=items["item_ids"],
+        item_texts=items["item_texts"],
+        arrays=load_file(folder / ARRAYS),
+        manifest=manifest,
+    )
+
+
+def load_weights(folder: Path, name: str) -> dict[str, np.ndarray]:
+    """One named weight set of a bundle as numpy arrays."""
+    return load_file(folder / f"{name}.safetensors")

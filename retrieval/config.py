@@ -1,0 +1,36 @@
+"""Configuration of one recall shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+
+MAX_K = 10_000  # largest per-channel candidate count one Search may ask for
+
+
+@dataclass(frozen=True)
+class RecallConfig:
+    bundle: Path
+    shard_id: int = 0
+    num_shards: int = 1
+    host: str = "127.0.0.1"
+    port: int = 0                 # 0 = any free port
+    index_kind: IndexKind = "auto"
+    exact_below: int = 200_000    # "auto" searches exactly up to this many items per shard
+    use_gpu: bool = True          # move indexes to a GPU when FAISS sees one
+    search_threads: int = 2       # executor threads for FAISS calls, off the event loop
+
+    def __post_init__(self) -> None:
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards={self.num_shards} must be >= 1")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise ValueError(f"shard_id={self.shard_id} must be in 0..{self.num_shards - 1}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} must be in 0..65535")
+        if self.index_kind not in ("auto", "flat", "hnsw", "ivf"):
+            raise ValueError(f"index_kind={self.index_kind!r}; allowed: auto, flat, hnsw, ivf")
+        if self.search_threads < 1:
+            raise ValueError(f"search_threads={self.search_threads} must be >= 1")

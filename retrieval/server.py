@@ -1,0 +1,54 @@
+"""Run one recall shard as a gRPC server: `python -m retrieval --bundle DIR [--shard-id N ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc
+from protos.serving import ServerHandle, start_server
+from recdata.bundle import load_bundle
+from retrieval.config import RecallConfig
+from retrieval.servicer import RecallServicer
+from retrieval.shard import RecallShard
+
+SERVICE_NAME = recall_pb2.DESCRIPTOR.services_by_name["Recall"].full_name
+
+
+async def start(config: RecallConfig) -> ServerHandle:
+    """Build the shard's indexes from the bundle and start serving them."""
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(config.search_threads, thread_name_prefix="recall")
+    shard = await loop.run_in_executor(executor, lambda: RecallShard(load_bundle(config.bundle), config))
+    servicer = RecallServicer(shard, executor)
+    return await start_server(
+        config.host, config.port,
+        [lambda server: recall_pb2_grpc.add_RecallServicer_to_server(servicer, server)],
+        [SERVICE_NAME],
+    )
+
+
+async def serve(config: RecallConfig) -> None:
+    handle = await start(config)
+    try:
+        await handle.server.wait_for_termination()
+    finally:
+        await handle.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m retrieval", description=__doc__)
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--shard-id", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50061)
+    parser.add_argument("--index-kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = RecallConfig(bundle=args.bundle, shard_id=args.shard_id, num_shards=args.num_shards,
+                          host=args.host, port=args.port, index_kind=args.index_kind)
+    asyncio.run(serve(config))

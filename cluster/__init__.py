@@ -1,1 +1,1 @@
-"""cluster"""
+"""Cluster: Ray actors around the services, their placement, the demo and the `recfunnel` CLI."""

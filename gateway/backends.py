@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from gateway.funnel import ChannelHits, StageFailed
+from gateway.funnel import ShardAnswer, StageFailed
 from ranking.client import RankingClient
 from retrieval.client import RecallClient
 from retrieval.shard import ChannelQuery
@@ -18,12 +18,25 @@ class GrpcRecall:
         self.client = RecallClient(address)
 
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
-                     model_version: str) -> ChannelHits:
+                     model_version: str) -> ShardAnswer:
         try:
             reply = await self.client.search(queries, exclude_item_ids, timeout, model_version)
         except grpc.RpcError as error:
             raise StageFailed(f"recall {self.client.address}: {error.code().name} {error.details()}") from error
-        return {r.channel: [(c.item_id, c.score) for c in r.candidates] for r in reply.results}
+        hits = {r.channel: [(c.item_id, c.score) for c in r.candidates] for r in reply.results}
+        return ShardAnswer(hits, reply.model_version)
+
+    async def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray], timeout: float) -> int:
+        try:
+            return await self.client.add_items(item_ids, vectors, timeout)
+        except grpc.RpcError as error:
+            raise StageFailed(f"recall {self.client.address}: {error.code().name} {error.details()}") from error
+
+    async def remove_items(self, item_ids: list[str], timeout: float) -> int:
+        try:
+            return await self.client.remove_items(item_ids, timeout)
+        except grpc.RpcError as error:
+            raise StageFailed(f"recall {self.client.address}: {error.code().name} {error.details()}") from error
 
     async def close(self) -> None:
         await self.client.close()
@@ -49,6 +62,13 @@ class GrpcRanking:
         except grpc.RpcError as error:
             raise StageFailed(f"rank: {error.code().name} {error.details()}") from error
         return [(i.item_id, i.score, list(i.because_item_ids)) for i in reply.items]
+
+    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float
+                          ) -> tuple[dict[str, np.ndarray], str]:
+        try:
+            return await self.client.embed_items(items, timeout)
+        except grpc.RpcError as error:
+            raise StageFailed(f"embed: {error.code().name} {error.details()}") from error
 
     async def close(self) -> None:
         await self.client.close()

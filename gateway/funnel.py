@@ -27,13 +27,19 @@ log = logging.getLogger(__name__)
 ChannelHits = dict[str, list[tuple[str, float]]]
 
 
+@dataclass(frozen=True)
+class ShardAnswer:
+    hits: ChannelHits
+    model_version: str
+
+
 class StageFailed(Exception):
     """A downstream stage did not answer in time or answered with an error."""
 
 
 class RecallBackend(Protocol):
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
-                     model_version: str) -> ChannelHits: ...
+                     model_version: str) -> ShardAnswer: ...
 
 
 class RankingBackend(Protocol):
@@ -70,13 +76,13 @@ class Answer:
     stages_ms: dict[str, float] = field(default_factory=dict)
 
 
-def merge_shards(answers: Sequence[ChannelHits], budgets: dict[str, int]) -> ChannelHits:
+def merge_shards(answers: Sequence[ShardAnswer], budgets: dict[str, int]) -> ChannelHits:
     """Per channel, the best `budget` hits over all shards' answers, best first, deduplicated."""
     merged: ChannelHits = {}
     for channel, budget in budgets.items():
         best: dict[str, float] = {}
         for answer in answers:
-            for item_id, score in answer.get(channel, []):
+            for item_id, score in answer.hits.get(channel, []):
                 if score > best.get(item_id, float("-inf")):
                     best[item_id] = score
         merged[channel] = heapq.nlargest(budget, best.items(), key=lambda hit: (hit[1], hit[0]))
@@ -109,7 +115,7 @@ class Funnel:
         self.explain_top = explain_top
 
     async def _fan_out(self, queries: list[ChannelQuery], exclude: list[str], deadline: float,
-                       version: str) -> tuple[list[ChannelHits], float]:
+                       version: str) -> tuple[list[ShardAnswer], float]:
         timeout = max(deadline - time.monotonic(), 0.001)
         answers = await asyncio.gather(
             *(shard.search(queries, exclude, timeout, version) for shard in self.shards),
@@ -155,6 +161,7 @@ class Funnel:
         stages["recall"] = (time.monotonic() - t) * 1000
         degraded |= coverage < 1.0
         merged = merge_shards(answers, {q.channel: q.k for q in queries})
+        version = version or next((a.model_version for a in answers), "")
         order = [c for c in (*VECTOR_CHANNELS, POPULAR) if c in merged]
         candidates = [(i, s) for i, s in combine_channels(merged, order) if i not in seen]
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.backends import GrpcRanking, GrpcRecall
+from gateway.catalogue import Catalogue
 from gateway.config import DEFAULT_PORT, GatewayConfig
 from gateway.events import EventLog
 from gateway.funnel import Funnel
@@ -41,8 +42,10 @@ async def start(config: GatewayConfig) -> Gateway:
     shards = [GrpcRecall(address) for address in config.recall_addresses]
     ranking = GrpcRanking(config.ranking_address)
     funnel = Funnel(shards, ranking, dict(config.channel_budgets), config.explain_top)
+    catalogue = Catalogue(shards, ranking)
     events = EventLog(config.db_path)
-    servicer = RecommenderServicer(funnel, events, config, ThreadPoolExecutor(4, thread_name_prefix="gateway"))
+    servicer = RecommenderServicer(funnel, catalogue, events, config,
+                                   ThreadPoolExecutor(4, thread_name_prefix="gateway"))
     handle = await start_server(
         config.host, config.port,
         [lambda server: recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)],

@@ -1,4 +1,4 @@
-"""Recommender servicer: the public contract <-> the funnel and the event log."""
+"""Recommender servicer: the public contract <-> the funnel, the catalogue and the event log."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from gateway.catalogue import Catalogue, NewItem
 from gateway.config import GatewayConfig
 from gateway.events import Event, EventLog
-from gateway.funnel import Funnel, RecommendQuery
-from gateway.validation import InvalidRequest, check_event, check_id, check_id_list, check_recommend
+from gateway.funnel import Funnel, RecommendQuery, StageFailed
+from gateway.validation import InvalidRequest, check_event, check_id_list, check_item, check_recommend
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,10 @@ request_log = logging.getLogger("recfunnel.requests")
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, funnel: Funnel, events: EventLog, config: GatewayConfig, executor: ThreadPoolExecutor):
+    def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventLog, config: GatewayConfig,
+                 executor: ThreadPoolExecutor):
         self.funnel = funnel
+        self.catalogue = catalogue
         self.events = events
         self.config = config
         self.executor = executor
@@ -31,10 +34,14 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+    def _budget(self, context: grpc.aio.ServicerContext) -> float:
+        """Seconds downstream calls may take: the client's deadline or the configured default."""
         remaining = context.time_remaining()
         budget = self.config.default_deadline_s if remaining is None else remaining
-        return time.monotonic() + budget * 0.95  # keep a little to serialise the answer
+        return budget * 0.95  # keep a little to serialise the answer
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        return time.monotonic() + self._budget(context)
 
     async def Recommend(self, request: recommender_pb2.RecommendRequest,
                         context: grpc.aio.ServicerContext) -> recommender_pb2.RecommendResponse:
@@ -96,18 +103,31 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         try:
             if not 1 <= len(request.items) <= limits.max_items:
                 raise InvalidRequest(f"items has {len(request.items)} entries; allowed 1..{limits.max_items}")
+            check_id_list("items[].item_id", [i.item_id for i in request.items], limits, limits.max_items)
+            if len({i.item_id for i in request.items}) != len(request.items):
+                raise InvalidRequest("items has duplicate item_id values; each item once per call")
             for n, item in enumerate(request.items):
-                check_id(f"items[{n}].item_id", item.item_id, limits)
+                check_item(n, item.text, list(item.tags), limits)
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "UpsertItems is not served by this version: items come from the model bundle")
+        items = [NewItem(i.item_id, i.text, tuple(i.tags)) for i in request.items]
+        try:
+            count, version = await self.catalogue.upsert(items, self._budget(context))
+        except StageFailed as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"upsert did not complete, retry is safe: {error}")
+        return recommender_pb2.UpsertItemsResponse(upserted=count, model_version=version)
 
     async def DeleteItems(self, request: recommender_pb2.DeleteItemsRequest,
                           context: grpc.aio.ServicerContext) -> recommender_pb2.DeleteItemsResponse:
+        limits = self.config.limits
         try:
-            check_id_list("item_ids", request.item_ids, self.config.limits, self.config.limits.max_items)
+            if not 1 <= len(request.item_ids) <= limits.max_items:
+                raise InvalidRequest(f"item_ids has {len(request.item_ids)} entries; allowed 1..{limits.max_items}")
+            check_id_list("item_ids", request.item_ids, limits, limits.max_items)
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "DeleteItems is not served by this version: items come from the model bundle")
+        try:
+            deleted = await self.catalogue.delete(list(request.item_ids), self._budget(context))
+        except StageFailed as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"delete did not complete, retry is safe: {error}")
+        return recommender_pb2.DeleteItemsResponse(deleted=deleted)

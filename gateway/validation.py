@@ -49,3 +49,13 @@ def check_event(n: int, user_id: str, item_id: str, event_type: str, value: floa
         raise InvalidRequest(f"events[{n}].value={value} must be a finite number")
     if timestamp_ms < 0:
         raise InvalidRequest(f"events[{n}].timestamp_ms={timestamp_ms} must be >= 0 (0 = now)")
+
+
+def check_item(n: int, text: str, tags: Sequence[str], limits: Limits) -> None:
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > limits.max_text_bytes:
+        raise InvalidRequest(f"items[{n}].text is {size} bytes; allowed 0..{limits.max_text_bytes}")
+    if len(tags) > limits.max_tags:
+        raise InvalidRequest(f"items[{n}].tags has {len(tags)} entries; allowed 0..{limits.max_tags}")
+    for t, tag in enumerate(tags):
+        check_id(f"items[{n}].tags[{t}]", tag, limits)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from protos.recfunnel.v1 import tensor_pb2
 
-WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
 class BadTensor(ValueError):

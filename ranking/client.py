@@ -39,5 +39,13 @@ class RankingClient:
         )
         return await self.stub.Rank(request, timeout=timeout)
 
+    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float
+                          ) -> tuple[dict[str, np.ndarray], str]:
+        """Encode (item_id, text, tags) items, which the service keeps for ranking; vectors per channel."""
+        request = ranking_pb2.EmbedItemsRequest(
+            items=[ranking_pb2.ItemText(item_id=i, text=t, tags=tags) for i, t, tags in items])
+        reply = await self.stub.EmbedItems(request, timeout=timeout)
+        return {v.channel: from_tensor(v.vectors) for v in reply.vectors}, reply.model_version
+
     async def close(self) -> None:
         await self.channel.close()

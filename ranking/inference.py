@@ -6,6 +6,7 @@ evaluation all call it. Training builds its features with the same helpers.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import numpy as np
 import torch
 
 from ranking.config import ModelConfig
+from ranking.item_encoder import MAX_TAGS, ItemEncoder, tag_rows
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
+from ranking.text_encoder import TextEncoder
 from recdata.bundle import Bundle, load_bundle, load_weights
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL
 
@@ -69,24 +72,53 @@ class RankedCandidates:
     because: list[list[int]]    # per candidate, history positions that drove the score
 
 
+@dataclass(frozen=True)
+class ItemTables:
+    """Everything per item the models read. Replaced whole on upsert, never edited in place,
+    so a request that took one `ItemTables` sees one consistent catalogue."""
+
+    item_ids: list[str]
+    item_index: dict[str, int]
+    item_vectors: torch.Tensor    # (I, d) sequential-channel vectors
+    text_vectors: np.ndarray      # (I, D_text) LM vectors (semantic channel)
+    text_tensor: torch.Tensor     # the same on the model's device
+    popularity: np.ndarray        # (I,) training interactions per item
+    log_popularity: torch.Tensor  # (I,) log1p of it, on the device
+    input_table: torch.Tensor     # (I + 1, d) encoder input, row 0 = padding
+
+    @classmethod
+    def build(cls, item_ids: list[str], item_vectors: np.ndarray, text_vectors: np.ndarray,
+              popularity: np.ndarray, device: torch.device) -> ItemTables:
+        vectors = torch.from_numpy(np.ascontiguousarray(item_vectors, dtype=np.float32)).to(device)
+        return cls(
+            item_ids=item_ids,
+            item_index={item_id: n for n, item_id in enumerate(item_ids)},
+            item_vectors=vectors,
+            text_vectors=text_vectors,
+            text_tensor=torch.from_numpy(text_vectors).to(device),
+            popularity=popularity,
+            log_popularity=torch.from_numpy(np.log1p(popularity).astype(np.float32)).to(device),
+            input_table=torch.cat([torch.zeros_like(vectors[:1]), vectors]),
+        )
+
+
 class RankingModel:
     """Query encoder + ranker of one bundle, for inference on CPU or GPU."""
 
-    def __init__(self, bundle: Bundle, query_encoder: QueryEncoder, ranker: Ranker,
-                 device: torch.device):
+    def __init__(self, bundle: Bundle, query_encoder: QueryEncoder, ranker: Ranker, device: torch.device,
+                 folder: Path | None = None):
         self.bundle = bundle
+        self.folder = folder
         self.version = bundle.version
         self.config = query_encoder.config
         self.device = device
-        self.item_index = {item_id: n for n, item_id in enumerate(bundle.item_ids)}
-        self.item_vectors = torch.from_numpy(bundle.arrays[SEQUENTIAL]).to(device)
-        self.text_vectors_np = bundle.arrays[SEMANTIC]
-        self.text_vectors = torch.from_numpy(self.text_vectors_np).to(device)
-        self.log_popularity = torch.from_numpy(np.log1p(bundle.arrays["popularity"])).to(device)
-        # Row 0 is padding for the encoder's input table.
-        self.input_table = torch.cat([torch.zeros_like(self.item_vectors[:1]), self.item_vectors])
+        self.tables = ItemTables.build(list(bundle.item_ids), bundle.arrays[SEQUENTIAL], bundle.arrays[SEMANTIC],
+                                       bundle.arrays["popularity"], device)
         self.query_encoder = query_encoder.to(device).eval()
         self.ranker = ranker.to(device).eval()
+        self.item_encoder: ItemEncoder | None = None
+        self.text_encoder: TextEncoder | None = None
+        self._upsert_lock = threading.Lock()
 
     @classmethod
     def load(cls, folder: Path, device: str | None = None) -> RankingModel:
@@ -98,32 +130,43 @@ class RankingModel:
         encoder.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(folder, "query_encoder").items()})
         ranker = Ranker(config, num_channels=len(CHANNELS))
         ranker.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(folder, "ranker").items()})
-        return cls(bundle, encoder, ranker, target)
+        return cls(bundle, encoder, ranker, target, folder)
+
+    @property
+    def item_index(self) -> dict[str, int]:
+        return self.tables.item_index
 
     def indexes(self, item_ids: list[str]) -> np.ndarray:
         """Catalogue indexes of the ids this version knows, in order; unknown ids are skipped."""
-        return np.asarray([self.item_index[i] for i in item_ids if i in self.item_index], dtype=np.int64)
+        index = self.tables.item_index
+        return np.asarray([index[i] for i in item_ids if i in index], dtype=np.int64)
 
     @torch.inference_mode()
-    def encode(self, histories: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def encode(self, histories: list[np.ndarray], tables: ItemTables | None = None) -> dict[str, np.ndarray]:
         """Per channel, (B, dim) query vectors; users without history get zero vectors."""
+        tables = tables or self.tables
         padded, padding = pad_left(histories, self.config.max_len)
         padded, padding = padded.to(self.device), padding.to(self.device)
-        users = self.query_encoder(self.input_table[padded], padding)[:, -1]  # (B, d)
+        users = self.query_encoder(tables.input_table[padded], padding)[:, -1]  # (B, d)
         empty = torch.tensor([len(h) == 0 for h in histories], device=self.device)
         users = users.masked_fill(empty.unsqueeze(-1), 0.0)
         return {
             SEQUENTIAL: users.float().cpu().numpy(),
-            SEMANTIC: semantic_queries(self.text_vectors_np, histories),
+            SEMANTIC: semantic_queries(tables.text_vectors, histories),
         }
 
     @torch.inference_mode()
-    def rank(self, history: np.ndarray, candidates: np.ndarray,
-             channels: list[set[str]]) -> RankedCandidates:
-        """Score one user's candidates (catalogue indexes) proposed by the given channels."""
+    def rank(self, history: np.ndarray, candidates: np.ndarray, channels: list[set[str]],
+             tables: ItemTables | None = None) -> RankedCandidates:
+        """Score one user's candidates (catalogue indexes) proposed by the given channels.
+
+        Pass the `tables` the indexes were looked up in when the call must not see an upsert
+        that lands meanwhile.
+        """
+        tables = tables or self.tables
         if len(candidates) == 0:
             return RankedCandidates(np.zeros(0, np.float32), [])
-        queries = self.encode([history])
+        queries = self.encode([history], tables)
         padded, padding = pad_left([history], self.config.max_len)
         padded, padding = padded.to(self.device), padding.to(self.device)
         cand = torch.from_numpy(candidates).to(self.device).unsqueeze(0)  # (1, C)
@@ -131,10 +174,10 @@ class RankingModel:
                              device=self.device)  # (1, C, n_channels)
         user = torch.from_numpy(queries[SEQUENTIAL]).to(self.device)
         semantic = torch.from_numpy(queries[SEMANTIC]).to(self.device)
-        features = candidate_features(user, semantic, self.item_vectors, self.text_vectors,
-                                      self.log_popularity, cand, flags)
-        scores, weights = self.ranker(self.input_table[padded], padding, user,
-                                      self.item_vectors[cand], features)
+        features = candidate_features(user, semantic, tables.item_vectors, tables.text_tensor,
+                                      tables.log_popularity, cand, flags)
+        scores, weights = self.ranker(tables.input_table[padded], padding, user,
+                                      tables.item_vectors[cand], features)
         # Attention positions -> positions in the caller's history (left padding offset).
         offset = padded.shape[1] - min(len(history), padded.shape[1])
         start = len(history) - (padded.shape[1] - offset)
@@ -142,7 +185,54 @@ class RankingModel:
         because = [[int(p - offset + start) for p in row if p >= offset] for row in order]
         return RankedCandidates(scores[0].float().cpu().numpy(), because)
 
-    def popular(self, k: int) -> np.ndarray:
-        """The k most popular catalogue indexes, most popular first."""
-        return np.argsort(-self.bundle.arrays["popularity"], kind="stable")[:k]
+    # ---- live catalogue changes ---------------------------------------------------------------
+    def prepare_item_encoding(self, text_encoder: TextEncoder | None = None) -> tuple[ItemEncoder, TextEncoder]:
+        """Load the item encoder and the language model, so new items can be encoded from text."""
+        if self.item_encoder is not None and self.text_encoder is not None:
+            return self.item_encoder, self.text_encoder
+        if self.folder is None:
+            raise RuntimeError("item encoding needs the bundle folder's item_encoder weights")
+        vocabulary = list(self.bundle.manifest.get("tag_vocabulary", []))
+        text = self.bundle.arrays[SEMANTIC]
+        encoder = ItemEncoder(self.config, text, np.zeros((len(text), MAX_TAGS), np.int64), len(vocabulary))
+        encoder.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(self.folder, "item_encoder").items()})
+        self.tag_vocabulary = vocabulary
+        self.text_encoder = text_encoder or TextEncoder()
+        self.item_encoder = encoder.to(self.device).eval()
+        return self.item_encoder, self.text_encoder
 
+    @torch.inference_mode()
+    def upsert_items(self, item_ids: list[str], texts: list[str], tags: list[tuple[str, ...]]
+                     ) -> dict[str, np.ndarray]:
+        """Encode items from text and tags and make them rankable; returns (N, dim) per channel.
+
+        An item this version trained on keeps its ID embedding (its behaviour so far) with the
+        new text; a new item is encoded from text and tags alone, as cold items are in training.
+        """
+        if not len(item_ids) == len(texts) == len(tags):
+            raise ValueError(f"{len(item_ids)} ids, {len(texts)} texts and {len(tags)} tag lists must match")
+        item_encoder, text_encoder = self.prepare_item_encoding()
+        text = text_encoder.encode(texts)                                          # (N, D_text)
+        tag_ids = torch.from_numpy(tag_rows(tags, self.tag_vocabulary)).to(self.device)
+        with self._upsert_lock:  # one writer at a time; readers keep their snapshot
+            tables = self.tables
+            trained = len(self.bundle.item_ids)
+            rows = [tables.item_index.get(i, -1) for i in item_ids]
+            known = self.bundle.arrays["popularity"]
+            id_rows = torch.tensor([r + 1 if 0 <= r < trained and known[r] > 0 else 0 for r in rows],
+                                   device=self.device)
+            vectors = item_encoder.fuse(item_encoder.id_embedding(id_rows),
+                                             torch.from_numpy(text).to(self.device), tag_ids).cpu().numpy()
+            all_ids = list(tables.item_ids)
+            all_vectors = tables.item_vectors.cpu().numpy().copy()
+            all_text = tables.text_vectors.copy()
+            new = [n for n, r in enumerate(rows) if r < 0]
+            for n, r in enumerate(rows):
+                if r >= 0:
+                    all_vectors[r], all_text[r] = vectors[n], text[n]
+            all_ids += [item_ids[n] for n in new]
+            all_vectors = np.vstack([all_vectors, vectors[new]])
+            all_text = np.vstack([all_text, text[new]])
+            popularity = np.concatenate([tables.popularity, np.zeros(len(new), np.float32)])
+            self.tables = ItemTables.build(all_ids, all_vectors, all_text, popularity, self.device)
+        return {SEQUENTIAL: vectors, SEMANTIC: text}

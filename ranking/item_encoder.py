@@ -15,6 +15,10 @@ from ranking.config import ModelConfig
 
 
 class ItemEncoder(nn.Module):
+    text_vectors: torch.Tensor  # (I + 1, text_dim) LM vectors, row 0 = padding
+    tag_index: torch.Tensor     # (I + 1, max_tags) tag ids, 0 = none
+    id_known: torch.Tensor      # (I + 1,) 1 where the ID embedding was trained
+
     def __init__(self, config: ModelConfig, text_vectors: np.ndarray, tag_index: np.ndarray,
                  num_tags: int):
         super().__init__()
@@ -32,15 +36,17 @@ class ItemEncoder(nn.Module):
         # 1 for items whose ID embedding was trained; cold items rely on text and tags only.
         self.register_buffer("id_known", torch.ones(num_items + 1), persistent=False)
 
+    def fuse(self, id_part: torch.Tensor, text: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        """(..., dim) ID part, (..., text_dim) LM vectors, (..., max_tags) tag ids -> unit vectors."""
+        return F.normalize(id_part + self.text_projection(text) + self.tag_embedding(tags).sum(-2), dim=-1)
+
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items: (...,) padded indexes -> (..., dim) unit vectors (zeros for padding)."""
         id_part = self.id_embedding(items) * self.id_known[items].unsqueeze(-1)
         if self.training and self.config.id_dropout > 0:
             keep = torch.rand(items.shape, device=items.device) >= self.config.id_dropout
             id_part = id_part * keep.unsqueeze(-1)
-        text_part = self.text_projection(self.text_vectors[items])
-        tag_part = self.tag_embedding(self.tag_index[items]).sum(-2)
-        vectors = F.normalize(id_part + text_part + tag_part, dim=-1)
+        vectors = self.fuse(id_part, self.text_vectors[items], self.tag_index[items])
         return vectors * (items != 0).unsqueeze(-1)
 
     def all_items(self) -> torch.Tensor:
@@ -48,12 +54,20 @@ class ItemEncoder(nn.Module):
         return self.forward(torch.arange(1, self.text_vectors.shape[0], device=self.text_vectors.device))
 
 
-def tag_matrix(item_tags: list[tuple[str, ...]], max_tags: int = 8) -> tuple[np.ndarray, list[str]]:
+MAX_TAGS = 8  # tags per item the encoder reads; more are ignored
+
+
+def tag_matrix(item_tags: list[tuple[str, ...]], max_tags: int = MAX_TAGS) -> tuple[np.ndarray, list[str]]:
     """(num_items, max_tags) tag indexes (0 = none, tag t -> t + 1) and the tag vocabulary."""
     vocabulary = sorted({t for tags in item_tags for t in tags})
+    return tag_rows(item_tags, vocabulary, max_tags), vocabulary
+
+
+def tag_rows(item_tags: list[tuple[str, ...]], vocabulary: list[str], max_tags: int = MAX_TAGS) -> np.ndarray:
+    """(num_items, max_tags) tag indexes against a fixed vocabulary; unknown tags are skipped."""
     lookup = {t: n + 1 for n, t in enumerate(vocabulary)}
     matrix = np.zeros((len(item_tags), max_tags), dtype=np.int64)
     for row, tags in enumerate(item_tags):
-        ids = [lookup[t] for t in tags][:max_tags]
+        ids = [lookup[t] for t in tags if t in lookup][:max_tags]
         matrix[row, : len(ids)] = ids
-    return matrix, vocabulary
+    return matrix

@@ -26,6 +26,8 @@ async def start(config: RankingConfig) -> ServerHandle:
     executor = ThreadPoolExecutor(1, thread_name_prefix="ranking")
     loop = asyncio.get_running_loop()
     model = await loop.run_in_executor(executor, RankingModel.load, config.bundle)
+    # Load the language model now, so the first UpsertItems does not pay for it.
+    await loop.run_in_executor(executor, model.prepare_item_encoding)
     servicer = RankingServicer(model, config, executor)
     return await start_server(
         config.host, config.port,

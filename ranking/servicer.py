@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
-from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc
+from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, tensor_pb2
 from protos.wire import to_tensor
 from ranking.config import RankingConfig
-from ranking.inference import RankingModel
+from ranking.inference import ItemTables, RankingModel
 
 MAX_EXPLAIN = 10
 
@@ -22,23 +22,26 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         self.config = config
         self.executor = executor
 
-    async def _check(self, context: grpc.aio.ServicerContext, model: RankingModel, version: str,
-                     history: list[str]) -> np.ndarray:
+    async def _check_version(self, context: grpc.aio.ServicerContext, model: RankingModel, version: str) -> None:
         if version and version != model.version:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"model_version {version!r} not served; serving {model.version!r}")
-        if len(history) > self.config.max_history:
-            history = history[-self.config.max_history :]  # older items carry no weight anyway
-        return model.indexes(history)
+
+    def _history(self, tables: ItemTables, item_ids: list[str]) -> tuple[list[str], np.ndarray]:
+        """The known history items (older ones beyond max_history carry no weight) and their rows."""
+        known = [i for i in item_ids[-self.config.max_history :] if i in tables.item_index]
+        return known, np.asarray([tables.item_index[i] for i in known], dtype=np.int64)
 
     async def Encode(self, request: ranking_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> ranking_pb2.EncodeResponse:
         model = self.model
-        history = await self._check(context, model, request.model_version, list(request.history_item_ids))
+        await self._check_version(context, model, request.model_version)
+        tables = model.tables
+        _, history = self._history(tables, list(request.history_item_ids))
         if len(history) == 0:  # nothing this version knows: no query vectors, recall uses popularity
             return ranking_pb2.EncodeResponse(model_version=model.version)
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self.executor, model.encode, [history])
+        vectors = await loop.run_in_executor(self.executor, model.encode, [history], tables)
         return ranking_pb2.EncodeResponse(
             vectors=[ranking_pb2.ChannelVector(channel=c, vector=to_tensor(v[0])) for c, v in vectors.items()],
             model_version=model.version,
@@ -47,20 +50,20 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
     async def Rank(self, request: ranking_pb2.RankRequest,
                    context: grpc.aio.ServicerContext) -> ranking_pb2.RankResponse:
         model = self.model
-        history_ids = list(request.history_item_ids)[-self.config.max_history :]
-        history = await self._check(context, model, request.model_version, history_ids)
+        await self._check_version(context, model, request.model_version)
+        tables = model.tables  # one catalogue snapshot for the whole call
+        known_history, history = self._history(tables, list(request.history_item_ids))
         if len(request.candidates) > self.config.max_candidates:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(request.candidates)} candidates; allowed 0..{self.config.max_candidates}")
         if not 0 <= request.explain_top <= MAX_EXPLAIN:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"explain_top={request.explain_top} out of range 0..{MAX_EXPLAIN}")
-        known = [c for c in request.candidates if c.item_id in model.item_index]
-        candidates = np.asarray([model.item_index[c.item_id] for c in known], dtype=np.int64)
+        known = [c for c in request.candidates if c.item_id in tables.item_index]
+        candidates = np.asarray([tables.item_index[c.item_id] for c in known], dtype=np.int64)
         channels = [{s.channel for s in c.channel_scores} for c in known]
         loop = asyncio.get_running_loop()
-        ranked = await loop.run_in_executor(self.executor, model.rank, history, candidates, channels)
-        known_history = [i for i in history_ids if i in model.item_index]
+        ranked = await loop.run_in_executor(self.executor, model.rank, history, candidates, channels, tables)
         scores = {c.item_id: (float(s), because) for c, s, because in
                   zip(known, ranked.scores, ranked.because, strict=True)}
         items = []
@@ -72,3 +75,21 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
                 because_item_ids=[known_history[p] for p in because[: request.explain_top]],
             ))
         return ranking_pb2.RankResponse(items=items, model_version=model.version)
+
+    async def EmbedItems(self, request: ranking_pb2.EmbedItemsRequest,
+                         context: grpc.aio.ServicerContext) -> ranking_pb2.EmbedItemsResponse:
+        model = self.model
+        if not 1 <= len(request.items) <= self.config.max_candidates:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(request.items)} items; allowed 1..{self.config.max_candidates}")
+        ids = [item.item_id for item in request.items]
+        if len(set(ids)) != len(ids) or not all(ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "item ids must be non-empty and distinct")
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(
+            self.executor, model.upsert_items, ids, [item.text for item in request.items],
+            [tuple(item.tags) for item in request.items])
+        return ranking_pb2.EmbedItemsResponse(
+            vectors=[tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()],
+            model_version=model.version,
+        )

@@ -64,8 +64,8 @@ def generate(config: SyntheticConfig) -> Dataset:
 
     sequences = []
     for _ in range(config.num_users):
-        tastes = rng.choice(config.num_topics, size=config.tastes_per_user, replace=False)
-        tastes = [t for t in tastes if len(by_topic[t])] or [int(item_topic[0])]
+        drawn = rng.choice(config.num_topics, size=config.tastes_per_user, replace=False)
+        tastes = [int(t) for t in drawn if len(by_topic[t])] or [int(item_topic[0])]
         length = config.min_length + int(rng.geometric(1 / (config.mean_length - config.min_length + 1))) - 1
         topic = int(rng.choice(tastes))
         current = int(rng.choice(by_topic[topic], p=weights[topic]))
@@ -80,8 +80,8 @@ def generate(config: SyntheticConfig) -> Dataset:
             seq.append(current)
         sequences.append(np.asarray(seq, dtype=np.int64))
 
-    texts = []
-    tags = []
+    texts: list[str] = []
+    tags: list[tuple[str, ...]] = []
     for item in range(config.num_items):
         topic = int(item_topic[item])
         words = topic_words(topic)

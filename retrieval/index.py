@@ -19,7 +19,7 @@ def gpu_count() -> int:
 
 
 def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind = "auto",
-                exact_below: int = 200_000, use_gpu: bool = True) -> faiss.Index:
+                exact_below: int = 200_000, use_gpu: bool = True) -> faiss.IndexIDMap2:
     """An inner-product index over (N, d) float32 `vectors` labelled with int64 `ids`."""
     n, dim = vectors.shape
     if kind == "auto":

@@ -12,6 +12,7 @@ from protos.wire import BadTensor, from_tensor
 from retrieval.shard import ChannelQuery, InvalidQuery, RecallShard
 
 MAX_EXCLUDED = 100_000
+MAX_UPDATE = 10_000  # items per AddItems / RemoveItems call
 
 
 class RecallServicer(recall_pb2_grpc.RecallServicer):
@@ -62,7 +63,30 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             model_version=shard.version,
             channels=[
                 recall_pb2.ChannelInfo(channel=channel, dim=shard.dims[channel], items=shard.size,
-                                       index_kind=type(shard.indexes[channel].index).__name__)
+                                       index_kind=shard.index_kinds[channel])
                 for channel in shard.indexes
             ] + [recall_pb2.ChannelInfo(channel="popular", dim=0, items=shard.size, index_kind="sorted")],
         )
+
+    async def AddItems(self, request: recall_pb2.AddItemsRequest,
+                       context: grpc.aio.ServicerContext) -> recall_pb2.AddItemsResponse:
+        shard = self.shard
+        if not 1 <= len(request.item_ids) <= MAX_UPDATE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"item_ids has {len(request.item_ids)} entries; allowed 1..{MAX_UPDATE}")
+        try:
+            vectors = {v.channel: from_tensor(v.vectors) for v in request.vectors}
+            loop = asyncio.get_running_loop()
+            added = await loop.run_in_executor(self.executor, shard.add_items, list(request.item_ids), vectors)
+        except (BadTensor, InvalidQuery) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return recall_pb2.AddItemsResponse(added=added)
+
+    async def RemoveItems(self, request: recall_pb2.RemoveItemsRequest,
+                          context: grpc.aio.ServicerContext) -> recall_pb2.RemoveItemsResponse:
+        if len(request.item_ids) > MAX_UPDATE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"item_ids has {len(request.item_ids)} entries; allowed 0..{MAX_UPDATE}")
+        loop = asyncio.get_running_loop()
+        removed = await loop.run_in_executor(self.executor, self.shard.remove_items, list(request.item_ids))
+        return recall_pb2.RemoveItemsResponse(removed=removed)

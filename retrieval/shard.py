@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
 from recdata.bundle import Bundle
@@ -42,14 +43,19 @@ class RecallShard:
         self.version = bundle.version
         owned = np.asarray([n for n, item_id in enumerate(bundle.item_ids)
                             if shard_of(item_id, config.num_shards) == config.shard_id], dtype=np.int64)
-        self.item_ids = bundle.item_ids  # catalogue index -> id (global, shared by all shards)
-        self.item_index = {item_id: n for n, item_id in enumerate(bundle.item_ids)}
-        self.owned = owned
+        # FAISS labels are positions in `item_ids`: the bundle's catalogue index for its items,
+        # then one new position per upsert. `item_index` maps the items this shard serves now.
+        self.item_ids = list(bundle.item_ids)
+        self.item_index = {bundle.item_ids[n]: int(n) for n in owned}
+        # Labels an index kind could not remove (graph indexes); filtered out of every search.
+        self.tombstones: set[int] = set()
         self.indexes = {
             channel: build_index(bundle.arrays[channel][owned], owned, config.index_kind,
                                  config.exact_below, config.use_gpu)
             for channel in VECTOR_CHANNELS
         }
+        self.index_kinds = {channel: type(faiss.downcast_index(index.index)).__name__
+                            for channel, index in self.indexes.items()}
         self.dims = {channel: int(bundle.arrays[channel].shape[1]) for channel in VECTOR_CHANNELS}
         popularity = bundle.arrays["popularity"][owned]
         order = np.argsort(-popularity, kind="stable")
@@ -60,7 +66,7 @@ class RecallShard:
 
     @property
     def size(self) -> int:
-        return len(self.owned)
+        return len(self.item_index)
 
     def validate(self, query: ChannelQuery) -> None:
         if query.channel not in (*VECTOR_CHANNELS, POPULAR):
@@ -83,19 +89,67 @@ class RecallShard:
         queries = list(queries)
         for query in queries:
             self.validate(query)
-        excluded = {self.item_index[i] for i in exclude_item_ids if i in self.item_index}
         results: dict[str, list[tuple[str, float]]] = {}
-        for query in queries:
-            if query.channel == POPULAR:
-                keep = [(int(i), float(s)) for i, s in zip(self.popular_items, self.popular_scores, strict=True)
-                        if int(i) not in excluded][: query.k]
-            else:
-                # Ask for enough extra hits that k remain after dropping excluded items.
-                fetch = min(query.k + len(excluded), max(self.size, 1))
-                with self._lock:
-                    scores, ids = self.indexes[query.channel].search(
-                        query.vector.reshape(1, -1).astype(np.float32), fetch)
-                keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True)
-                        if i >= 0 and int(i) not in excluded][: query.k]
-            results[query.channel] = [(self.item_ids[i], s) for i, s in keep]
+        with self._lock:
+            excluded = {self.item_index[i] for i in exclude_item_ids if i in self.item_index} | self.tombstones
+            for query in queries:
+                if query.channel == POPULAR:
+                    pairs = zip(self.popular_items, self.popular_scores, strict=True)
+                    keep = [(int(i), float(s)) for i, s in pairs if int(i) not in excluded][: query.k]
+                else:
+                    # Ask for enough extra hits that k remain after dropping excluded items.
+                    fetch = min(query.k + len(excluded), max(self.indexes[query.channel].ntotal, 1))
+                    vector = np.asarray(query.vector, dtype=np.float32).reshape(1, -1)  # validated above
+                    scores, ids = self.indexes[query.channel].search(vector, fetch)
+                    keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True)
+                            if i >= 0 and int(i) not in excluded][: query.k]
+                results[query.channel] = [(self.item_ids[i], s) for i, s in keep]
         return results
+
+    def _drop_label(self, label: int) -> None:
+        """Take one label out of every index (or tombstone it) and out of the popular list."""
+        selector = np.asarray([label], dtype=np.int64)
+        for index in self.indexes.values():
+            try:
+                index.remove_ids(selector)  # type: ignore[arg-type]  # the Python wrapper takes arrays
+            except RuntimeError:  # graph indexes cannot remove; filter the label instead
+                self.tombstones.add(label)
+        keep = self.popular_items != label
+        self.popular_items, self.popular_scores = self.popular_items[keep], self.popular_scores[keep]
+
+    def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray]) -> int:
+        """Add or replace items with one (N, dim) array per vector channel; searchable on return."""
+        if len(set(item_ids)) != len(item_ids) or not all(item_ids):
+            raise InvalidQuery("item_ids must be non-empty and distinct")
+        for channel in VECTOR_CHANNELS:
+            array = vectors.get(channel)
+            if array is None or array.shape != (len(item_ids), self.dims[channel]):
+                shape = None if array is None else array.shape
+                raise InvalidQuery(f"channel {channel!r} needs vectors of shape ({len(item_ids)}, "
+                                   f"{self.dims[channel]}), got {shape}")
+            if not np.isfinite(array).all():
+                raise InvalidQuery(f"channel {channel!r} vectors have NaN or infinite values")
+        with self._lock:
+            labels = np.arange(len(self.item_ids), len(self.item_ids) + len(item_ids), dtype=np.int64)
+            for item_id in item_ids:
+                if item_id in self.item_index:
+                    self._drop_label(self.item_index.pop(item_id))
+            for channel in VECTOR_CHANNELS:
+                self.indexes[channel].add_with_ids(np.ascontiguousarray(vectors[channel], dtype=np.float32), labels)
+            self.item_ids.extend(item_ids)
+            self.item_index.update(zip(item_ids, labels.tolist(), strict=True))
+            # New items have no interactions yet: last in the popular list.
+            self.popular_items = np.concatenate([self.popular_items, labels])
+            self.popular_scores = np.concatenate([self.popular_scores, np.zeros(len(labels), np.float32)])
+        return len(item_ids)
+
+    def remove_items(self, item_ids: list[str]) -> int:
+        """Remove the items this shard holds; returns how many it held."""
+        removed = 0
+        with self._lock:
+            for item_id in set(item_ids):
+                label = self.item_index.pop(item_id, None)
+                if label is not None:
+                    self._drop_label(label)
+                    removed += 1
+        return removed

@@ -76,3 +76,27 @@ class RankResponse(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     model_version: str
     def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ItemText(_message.Message):
+    __slots__ = ("item_id", "text", "tags")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    text: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EmbedItemsRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ItemText]
+    def __init__(self, items: _Optional[_Iterable[_Union[ItemText, _Mapping]]] = ...) -> None: ...
+
+class EmbedItemsResponse(_message.Message):
+    __slots__ = ("vectors", "model_version")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.ChannelVectors]
+    model_version: str
+    def __init__(self, vectors: _Optional[_Iterable[_Union[_tensor_pb2.ChannelVectors, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,11 @@ class RankingStub:
                 request_serializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
                 response_deserializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.EmbedItems = channel.unary_unary(
+                '/recfunnel.v1.Ranking/EmbedItems',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServicer:
@@ -63,6 +68,14 @@ class RankingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedItems(self, request, context):
+        """Encode new or changed items from their text and tags, keep them for ranking, and
+        return their vectors per recall channel for the shards.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_RankingServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.RankRequest.FromString,
                     response_serializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
+            ),
+            'EmbedItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedItems,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class Ranking:
             '/recfunnel.v1.Ranking/Rank',
             protos_dot_recfunnel_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
             protos_dot_recfunnel_dot_v1_dot_ranking__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Ranking/EmbedItems',
+            protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

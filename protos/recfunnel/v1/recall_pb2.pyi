@@ -80,3 +80,29 @@ class ShardInfoResponse(_message.Message):
     model_version: str
     channels: _containers.RepeatedCompositeFieldContainer[ChannelInfo]
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., model_version: _Optional[str] = ..., channels: _Optional[_Iterable[_Union[ChannelInfo, _Mapping]]] = ...) -> None: ...
+
+class AddItemsRequest(_message.Message):
+    __slots__ = ("item_ids", "vectors")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    vectors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.ChannelVectors]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Iterable[_Union[_tensor_pb2.ChannelVectors, _Mapping]]] = ...) -> None: ...
+
+class AddItemsResponse(_message.Message):
+    __slots__ = ("added",)
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    added: int
+    def __init__(self, added: _Optional[int] = ...) -> None: ...
+
+class RemoveItemsRequest(_message.Message):
+    __slots__ = ("item_ids",)
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RemoveItemsResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: int
+    def __init__(self, removed: _Optional[int] = ...) -> None: ...

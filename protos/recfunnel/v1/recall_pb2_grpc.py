@@ -44,6 +44,16 @@ class RecallStub:
                 request_serializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.ShardInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.ShardInfoResponse.FromString,
                 _registered_method=True)
+        self.AddItems = channel.unary_unary(
+                '/recfunnel.v1.Recall/AddItems',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.AddItemsRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.AddItemsResponse.FromString,
+                _registered_method=True)
+        self.RemoveItems = channel.unary_unary(
+                '/recfunnel.v1.Recall/RemoveItems',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RecallServicer:
@@ -61,6 +71,20 @@ class RecallServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddItems(self, request, context):
+        """Add or replace items this shard owns, with one vector per vector channel.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveItems(self, request, context):
+        """Remove items; they are never returned again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecallServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +97,16 @@ def add_RecallServicer_to_server(servicer, server):
                     servicer.ShardInfo,
                     request_deserializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.ShardInfoRequest.FromString,
                     response_serializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.ShardInfoResponse.SerializeToString,
+            ),
+            'AddItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddItems,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.AddItemsRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.AddItemsResponse.SerializeToString,
+            ),
+            'RemoveItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveItems,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +163,60 @@ class Recall:
             '/recfunnel.v1.Recall/ShardInfo',
             protos_dot_recfunnel_dot_v1_dot_recall__pb2.ShardInfoRequest.SerializeToString,
             protos_dot_recfunnel_dot_v1_dot_recall__pb2.ShardInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Recall/AddItems',
+            protos_dot_recfunnel_dot_v1_dot_recall__pb2.AddItemsRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_recall__pb2.AddItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Recall/RemoveItems',
+            protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

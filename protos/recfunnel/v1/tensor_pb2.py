@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/recfunnel/v1/tensor.proto\x12\x0crecfunnel.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/recfunnel/v1/tensor.proto\x12\x0crecfunnel.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"H\n\x0e\x43hannelVectors\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12%\n\x07vectors\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensorb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,4 +33,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=50
   _globals['_TENSOR']._serialized_end=102
+  _globals['_CHANNELVECTORS']._serialized_start=104
+  _globals['_CHANNELVECTORS']._serialized_end=176
 # @@protoc_insertion_point(module_scope)

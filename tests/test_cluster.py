@@ -1,0 +1,84 @@
+"""End to end on a small local Ray: the services as actors, called over real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+import ray
+
+from cluster.config import ClusterConfig
+from cluster.demo import seed_history
+from cluster.launch import start_cluster
+from gateway import server as gateway_server
+from gateway.client import RecommenderClient
+from gateway.events import EventLog
+from ranking import server as ranking_server
+from recdata.dataset import Dataset
+from retrieval import server as recall_server
+from tests.grpc_checks import assert_health_and_reflection
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_bundle: Path, tiny_dataset: Dataset, tmp_path_factory: pytest.TempPathFactory):
+    db = tmp_path_factory.mktemp("cluster") / "events.sqlite"
+    events = EventLog(db)
+    seed_history(events, tiny_dataset)
+    events.close()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        running = start_cluster(ClusterConfig(bundle=tiny_bundle, db_path=db, num_shards=2, gateway_port=0))
+        yield running
+        running.stop()
+    finally:
+        ray.shutdown()
+
+
+def test_every_server_answers_health_and_reflection(cluster) -> None:
+    async def check() -> None:
+        await assert_health_and_reflection(cluster.gateway_address, gateway_server.SERVICE_NAME)
+        await assert_health_and_reflection(cluster.ranking_address, ranking_server.SERVICE_NAME)
+        for address in cluster.shard_addresses:
+            await assert_health_and_reflection(address, recall_server.SERVICE_NAME)
+
+    asyncio.run(check())
+
+
+def test_recommend_and_feedback_through_the_cluster(cluster, tiny_dataset: Dataset) -> None:
+    user = tiny_dataset.user_ids[0]
+    seen = {tiny_dataset.item_ids[i] for i in tiny_dataset.sequences[0]}
+
+    async def scenario() -> None:
+        client = RecommenderClient(cluster.gateway_address, timeout=10)
+        try:
+            reply = await client.recommend(user, k=8, exclude=["i0", "i1"], explain=True)
+            ids = [i.item_id for i in reply.items]
+            assert len(ids) == 8 == len(set(ids))
+            assert not set(ids) & (seen | {"i0", "i1"})
+            assert not reply.degraded and reply.recall_coverage == 1.0 and reply.model_version
+
+            unknown = await client.recommend("someone-new", k=5)
+            assert len(unknown.items) == 5
+
+            await client.feedback([(user, ids[0], "click", 1.0), (user, ids[1], "click", 1.0)])
+            after = await client.recommend(user, k=8)
+            after_ids = [i.item_id for i in after.items]
+            assert after_ids != ids
+            assert not {ids[0], ids[1]} & set(after_ids)
+
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.recommend(user, k=1001)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "1..1000" in caught.value.details()
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_services_are_named_ray_actors(cluster) -> None:
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if isinstance(a, dict)} or set(
+        ray.util.list_named_actors())
+    assert {"recfunnel-gateway", "recfunnel-ranking", "recfunnel-recall-0", "recfunnel-recall-1"} <= names

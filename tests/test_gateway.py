@@ -1,0 +1,272 @@
+"""The gateway: funnel logic with failing stages, validation, the event log and the gRPC service."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import server as gateway_server
+from gateway.config import GatewayConfig, Limits
+from gateway.events import Event, EventLog
+from gateway.funnel import Funnel, RecommendQuery, ShardAnswer, StageFailed, combine_channels, merge_shards
+from gateway.validation import InvalidRequest, check_recommend
+from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
+from ranking import server as ranking_server
+from ranking.config import RankingConfig
+from retrieval import server as recall_server
+from retrieval.config import RecallConfig
+from retrieval.shard import ChannelQuery
+from tests.grpc_checks import assert_health_and_reflection
+
+
+class FakeShard:
+    """A shard over a fixed list: proposes its items in order, minus exclusions."""
+
+    def __init__(self, items: list[str], fail: bool = False, delay: float = 0.0):
+        self.items, self.fail, self.delay = items, fail, delay
+        self.calls: list[list[str]] = []
+
+    async def search(self, queries: list[ChannelQuery], exclude: list[str], timeout: float,
+                     model_version: str) -> ShardAnswer:
+        self.calls.append(exclude)
+        if self.fail:
+            raise StageFailed("down")
+        await asyncio.sleep(self.delay)
+        left = [i for i in self.items if i not in exclude]
+        return ShardAnswer({q.channel: [(i, 1.0 - n / 100) for n, i in enumerate(left[: q.k])] for q in queries}, "v1")
+
+
+class FakeRanking:
+    """Scores items by their number, so ranked order differs from recall order."""
+
+    def __init__(self, fail_rank: bool = False):
+        self.fail_rank = fail_rank
+
+    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
+        return {"sequential": np.ones(4, np.float32)}, "v1"
+
+    async def rank(self, history, candidates, explain_top, timeout, model_version):
+        if self.fail_rank:
+            raise StageFailed("ranker down")
+        return [(i, float(i.removeprefix("i")), history[-explain_top:] if explain_top else []) for i, _ in candidates]
+
+
+def funnel(shards, ranking=None) -> Funnel:
+    return Funnel(shards, ranking or FakeRanking(), {"sequential": 10, "popular": 5}, explain_top=1)
+
+
+def deadline(seconds: float = 1.0) -> float:
+    return time.monotonic() + seconds
+
+
+async def test_ranked_answer_filters_seen_and_excluded_and_honours_k() -> None:
+    # Highest numbers first, so the seen and excluded items would top recall if not filtered.
+    shards = [FakeShard([f"i{n}" for n in range(18, -1, -2)]), FakeShard([f"i{n}" for n in range(19, 0, -2)])]
+    query = RecommendQuery("u", 4, history=["i19", "i17"], exclude_item_ids=["i18"], explain=True)
+    answer = await funnel(shards).recommend(query, deadline())
+    assert [r.item_id for r in answer.items] == ["i16", "i15", "i14", "i13"]
+    assert not answer.degraded and answer.recall_coverage == 1.0
+    assert all(r.because_item_ids == ["i17"] for r in answer.items)
+    assert set(shards[0].calls[0]) == {"i17", "i18", "i19"}  # shards filter before their top-k
+
+
+async def test_a_failed_shard_gives_a_degraded_partial_answer() -> None:
+    shards = [FakeShard(["i1", "i2"]), FakeShard(["i3"], fail=True)]
+    answer = await funnel(shards).recommend(RecommendQuery("u", 5, ["i9"]), deadline())
+    assert answer.degraded and answer.recall_coverage == 0.5
+    assert {r.item_id for r in answer.items} == {"i1", "i2"}
+
+
+async def test_a_slow_shard_is_dropped_at_the_deadline() -> None:
+    shards = [FakeShard(["i1"]), FakeShard(["i2"], delay=5.0)]
+
+    class Slow(FakeShard):
+        async def search(self, queries, exclude, timeout, model_version):
+            try:
+                return await asyncio.wait_for(super().search(queries, exclude, timeout, model_version), timeout)
+            except TimeoutError as error:
+                raise StageFailed("deadline") from error
+
+    shards[1] = Slow(["i2"], delay=5.0)
+    started = time.monotonic()
+    answer = await funnel(shards).recommend(RecommendQuery("u", 5, ["i9"]), deadline(0.3))
+    assert time.monotonic() - started < 1.0
+    assert answer.degraded and answer.recall_coverage == 0.5 and answer.items[0].item_id == "i1"
+
+
+async def test_ranker_failure_falls_back_to_recall_order() -> None:
+    answer = await funnel([FakeShard(["i1", "i2", "i3"])], FakeRanking(fail_rank=True)).recommend(
+        RecommendQuery("u", 3, ["i9"]), deadline())
+    assert answer.degraded
+    assert [r.item_id for r in answer.items] == ["i1", "i2", "i3"]
+    assert [r.score for r in answer.items] == sorted((r.score for r in answer.items), reverse=True)
+
+
+async def test_user_without_history_gets_popular_items_not_an_error() -> None:
+    shard = FakeShard([f"i{n}" for n in range(30)])
+    answer = await funnel([shard]).recommend(RecommendQuery("new", 20, []), deadline())
+    assert len(answer.items) == 20 and not answer.degraded
+    assert all(r.channels == ["popular"] for r in answer.items)
+
+
+def test_merge_keeps_each_item_once_with_its_best_score() -> None:
+    a = ShardAnswer({"c": [("x", 0.9), ("y", 0.5)]}, "v")
+    b = ShardAnswer({"c": [("y", 0.7), ("z", 0.1)]}, "v")
+    assert merge_shards([a, b], {"c": 2}) == {"c": [("x", 0.9), ("y", 0.7)]}
+
+
+@given(st.lists(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.floats(-1, 1)), max_size=8), max_size=4),
+       st.integers(0, 10))
+def test_merge_invariants(answers, budget) -> None:
+    merged = merge_shards([ShardAnswer({"c": hits}, "v") for hits in answers], {"c": budget})["c"]
+    ids = [i for i, _ in merged]
+    assert len(ids) == len(set(ids)) <= budget
+    assert [s for _, s in merged] == sorted((s for _, s in merged), reverse=True)
+    best = {}
+    for hits in answers:
+        for i, s in hits:
+            best[i] = max(best.get(i, -2.0), s)
+    assert all(best[i] == s for i, s in merged)
+    assert len(merged) == min(budget, len(best))
+
+
+def test_combined_channels_interleave_and_keep_every_channel_score() -> None:
+    combined = combine_channels({"a": [("x", 1.0), ("y", 0.5)], "b": [("z", 3.0), ("x", 2.0)]}, ["a", "b"])
+    assert combined == [("x", {"a": 1.0, "b": 2.0}), ("z", {"b": 3.0}), ("y", {"a": 0.5})]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("", 10, [], [], 0.0), "user_id is empty"),
+        (("u" * 257, 10, [], [], 0.0), "allowed 1..256"),
+        (("u", 0, [], [], 0.0), "k=0 out of range; allowed 1..1000"),
+        (("u", 1001, [], [], 0.0), "allowed 1..1000"),
+        (("u", 5, [""], [], 0.0), r"exclude_item_ids\[0\] is empty"),
+        (("u", 5, ["x"] * 1001, [], 0.0), "allowed 0..1000"),
+        (("u", 5, [], ["x"] * 1001, 0.0), "context_item_ids has 1001"),
+        (("u", 5, [], [], 1.5), "diversity=1.5"),
+        (("u", 5, [], [], float("nan")), "diversity=nan"),
+    ],
+)
+def test_validation_names_the_field_and_range(args, message) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        check_recommend(*args, Limits())
+
+
+def test_event_log_is_durable_and_gives_recent_history_in_order(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "e.sqlite")
+    log.append([Event("u", "a", timestamp_ms=1), Event("u", "b", timestamp_ms=3), Event("v", "c", timestamp_ms=2)])
+    log.append([Event("u", "c")])  # now: newer than anything before
+    assert log.recent_items("u", 10) == ["a", "b", "c"]
+    assert log.recent_items("u", 2) == ["b", "c"]
+    log.close()
+    reopened = EventLog(tmp_path / "e.sqlite")
+    assert reopened.count() == 4 and reopened.recent_items("v", 5) == ["c"]
+
+
+@pytest.fixture
+async def gateway(tiny_bundle: Path, tmp_path: Path):
+    shards = [await recall_server.start(RecallConfig(bundle=tiny_bundle, shard_id=n, num_shards=2)) for n in range(2)]
+    ranking = await ranking_server.start(RankingConfig(bundle=tiny_bundle))
+    gw = await gateway_server.start(GatewayConfig(
+        recall_addresses=tuple(s.address for s in shards), ranking_address=ranking.address,
+        db_path=tmp_path / "events.sqlite", port=0))
+    yield gw, shards, ranking
+    await gw.stop(0)
+    for handle in [*shards, ranking]:
+        await handle.stop(0)
+
+
+async def test_gateway_over_grpc(gateway) -> None:
+    gw, shards, ranking = gateway
+    await assert_health_and_reflection(gw.address, gateway_server.SERVICE_NAME)
+    gw.events.append([Event("alice", f"i{n}", timestamp_ms=n + 1) for n in range(5)])
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        reply = await stub.Recommend(recommender_pb2.RecommendRequest(
+            user_id="alice", k=7, exclude_item_ids=["i10", "i11"], explain=True), timeout=5)
+        ids = [i.item_id for i in reply.items]
+        assert len(ids) == 7 == len(set(ids))
+        assert not set(ids) & {"i0", "i1", "i2", "i3", "i4", "i10", "i11"}
+        assert reply.model_version and reply.request_id and not reply.degraded
+        assert all(i.because_item_ids and i.channels for i in reply.items)
+
+        cold = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="stranger", k=3), timeout=5)
+        assert len(cold.items) == 3 and cold.model_version
+        context = await stub.Recommend(recommender_pb2.RecommendRequest(
+            user_id="stranger", k=3, context_item_ids=["i7"]), timeout=5)
+        assert "i7" not in [i.item_id for i in context.items]
+
+        for bad in [recommender_pb2.RecommendRequest(user_id="alice", k=0),
+                    recommender_pb2.RecommendRequest(user_id="", k=5)]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Recommend(bad, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        accepted = await stub.Feedback(recommender_pb2.FeedbackRequest(events=[
+            recommender_pb2.Event(user_id="alice", item_id=i, event_type="click") for i in ids[:3]]), timeout=5)
+        assert accepted.accepted == 3
+        after = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="alice", k=7), timeout=5)
+        assert not set(ids[:3]) & {i.item_id for i in after.items}  # feedback is history at once
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Feedback(recommender_pb2.FeedbackRequest(events=[
+                recommender_pb2.Event(user_id="alice", item_id="")]), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert gw.events.count() == 8  # the rejected call wrote nothing
+
+
+async def test_gateway_survives_a_dead_shard_and_a_dead_ranker(gateway) -> None:
+    gw, shards, ranking = gateway
+    gw.events.append([Event("bob", "i3")])
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        await shards[1].stop(0)
+        reply = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="bob", k=5), timeout=5)
+        assert reply.degraded and reply.recall_coverage == pytest.approx(0.5) and len(reply.items) == 5
+        await ranking.stop(0)
+        reply = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="bob", k=5), timeout=5)
+        assert reply.degraded and len(reply.items) == 5
+
+
+async def test_upserted_items_are_recommendable_at_once_and_deleted_ones_never(gateway, tiny_dataset) -> None:
+    gw, _, _ = gateway
+    history = [tiny_dataset.item_ids[i] for i in tiny_dataset.sequences[0][-5:]]
+    gw.events.append([Event("carol", item, timestamp_ms=n + 1) for n, item in enumerate(history)])
+    latest_text = tiny_dataset.item_texts[tiny_dataset.sequences[0][-1]]
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        started = time.monotonic()
+        reply = await stub.UpsertItems(recommender_pb2.UpsertItemsRequest(items=[
+            recommender_pb2.Item(item_id="brand-new", text=latest_text + " (new edition)")]), timeout=10)
+        assert reply.upserted == 1 and reply.model_version
+        answer = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="carol", k=50), timeout=5)
+        assert time.monotonic() - started < 1.0
+        found = {i.item_id: list(i.channels) for i in answer.items}
+        assert "semantic" in found.get("brand-new", []), "a new item reaches users through its text"
+
+        top = answer.items[0].item_id
+        deleted = await stub.DeleteItems(recommender_pb2.DeleteItemsRequest(item_ids=[top, "brand-new"]), timeout=5)
+        assert deleted.deleted == 2
+        for user in ("carol", "stranger"):
+            again = await stub.Recommend(recommender_pb2.RecommendRequest(user_id=user, k=100), timeout=5)
+            assert not {top, "brand-new"} & {i.item_id for i in again.items}
+
+        for bad in [recommender_pb2.UpsertItemsRequest(),
+                    recommender_pb2.UpsertItemsRequest(items=[recommender_pb2.Item(item_id="", text="x")]),
+                    recommender_pb2.UpsertItemsRequest(items=[recommender_pb2.Item(item_id="x", text="y" * 20000)]),
+                    recommender_pb2.UpsertItemsRequest(items=[recommender_pb2.Item(item_id="x"),
+                                                              recommender_pb2.Item(item_id="x")])]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.UpsertItems(bad, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.DeleteItems(recommender_pb2.DeleteItemsRequest(item_ids=[]), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

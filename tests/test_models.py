@@ -1,0 +1,115 @@
+"""The models: shapes, normalisation, causality, padding, cold items, the sampled-softmax loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ranking.config import ModelConfig, TrainConfig
+from ranking.item_encoder import ItemEncoder, tag_matrix
+from ranking.query_encoder import QueryEncoder
+from ranking.ranker import NUM_SCORE_FEATURES, Ranker
+from ranking.text_encoder import TextEncoder
+from ranking.train import Trainer, training_windows
+
+CONFIG = ModelConfig(dim=16, max_len=8, layers=2, heads=2, dropout=0.0, id_dropout=0.0)
+
+
+def item_encoder(num_items: int = 10) -> ItemEncoder:
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(num_items, 12)).astype(np.float32)
+    tags, vocab = tag_matrix([("a",) if i % 2 else ("b", "c") for i in range(num_items)])
+    return ItemEncoder(CONFIG, text, tags, len(vocab))
+
+
+def test_item_vectors_are_unit_length_and_padding_is_zero() -> None:
+    encoder = item_encoder().eval()
+    vectors = encoder(torch.tensor([[0, 1, 2], [3, 0, 10]]))
+    assert vectors.shape == (2, 3, 16)
+    norms = vectors.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.tensor([[0.0, 1, 1], [1, 0, 1]]))
+
+
+def test_cold_items_are_encoded_from_text_and_tags_alone() -> None:
+    encoder = item_encoder().eval()
+    before = encoder(torch.tensor([3]))
+    encoder.id_known[3] = 0.0
+    cold = encoder(torch.tensor([3]))
+    with torch.no_grad():
+        encoder.id_embedding.weight[3] += 100.0  # the ID row no longer matters
+    torch.testing.assert_close(encoder(torch.tensor([3])), cold)
+    assert not torch.allclose(before, cold)
+
+
+def test_tag_matrix_maps_tags_to_one_based_ids() -> None:
+    matrix, vocab = tag_matrix([("x", "y"), (), ("y",)])
+    assert vocab == ["x", "y"]
+    assert matrix[:, :2].tolist() == [[1, 2], [0, 0], [2, 0]]
+
+
+def test_query_encoder_is_causal() -> None:
+    torch.manual_seed(0)
+    encoder = QueryEncoder(CONFIG).eval()
+    x = torch.randn(1, 6, 16)
+    padding = torch.zeros(1, 6, dtype=torch.bool)
+    y = encoder(x, padding)
+    x2 = x.clone()
+    x2[0, 4:] = torch.randn(2, 16)  # change the future
+    torch.testing.assert_close(encoder(x2, padding)[0, :4], y[0, :4])
+
+
+def test_query_encoder_ignores_left_padding_content() -> None:
+    torch.manual_seed(0)
+    encoder = QueryEncoder(CONFIG).eval()
+    x = torch.randn(1, 6, 16)
+    padding = torch.tensor([[True, True, False, False, False, False]])
+    y = encoder(x, padding)
+    x2 = x.clone()
+    x2[0, :2] = 5.0
+    torch.testing.assert_close(encoder(x2, padding)[0, 2:], y[0, 2:])
+    torch.testing.assert_close(y.norm(dim=-1)[0, 2:], torch.ones(4))
+
+
+def test_ranker_attends_only_to_real_history() -> None:
+    torch.manual_seed(0)
+    ranker = Ranker(CONFIG, num_channels=3).eval()
+    history = torch.randn(2, 5, 16)
+    padding = torch.tensor([[True, True, False, False, False], [True] * 5])
+    scores, weights = ranker(history, padding, torch.randn(2, 16), torch.randn(2, 4, 16),
+                             torch.randn(2, 4, NUM_SCORE_FEATURES + 3))
+    assert scores.shape == (2, 4)
+    assert torch.isfinite(scores).all()
+    assert weights[0, :, :2].abs().max() == 0
+    torch.testing.assert_close(weights[0].sum(-1), torch.ones(4))
+    assert weights[1].abs().max() == 0  # no history: no attention, no reasons
+
+
+def test_training_windows_cover_every_position_once() -> None:
+    windows = training_windows([np.arange(7), np.arange(2)], max_len=3)
+    targets = windows[:, 1:][windows[:, :-1] != 0]
+    assert sorted(targets.tolist()) == sorted([2, 3, 4, 5, 6, 7, 2])  # +1 shifted, first item never a target
+
+
+def test_sampled_softmax_is_exact_when_the_sample_is_the_catalogue(tiny_dataset, text_encoder: TextEncoder) -> None:
+    trainer = Trainer(tiny_dataset, TrainConfig(model=CONFIG, num_negatives=10_000), text_encoder)
+    users = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
+    items = torch.nn.functional.normalize(torch.randn(tiny_dataset.num_items, 16), dim=-1)
+    targets = torch.tensor([0, 3, 3, 7, 9])
+    expected = torch.nn.functional.cross_entropy(users @ items.T / CONFIG.temperature, targets)
+    torch.testing.assert_close(trainer.sampled_softmax_loss(users, targets, items), expected)
+
+
+def test_sampled_softmax_masks_accidental_hits(tiny_dataset, text_encoder: TextEncoder) -> None:
+    trainer = Trainer(tiny_dataset, TrainConfig(model=CONFIG, num_negatives=50), text_encoder)
+    users = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    items = torch.nn.functional.normalize(torch.randn(tiny_dataset.num_items, 16), dim=-1)
+    loss = trainer.sampled_softmax_loss(users, torch.tensor([1, 1, 1, 1]), items)
+    assert torch.isfinite(loss)
+
+
+def test_model_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(dim=10, heads=3)
+    with pytest.raises(ValueError, match="temperature"):
+        ModelConfig(temperature=0)

@@ -1,0 +1,177 @@
+"""Recall shards: partitioning, exact merge equivalence, exclusions, validation and the gRPC service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from gateway.funnel import ShardAnswer, merge_shards
+from protos.recfunnel.v1 import recall_pb2
+from recdata.bundle import load_bundle
+from recdata.channels import POPULAR, SEMANTIC, SEQUENTIAL
+from retrieval import server as recall_server
+from retrieval.client import RecallClient
+from retrieval.config import RecallConfig
+from retrieval.shard import ChannelQuery, InvalidQuery, RecallShard, shard_of
+from tests.grpc_checks import assert_health_and_reflection
+
+
+def shards(bundle: Path, n: int) -> list[RecallShard]:
+    b = load_bundle(bundle)
+    return [RecallShard(b, RecallConfig(bundle=bundle, shard_id=s, num_shards=n)) for s in range(n)]
+
+
+def test_shards_partition_the_catalogue(tiny_bundle: Path) -> None:
+    parts = shards(tiny_bundle, 3)
+    owned = [label for p in parts for label in p.item_index.values()]
+    assert sorted(owned) == list(range(200))
+    assert all(p.size > 30 for p in parts)
+    assert shard_of("i17", 3) == shard_of("i17", 3)
+
+
+@pytest.mark.parametrize("channel", [SEQUENTIAL, SEMANTIC])
+def test_merged_shards_equal_one_unsharded_index(tiny_bundle: Path, channel: str) -> None:
+    single = shards(tiny_bundle, 1)[0]
+    parts = shards(tiny_bundle, 3)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        vector = rng.normal(size=single.dims[channel]).astype(np.float32)
+        query = [ChannelQuery(channel, 25, vector)]
+        expected = single.search(query)[channel]
+        merged = merge_shards([ShardAnswer(p.search(query), "v") for p in parts], {channel: 25})[channel]
+        assert [i for i, _ in merged] == [i for i, _ in expected]
+        np.testing.assert_allclose([s for _, s in merged], [s for _, s in expected], rtol=1e-5)
+
+
+def test_excluded_items_never_come_back_and_k_is_still_filled(tiny_bundle: Path) -> None:
+    shard = shards(tiny_bundle, 1)[0]
+    vector = load_bundle(tiny_bundle).arrays[SEQUENTIAL][0]
+    first = [i for i, _ in shard.search([ChannelQuery(SEQUENTIAL, 10, vector)])[SEQUENTIAL]]
+    again = shard.search([ChannelQuery(SEQUENTIAL, 10, vector), ChannelQuery(POPULAR, 10)], first)
+    assert len(again[SEQUENTIAL]) == 10 and not set(first) & {i for i, _ in again[SEQUENTIAL]}
+    assert len(again[POPULAR]) == 10 and not set(first) & {i for i, _ in again[POPULAR]}
+
+
+def test_popular_channel_is_ordered_by_popularity(tiny_bundle: Path) -> None:
+    shard = shards(tiny_bundle, 1)[0]
+    scores = [s for _, s in shard.search([ChannelQuery(POPULAR, 50)])[POPULAR]]
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        (ChannelQuery("nope", 5), "unknown"),
+        (ChannelQuery(POPULAR, 0), "out of range 1..10000"),
+        (ChannelQuery(POPULAR, 10_001), "out of range 1..10000"),
+        (ChannelQuery(SEQUENTIAL, 5, np.zeros(7, np.float32)), r"shape \(32,\)"),
+        (ChannelQuery(SEQUENTIAL, 5, None), r"shape \(32,\)"),
+        (ChannelQuery(SEMANTIC, 5, np.full(384, np.nan, np.float32)), "NaN"),
+        (ChannelQuery(SEMANTIC, 5, np.full(384, np.inf, np.float32)), "infinite"),
+    ],
+)
+def test_bad_queries_are_named(tiny_bundle: Path, query: ChannelQuery, message: str) -> None:
+    with pytest.raises(InvalidQuery, match=message):
+        shards(tiny_bundle, 1)[0].search([query])
+
+
+async def test_recall_service_over_grpc(tiny_bundle: Path) -> None:
+    handle = await recall_server.start(RecallConfig(bundle=tiny_bundle, shard_id=1, num_shards=2))
+    client = RecallClient(handle.address)
+    try:
+        await assert_health_and_reflection(handle.address, recall_server.SERVICE_NAME)
+        vector = np.ones(32, np.float32) / np.sqrt(32)
+        reply = await client.search([ChannelQuery(SEQUENTIAL, 5, vector), ChannelQuery(POPULAR, 3)], [], 5.0)
+        assert reply.shard_id == 1
+        assert {r.channel: len(r.candidates) for r in reply.results} == {SEQUENTIAL: 5, POPULAR: 3}
+        info = await client.info()
+        assert info.num_shards == 2 and info.model_version == reply.model_version
+
+        for bad, needle in [
+            (recall_pb2.ChannelQuery(channel=SEQUENTIAL, k=5), "shape"),
+            (recall_pb2.ChannelQuery(channel=POPULAR, k=-1), "k=-1"),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.stub.Search(recall_pb2.SearchRequest(queries=[bad]), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert needle in caught.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.search([ChannelQuery(POPULAR, 3)], [], 5.0, model_version="other")
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        await client.close()
+        await handle.stop(0)
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    rows = rng.normal(size=(n, dim)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_added_items_are_found_and_removed_items_never_return(tiny_bundle: Path, kind: str) -> None:
+    shard = RecallShard(load_bundle(tiny_bundle), RecallConfig(bundle=tiny_bundle, index_kind=kind))
+    rng = np.random.default_rng(1)
+    vectors = {SEQUENTIAL: unit_rows(rng, 2, 32), SEMANTIC: unit_rows(rng, 2, 384)}
+    assert shard.add_items(["new-a", "new-b"], vectors) == 2
+    hits = shard.search([ChannelQuery(SEMANTIC, 1, vectors[SEMANTIC][0])])[SEMANTIC]
+    assert hits[0][0] == "new-a" and hits[0][1] == pytest.approx(1.0, abs=1e-4)
+    assert "new-b" in [i for i, _ in shard.search([ChannelQuery(POPULAR, 500)])[POPULAR]]
+
+    # Replacing an item moves it to its new vector and keeps it once.
+    moved = {SEQUENTIAL: unit_rows(rng, 1, 32), SEMANTIC: unit_rows(rng, 1, 384)}
+    shard.add_items(["new-a"], moved)
+    hits = shard.search([ChannelQuery(SEMANTIC, 5, moved[SEMANTIC][0])])[SEMANTIC]
+    assert hits[0][0] == "new-a" and [i for i, _ in hits].count("new-a") == 1
+
+    assert shard.remove_items(["new-a", "i3", "not-here"]) == 2
+    for channel, vector in ((SEMANTIC, moved[SEMANTIC][0]), (SEQUENTIAL, moved[SEQUENTIAL][0])):
+        found = [i for i, _ in shard.search([ChannelQuery(channel, 250, vector)])[channel]]
+        assert "new-a" not in found and "i3" not in found
+    assert "i3" not in [i for i, _ in shard.search([ChannelQuery(POPULAR, 500)])[POPULAR]]
+
+
+def test_add_items_rejects_bad_vectors(tiny_bundle: Path) -> None:
+    shard = shards(tiny_bundle, 1)[0]
+    with pytest.raises(InvalidQuery, match=r"shape \(1, 384\)"):
+        shard.add_items(["x"], {SEQUENTIAL: np.zeros((1, 32), np.float32), SEMANTIC: np.zeros((1, 3), np.float32)})
+    with pytest.raises(InvalidQuery, match="NaN"):
+        shard.add_items(["x"], {SEQUENTIAL: np.full((1, 32), np.nan, np.float32),
+                                SEMANTIC: np.zeros((1, 384), np.float32)})
+    with pytest.raises(InvalidQuery, match="distinct"):
+        shard.add_items(["x", "x"], {})
+
+
+def test_searches_during_upserts_and_deletes_never_fail(tiny_bundle: Path) -> None:
+    import threading
+
+    shard = shards(tiny_bundle, 1)[0]
+    rng = np.random.default_rng(2)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def search_loop() -> None:
+        query = [ChannelQuery(SEQUENTIAL, 20, unit_rows(rng, 1, 32)[0]), ChannelQuery(POPULAR, 20)]
+        while not stop.is_set():
+            try:
+                result = shard.search(query)
+                assert len(result[SEQUENTIAL]) == 20 and len(result[POPULAR]) == 20
+            except BaseException as error:  # noqa: BLE001 - collected and re-raised in the test thread
+                errors.append(error)
+                return
+
+    readers = [threading.Thread(target=search_loop) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    for n in range(200):
+        ids = [f"live-{n}-{j}" for j in range(3)]
+        shard.add_items(ids, {SEQUENTIAL: unit_rows(rng, 3, 32), SEMANTIC: unit_rows(rng, 3, 384)})
+        shard.remove_items(ids[:2])
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert not errors
+    assert shard.size == 200 + 200

@@ -1,0 +1,56 @@
+"""Training writes a complete bundle whose models learned the data's structure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ranking.inference import RankingModel
+from ranking.train import TrainResult
+from recdata.bundle import load_bundle, load_weights
+from recdata.channels import SEMANTIC, SEQUENTIAL
+
+
+def test_bundle_has_manifest_arrays_and_weights(tiny_training: TrainResult) -> None:
+    bundle = load_bundle(tiny_training.folder)
+    assert bundle.version == tiny_training.version
+    manifest = json.loads((tiny_training.folder / "manifest.json").read_text())
+    assert manifest["metrics"]["test"]["funnel"]["ndcg@10"] >= 0
+    assert bundle.arrays[SEQUENTIAL].shape == (200, 32)
+    assert bundle.arrays[SEMANTIC].shape == (200, 384)
+    for name in ("query_encoder", "ranker", "item_encoder"):
+        assert load_weights(tiny_training.folder, name)
+    assert not any(p.suffix in (".pkl", ".pt", ".pickle") for p in tiny_training.folder.iterdir())
+
+
+def test_models_beat_random_by_a_wide_margin(tiny_training: TrainResult) -> None:
+    test = tiny_training.metrics["test"]
+    random_hr10 = 10 / 200
+    assert test["recall"]["hr@10"] > 3 * random_hr10
+    assert test["funnel"]["hr@10"] > 3 * random_hr10
+
+
+def test_loaded_model_reproduces_training_vectors(tiny_training: TrainResult) -> None:
+    model = RankingModel.load(tiny_training.folder, device="cpu")
+    history = np.array([3, 5, 8])
+    a = model.encode([history])
+    b = model.encode([history, np.array([1])])
+    np.testing.assert_allclose(a[SEQUENTIAL][0], b[SEQUENTIAL][0], atol=1e-5)  # batched == unbatched
+    assert np.linalg.norm(a[SEQUENTIAL][0]) > 0.99
+    ranked = model.rank(history, np.array([10, 11, 12]), [{"sequential"}, {"popular"}, set()])
+    assert ranked.scores.shape == (3,)
+    assert all(set(b) <= {0, 1, 2} and len(b) == 3 for b in ranked.because)
+
+
+def test_same_seed_gives_the_same_bundle(tiny_dataset, text_encoder, tmp_path) -> None:
+    from ranking.train import train
+    from tests.conftest import TINY_TRAINING
+
+    config = TINY_TRAINING.__class__(**{**TINY_TRAINING.__dict__, "epochs": 2, "ranker_epochs": 1})
+    a = train(tiny_dataset, config, tmp_path / "a", text_encoder)
+    b = train(tiny_dataset, config, tmp_path / "b", text_encoder)
+    assert a.metrics["test"] == b.metrics["test"]
+    # Equal up to the order of multi-threaded float sums.
+    np.testing.assert_allclose(load_bundle(a.folder).arrays[SEQUENTIAL], load_bundle(b.folder).arrays[SEQUENTIAL],
+                               atol=1e-5)

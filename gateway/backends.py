@@ -1,74 +1,97 @@
-"""The funnel's stages reached over gRPC: recall shards and the ranking service."""
+"""The gateway's gRPC clients of its stages: recall shards and the ranking service.
+
+They speak the internal contracts through the generated stubs alone, so the gateway
+depends on `protos`, not on the services' code; every failure becomes StageFailed.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
 from gateway.funnel import ShardAnswer, StageFailed
-from ranking.client import RankingClient
-from retrieval.client import RecallClient
-from retrieval.shard import ChannelQuery
+from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, recall_pb2, recall_pb2_grpc, tensor_pb2
+from protos.serving import CHANNEL_OPTIONS
+from protos.wire import from_tensor, to_tensor
+from recdata.channels import ChannelQuery
+
+Reply = TypeVar("Reply")
+
+
+async def _call(stage: str, call: Awaitable[Reply]) -> Reply:
+    try:
+        return await call
+    except grpc.RpcError as error:
+        raise StageFailed(f"{stage}: {error.code().name} {error.details()}") from error
 
 
 class GrpcRecall:
-    """One recall shard behind the RecallBackend interface."""
+    """One recall shard, as the funnel's RecallBackend and the catalogue's ShardWriter."""
 
     def __init__(self, address: str):
-        self.client = RecallClient(address)
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = recall_pb2_grpc.RecallStub(self.channel)
 
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
                      model_version: str) -> ShardAnswer:
-        try:
-            reply = await self.client.search(queries, exclude_item_ids, timeout, model_version)
-        except grpc.RpcError as error:
-            raise StageFailed(f"recall {self.client.address}: {error.code().name} {error.details()}") from error
+        request = recall_pb2.SearchRequest(
+            queries=[recall_pb2.ChannelQuery(channel=q.channel, k=q.k,
+                                             vector=None if q.vector is None else to_tensor(q.vector))
+                     for q in queries],
+            exclude_item_ids=exclude_item_ids, model_version=model_version)
+        reply = await _call(f"recall {self.address}", self.stub.Search(request, timeout=timeout))
         hits = {r.channel: [(c.item_id, c.score) for c in r.candidates] for r in reply.results}
         return ShardAnswer(hits, reply.model_version)
 
     async def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray], timeout: float) -> int:
-        try:
-            return await self.client.add_items(item_ids, vectors, timeout)
-        except grpc.RpcError as error:
-            raise StageFailed(f"recall {self.client.address}: {error.code().name} {error.details()}") from error
+        request = recall_pb2.AddItemsRequest(item_ids=item_ids, vectors=[
+            tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()])
+        return (await _call(f"recall {self.address}", self.stub.AddItems(request, timeout=timeout))).added
 
     async def remove_items(self, item_ids: list[str], timeout: float) -> int:
-        try:
-            return await self.client.remove_items(item_ids, timeout)
-        except grpc.RpcError as error:
-            raise StageFailed(f"recall {self.client.address}: {error.code().name} {error.details()}") from error
+        request = recall_pb2.RemoveItemsRequest(item_ids=item_ids)
+        return (await _call(f"recall {self.address}", self.stub.RemoveItems(request, timeout=timeout))).removed
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.channel.close()
 
 
 class GrpcRanking:
-    """The ranking service behind the RankingBackend interface."""
+    """The ranking service, as the funnel's RankingBackend and the catalogue's ItemEmbedder."""
 
     def __init__(self, address: str):
-        self.client = RankingClient(address)
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = ranking_pb2_grpc.RankingStub(self.channel)
 
     async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
-        try:
-            return await self.client.encode(history, timeout)
-        except grpc.RpcError as error:
-            raise StageFailed(f"encode: {error.code().name} {error.details()}") from error
+        request = ranking_pb2.EncodeRequest(history_item_ids=history)
+        reply = await _call("encode", self.stub.Encode(request, timeout=timeout))
+        return {v.channel: from_tensor(v.vector) for v in reply.vectors}, reply.model_version
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]],
                    explain_top: int, timeout: float, model_version: str
                    ) -> list[tuple[str, float, list[str]]]:
-        try:
-            reply = await self.client.rank(history, candidates, explain_top, timeout, model_version)
-        except grpc.RpcError as error:
-            raise StageFailed(f"rank: {error.code().name} {error.details()}") from error
+        request = ranking_pb2.RankRequest(
+            history_item_ids=history,
+            candidates=[ranking_pb2.RankCandidate(
+                item_id=item_id,
+                channel_scores=[ranking_pb2.ChannelScore(channel=c, score=s) for c, s in scores.items()])
+                for item_id, scores in candidates],
+            explain_top=explain_top, model_version=model_version)
+        reply = await _call("rank", self.stub.Rank(request, timeout=timeout))
         return [(i.item_id, i.score, list(i.because_item_ids)) for i in reply.items]
 
     async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float
                           ) -> tuple[dict[str, np.ndarray], str]:
-        try:
-            return await self.client.embed_items(items, timeout)
-        except grpc.RpcError as error:
-            raise StageFailed(f"embed: {error.code().name} {error.details()}") from error
+        request = ranking_pb2.EmbedItemsRequest(
+            items=[ranking_pb2.ItemText(item_id=i, text=t, tags=tags) for i, t, tags in items])
+        reply = await _call("embed", self.stub.EmbedItems(request, timeout=timeout))
+        return {v.channel: from_tensor(v.vectors) for v in reply.vectors}, reply.model_version
 
     async def close(self) -> None:
-        await self.client.close()
+        await self.channel.close()

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from retrieval.shard import shard_of
+from recdata.channels import shard_of
 
 
 class ShardWriter(Protocol):

@@ -19,8 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from recdata.channels import POPULAR, VECTOR_CHANNELS
-from retrieval.shard import ChannelQuery
+from recdata.channels import POPULAR, VECTOR_CHANNELS, ChannelQuery
 
 log = logging.getLogger(__name__)
 

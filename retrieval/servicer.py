@@ -9,7 +9,8 @@ import grpc
 
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc
 from protos.wire import BadTensor, from_tensor
-from retrieval.shard import ChannelQuery, InvalidQuery, RecallShard
+from recdata.channels import ChannelQuery
+from retrieval.shard import InvalidQuery, RecallShard
 
 MAX_EXCLUDED = 100_000
 MAX_UPDATE = 10_000  # items per AddItems / RemoveItems call

@@ -6,33 +6,19 @@ Pure logic, no gRPC: the Recall servicer, the in-process pipeline and the tests 
 from __future__ import annotations
 
 import threading
-import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
 from recdata.bundle import Bundle
-from recdata.channels import POPULAR, VECTOR_CHANNELS
+from recdata.channels import POPULAR, VECTOR_CHANNELS, ChannelQuery, shard_of
 from retrieval.config import MAX_K, RecallConfig
 from retrieval.index import build_index
 
 
 class InvalidQuery(ValueError):
     """A query the shard cannot answer; the message names the field and the allowed range."""
-
-
-def shard_of(item_id: str, num_shards: int) -> int:
-    """The shard that owns an item: a stable hash, so ownership survives restarts and versions."""
-    return zlib.crc32(item_id.encode("utf-8")) % num_shards
-
-
-@dataclass(frozen=True)
-class ChannelQuery:
-    channel: str
-    k: int
-    vector: np.ndarray | None = None  # (dim,) for vector channels
 
 
 class RecallShard:

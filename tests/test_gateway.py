@@ -20,9 +20,9 @@ from gateway.validation import InvalidRequest, check_recommend
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 from ranking import server as ranking_server
 from ranking.config import RankingConfig
+from recdata.channels import ChannelQuery
 from retrieval import server as recall_server
 from retrieval.config import RecallConfig
-from retrieval.shard import ChannelQuery
 from tests.grpc_checks import assert_health_and_reflection
 
 

@@ -8,9 +8,10 @@ import grpc
 import numpy as np
 import pytest
 
+from gateway.backends import GrpcRanking
+from gateway.funnel import StageFailed
 from protos.recfunnel.v1 import ranking_pb2
 from ranking import server as ranking_server
-from ranking.client import RankingClient
 from ranking.config import RankingConfig
 from ranking.inference import RankingModel
 from recdata.channels import SEMANTIC, SEQUENTIAL
@@ -19,32 +20,29 @@ from tests.grpc_checks import assert_health_and_reflection
 
 async def test_encode_and_rank_over_grpc(tiny_bundle: Path) -> None:
     handle = await ranking_server.start(RankingConfig(bundle=tiny_bundle))
-    client = RankingClient(handle.address)
+    client = GrpcRanking(handle.address)
     model = RankingModel.load(tiny_bundle, device="cpu")
     try:
         await assert_health_and_reflection(handle.address, ranking_server.SERVICE_NAME)
         history = ["i1", "i5", "unknown-item", "i9"]
-        vectors, version = await client.encode(history, timeout=5)
+        vectors, version = await client.encode(history, 5)
         assert version == model.version
         assert vectors[SEQUENTIAL].shape == (32,) and vectors[SEMANTIC].shape == (384,)
         expected = model.encode([model.indexes(history)])
         np.testing.assert_allclose(vectors[SEQUENTIAL], expected[SEQUENTIAL][0], atol=1e-5)
 
         candidates = [("i20", {"sequential": 0.5}), ("never-heard-of", {}), ("i30", {"popular": 2.0})]
-        reply = await client.rank(history, candidates, explain_top=2, timeout=5)
-        assert [i.item_id for i in reply.items] == ["i20", "never-heard-of", "i30"]
-        assert reply.items[1].score == float("-inf")  # unknown candidates sink, the call succeeds
-        for item in (reply.items[0], reply.items[2]):
-            assert len(item.because_item_ids) == 2
-            assert set(item.because_item_ids) <= {"i1", "i5", "i9"}
+        ranked = await client.rank(history, candidates, 2, 5, "")
+        assert [item_id for item_id, _, _ in ranked] == ["i20", "never-heard-of", "i30"]
+        assert ranked[1][1] == float("-inf")  # unknown candidates sink, the call succeeds
+        for _, _, because in (ranked[0], ranked[2]):
+            assert len(because) == 2 and set(because) <= {"i1", "i5", "i9"}
 
-        vectors, _ = await client.encode(["nothing-known"], timeout=5)
+        vectors, _ = await client.encode(["nothing-known"], 5)
         assert vectors == {}  # no query vectors: recall falls back to popularity
 
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await client.rank(history, candidates, explain_top=11, timeout=5)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "0..10" in caught.value.details()
+        with pytest.raises(StageFailed, match=r"INVALID_ARGUMENT explain_top=11 out of range 0..10"):
+            await client.rank(history, candidates, 11, 5, "")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.stub.Rank(ranking_pb2.RankRequest(
                 candidates=[ranking_pb2.RankCandidate(item_id="i1")] * 2001), timeout=5)
@@ -56,17 +54,16 @@ async def test_encode_and_rank_over_grpc(tiny_bundle: Path) -> None:
 
 async def test_embedded_items_become_rankable(tiny_bundle: Path) -> None:
     handle = await ranking_server.start(RankingConfig(bundle=tiny_bundle))
-    client = RankingClient(handle.address)
+    client = GrpcRanking(handle.address)
     try:
         vectors, version = await client.embed_items(
-            [("fresh-1", "The quiet garden #999: a theme3 story", ["topic3"]), ("i4", "retitled", [])], timeout=10)
+            [("fresh-1", "The quiet garden #999: a theme3 story", ["topic3"]), ("i4", "retitled", [])], 10)
         assert vectors[SEQUENTIAL].shape == (2, 32) and vectors[SEMANTIC].shape == (2, 384)
         np.testing.assert_allclose(np.linalg.norm(vectors[SEQUENTIAL], axis=1), 1.0, rtol=1e-5)
-        reply = await client.rank(["i1", "fresh-1"], [("fresh-1", {"semantic": 0.9})], explain_top=1, timeout=5)
-        assert np.isfinite(reply.items[0].score)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await client.embed_items([("dup", "a", []), ("dup", "b", [])], timeout=5)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        ranked = await client.rank(["i1", "fresh-1"], [("fresh-1", {"semantic": 0.9})], 1, 5, "")
+        assert np.isfinite(ranked[0][1])
+        with pytest.raises(StageFailed, match="INVALID_ARGUMENT"):
+            await client.embed_items([("dup", "a", []), ("dup", "b", [])], 5)
     finally:
         await client.close()
         await handle.stop(0)

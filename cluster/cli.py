@@ -60,6 +60,7 @@ def train_command(
     epochs: Annotated[int, typer.Option(min=1, help="most query-encoder epochs (early stopping ends sooner)")] = 60,
     seconds: Annotated[float, typer.Option(help="time budget of the query-encoder phase")] = 600.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    curve: Annotated[Path | None, typer.Option(help="write NDCG@10 against seconds to this PNG")] = None,
 ) -> None:
     """Train the item/query encoders and the ranker; write a bundle and print its metrics as JSON."""
     from ranking.config import TrainConfig
@@ -73,7 +74,34 @@ def train_command(
                     f"val NDCG@10 {values['ndcg@10']:.4f}, HR@10 {values['hr@10']:.4f}")
 
     result = train(data, config, out, progress=report)
-    typer.echo(json.dumps({"bundle": str(out), "version": result.version, "metrics": result.metrics}, indent=2))
+    if curve is not None:
+        from cluster.plots import plot_training_curve
+
+        plot_training_curve(result.curve, curve, f"recfunnel training on {data.name}")
+    typer.echo(json.dumps({"bundle": str(out), "version": result.version, "metrics": result.metrics,
+                           "curve": result.curve}, indent=2))
+
+
+@app.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Option(help="bundle folder written by `recfunnel train`")],
+    dataset: Annotated[str, typer.Option(help="named data set")] = "ml-100k",
+    interactions: Annotated[Path | None, typer.Option(help="interactions file instead of a named data set")] = None,
+    items: Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")] = None,
+    fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
+    seconds_per_model: Annotated[float, typer.Option(help="training budget of each baseline/ablation")] = 100.0,
+    baselines: Annotated[bool, typer.Option(help="train SASRec-BCE, the no-text and cold-start models")] = True,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
+) -> None:
+    """Full-ranking and sampled metrics of the funnel against baselines trained in the same run."""
+    from ranking.quality import EvaluateConfig
+    from ranking.quality import evaluate as run_evaluation
+
+    data = load_data(dataset, interactions, items, fmt)
+    config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed)
+    report = run_evaluation(bundle, data, config, report=None if as_json else console.log)
+    typer.echo(json.dumps(report, indent=None if as_json else 2))
 
 
 def main() -> None:

@@ -59,10 +59,11 @@ class QueryEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.dim)
 
-    def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """item_vectors: (B, T, dim) left-padded history, padding: (B, T) True where padded.
 
-        Returns (B, T, dim) unit user vectors, one per position.
+        Returns (B, T, dim) user vectors, one per position; unit length unless `normalize`
+        is off (dot-product models such as the SASRec baseline).
         """
         B, T, _ = item_vectors.shape
         positions = torch.arange(T, device=item_vectors.device)
@@ -70,4 +71,5 @@ class QueryEncoder(nn.Module):
         x = self.dropout(x) * ~padding.unsqueeze(-1)
         for block in self.blocks:
             x = block(x, padding)
-        return F.normalize(self.norm(x), dim=-1)
+        x = self.norm(x)
+        return F.normalize(x, dim=-1) if normalize else x

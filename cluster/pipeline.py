@@ -1,0 +1,63 @@
+"""The funnel in one process: the same gateway, shard and model code with no gRPC and no Ray.
+
+Benchmarks compare the cluster against it, and tests check that the batched scorer used
+for evaluation ranks exactly as the served path does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from gateway.funnel import Funnel, ShardAnswer
+from ranking.inference import RankingModel
+from recdata.bundle import load_bundle
+from recdata.channels import ChannelQuery
+from retrieval.config import RecallConfig
+from retrieval.shard import RecallShard
+
+
+class InProcessRecall:
+    """A RecallShard behind the funnel's RecallBackend interface."""
+
+    def __init__(self, shard: RecallShard):
+        self.shard = shard
+
+    async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
+                     model_version: str) -> ShardAnswer:
+        return ShardAnswer(self.shard.search(queries, exclude_item_ids), self.shard.version)
+
+
+class InProcessRanking:
+    """A RankingModel behind the funnel's RankingBackend interface."""
+
+    def __init__(self, model: RankingModel):
+        self.model = model
+
+    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
+        rows = self.model.indexes(history)
+        if len(rows) == 0:
+            return {}, self.model.version
+        return {c: v[0] for c, v in self.model.encode([rows]).items()}, self.model.version
+
+    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], explain_top: int,
+                   timeout: float, model_version: str) -> list[tuple[str, float, list[str]]]:
+        tables = self.model.tables
+        known_history = [i for i in history if i in tables.item_index]
+        rows = np.asarray([tables.item_index[i] for i in known_history], dtype=np.int64)
+        known = [(i, set(s)) for i, s in candidates if i in tables.item_index]
+        ranked = self.model.rank(rows, np.asarray([tables.item_index[i] for i, _ in known], dtype=np.int64),
+                                 [s for _, s in known], tables)
+        return [(i, float(score), [known_history[p] for p in because[:explain_top]])
+                for (i, _), score, because in zip(known, ranked.scores, ranked.because, strict=True)]
+
+
+def in_process_funnel(bundle: Path, num_shards: int = 2, channel_budgets: dict[str, int] | None = None,
+                      device: str | None = None) -> Funnel:
+    """The served funnel over `num_shards` in-process shards and the bundle's models."""
+    loaded = load_bundle(bundle)
+    shards = [InProcessRecall(RecallShard(loaded, RecallConfig(bundle=bundle, shard_id=n, num_shards=num_shards)))
+              for n in range(num_shards)]
+    budgets = channel_budgets or dict(loaded.manifest["candidates_per_channel"])
+    return Funnel(shards, InProcessRanking(RankingModel.load(bundle, device)), budgets)

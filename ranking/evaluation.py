@@ -1,0 +1,203 @@
+"""Batched scoring of the funnel and the quality protocol of DESIGN.md.
+
+`FunnelScorer` holds fixed item tables and the two models, and scores many users at
+once: exact recall per channel, the merge the gateway does, and the ranker. Training
+uses it for validation; `recfunnel evaluate` uses it on a saved bundle. `Evaluation`
+turns any scorer into metrics under the full-ranking and sampled protocols.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ranking.config import ModelConfig
+from ranking.inference import candidate_features, pad_left, semantic_queries
+from ranking.query_encoder import QueryEncoder
+from ranking.ranker import Ranker
+from recdata.bundle import load_bundle, load_weights
+from recdata.channels import CHANNELS, POPULAR, SEMANTIC, SEQUENTIAL
+from recdata.metrics import ranking_metrics, sample_unseen
+from recdata.split import Split
+
+# histories -> (B, num_items) scores; -inf where a model never proposes the item.
+FullScorer = Callable[[list[np.ndarray]], torch.Tensor]
+# histories, (B, n) items -> (B, n) scores.
+ItemScorer = Callable[[list[np.ndarray], torch.Tensor], torch.Tensor]
+
+
+def seen_mask(histories: list[np.ndarray], num_items: int) -> torch.Tensor:
+    """(B, num_items) True where the user has interacted with the item."""
+    mask = torch.zeros(len(histories), num_items, dtype=torch.bool)
+    for b, history in enumerate(histories):
+        mask[b, torch.from_numpy(np.asarray(history, dtype=np.int64))] = True
+    return mask
+
+
+@dataclass
+class FunnelScorer:
+    encoder: QueryEncoder
+    ranker: Ranker
+    item_table: torch.Tensor       # (I + 1, d) encoder input and item vectors; row 0 = padding
+    text_vectors: np.ndarray       # (I, D_text)
+    log_popularity: torch.Tensor   # (I,)
+    budgets: dict[str, int]        # candidates per recall channel
+
+    def __post_init__(self) -> None:
+        self.text_t = torch.from_numpy(self.text_vectors)
+        self.max_len = self.encoder.config.max_len
+        self.num_items = self.item_table.shape[0] - 1
+
+    @classmethod
+    def from_bundle(cls, folder: Path, budgets: dict[str, int]) -> FunnelScorer:
+        bundle = load_bundle(folder)
+        config = ModelConfig.from_dict(bundle.manifest["model"])
+        encoder, ranker = QueryEncoder(config), Ranker(config, num_channels=len(CHANNELS))
+        encoder.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(folder, "query_encoder").items()})
+        ranker.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(folder, "ranker").items()})
+        vectors = torch.from_numpy(bundle.arrays[SEQUENTIAL])
+        return cls(encoder.eval(), ranker.eval(), torch.cat([torch.zeros_like(vectors[:1]), vectors]),
+                   bundle.arrays[SEMANTIC], torch.from_numpy(np.log1p(bundle.arrays["popularity"])), budgets)
+
+    def queries(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, d) user vectors and (B, D_text) semantic query vectors."""
+        padded, padding = pad_left(histories, self.max_len)
+        users = self.encoder(self.item_table[padded], padding)[:, -1]
+        return users, torch.from_numpy(semantic_queries(self.text_vectors, histories))
+
+    def recall(self, users: torch.Tensor, semantic: torch.Tensor, seen: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every channel's top-k of unseen items, merged as the gateway merges them.
+
+        Returns candidates (B, W), proposed-by flags (B, W, n_channels) and a (B, W) mask that
+        keeps each item's first occurrence only.
+        """
+        per_channel = {
+            SEQUENTIAL: lambda: users @ self.item_table[1:].T,
+            SEMANTIC: lambda: semantic @ self.text_t.T,
+            POPULAR: lambda: self.log_popularity.expand(len(users), -1),
+        }
+        found, channel_of = [], []
+        for c, channel in enumerate(CHANNELS):
+            k = min(self.budgets.get(channel, 0), self.num_items)
+            if k:
+                top = per_channel[channel]().masked_fill(seen, -math.inf).topk(k, dim=1).indices
+                found.append(top)
+                channel_of += [c] * k
+        candidates = torch.cat(found, dim=1)                                     # (B, W)
+        same = candidates.unsqueeze(2) == candidates.unsqueeze(1)                # (B, W, W)
+        earlier = torch.ones(same.shape[1:], dtype=torch.bool).tril(-1)
+        mask = ~(same & earlier).any(-1)                                         # first occurrence
+        onehot = torch.nn.functional.one_hot(torch.tensor(channel_of), len(CHANNELS)).float()  # (W, n)
+        flags = (same.float() @ onehot).clamp(max=1.0)                           # (B, W, n)
+        return candidates, flags, mask
+
+    def rank(self, histories: list[np.ndarray], users: torch.Tensor, semantic: torch.Tensor,
+             items: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        """(B, n) ranker scores of the given items with their proposed-by flags."""
+        padded, padding = pad_left(histories, self.max_len)
+        features = candidate_features(users, semantic, self.item_table[1:], self.text_t, self.log_popularity,
+                                      items, flags)
+        scores, _ = self.ranker(self.item_table[padded], padding, users, self.item_table[1 + items], features)
+        return scores
+
+    def funnel(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ranker scores of the merged candidates: (B, W) scores (-inf off the mask), candidates, mask."""
+        users, semantic = self.queries(histories)
+        candidates, flags, mask = self.recall(users, semantic, seen_mask(histories, self.num_items))
+        scores = self.rank(histories, users, semantic, candidates, flags)
+        return scores.masked_fill(~mask, -math.inf), candidates, mask
+
+    # ---- scorers for the protocols ------------------------------------------------------------
+    @torch.no_grad()
+    def recall_scores(self, histories: list[np.ndarray]) -> torch.Tensor:
+        users, _ = self.queries(histories)
+        return users @ self.item_table[1:].T
+
+    @torch.no_grad()
+    def funnel_scores(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """(B, I) full-catalogue scores of the served path: ranker scores on recall's
+        candidates, -inf for every item recall did not propose."""
+        scores, candidates, _ = self.funnel(histories)
+        full = torch.full((len(histories), self.num_items), -math.inf)
+        # A repeated candidate carries -inf after its first occurrence, so the maximum is its score.
+        return full.scatter_reduce(1, candidates, scores, reduce="amax")
+
+    @torch.no_grad()
+    def funnel_item_scores(self, histories: list[np.ndarray], items: torch.Tensor) -> torch.Tensor:
+        """Ranker scores of arbitrary items, flagged with the channels that would propose them."""
+        users, semantic = self.queries(histories)
+        candidates, flags, mask = self.recall(users, semantic, seen_mask(histories, self.num_items))
+        hit = (items.unsqueeze(2) == candidates.unsqueeze(1)) & mask.unsqueeze(1)  # (B, n, W)
+        item_flags = (hit.float() @ flags).clamp(max=1.0)                          # (B, n, channels)
+        return self.rank(histories, users, semantic, items, item_flags)
+
+
+class Evaluation:
+    """One set of cases (validation or test, optionally a subset) under both protocols."""
+
+    def __init__(self, split: Split, num_items: int, validation: bool, positions: np.ndarray | None = None,
+                 seed: int = 0, negatives: int = 100):
+        chosen = np.arange(len(split.users)) if positions is None else positions
+        self.num_items = num_items
+        self.histories = [split.valid_history(int(p)) if validation else split.test_history(int(p)) for p in chosen]
+        targets = split.valid_targets if validation else split.test_targets
+        self.targets = torch.from_numpy(targets[chosen].astype(np.int64))
+        rng = np.random.default_rng(seed)
+        self.negatives = [sample_unseen(rng, num_items, np.asarray(h, dtype=np.int64), int(t), negatives)
+                          for h, t in zip(self.histories, self.targets.tolist(), strict=True)]
+
+    def __len__(self) -> int:
+        return len(self.histories)
+
+    def batches(self, size: int = 256):  # type: ignore[no-untyped-def]
+        for start in range(0, len(self.histories), size):
+            yield slice(start, min(start + size, len(self.histories)))
+
+    @torch.no_grad()
+    def full_report(self, scorer: FullScorer, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per case: the target's 0-based rank among all items its user has not interacted
+        with (ties count against the target, so an item a model never proposes is a miss),
+        whether the model gave the target a finite score, and the model's top-k unseen items."""
+        ranks, found, lists = [], [], []
+        for part in self.batches():
+            histories, targets = self.histories[part], self.targets[part]
+            scores = scorer(histories).float()
+            seen = seen_mask(histories, self.num_items)
+            lists.append(scores.masked_fill(seen, -math.inf).topk(min(k, self.num_items), dim=1).indices.numpy())
+            seen[torch.arange(len(targets)), targets] = False  # the target is never excluded
+            target_scores = scores.gather(1, targets[:, None])
+            ranks.append((((scores >= target_scores) & ~seen).sum(1) - 1).numpy())
+            found.append(torch.isfinite(target_scores[:, 0]).numpy())
+        return np.concatenate(ranks), np.concatenate(found), np.concatenate(lists)
+
+    def full_ranks(self, scorer: FullScorer) -> np.ndarray:
+        return self.full_report(scorer)[0]
+
+    @torch.no_grad()
+    def sampled_ranks(self, scorer: ItemScorer) -> np.ndarray:
+        """0-based rank of each target against its 100 sampled unseen items."""
+        ranks = []
+        for part in self.batches():
+            items = torch.from_numpy(np.stack([np.append(t, n) for t, n in
+                                               zip(self.targets[part].numpy(), self.negatives[part], strict=True)]))
+            scores = scorer(self.histories[part], items).float()
+            ranks.append((scores[:, 1:] >= scores[:, :1]).sum(1).numpy())
+        return np.concatenate(ranks)
+
+    def full(self, scorer: FullScorer) -> dict[str, float]:
+        return ranking_metrics(self.full_ranks(scorer).tolist())
+
+    def sampled(self, scorer: ItemScorer) -> dict[str, float]:
+        metrics = ranking_metrics(self.sampled_ranks(scorer).tolist(), ks=(10,))
+        return {k: v for k, v in metrics.items() if not k.startswith("mrr")}
+
+
+def items_from_full(scorer: FullScorer) -> ItemScorer:
+    """An ItemScorer that reads a FullScorer's scores of the asked items."""
+    return lambda histories, items: scorer(histories).gather(1, items)

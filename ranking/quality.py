@@ -1,0 +1,132 @@
+"""`recfunnel evaluate`: a bundle's quality under DESIGN.md's protocol, against baselines
+trained in the same run, with the text ablation and the cold-start test."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ranking.baselines import SASRecTrainer, popularity_scorer
+from ranking.config import ModelConfig, TrainConfig
+from ranking.evaluation import Evaluation, FunnelScorer, items_from_full
+from ranking.text_encoder import TextEncoder
+from ranking.train import Trainer, fit
+from recdata.bundle import load_bundle
+from recdata.channels import SEMANTIC
+from recdata.dataset import Dataset
+from recdata.metrics import ranking_metrics
+from recdata.split import leave_last_two
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    seconds_per_model: float = 100.0  # training budget of each model trained during evaluation
+    cold_share: float = 0.1           # share of items made cold for the cold-start test
+    seed: int = 0
+    baselines: bool = True            # train SASRec-BCE, the no-text ablation and the cold-start models
+
+    def __post_init__(self) -> None:
+        if not 0 < self.cold_share < 1:
+            raise ValueError(f"cold_share={self.cold_share} must be in (0, 1)")
+        if self.seconds_per_model <= 0:
+            raise ValueError(f"seconds_per_model={self.seconds_per_model} must be > 0")
+
+
+def beyond_accuracy(lists: np.ndarray, vectors: np.ndarray, popularity: np.ndarray, num_users: int
+                    ) -> dict[str, float]:
+    """Catalogue coverage, intra-list diversity (mean pairwise cosine distance of the items'
+    text vectors) and novelty (mean self-information, -log2 of an item's share of users)."""
+    coverage = len(np.unique(lists)) / len(vectors)
+    unit = vectors[lists]                                                  # (U, k, D)
+    unit = unit / np.maximum(np.linalg.norm(unit, axis=-1, keepdims=True), 1e-12)
+    similarity = unit @ unit.transpose(0, 2, 1)                            # (U, k, k)
+    k = lists.shape[1]
+    ild = float(((1 - similarity).sum((1, 2)) / (k * (k - 1))).mean())
+    novelty = float((-np.log2((popularity[lists] + 1) / (num_users + 1))).mean())
+    return {"coverage@10": coverage, "ild@10": ild, "novelty@10": novelty}
+
+
+def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_encoder: TextEncoder | None = None,
+             report: Report | None = None) -> dict[str, Any]:
+    """Everything `recfunnel evaluate --json` prints, as a dict."""
+    say = report or (lambda message: log.info("%s", message))
+    started = time.perf_counter()
+    bundle = load_bundle(bundle_dir)
+    if bundle.item_ids != dataset.item_ids:
+        raise ValueError(f"bundle {bundle.version} was trained on another catalogue than {dataset.name!r}")
+    budgets = dict(bundle.manifest.get("candidates_per_channel") or TrainConfig().candidates_per_channel)
+    split = leave_last_two(dataset)
+    num_items = dataset.num_items
+    test = Evaluation(split, num_items, validation=False, seed=config.seed)
+    valid = Evaluation(split, num_items, validation=True, seed=config.seed)
+    scorer = FunnelScorer.from_bundle(bundle_dir, budgets)
+
+    # Funnel scores are -inf off the candidates: "found" is the recall hit rate at the budget.
+    funnel_ranks, found, lists = test.full_report(scorer.funnel_scores)
+    result: dict[str, Any] = {
+        "dataset": dataset.name, "users": dataset.num_users, "items": num_items, "cases": len(test),
+        "model_version": bundle.version,
+        "funnel": {"full": ranking_metrics(funnel_ranks.tolist()),
+                   "sampled100": test.sampled(scorer.funnel_item_scores)},
+        "recall": {"full": test.full(scorer.recall_scores), "hit_rate_at_budget": float(found.mean()),
+                   "budget": sum(budgets.values())},
+        "baselines": {"popularity": {"full": test.full(popularity_scorer(split, num_items))}},
+    }
+    say(f"funnel NDCG@10 {result['funnel']['full']['ndcg@10']:.4f}, recall {result['recall']['full']['ndcg@10']:.4f}")
+    text_vectors = bundle.arrays[SEMANTIC]
+    popularity = np.bincount(np.concatenate(split.train), minlength=num_items).astype(np.float64)
+    result["beyond_accuracy"] = beyond_accuracy(lists, text_vectors, popularity, dataset.num_users)
+
+    if config.baselines:
+        model = ModelConfig.from_dict(bundle.manifest["model"])
+        aux = TrainConfig(model=model, time_budget_s=config.seconds_per_model, patience=5, ranker_epochs=2,
+                          seed=config.seed, candidates_per_channel=tuple(budgets.items()))
+        sasrec = SASRecTrainer(split, num_items, replace(aux, num_negatives=1), valid)
+        seconds = sasrec.train()
+        result["baselines"]["sasrec_bce"] = {"full": test.full(sasrec.scores),
+                                             "sampled100": test.sampled(items_from_full(sasrec.scores)),
+                                             "train_seconds": seconds}
+        say(f"SASRec-BCE NDCG@10 {result['baselines']['sasrec_bce']['full']['ndcg@10']:.4f}")
+
+        encoder = text_encoder or TextEncoder()
+        no_text = Trainer(dataset, replace(aux, use_text=False))
+        fit(no_text)
+        result["ablation"] = {"no_text": {"full": test.full(no_text.scorer().funnel_scores)}}
+        say(f"no-text funnel NDCG@10 {result['ablation']['no_text']['full']['ndcg@10']:.4f}")
+
+        result["cold_start"] = cold_start(dataset, aux, config, encoder)
+        say(f"cold start HR@10 {result['cold_start']['hr@10']}")
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def cold_start(dataset: Dataset, aux: TrainConfig, config: EvaluateConfig, text_encoder: TextEncoder
+               ) -> dict[str, Any]:
+    """HR@10 on test cases whose target lost all its training interactions, with and without
+    text, against a random ranking's expectation (10 / the user's candidate count)."""
+    rng = np.random.default_rng(config.seed)
+    cold = rng.choice(dataset.num_items, size=max(1, int(config.cold_share * dataset.num_items)), replace=False)
+    split = leave_last_two(dataset)
+    cases = np.flatnonzero(np.isin(split.test_targets, cold))
+    if len(cases) == 0:
+        return {"items": len(cold), "cases": 0, "hr@10": {}}
+    evaluation = Evaluation(split, dataset.num_items, validation=False, positions=cases, seed=config.seed)
+    hits = {}
+    for name, use_text in (("text", True), ("no_text", False)):
+        trainer = Trainer(dataset, replace(aux, use_text=use_text), text_encoder, cold_items=cold)
+        fit(trainer)
+        ranks = evaluation.full_ranks(trainer.scorer().funnel_scores)
+        hits[name] = float((ranks < 10).mean())
+    unseen = np.array([dataset.num_items - len(set(h.tolist())) for h in evaluation.histories])
+    hits["random"] = float(np.mean(10 / unseen))
+    return {"items": len(cold), "cases": len(cases), "hr@10": hits}

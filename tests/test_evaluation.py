@@ -1,0 +1,105 @@
+"""The evaluation protocol: exclusions, the served-path equivalence, baselines and the report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.pipeline import in_process_funnel
+from gateway.funnel import RecommendQuery
+from ranking.baselines import SASRecTrainer, popularity_scorer
+from ranking.evaluation import Evaluation, FunnelScorer
+from ranking.quality import EvaluateConfig, beyond_accuracy, evaluate
+from recdata.dataset import Dataset
+from recdata.split import leave_last_two
+from tests.conftest import TINY_TRAINING
+
+
+def hand_dataset() -> Dataset:
+    sequences = [np.array([0, 1, 2, 3]), np.array([4, 3, 2, 1, 0]), np.array([5, 5, 5])]
+    return Dataset("hand", ["a", "b", "c"], [f"i{n}" for n in range(8)], sequences, [""] * 8)
+
+
+def test_full_ranking_excludes_seen_items_and_never_the_target() -> None:
+    split = leave_last_two(hand_dataset())
+    cases = Evaluation(split, 8, validation=False)
+    # Seen items score highest; they must not count. User c's target (5) is also in its history.
+    def scorer(histories):
+        scores = torch.zeros(len(histories), 8)
+        for b, history in enumerate(histories):
+            scores[b, torch.from_numpy(np.asarray(history))] = 10.0
+        scores[:, 7] = 5.0  # one unseen item above every target
+        return scores
+
+    ranks = cases.full_ranks(scorer)
+    # a: target 3, seen {0,1,2}; unseen above it: item 7 only; ties (4, 5, 6 at 0) count against it.
+    assert ranks[0] == 1 + 3
+    # c: target 5 was seen before, yet it is ranked (score 10 beats item 7), never excluded.
+    assert ranks[2] == 0
+
+
+def test_sampled_protocol_draws_unseen_items_only_and_is_seeded() -> None:
+    split = leave_last_two(hand_dataset())
+    a = Evaluation(split, 8, validation=False, seed=3, negatives=3)
+    b = Evaluation(split, 8, validation=False, seed=3, negatives=3)
+    for negatives, history, target in zip(a.negatives, a.histories, a.targets.tolist(), strict=True):
+        assert not set(negatives.tolist()) & (set(history.tolist()) | {target})
+    assert all(np.array_equal(x, y) for x, y in zip(a.negatives, b.negatives, strict=True))
+
+
+def test_batched_funnel_scores_match_the_served_path(tiny_bundle, tiny_dataset) -> None:
+    """The evaluation's batched funnel and the gateway's funnel over FAISS shards agree."""
+    scorer = FunnelScorer.from_bundle(tiny_bundle, {"sequential": 40, "semantic": 10, "popular": 5})
+    served = in_process_funnel(tiny_bundle, num_shards=2)
+    split = leave_last_two(tiny_dataset)
+    for position in range(0, 40, 4):
+        history = split.test_history(position)
+        batched = scorer.funnel_scores([history])[0]
+        expected = [tiny_dataset.item_ids[i] for i in batched.topk(10).indices.tolist()]
+        answer = asyncio.run(served.recommend(
+            RecommendQuery("u", 10, [tiny_dataset.item_ids[i] for i in history]), time.monotonic() + 5))
+        assert [r.item_id for r in answer.items] == expected
+        np.testing.assert_allclose([r.score for r in answer.items], batched.topk(10).values.numpy(), rtol=1e-4)
+
+
+def test_popularity_and_sasrec_baselines(tiny_dataset) -> None:
+    split = leave_last_two(tiny_dataset)
+    valid = Evaluation(split, tiny_dataset.num_items, validation=True)
+    test = Evaluation(split, tiny_dataset.num_items, validation=False)
+    popular = test.full(popularity_scorer(split, tiny_dataset.num_items))
+    sasrec = SASRecTrainer(split, tiny_dataset.num_items, TINY_TRAINING, valid)
+    sasrec.train()
+    learned = test.full(sasrec.scores)
+    assert learned["hr@10"] > 2 * (10 / tiny_dataset.num_items)
+    assert popular["hr@10"] > 10 / tiny_dataset.num_items
+
+
+def test_beyond_accuracy_by_hand() -> None:
+    vectors = np.array([[1.0, 0], [0, 1.0], [1.0, 0], [0.6, 0.8]])
+    lists = np.array([[0, 1], [0, 2]])
+    metrics = beyond_accuracy(lists, vectors, popularity=np.array([9.0, 0, 4, 1]), num_users=9)
+    assert metrics["coverage@10"] == pytest.approx(3 / 4)
+    assert metrics["ild@10"] == pytest.approx((1.0 + 0.0) / 2)  # orthogonal pair, identical pair
+    expected = np.mean([-np.log2(10 / 10), -np.log2(1 / 10), -np.log2(10 / 10), -np.log2(5 / 10)])
+    assert metrics["novelty@10"] == pytest.approx(expected)
+
+
+def test_evaluate_report_has_every_section(tiny_bundle, tiny_dataset, text_encoder) -> None:
+    report = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(seconds_per_model=5.0), text_encoder)
+    assert {"funnel", "recall", "baselines", "ablation", "cold_start", "beyond_accuracy"} <= set(report)
+    assert set(report["funnel"]["full"]) >= {"hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20"}
+    assert set(report["funnel"]["sampled100"]) == {"hr@10", "ndcg@10"}
+    assert 0 < report["recall"]["hit_rate_at_budget"] <= 1 and report["recall"]["budget"] == 55
+    assert set(report["baselines"]) == {"popularity", "sasrec_bce"}
+    assert report["cold_start"]["items"] == 20
+    assert set(report["cold_start"]["hr@10"]) == {"text", "no_text", "random"}
+    assert report["funnel"]["sampled100"]["hr@10"] >= report["funnel"]["full"]["hr@10"]
+
+
+def test_evaluate_refuses_a_bundle_of_another_catalogue(tiny_bundle) -> None:
+    with pytest.raises(ValueError, match="another catalogue"):
+        evaluate(tiny_bundle, hand_dataset(), EvaluateConfig(baselines=False))

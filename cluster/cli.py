@@ -59,6 +59,7 @@ def train_command(
     fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
     epochs: Annotated[int, typer.Option(min=1, help="most query-encoder epochs (early stopping ends sooner)")] = 60,
     seconds: Annotated[float, typer.Option(help="time budget of the query-encoder phase")] = 600.0,
+    ranker_seconds: Annotated[float, typer.Option(help="time budget of the ranker phase")] = 300.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     curve: Annotated[Path | None, typer.Option(help="write NDCG@10 against seconds to this PNG")] = None,
 ) -> None:
@@ -67,7 +68,7 @@ def train_command(
     from ranking.train import train
 
     data = load_data(dataset, interactions, items, fmt)
-    config = TrainConfig(epochs=epochs, time_budget_s=seconds, seed=seed)
+    config = TrainConfig(epochs=epochs, time_budget_s=seconds, ranker_time_budget_s=ranker_seconds, seed=seed)
 
     def report(stage: str, values: dict[str, float]) -> None:
         console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "
@@ -102,6 +103,66 @@ def evaluate(
     config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed)
     report = run_evaluation(bundle, data, config, report=None if as_json else console.log)
     typer.echo(json.dumps(report, indent=None if as_json else 2))
+
+
+bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("ablations")
+def bench_ablations(
+    dataset: Annotated[str, typer.Option(help="named data set")] = "ml-100k",
+    interactions: Annotated[Path | None, typer.Option(help="interactions file instead of a named data set")] = None,
+    items: Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")] = None,
+    fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
+    seconds: Annotated[float, typer.Option(help="encoder training budget of each variant")] = 120.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """What each model choice contributes: the same training with one choice changed at a time."""
+    from dataclasses import replace
+
+    from ranking.baselines import SASRecTrainer
+    from ranking.config import TrainConfig
+    from ranking.train import Trainer, fit
+
+    data = load_data(dataset, interactions, items, fmt)
+    base = TrainConfig(time_budget_s=seconds, ranker_time_budget_s=seconds / 2, seed=seed)
+    variants = {
+        "full": base,
+        "negatives_64": replace(base, num_negatives=64),
+        "no_text": replace(base, use_text=False),
+    }
+    rows: dict[str, dict[str, float]] = {}
+    for name, config in variants.items():
+        trainer = Trainer(data, config)
+        metrics, _ = fit(trainer)
+        rows[f"{name}/recall"] = metrics["test"]["recall"]
+        rows[f"{name}/funnel"] = metrics["test"]["funnel"]
+        console.log(f"{name}: recall NDCG@10 {rows[f'{name}/recall']['ndcg@10']:.4f}, "
+                    f"funnel {rows[f'{name}/funnel']['ndcg@10']:.4f}")
+    sasrec = SASRecTrainer(trainer.split, data.num_items, replace(base, num_negatives=1), trainer.valid)
+    sasrec.train()
+    rows["sasrec_bce/recall"] = trainer.test.full(sasrec.scores)
+    typer.echo(json.dumps({"dataset": data.name, "seconds_per_variant": seconds, "test": rows}, indent=2))
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="folder for interactions.txt (pairs) and items.csv")],
+    users: Annotated[int, typer.Option(min=1, help="users")] = 20_000,
+    items: Annotated[int, typer.Option(min=1, help="catalogue items")] = 20_000,
+    mean_length: Annotated[int, typer.Option(min=2, help="mean interactions per user")] = 15,
+    topics: Annotated[int, typer.Option(min=1, help="latent topics")] = 50,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Write a synthetic data set in the pairs format plus its item file, for scale runs."""
+    from recdata.synthetic import SyntheticConfig, generate, write_pairs
+
+    data = generate(SyntheticConfig(num_users=users, num_items=items, num_topics=topics,
+                                    mean_length=mean_length, min_length=min(5, mean_length), seed=seed))
+    pairs, item_file = write_pairs(data, out)
+    typer.echo(json.dumps({"interactions": str(pairs), "items": str(item_file), "users": data.num_users,
+                           "catalogue": data.num_items, "pairs": data.num_interactions}))
 
 
 def main() -> None:

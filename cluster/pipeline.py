@@ -41,16 +41,10 @@ class InProcessRanking:
             return {}, self.model.version
         return {c: v[0] for c, v in self.model.encode([rows]).items()}, self.model.version
 
-    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], explain_top: int,
-                   timeout: float, model_version: str) -> list[tuple[str, float, list[str]]]:
-        tables = self.model.tables
-        known_history = [i for i in history if i in tables.item_index]
-        rows = np.asarray([tables.item_index[i] for i in known_history], dtype=np.int64)
-        known = [(i, set(s)) for i, s in candidates if i in tables.item_index]
-        ranked = self.model.rank(rows, np.asarray([tables.item_index[i] for i, _ in known], dtype=np.int64),
-                                 [s for _, s in known], tables)
-        return [(i, float(score), [known_history[p] for p in because[:explain_top]])
-                for (i, _), score, because in zip(known, ranked.scores, ranked.because, strict=True)]
+    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
+                   diversity: float, explain_top: int, timeout: float, model_version: str
+                   ) -> list[tuple[str, float, list[str]]]:
+        return self.model.rank_items(history, [(i, set(s)) for i, s in candidates], k, diversity, explain_top)
 
 
 def in_process_funnel(bundle: Path, num_shards: int = 2, channel_budgets: dict[str, int] | None = None,

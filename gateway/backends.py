@@ -73,8 +73,8 @@ class GrpcRanking:
         reply = await _call("encode", self.stub.Encode(request, timeout=timeout))
         return {v.channel: from_tensor(v.vector) for v in reply.vectors}, reply.model_version
 
-    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]],
-                   explain_top: int, timeout: float, model_version: str
+    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
+                   diversity: float, explain_top: int, timeout: float, model_version: str
                    ) -> list[tuple[str, float, list[str]]]:
         request = ranking_pb2.RankRequest(
             history_item_ids=history,
@@ -82,7 +82,7 @@ class GrpcRanking:
                 item_id=item_id,
                 channel_scores=[ranking_pb2.ChannelScore(channel=c, score=s) for c, s in scores.items()])
                 for item_id, scores in candidates],
-            explain_top=explain_top, model_version=model_version)
+            explain_top=explain_top, model_version=model_version, k=k, diversity=diversity)
         reply = await _call("rank", self.stub.Rank(request, timeout=timeout))
         return [(i.item_id, i.score, list(i.because_item_ids)) for i in reply.items]
 

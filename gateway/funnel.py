@@ -44,9 +44,12 @@ class RecallBackend(Protocol):
 class RankingBackend(Protocol):
     async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]: ...
 
-    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]],
-                   explain_top: int, timeout: float, model_version: str
-                   ) -> list[tuple[str, float, list[str]]]: ...
+    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
+                   diversity: float, explain_top: int, timeout: float, model_version: str
+                   ) -> list[tuple[str, float, list[str]]]:
+        """k of the candidates as (item id, score, because ids), best first (MMR order when
+        diversity > 0)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class RecommendQuery:
     history: list[str]            # oldest first: the logged events, then the request's context
     exclude_item_ids: list[str] = field(default_factory=list)
     explain: bool = False
+    diversity: float = 0.0        # 0 = pure relevance .. 1 = most diverse (MMR)
 
 
 @dataclass
@@ -169,7 +173,7 @@ class Funnel:
         if vectors and candidates:
             try:
                 ranked = await self.ranking.rank(
-                    query.history, candidates, self.explain_top if query.explain else 0,
+                    query.history, candidates, query.k, query.diversity, self.explain_top if query.explain else 0,
                     max(deadline - time.monotonic(), 0.001), version)
             except StageFailed as error:
                 log.warning("ranking failed, answering in recall order: %s", error)
@@ -177,8 +181,7 @@ class Funnel:
         stages["rank"] = (time.monotonic() - t) * 1000
 
         channels_of = dict(candidates)
-        if ranked is not None:
-            ranked.sort(key=lambda r: -r[1])
+        if ranked is not None:  # already best first
             items = [Recommendation(i, s, sorted(channels_of[i]), because) for i, s, because in ranked[: query.k]]
         else:
             n = len(candidates)

@@ -60,6 +60,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             history=history + list(request.context_item_ids),
             exclude_item_ids=list(request.exclude_item_ids),
             explain=request.explain,
+            diversity=request.diversity,
         )
         answer = await self.funnel.recommend(query, deadline)
         request_log.info(json.dumps({

@@ -46,8 +46,14 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     num_negatives: int = 1024  # uniform negatives per batch; >= catalogue means exact softmax
+    content_loss_weight: float = 0.5  # weight of the same loss over content-only item vectors, which
+                                      # is what makes items without interactions retrievable
     ranker_epochs: int = 6
     ranker_positions: int = 8  # training positions per user for the ranker (most recent)
+    ranker_examples_per_epoch: int = 40_000  # sampled per epoch when users x positions is larger
+    ranker_time_budget_s: float = 300.0      # stop the ranker phase after this many seconds
+    ranker_cold_share: float = 0.3   # candidates shown as cold (content only, no popularity) while
+                                     # the ranker trains, so cold items are not ranked as bad ones
     candidates_per_channel: tuple[tuple[str, int], ...] = (
         ("sequential", 100), ("semantic", 20), ("popular", 10))
     seed: int = 0

@@ -47,6 +47,9 @@ class FunnelScorer:
     text_vectors: np.ndarray       # (I, D_text)
     log_popularity: torch.Tensor   # (I,)
     budgets: dict[str, int]        # candidates per recall channel
+    # (I, d) text-and-tags-only item vectors: how cold items look. Set while training the
+    # ranker, which sees some candidates this way so that it learns to rank cold items.
+    cold_table: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.text_t = torch.from_numpy(self.text_vectors)
@@ -98,12 +101,17 @@ class FunnelScorer:
         return candidates, flags, mask
 
     def rank(self, histories: list[np.ndarray], users: torch.Tensor, semantic: torch.Tensor,
-             items: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-        """(B, n) ranker scores of the given items with their proposed-by flags."""
+             items: torch.Tensor, flags: torch.Tensor, as_cold: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n) ranker scores of the given items with their proposed-by flags; items where
+        the (B, n) `as_cold` is True are shown as cold items (content vectors, no popularity)."""
         padded, padding = pad_left(histories, self.max_len)
-        features = candidate_features(users, semantic, self.item_table[1:], self.text_t, self.log_popularity,
-                                      items, flags)
-        scores, _ = self.ranker(self.item_table[padded], padding, users, self.item_table[1 + items], features)
+        vectors = self.item_table[1 + items]
+        log_popularity = self.log_popularity[items]
+        if as_cold is not None and self.cold_table is not None:
+            vectors = torch.where(as_cold.unsqueeze(-1), self.cold_table[items], vectors)
+            log_popularity = log_popularity.masked_fill(as_cold, 0.0)
+        features = candidate_features(users, semantic, vectors, self.text_t[items], log_popularity, flags)
+        scores, _ = self.ranker(self.item_table[padded], padding, users, vectors, features)
         return scores
 
     def funnel(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

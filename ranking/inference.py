@@ -51,19 +51,45 @@ def semantic_queries(text_vectors: np.ndarray, histories: list[np.ndarray]) -> n
 
 
 def candidate_features(
-    user: torch.Tensor,        # (B, d) sequential query vectors
-    semantic: torch.Tensor,    # (B, D_text) semantic query vectors
-    item_vectors: torch.Tensor,  # (I, d)
-    text_vectors: torch.Tensor,  # (I, D_text)
-    log_popularity: torch.Tensor,  # (I,)
-    candidates: torch.Tensor,  # (B, C) catalogue indexes (padding rows may hold 0)
-    proposed_by: torch.Tensor, # (B, C, n_channels) 0/1 flags
+    user: torch.Tensor,            # (B, d) sequential query vectors
+    semantic: torch.Tensor,        # (B, D_text) semantic query vectors
+    vectors: torch.Tensor,         # (B, C, d) candidate item vectors
+    texts: torch.Tensor,           # (B, C, D_text) candidate text vectors
+    log_popularity: torch.Tensor,  # (B, C) log1p of training interactions
+    proposed_by: torch.Tensor,     # (B, C, n_channels) 0/1 flags
 ) -> torch.Tensor:
     """(B, C, F) ranker side features in the order `ranker.NUM_SCORE_FEATURES` names."""
-    seq_score = (item_vectors[candidates] * user.unsqueeze(1)).sum(-1)
-    sem_score = (text_vectors[candidates] * semantic.unsqueeze(1)).sum(-1)
-    pop = log_popularity[candidates]
-    return torch.cat([torch.stack([seq_score, sem_score, pop], dim=-1), proposed_by], dim=-1)
+    seq_score = (vectors * user.unsqueeze(1)).sum(-1)
+    sem_score = (texts * semantic.unsqueeze(1)).sum(-1)
+    known = (log_popularity > 0).to(vectors.dtype)  # cold items: no interactions to learn from yet
+    return torch.cat([torch.stack([seq_score, sem_score, log_popularity, known], dim=-1), proposed_by], dim=-1)
+
+
+def mmr_order(scores: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> np.ndarray:
+    """Maximal marginal relevance: the k positions chosen greedily by
+    (1 - diversity) * relevance - diversity * (highest cosine to an item already chosen).
+
+    Relevance is the score min-max scaled to [0, 1], so the trade-off does not depend on
+    the ranker's score scale; `vectors` are unit rows. diversity = 0 is the order by score.
+    """
+    k = min(k, len(scores))
+    by_score = np.argsort(-scores, kind="stable")
+    if diversity <= 0 or k <= 1:
+        return by_score[:k]
+    finite = np.isfinite(scores)
+    low, high = (scores[finite].min(), scores[finite].max()) if finite.any() else (0.0, 1.0)
+    relevance = np.where(finite, (scores - low) / max(high - low, 1e-12), -1.0)
+    chosen = [int(by_score[0])]
+    closest = vectors @ vectors[chosen[0]]               # (C,) highest similarity to the chosen set
+    available = np.ones(len(scores), dtype=bool)
+    available[chosen[0]] = False
+    while len(chosen) < k:
+        gain = np.where(available, (1 - diversity) * relevance - diversity * closest, -np.inf)
+        best = int(np.argmax(gain))
+        chosen.append(best)
+        available[best] = False
+        closest = np.maximum(closest, vectors @ vectors[best])
+    return np.asarray(chosen)
 
 
 @dataclass(frozen=True)
@@ -174,16 +200,38 @@ class RankingModel:
                              device=self.device)  # (1, C, n_channels)
         user = torch.from_numpy(queries[SEQUENTIAL]).to(self.device)
         semantic = torch.from_numpy(queries[SEMANTIC]).to(self.device)
-        features = candidate_features(user, semantic, tables.item_vectors, tables.text_tensor,
-                                      tables.log_popularity, cand, flags)
-        scores, weights = self.ranker(tables.input_table[padded], padding, user,
-                                      tables.item_vectors[cand], features)
+        vectors = tables.item_vectors[cand]
+        features = candidate_features(user, semantic, vectors, tables.text_tensor[cand],
+                                      tables.log_popularity[cand], flags)
+        scores, weights = self.ranker(tables.input_table[padded], padding, user, vectors, features)
         # Attention positions -> positions in the caller's history (left padding offset).
         offset = padded.shape[1] - min(len(history), padded.shape[1])
         start = len(history) - (padded.shape[1] - offset)
         order = weights[0].argsort(dim=-1, descending=True).cpu().numpy()  # (C, T)
         because = [[int(p - offset + start) for p in row if p >= offset] for row in order]
         return RankedCandidates(scores[0].float().cpu().numpy(), because)
+
+    def rank_items(self, history_ids: list[str], candidates: list[tuple[str, set[str]]], k: int,
+                   diversity: float = 0.0, explain_top: int = 0) -> list[tuple[str, float, list[str]]]:
+        """The served Rank: (item id, score, because ids) best first, k of them.
+
+        Items are ordered by score, or by MMR when diversity > 0; candidates this version does
+        not know come last with score -inf rather than failing the call. Ids are looked up in
+        one snapshot of the item tables, so an upsert landing meanwhile cannot mix catalogues.
+        """
+        tables = self.tables
+        known_history = [i for i in history_ids if i in tables.item_index]
+        history = np.asarray([tables.item_index[i] for i in known_history], dtype=np.int64)
+        known = [(i, channels) for i, channels in candidates if i in tables.item_index]
+        rows = np.asarray([tables.item_index[i] for i, _ in known], dtype=np.int64)
+        ranked = self.rank(history, rows, [c for _, c in known], tables)
+        vectors = tables.item_vectors[torch.from_numpy(rows)].cpu().numpy()
+        out = [(known[n][0], float(ranked.scores[n]), [known_history[p] for p in ranked.because[n][:explain_top]])
+               for n in mmr_order(ranked.scores, vectors, k, diversity)]
+        if len(out) < k:
+            known_ids = {i for i, _ in known}
+            out += [(i, float("-inf"), []) for i, _ in candidates if i not in known_ids][: k - len(out)]
+        return out
 
     # ---- live catalogue changes ---------------------------------------------------------------
     def prepare_item_encoding(self, text_encoder: TextEncoder | None = None) -> tuple[ItemEncoder, TextEncoder]:

@@ -49,6 +49,11 @@ class ItemEncoder(nn.Module):
         vectors = self.fuse(id_part, self.text_vectors[items], self.tag_index[items])
         return vectors * (items != 0).unsqueeze(-1)
 
+    def content_only(self) -> torch.Tensor:
+        """(num_items, dim) vectors from text and tags alone, as a cold item is encoded."""
+        text, tags = self.text_vectors[1:], self.tag_index[1:]
+        return self.fuse(torch.zeros(len(text), self.config.dim, device=text.device), text, tags)
+
     def all_items(self) -> torch.Tensor:
         """(num_items, dim) vectors of the whole catalogue, unpadded order."""
         return self.forward(torch.arange(1, self.text_vectors.shape[0], device=self.text_vectors.device))

@@ -90,7 +90,8 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
     if config.baselines:
         model = ModelConfig.from_dict(bundle.manifest["model"])
         aux = TrainConfig(model=model, time_budget_s=config.seconds_per_model, patience=5, ranker_epochs=2,
-                          seed=config.seed, candidates_per_channel=tuple(budgets.items()))
+                          ranker_time_budget_s=config.seconds_per_model / 2, seed=config.seed,
+                          candidates_per_channel=tuple(budgets.items()))
         sasrec = SASRecTrainer(split, num_items, replace(aux, num_negatives=1), valid)
         seconds = sasrec.train()
         result["baselines"]["sasrec_bce"] = {"full": test.full(sasrec.scores),

@@ -15,8 +15,9 @@ from torch import nn
 from ranking.config import ModelConfig
 
 # Per-candidate side features, in this order: sequential score, semantic score,
-# log popularity, then one "proposed by" flag per recall channel.
-NUM_SCORE_FEATURES = 3
+# log popularity, known (has training interactions), then one "proposed by" flag per
+# recall channel.
+NUM_SCORE_FEATURES = 4
 
 
 class Ranker(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -51,29 +52,23 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
                    context: grpc.aio.ServicerContext) -> ranking_pb2.RankResponse:
         model = self.model
         await self._check_version(context, model, request.model_version)
-        tables = model.tables  # one catalogue snapshot for the whole call
-        known_history, history = self._history(tables, list(request.history_item_ids))
         if len(request.candidates) > self.config.max_candidates:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(request.candidates)} candidates; allowed 0..{self.config.max_candidates}")
+        if not (math.isfinite(request.diversity) and 0 <= request.diversity <= 1):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"diversity={request.diversity} out of range 0.0..1.0")
+        if request.k < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k={request.k} must be >= 0 (0 = all)")
         if not 0 <= request.explain_top <= MAX_EXPLAIN:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"explain_top={request.explain_top} out of range 0..{MAX_EXPLAIN}")
-        known = [c for c in request.candidates if c.item_id in tables.item_index]
-        candidates = np.asarray([tables.item_index[c.item_id] for c in known], dtype=np.int64)
-        channels = [{s.channel for s in c.channel_scores} for c in known]
+        candidates = [(c.item_id, {s.channel for s in c.channel_scores}) for c in request.candidates]
         loop = asyncio.get_running_loop()
-        ranked = await loop.run_in_executor(self.executor, model.rank, history, candidates, channels, tables)
-        scores = {c.item_id: (float(s), because) for c, s, because in
-                  zip(known, ranked.scores, ranked.because, strict=True)}
-        items = []
-        for candidate in request.candidates:
-            # Candidates this version does not know score lowest rather than failing the call.
-            score, because = scores.get(candidate.item_id, (float("-inf"), []))
-            items.append(ranking_pb2.ScoredItem(
-                item_id=candidate.item_id, score=score,
-                because_item_ids=[known_history[p] for p in because[: request.explain_top]],
-            ))
+        ranked = await loop.run_in_executor(
+            self.executor, model.rank_items, list(request.history_item_ids)[-self.config.max_history :], candidates,
+            request.k or len(candidates), request.diversity, request.explain_top)
+        items = [ranking_pb2.ScoredItem(item_id=i, score=s, because_item_ids=b) for i, s, b in ranked]
         return ranking_pb2.RankResponse(items=items, model_version=model.version)
 
     async def EmbedItems(self, request: ranking_pb2.EmbedItemsRequest,

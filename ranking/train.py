@@ -101,6 +101,9 @@ class Trainer:
         counts = np.bincount(np.concatenate(self.split.train), minlength=dataset.num_items)
         self.popularity = counts.astype(np.float32)
         self.model.items.id_known[1:] = torch.from_numpy((counts > 0).astype(np.float32))
+        # Negatives come only from items with training interactions: the others are never
+        # positives, and sampling them would teach the model that new items are bad ones.
+        self.known_items = torch.from_numpy(np.flatnonzero(counts > 0))
         self.log_q = torch.log(torch.from_numpy(counts + 1.0) / (counts.sum() + dataset.num_items)).float()
         self.log_popularity = torch.from_numpy(np.log1p(self.popularity))
         self.valid = Evaluation(self.split, dataset.num_items, validation=True, seed=config.seed)
@@ -111,13 +114,15 @@ class Trainer:
     def sampled_softmax_loss(self, users: torch.Tensor, targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """users (N, d), targets (N,) catalogue indexes, items (I, d) -> mean loss."""
         tau = self.config.model.temperature
-        num_items = items.shape[0]
-        if self.config.num_negatives >= num_items:  # the sample is the whole catalogue
-            return F.cross_entropy(users @ items.T / tau, targets)
+        known = self.known_items
+        if self.config.num_negatives >= len(known):  # the sample is every known item
+            logits = torch.full((len(users), items.shape[0]), -math.inf)
+            logits[:, known] = users @ items[known].T / tau
+            return F.cross_entropy(logits, targets)
         positive = (users * items[targets]).sum(-1, keepdim=True) / tau          # (N, 1)
-        uniform = torch.randint(num_items, (self.config.num_negatives,))
+        uniform = known[torch.randint(len(known), (self.config.num_negatives,))]
         uniform_logits = users @ items[uniform].T / tau                          # (N, S)
-        uniform_logits -= math.log(self.config.num_negatives / num_items)
+        uniform_logits -= math.log(self.config.num_negatives / len(known))
         uniform_logits = uniform_logits.masked_fill(uniform[None, :] == targets[:, None], -math.inf)
         # In-batch negatives: distinct targets of the batch, drawn in proportion to popularity,
         # hence the logQ correction; at most num_negatives of them keeps this (N, U) small.
@@ -173,6 +178,10 @@ class Trainer:
                 users = self.model.encoder(table[inputs], inputs == 0)              # (B, T, d)
                 valid = (targets != 0) & (inputs != 0)
                 loss = self.sampled_softmax_loss(users[valid], targets[valid] - 1, table[1:])
+                if cfg.content_loss_weight > 0 and cfg.use_text:
+                    content = self.model.items.content_only()
+                    loss = loss + cfg.content_loss_weight * self.sampled_softmax_loss(
+                        users[valid], targets[valid] - 1, content)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -208,8 +217,11 @@ class Trainer:
         best_state = {k: v.clone() for k, v in self.model.ranker.state_dict().items()}
         curve = []
         scorer = self.scorer()  # item tables are fixed from here on
+        with torch.no_grad():
+            scorer.cold_table = self.model.items.content_only()
+        phase_started = time.perf_counter()
         for epoch in range(cfg.ranker_epochs):
-            order = rng.permutation(len(examples))
+            order = rng.permutation(len(examples))[: cfg.ranker_examples_per_epoch]
             total = 0.0
             for start in range(0, len(order), cfg.batch_size):
                 chosen = [examples[i] for i in order[start : start + cfg.batch_size]]
@@ -224,7 +236,9 @@ class Trainer:
                 if not keep.any():
                     continue
                 self.model.ranker.train()
-                scores = scorer.rank(histories, users, semantic, candidates, flags).masked_fill(~mask, -math.inf)
+                as_cold = torch.rand(candidates.shape) < cfg.ranker_cold_share
+                scores = scorer.rank(histories, users, semantic, candidates, flags, as_cold)
+                scores = scores.masked_fill(~mask, -math.inf)
                 loss = F.cross_entropy(scores[keep], hit[keep].float().argmax(1))
                 optimiser.zero_grad()
                 loss.backward()
@@ -235,6 +249,8 @@ class Trainer:
             if point["ndcg@10"] > best:
                 best = point["ndcg@10"]
                 best_state = {k: v.clone() for k, v in self.model.ranker.state_dict().items()}
+            if time.perf_counter() - phase_started > cfg.ranker_time_budget_s:
+                break
         self.model.ranker.load_state_dict(best_state)
         return curve
 

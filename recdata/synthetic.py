@@ -8,7 +8,9 @@ vocabulary, so text carries signal about taste.
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -95,3 +97,18 @@ def generate(config: SyntheticConfig) -> Dataset:
         item_texts=texts,
         item_tags=tags,
     )
+
+
+def write_pairs(dataset: Dataset, folder: Path) -> tuple[Path, Path]:
+    """Write `interactions.txt` (`user item` per line, time order per user) and `items.csv`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs, items = folder / "interactions.txt", folder / "items.csv"
+    with pairs.open("w", encoding="utf-8") as f:
+        for user, seq in zip(dataset.user_ids, dataset.sequences, strict=True):
+            f.writelines(f"{user} {dataset.item_ids[i]}\n" for i in seq)
+    with items.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item", "text", "tags"])
+        for item_id, text, tags in zip(dataset.item_ids, dataset.item_texts, dataset.item_tags, strict=True):
+            writer.writerow([item_id, text, "|".join(tags)])
+    return pairs, items

@@ -87,3 +87,16 @@ def test_movielens_100k_from_the_recbole_wheel() -> None:
     toy_story = ds.item_ids.index("1")
     assert ds.item_texts[toy_story].startswith("Toy Story (1995)")
     assert "Animation" in ds.item_tags[toy_story]
+
+
+def test_synthetic_data_round_trips_through_the_pairs_format(tmp_path: Path) -> None:
+    from recdata.synthetic import write_pairs
+
+    data = generate(SyntheticConfig(num_users=30, num_items=40, num_topics=4, mean_length=8, seed=5))
+    pairs, items = write_pairs(data, tmp_path)
+    back = read_interactions(pairs, "pairs", items)
+    assert back.num_interactions == data.num_interactions
+    user = back.user_ids.index("u3")
+    assert [back.item_ids[i] for i in back.sequences[user]] == [data.item_ids[i] for i in data.sequences[3]]
+    assert back.item_texts[back.item_ids.index("i7")] == data.item_texts[7]
+    assert back.item_tags[back.item_ids.index("i7")] == data.item_tags[7]

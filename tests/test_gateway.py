@@ -52,10 +52,11 @@ class FakeRanking:
     async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
         return {"sequential": np.ones(4, np.float32)}, "v1"
 
-    async def rank(self, history, candidates, explain_top, timeout, model_version):
+    async def rank(self, history, candidates, k, diversity, explain_top, timeout, model_version):
         if self.fail_rank:
             raise StageFailed("ranker down")
-        return [(i, float(i.removeprefix("i")), history[-explain_top:] if explain_top else []) for i, _ in candidates]
+        scored = [(i, float(i.removeprefix("i")), history[-explain_top:] if explain_top else []) for i, _ in candidates]
+        return sorted(scored, key=lambda r: -r[1])[:k]
 
 
 def funnel(shards, ranking=None) -> Funnel:

@@ -32,17 +32,19 @@ async def test_encode_and_rank_over_grpc(tiny_bundle: Path) -> None:
         np.testing.assert_allclose(vectors[SEQUENTIAL], expected[SEQUENTIAL][0], atol=1e-5)
 
         candidates = [("i20", {"sequential": 0.5}), ("never-heard-of", {}), ("i30", {"popular": 2.0})]
-        ranked = await client.rank(history, candidates, 2, 5, "")
-        assert [item_id for item_id, _, _ in ranked] == ["i20", "never-heard-of", "i30"]
-        assert ranked[1][1] == float("-inf")  # unknown candidates sink, the call succeeds
-        for _, _, because in (ranked[0], ranked[2]):
+        ranked = await client.rank(history, candidates, 0, 0.0, 2, 5, "")
+        assert {item_id for item_id, _, _ in ranked[:2]} == {"i20", "i30"}
+        assert ranked[0][1] >= ranked[1][1]  # best first
+        assert ranked[2] == ("never-heard-of", float("-inf"), [])  # unknown candidates sink, the call succeeds
+        for _, _, because in ranked[:2]:
             assert len(because) == 2 and set(because) <= {"i1", "i5", "i9"}
+        assert len(await client.rank(history, candidates, 1, 0.0, 0, 5, "")) == 1
 
         vectors, _ = await client.encode(["nothing-known"], 5)
         assert vectors == {}  # no query vectors: recall falls back to popularity
 
         with pytest.raises(StageFailed, match=r"INVALID_ARGUMENT explain_top=11 out of range 0..10"):
-            await client.rank(history, candidates, 11, 5, "")
+            await client.rank(history, candidates, 0, 0.0, 11, 5, "")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.stub.Rank(ranking_pb2.RankRequest(
                 candidates=[ranking_pb2.RankCandidate(item_id="i1")] * 2001), timeout=5)
@@ -60,7 +62,7 @@ async def test_embedded_items_become_rankable(tiny_bundle: Path) -> None:
             [("fresh-1", "The quiet garden #999: a theme3 story", ["topic3"]), ("i4", "retitled", [])], 10)
         assert vectors[SEQUENTIAL].shape == (2, 32) and vectors[SEMANTIC].shape == (2, 384)
         np.testing.assert_allclose(np.linalg.norm(vectors[SEQUENTIAL], axis=1), 1.0, rtol=1e-5)
-        ranked = await client.rank(["i1", "fresh-1"], [("fresh-1", {"semantic": 0.9})], 1, 5, "")
+        ranked = await client.rank(["i1", "fresh-1"], [("fresh-1", {"semantic": 0.9})], 0, 0.0, 1, 5, "")
         assert np.isfinite(ranked[0][1])
         with pytest.raises(StageFailed, match="INVALID_ARGUMENT"):
             await client.embed_items([("dup", "a", []), ("dup", "b", [])], 5)
@@ -80,3 +82,33 @@ def test_new_items_are_encoded_like_cold_items_in_training(tiny_bundle: Path, te
     model.upsert_items(["copy-of-7"], ["changed text"], [()])
     assert len(model.tables.item_ids) == 201 and model.tables is not before  # replaced, not edited
     assert "copy-of-7" in before.item_index  # the old snapshot is untouched
+
+
+def test_mmr_trades_relevance_for_diversity() -> None:
+    from ranking.inference import mmr_order
+
+    # Items 0 and 1 are near-duplicates and the most relevant; item 2 is different.
+    vectors = np.array([[1.0, 0.0], [0.999, 0.0447], [0.0, 1.0], [0.7071, 0.7071]])
+    scores = np.array([1.0, 0.95, 0.5, 0.1])
+    assert mmr_order(scores, vectors, 3, 0.0).tolist() == [0, 1, 2]
+    assert mmr_order(scores, vectors, 3, 0.5).tolist()[:2] == [0, 2]
+    assert mmr_order(scores, vectors, 4, 1.0)[0] == 0  # the first pick is always the most relevant
+    assert sorted(mmr_order(scores, vectors, 4, 0.7).tolist()) == [0, 1, 2, 3]
+
+
+def test_diversity_raises_intra_list_diversity(tiny_bundle: Path) -> None:
+    model = RankingModel.load(tiny_bundle, device="cpu")
+    candidates = [(f"i{n}", {"sequential"}) for n in range(60)]
+    history = ["i1", "i2", "i3"]
+    vectors = model.tables.item_vectors.numpy()
+
+    def ild(items: list[str]) -> float:
+        rows = vectors[[model.tables.item_index[i] for i in items]]
+        sim = rows @ rows.T
+        return float((1 - sim).sum() / (len(items) * (len(items) - 1)))
+
+    lists = [[i for i, _, _ in model.rank_items(history, candidates, 10, d)] for d in (0.0, 0.3, 0.7)]
+    diversities = [ild(items) for items in lists]
+    assert diversities[0] < diversities[1] < diversities[2]
+    scores = [s for _, s, _ in model.rank_items(history, candidates, 10, 0.0)]
+    assert scores == sorted(scores, reverse=True)

@@ -48,16 +48,20 @@ class RankCandidate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., channel_scores: _Optional[_Iterable[_Union[ChannelScore, _Mapping]]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("history_item_ids", "candidates", "explain_top", "model_version")
+    __slots__ = ("history_item_ids", "candidates", "explain_top", "model_version", "k", "diversity")
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_TOP_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
     candidates: _containers.RepeatedCompositeFieldContainer[RankCandidate]
     explain_top: int
     model_version: str
-    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., candidates: _Optional[_Iterable[_Union[RankCandidate, _Mapping]]] = ..., explain_top: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    k: int
+    diversity: float
+    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., candidates: _Optional[_Iterable[_Union[RankCandidate, _Mapping]]] = ..., explain_top: _Optional[int] = ..., model_version: _Optional[str] = ..., k: _Optional[int] = ..., diversity: _Optional[float] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "because_item_ids")

@@ -68,7 +68,8 @@ def train_command(
     from ranking.train import train
 
     data = load_data(dataset, interactions, items, fmt)
-    config = TrainConfig(epochs=epochs, time_budget_s=seconds, ranker_time_budget_s=ranker_seconds, seed=seed)
+    config = TrainConfig(epochs=epochs, time_budget_s=seconds, ranker_time_budget_s=ranker_seconds, seed=seed,
+                         track_test=curve is not None)
 
     def report(stage: str, values: dict[str, float]) -> None:
         console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "

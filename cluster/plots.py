@@ -19,7 +19,8 @@ def plot_training_curve(curve: list[dict[str, float]], path: Path, title: str) -
         points = [p for p in curve if p["stage"] == stage]
         if points:
             seconds = [p["seconds"] for p in points]
-            axis.plot(seconds, [p["test_ndcg@10"] for p in points], marker=marker, label=f"{name}, test")
+            if all("test_ndcg@10" in p for p in points):
+                axis.plot(seconds, [p["test_ndcg@10"] for p in points], marker=marker, label=f"{name}, test")
             axis.plot(seconds, [p["ndcg@10"] for p in points], marker=marker, linestyle="--", alpha=0.6,
                       label=f"{name}, validation")
     axis.axhline(RECBOLE_SASREC_TEST_NDCG10, color="grey", linestyle=":",

@@ -60,6 +60,7 @@ class TrainConfig:
     threads: int = 2           # torch intra-op threads; the build machines have 2 cores
     time_budget_s: float = 600.0  # stop the query-encoder phase after this many seconds
     use_text: bool = True      # False: ID-only items (no LM text, no tags, no semantic channel)
+    track_test: bool = False   # also measure test NDCG@10 after every epoch (for the training curve)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

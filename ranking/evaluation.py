@@ -156,9 +156,18 @@ class Evaluation:
         self.histories = [split.valid_history(int(p)) if validation else split.test_history(int(p)) for p in chosen]
         targets = split.valid_targets if validation else split.test_targets
         self.targets = torch.from_numpy(targets[chosen].astype(np.int64))
-        rng = np.random.default_rng(seed)
-        self.negatives = [sample_unseen(rng, num_items, np.asarray(h, dtype=np.int64), int(t), negatives)
-                          for h, t in zip(self.histories, self.targets.tolist(), strict=True)]
+        self.seed, self.negative_count = seed, negatives
+        self._negatives: list[np.ndarray] | None = None
+
+    @property
+    def negatives(self) -> list[np.ndarray]:
+        """Per case, the seeded sample of unseen items the sampled protocol ranks against."""
+        if self._negatives is None:  # drawn on first use: full-ranking runs never need them
+            rng = np.random.default_rng(self.seed)
+            self._negatives = [
+                sample_unseen(rng, self.num_items, np.asarray(h, dtype=np.int64), int(t), self.negative_count)
+                for h, t in zip(self.histories, self.targets.tolist(), strict=True)]
+        return self._negatives
 
     def __len__(self) -> int:
         return len(self.histories)

@@ -105,14 +105,14 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
         result["ablation"] = {"no_text": {"full": test.full(no_text.scorer().funnel_scores)}}
         say(f"no-text funnel NDCG@10 {result['ablation']['no_text']['full']['ndcg@10']:.4f}")
 
-        result["cold_start"] = cold_start(dataset, aux, config, encoder)
+        result["cold_start"] = cold_start(dataset, aux, config, encoder, text_vectors)
         say(f"cold start HR@10 {result['cold_start']['hr@10']}")
     result["seconds"] = time.perf_counter() - started
     return result
 
 
-def cold_start(dataset: Dataset, aux: TrainConfig, config: EvaluateConfig, text_encoder: TextEncoder
-               ) -> dict[str, Any]:
+def cold_start(dataset: Dataset, aux: TrainConfig, config: EvaluateConfig, text_encoder: TextEncoder,
+               text_vectors: np.ndarray | None = None) -> dict[str, Any]:
     """HR@10 on test cases whose target lost all its training interactions, with and without
     text, against a random ranking's expectation (10 / the user's candidate count)."""
     rng = np.random.default_rng(config.seed)
@@ -124,7 +124,8 @@ def cold_start(dataset: Dataset, aux: TrainConfig, config: EvaluateConfig, text_
     evaluation = Evaluation(split, dataset.num_items, validation=False, positions=cases, seed=config.seed)
     hits = {}
     for name, use_text in (("text", True), ("no_text", False)):
-        trainer = Trainer(dataset, replace(aux, use_text=use_text), text_encoder, cold_items=cold)
+        trainer = Trainer(dataset, replace(aux, use_text=use_text), text_encoder, cold_items=cold,
+                          text_vectors=text_vectors)
         fit(trainer)
         ranks = evaluation.full_ranks(trainer.scorer().funnel_scores)
         hits[name] = float((ranks < 10).mean())

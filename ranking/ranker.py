@@ -29,12 +29,16 @@ class Ranker(nn.Module):
         self.value = nn.Linear(d, d, bias=False)
         self.recency = nn.Embedding(config.max_len, d)  # lets attention prefer recent items
         features = 4 * d + NUM_SCORE_FEATURES + num_channels
+        # Start as the two-tower score (the MLP's last layer at zero), so an untrained ranker
+        # keeps recall's order and training only adds what it learns on top of it.
+        last = nn.Linear(config.ranker_hidden, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         self.mlp = nn.Sequential(
             nn.Linear(features, config.ranker_hidden), nn.GELU(), nn.Dropout(config.dropout),
             nn.Linear(config.ranker_hidden, config.ranker_hidden), nn.GELU(),
-            nn.Linear(config.ranker_hidden, 1),
+            last,
         )
-        # Start from the two-tower score so training refines recall rather than relearning it.
         self.base = nn.Parameter(torch.tensor(1.0 / config.temperature))
 
     def forward(

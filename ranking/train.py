@@ -73,9 +73,11 @@ class Funnel(torch.nn.Module):
 
 class Trainer:
     def __init__(self, dataset: Dataset, config: TrainConfig, text_encoder: TextEncoder | None = None,
-                 progress: Progress | None = None, cold_items: np.ndarray | None = None):
+                 progress: Progress | None = None, cold_items: np.ndarray | None = None,
+                 text_vectors: np.ndarray | None = None):
         """`cold_items`: catalogue indexes whose training interactions are all removed (the
-        cold-start protocol); they stay in the catalogue and in evaluation."""
+        cold-start protocol); they stay in the catalogue and in evaluation. `text_vectors`:
+        the items' LM vectors when already computed (a bundle's), to skip encoding them."""
         self.dataset = dataset
         self.config = config
         self.progress = progress or (lambda stage, values: None)
@@ -89,7 +91,8 @@ class Trainer:
                                self.split.valid_targets, self.split.test_targets)
         if config.use_text:
             self.text_encoder: TextEncoder | None = text_encoder or TextEncoder()
-            self.text_vectors = self.text_encoder.encode(dataset.item_texts)
+            self.text_vectors = (self.text_encoder.encode(dataset.item_texts) if text_vectors is None
+                                 else text_vectors)
             tags, self.tag_vocabulary = tag_matrix(dataset.item_tags)
             self.budgets = dict(config.candidates_per_channel)
         else:
@@ -154,9 +157,9 @@ class Trainer:
 
     def _point(self, stage: str, epoch: int, loss: float, with_ranker: bool) -> dict[str, float]:
         valid = self.evaluate(True, with_ranker)
-        test = self.evaluate(False, with_ranker)
-        point = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - self.started, **valid,
-                 "test_ndcg@10": test["ndcg@10"]}
+        point = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - self.started, **valid}
+        if self.config.track_test:
+            point["test_ndcg@10"] = self.evaluate(False, with_ranker)["ndcg@10"]
         self.progress(stage, point)
         return {"stage": 0.0 if stage == "encoder" else 1.0, **point}
 

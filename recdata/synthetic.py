@@ -71,15 +71,23 @@ def generate(config: SyntheticConfig) -> Dataset:
         length = config.min_length + int(rng.geometric(1 / (config.mean_length - config.min_length + 1))) - 1
         topic = int(rng.choice(tastes))
         current = int(rng.choice(by_topic[topic], p=weights[topic]))
-        seq = [current]
-        while len(seq) < length:
+        seq, had = [current], {current}
+        # Nobody consumes an item twice (as in MovieLens); a draw that repeats is redrawn, and
+        # after a few misses the sequence ends early rather than loop.
+        misses = 0
+        while len(seq) < length and misses < 20:
             if sequel[current] >= 0 and rng.random() < config.next_in_series:
-                current = int(sequel[current])
+                candidate = int(sequel[current])
             else:
                 stay = rng.random() < config.stay_in_topic
                 topic = int(item_topic[current]) if stay else int(rng.choice(tastes))
-                current = int(rng.choice(by_topic[topic], p=weights[topic]))
+                candidate = int(rng.choice(by_topic[topic], p=weights[topic]))
+            if candidate in had:
+                misses += 1
+                continue
+            current, misses = candidate, 0
             seq.append(current)
+            had.add(current)
         sequences.append(np.asarray(seq, dtype=np.int64))
 
     texts: list[str] = []

@@ -1,80 +1,66 @@
 """What each Ray actor runs: one gRPC service in the actor's own event loop.
 
 The service itself is the plain one (`retrieval.server`, `ranking.server`,
-`gateway.server`); these hosts only give Ray something to place, restart and address.
-They are plain classes: `cluster.launch` turns them into actors with `ray.remote` and
-applies the resources declared in `cluster.config` with `.options()`.
+`gateway.server`); these hosts only give Ray something to place, restart and address,
+one class per service so the Ray dashboard names them. They are plain classes:
+`cluster.launch` turns them into actors with `ray.remote` and applies the resources
+declared in `cluster.config` with `.options()`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-
-from gateway.config import GatewayConfig
-from gateway.server import Gateway
-from protos.serving import ServerHandle
-from ranking.config import RankingConfig
-from retrieval.config import RecallConfig
+from typing import Any, Protocol
 
 
-def _configure_logging() -> None:
-    level = os.environ.get("RECFUNNEL_LOG_LEVEL", "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+class Running(Protocol):
+    """A started service: where it listens, and how to stop it gracefully."""
+
+    @property
+    def address(self) -> str: ...
+
+    async def stop(self, grace: float = 2.0) -> None: ...
 
 
-class RecallShardHost:
-    def __init__(self, config: RecallConfig):
-        _configure_logging()
+class ServiceHost:
+    def __init__(self, config: Any):
+        logging.basicConfig(level=os.environ.get("RECFUNNEL_LOG_LEVEL", "WARNING"),
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
         self.config = config
-        self.handle: ServerHandle | None = None
+        self.running: Running | None = None
+
+    async def _start(self) -> Running:
+        raise NotImplementedError
 
     async def start(self) -> str:
+        """Start the service once; returns its address."""
+        if self.running is None:
+            self.running = await self._start()
+        return self.running.address
+
+    async def stop(self) -> None:
+        if self.running is not None:
+            await self.running.stop()
+            self.running = None
+
+
+class RecallShardHost(ServiceHost):
+    async def _start(self) -> Running:
         from retrieval.server import start
 
-        if self.handle is None:
-            self.handle = await start(self.config)
-        return self.handle.address
-
-    async def stop(self) -> None:
-        if self.handle is not None:
-            await self.handle.stop()
-            self.handle = None
+        return await start(self.config)
 
 
-class RankingHost:
-    def __init__(self, config: RankingConfig):
-        _configure_logging()
-        self.config = config
-        self.handle: ServerHandle | None = None
-
-    async def start(self) -> str:
+class RankingHost(ServiceHost):
+    async def _start(self) -> Running:
         from ranking.server import start
 
-        if self.handle is None:
-            self.handle = await start(self.config)
-        return self.handle.address
-
-    async def stop(self) -> None:
-        if self.handle is not None:
-            await self.handle.stop()
-            self.handle = None
+        return await start(self.config)
 
 
-class GatewayHost:
-    def __init__(self, config: GatewayConfig):
-        _configure_logging()
-        self.config = config
-        self.gateway: Gateway | None = None
-
-    async def start(self) -> str:
+class GatewayHost(ServiceHost):
+    async def _start(self) -> Running:
         from gateway.server import start
 
-        if self.gateway is None:
-            self.gateway = await start(self.config)
-        return self.gateway.address
-
-    async def stop(self) -> None:
-        if self.gateway is not None:
-            await self.gateway.stop()
-            self.gateway = None
+        return await start(self.config)

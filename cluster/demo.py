@@ -26,7 +26,6 @@ from gateway.events import Event, EventLog
 from protos.recfunnel.v1 import recommender_pb2
 from ranking.config import TrainConfig
 from ranking.train import train
-from recdata.bundle import load_bundle
 from recdata.dataset import Dataset
 from recdata.movielens import cache_dir, load_ml100k
 
@@ -135,7 +134,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> None:
     t = time.perf_counter()
     bundle = options.bundle or train_bundle(dataset, workdir / "bundle", options.train_seconds, console)
     timings["train_s"] = time.perf_counter() - t
-    texts = dict(zip(dataset.item_ids, load_bundle(bundle).item_texts, strict=True))
+    texts = dict(zip(dataset.item_ids, dataset.item_texts, strict=True))
 
     db_path = workdir / "events.sqlite"
     for suffix in ("", "-wal", "-shm"):

@@ -158,13 +158,9 @@ class RankingModel:
         ranker.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(folder, "ranker").items()})
         return cls(bundle, encoder, ranker, target, folder)
 
-    @property
-    def item_index(self) -> dict[str, int]:
-        return self.tables.item_index
-
-    def indexes(self, item_ids: list[str]) -> np.ndarray:
+    def indexes(self, item_ids: list[str], tables: ItemTables | None = None) -> np.ndarray:
         """Catalogue indexes of the ids this version knows, in order; unknown ids are skipped."""
-        index = self.tables.item_index
+        index = (tables or self.tables).item_index
         return np.asarray([index[i] for i in item_ids if i in index], dtype=np.int64)
 
     @torch.inference_mode()

@@ -7,12 +7,11 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import numpy as np
 
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, tensor_pb2
 from protos.wire import to_tensor
 from ranking.config import RankingConfig
-from ranking.inference import ItemTables, RankingModel
+from ranking.inference import RankingModel
 
 MAX_EXPLAIN = 10
 
@@ -28,17 +27,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"model_version {version!r} not served; serving {model.version!r}")
 
-    def _history(self, tables: ItemTables, item_ids: list[str]) -> tuple[list[str], np.ndarray]:
-        """The known history items (older ones beyond max_history carry no weight) and their rows."""
-        known = [i for i in item_ids[-self.config.max_history :] if i in tables.item_index]
-        return known, np.asarray([tables.item_index[i] for i in known], dtype=np.int64)
-
     async def Encode(self, request: ranking_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> ranking_pb2.EncodeResponse:
         model = self.model
         await self._check_version(context, model, request.model_version)
         tables = model.tables
-        _, history = self._history(tables, list(request.history_item_ids))
+        # Items older than max_history carry no weight in the encoder anyway.
+        history = model.indexes(list(request.history_item_ids)[-self.config.max_history :], tables)
         if len(history) == 0:  # nothing this version knows: no query vectors, recall uses popularity
             return ranking_pb2.EncodeResponse(model_version=model.version)
         loop = asyncio.get_running_loop()

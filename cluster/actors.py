@@ -58,6 +58,10 @@ class RankingHost(ServiceHost):
 
         return await start(self.config)
 
+    async def stats(self) -> dict[str, dict[str, float]]:
+        """Micro-batching counters of the running service ({} when it is not running)."""
+        return self.running.stats() if self.running is not None else {}  # type: ignore[attr-defined]
+
 
 class GatewayHost(ServiceHost):
     async def _start(self) -> Running:

@@ -147,6 +147,37 @@ def bench_ablations(
     typer.echo(json.dumps({"dataset": data.name, "seconds_per_variant": seconds, "test": rows}, indent=2))
 
 
+@bench_app.command("serving")
+def bench_serving(
+    bundle: Annotated[Path | None, typer.Option(help="ML-100K bundle; default: the demo one")] = None,
+    rates: Annotated[str, typer.Option(help="offered loads in requests/s, rising, comma-separated")] =
+        "25,50,100,150,200,300,400",
+    seconds: Annotated[float, typer.Option(help="seconds of load per offered rate")] = 15.0,
+    low_rate: Annotated[float, typer.Option(help="the low load of the in-process vs cluster comparison")] = 10.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="callers of the batching comparison")] = 32,
+    diversity_users: Annotated[int, typer.Option(min=0, help="test users in the diversity sweep (0 = all)")] = 0,
+    shards: Annotated[int, typer.Option(min=1, max=16, help="recall shards")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
+) -> None:
+    """Latency and throughput of the served funnel: in-process vs the cluster, open-loop loads,
+    micro-batching on/off, and the diversity knob."""
+    from cluster.bench_serving import ServingBenchConfig, run_serving_bench
+    from cluster.demo import train_bundle
+    from recdata.movielens import cache_dir, load_ml100k
+
+    logging.basicConfig(level=logging.WARNING)
+    data = load_ml100k()
+    if bundle is None:
+        bundle = cache_dir() / "demo" / "bundle"
+        if not (bundle / "manifest.json").exists():
+            train_bundle(data, bundle, 150.0, console)
+    config = ServingBenchConfig(bundle=bundle, rates=tuple(float(r) for r in rates.split(",")),
+                                seconds_per_rate=seconds, low_rate=low_rate, concurrency=concurrency,
+                                diversity_users=diversity_users, num_shards=shards)
+    report = run_serving_bench(data, config, progress=(lambda _: None) if as_json else console.log)
+    typer.echo(json.dumps(report, indent=None if as_json else 2))
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="folder for interactions.txt (pairs) and items.csv")],

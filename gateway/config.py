@@ -19,6 +19,10 @@ class Limits:
     max_items: int = 1000           # per UpsertItems / DeleteItems call
     max_text_bytes: int = 16_384
     max_tags: int = 32
+    # Whole request; a full UpsertItems (max_items texts of max_text_bytes) fits. Larger
+    # messages, up to the transport's cap, are refused by this check with INVALID_ARGUMENT;
+    # beyond the cap gRPC itself answers RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 20 * 1024 * 1024
 
 
 @dataclass(frozen=True)

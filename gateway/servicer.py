@@ -15,7 +15,14 @@ from gateway.catalogue import Catalogue, NewItem
 from gateway.config import GatewayConfig
 from gateway.events import Event, EventLog
 from gateway.funnel import Funnel, RecommendQuery, StageFailed
-from gateway.validation import InvalidRequest, check_event, check_id_list, check_item, check_recommend
+from gateway.validation import (
+    InvalidRequest,
+    check_event,
+    check_id_list,
+    check_item,
+    check_recommend,
+    check_size,
+)
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         request_id = uuid.uuid4().hex
         started = time.monotonic()
         try:
+            check_size("Recommend", request.ByteSize(), self.config.limits)
             check_recommend(request.user_id, request.k, request.exclude_item_ids,
                             request.context_item_ids, request.diversity, self.config.limits)
         except InvalidRequest as error:
@@ -87,6 +95,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                        context: grpc.aio.ServicerContext) -> recommender_pb2.FeedbackResponse:
         limits = self.config.limits
         try:
+            check_size("Feedback", request.ByteSize(), limits)
             if not 1 <= len(request.events) <= limits.max_events:
                 raise InvalidRequest(f"events has {len(request.events)} entries; allowed 1..{limits.max_events}")
             for n, e in enumerate(request.events):
@@ -102,6 +111,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                           context: grpc.aio.ServicerContext) -> recommender_pb2.UpsertItemsResponse:
         limits = self.config.limits
         try:
+            check_size("UpsertItems", request.ByteSize(), limits)
             if not 1 <= len(request.items) <= limits.max_items:
                 raise InvalidRequest(f"items has {len(request.items)} entries; allowed 1..{limits.max_items}")
             check_id_list("items[].item_id", [i.item_id for i in request.items], limits, limits.max_items)
@@ -122,6 +132,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                           context: grpc.aio.ServicerContext) -> recommender_pb2.DeleteItemsResponse:
         limits = self.config.limits
         try:
+            check_size("DeleteItems", request.ByteSize(), limits)
             if not 1 <= len(request.item_ids) <= limits.max_items:
                 raise InvalidRequest(f"item_ids has {len(request.item_ids)} entries; allowed 1..{limits.max_items}")
             check_id_list("item_ids", request.item_ids, limits, limits.max_items)

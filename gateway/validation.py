@@ -12,6 +12,11 @@ class InvalidRequest(ValueError):
     """Bad client input; the message is returned as INVALID_ARGUMENT."""
 
 
+def check_size(method: str, size: int, limits: Limits) -> None:
+    if size > limits.max_message_bytes:
+        raise InvalidRequest(f"{method} request is {size} bytes; allowed up to {limits.max_message_bytes}")
+
+
 def check_id(name: str, value: str, limits: Limits) -> None:
     if not value:
         raise InvalidRequest(f"{name} is empty; it must be 1..{limits.max_id_bytes} bytes of UTF-8")

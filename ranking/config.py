@@ -77,9 +77,16 @@ class RankingConfig:
     threads: int = 1           # torch threads for inference
     max_history: int = 200     # history items read per request (the encoder keeps max_len)
     max_candidates: int = 2000
+    max_batch_size: int = 32   # Encode / Rank requests scored in one model call; 1 = no batching
+    max_batch_wait_ms: float = 2.0  # how long the first request of a batch waits for company
+    device: str | None = None  # "cuda" / "cpu"; None = CUDA when present
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be in 0..65535")
         if self.threads < 1:
             raise ValueError(f"threads={self.threads} must be >= 1")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be in 1..1024")
+        if not 0 <= self.max_batch_wait_ms <= 100:
+            raise ValueError(f"max_batch_wait_ms={self.max_batch_wait_ms} must be in 0..100")

@@ -70,7 +70,7 @@ class FunnelScorer:
     def queries(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) user vectors and (B, D_text) semantic query vectors."""
         padded, padding = pad_left(histories, self.max_len)
-        users = self.encoder(self.item_table[padded], padding)[:, -1]
+        users = self.encoder(self.item_table[padded], padding, last_only=True)[:, -1]
         return users, torch.from_numpy(semantic_queries(self.text_vectors, histories))
 
     def recall(self, users: torch.Tensor, semantic: torch.Tensor, seen: torch.Tensor

@@ -7,6 +7,7 @@ evaluation all call it. Training builds its features with the same helpers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +26,18 @@ SEMANTIC_RECENCY_DECAY = 0.9  # weight of the k-th most recent item's text is de
 
 
 def pad_left(histories: list[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded (B, T) item rows (catalogue index + 1, 0 = padding) keeping each history's
-    most recent `max_len` items, and the (B, T) padding mask."""
-    T = max(1, min(max_len, max((len(h) for h in histories), default=1)))
-    rows = np.zeros((len(histories), T), dtype=np.int64)
+    """Padded (B, max_len) item rows (catalogue index + 1, 0 = padding) keeping each history's
+    most recent `max_len` items, and the (B, max_len) padding mask.
+
+    Always `max_len` wide: the encoders learned positions on windows of that width, with the
+    latest item last, so a short history must sit at the same positions when served alone
+    as in a batch or in training.
+    """
+    rows = np.zeros((len(histories), max_len), dtype=np.int64)
     for b, history in enumerate(histories):
-        recent = np.asarray(history[-T:], dtype=np.int64)
+        recent = np.asarray(history[-max_len:], dtype=np.int64)
         if len(recent):
-            rows[b, T - len(recent):] = recent + 1
+            rows[b, max_len - len(recent):] = recent + 1
     padded = torch.from_numpy(rows)
     return padded, padded == 0
 
@@ -93,9 +98,32 @@ def mmr_order(scores: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
 
 
 @dataclass(frozen=True)
+class RankCall:
+    """One served Rank request, as `RankingModel.rank_many` takes them."""
+
+    history_ids: list[str]
+    candidates: list[tuple[str, set[str]]]   # item id, channels that proposed it
+    k: int
+    diversity: float = 0.0
+    explain_top: int = 0
+
+
+@dataclass(frozen=True)
 class RankedCandidates:
     scores: np.ndarray          # (C,) higher is better
-    because: list[list[int]]    # per candidate, history positions that drove the score
+    attention: np.ndarray       # (C, T) each candidate's attention over the padded history window
+    history_length: int
+
+    def because(self, candidate: int, top: int) -> list[int]:
+        """Positions in the caller's history of the `top` items that drove a candidate's score,
+        most weight first. Computed on demand: only the items returned are ever explained."""
+        T = self.attention.shape[1]
+        shown = min(self.history_length, T)  # the window keeps the most recent T items
+        if top <= 0 or shown == 0:
+            return []
+        recent = self.attention[candidate, T - shown :]
+        best = np.argsort(-recent, kind="stable")[:top]
+        return [int(self.history_length - shown + p) for p in best]
 
 
 @dataclass(frozen=True)
@@ -169,7 +197,7 @@ class RankingModel:
         tables = tables or self.tables
         padded, padding = pad_left(histories, self.config.max_len)
         padded, padding = padded.to(self.device), padding.to(self.device)
-        users = self.query_encoder(tables.input_table[padded], padding)[:, -1]  # (B, d)
+        users = self.query_encoder(tables.input_table[padded], padding, last_only=True)[:, -1]  # (B, d)
         empty = torch.tensor([len(h) == 0 for h in histories], device=self.device)
         users = users.masked_fill(empty.unsqueeze(-1), 0.0)
         return {
@@ -185,48 +213,88 @@ class RankingModel:
         Pass the `tables` the indexes were looked up in when the call must not see an upsert
         that lands meanwhile.
         """
+        return self.rank_batch([history], [candidates], [channels], tables)[0]
+
+    @torch.inference_mode()
+    def rank_batch(self, histories: list[np.ndarray], candidates: list[np.ndarray],
+                   channels: list[list[set[str]]], tables: ItemTables | None = None) -> list[RankedCandidates]:
+        """`rank` for several users in one model call; each user's scores equal its own call's.
+
+        Candidate lists are padded to the longest; every candidate is scored on its own (it
+        attends over its user's history only), so padding changes no real score.
+        """
         tables = tables or self.tables
-        if len(candidates) == 0:
-            return RankedCandidates(np.zeros(0, np.float32), [])
-        queries = self.encode([history], tables)
-        padded, padding = pad_left([history], self.config.max_len)
+        B, width = len(histories), max((len(c) for c in candidates), default=0)
+        if width == 0:
+            return [RankedCandidates(np.zeros(0, np.float32), np.zeros((0, 0), np.float32), len(h))
+                    for h in histories]
+        queries = self.encode(histories, tables)
+        padded, padding = pad_left(histories, self.config.max_len)
         padded, padding = padded.to(self.device), padding.to(self.device)
-        cand = torch.from_numpy(candidates).to(self.device).unsqueeze(0)  # (1, C)
-        flags = torch.tensor([[[float(c in chans) for c in CHANNELS] for chans in channels]],
-                             device=self.device)  # (1, C, n_channels)
+        rows = np.zeros((B, width), dtype=np.int64)
+        flags = np.zeros((B, width, len(CHANNELS)), dtype=np.float32)
+        for b, (rows_b, channels_b) in enumerate(zip(candidates, channels, strict=True)):
+            rows[b, : len(rows_b)] = rows_b
+            for c, proposed in enumerate(channels_b):
+                flags[b, c] = [channel in proposed for channel in CHANNELS]
+        cand = torch.from_numpy(rows).to(self.device)                          # (B, C)
         user = torch.from_numpy(queries[SEQUENTIAL]).to(self.device)
         semantic = torch.from_numpy(queries[SEMANTIC]).to(self.device)
         vectors = tables.item_vectors[cand]
         features = candidate_features(user, semantic, vectors, tables.text_tensor[cand],
-                                      tables.log_popularity[cand], flags)
+                                      tables.log_popularity[cand], torch.from_numpy(flags).to(self.device))
         scores, weights = self.ranker(tables.input_table[padded], padding, user, vectors, features)
-        # Attention positions -> positions in the caller's history (left padding offset).
-        offset = padded.shape[1] - min(len(history), padded.shape[1])
-        start = len(history) - (padded.shape[1] - offset)
-        order = weights[0].argsort(dim=-1, descending=True).cpu().numpy()  # (C, T)
-        because = [[int(p - offset + start) for p in row if p >= offset] for row in order]
-        return RankedCandidates(scores[0].float().cpu().numpy(), because)
+        scores = scores.float().cpu().numpy()
+        attention = weights.float().cpu().numpy()                              # (B, C, T)
+        return [RankedCandidates(scores[b, : len(candidates[b])], attention[b, : len(candidates[b])], len(history))
+                for b, history in enumerate(histories)]
 
     def rank_items(self, history_ids: list[str], candidates: list[tuple[str, set[str]]], k: int,
                    diversity: float = 0.0, explain_top: int = 0) -> list[tuple[str, float, list[str]]]:
-        """The served Rank: (item id, score, because ids) best first, k of them.
+        """The served Rank: (item id, score, because ids) best first, k of them."""
+        return self.rank_many([RankCall(history_ids, candidates, k, diversity, explain_top)])[0]
+
+    def rank_many(self, calls: Sequence[RankCall]) -> list[list[tuple[str, float, list[str]]]]:
+        """Several served Rank calls scored in one model call.
 
         Items are ordered by score, or by MMR when diversity > 0; candidates this version does
         not know come last with score -inf rather than failing the call. Ids are looked up in
         one snapshot of the item tables, so an upsert landing meanwhile cannot mix catalogues.
         """
         tables = self.tables
-        known_history = [i for i in history_ids if i in tables.item_index]
-        history = np.asarray([tables.item_index[i] for i in known_history], dtype=np.int64)
-        known = [(i, channels) for i, channels in candidates if i in tables.item_index]
-        rows = np.asarray([tables.item_index[i] for i, _ in known], dtype=np.int64)
-        ranked = self.rank(history, rows, [c for _, c in known], tables)
-        vectors = tables.item_vectors[torch.from_numpy(rows)].cpu().numpy()
-        out = [(known[n][0], float(ranked.scores[n]), [known_history[p] for p in ranked.because[n][:explain_top]])
-               for n in mmr_order(ranked.scores, vectors, k, diversity)]
-        if len(out) < k:
-            known_ids = {i for i, _ in known}
-            out += [(i, float("-inf"), []) for i, _ in candidates if i not in known_ids][: k - len(out)]
+        histories, known_histories, knowns, rows = [], [], [], []
+        for call in calls:
+            known_history = [i for i in call.history_ids if i in tables.item_index]
+            known_histories.append(known_history)
+            histories.append(np.asarray([tables.item_index[i] for i in known_history], dtype=np.int64))
+            known = [(i, channels) for i, channels in call.candidates if i in tables.item_index]
+            knowns.append(known)
+            rows.append(np.asarray([tables.item_index[i] for i, _ in known], dtype=np.int64))
+        ranked = self.rank_batch(histories, rows, [[c for _, c in known] for known in knowns], tables)
+        answers = []
+        for call, known_history, known, rows_b, ranked_b in zip(calls, known_histories, knowns, rows, ranked,
+                                                                strict=True):
+            vectors = tables.item_vectors[torch.from_numpy(rows_b)].cpu().numpy()
+            out = [(known[n][0], float(ranked_b.scores[n]),
+                    [known_history[p] for p in ranked_b.because(n, call.explain_top)])
+                   for n in mmr_order(ranked_b.scores, vectors, call.k, call.diversity)]
+            if len(out) < call.k:
+                known_ids = {i for i, _ in known}
+                out += [(i, float("-inf"), []) for i, _ in call.candidates if i not in known_ids][: call.k - len(out)]
+            answers.append(out)
+        return answers
+
+    def encode_many(self, histories: Sequence[list[str]]) -> list[dict[str, np.ndarray]]:
+        """The served Encode for several users in one model call: per user, a vector per
+        channel, or {} when the user has no item this version knows."""
+        tables = self.tables
+        rows = [self.indexes(h, tables) for h in histories]
+        active = [n for n, r in enumerate(rows) if len(r)]
+        out: list[dict[str, np.ndarray]] = [{} for _ in histories]
+        if active:
+            vectors = self.encode([rows[n] for n in active], tables)
+            for b, n in enumerate(active):
+                out[n] = {channel: v[b] for channel, v in vectors.items()}
         return out
 
     # ---- live catalogue changes ---------------------------------------------------------------

@@ -22,7 +22,8 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(config.dim, config.dim)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, T, C) outputs, or (B, 1, C) for the last position alone when `last_only`."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, c)
@@ -31,9 +32,11 @@ class CausalSelfAttention(nn.Module):
         # fully padded rows still have one finite entry.
         allowed = causal & ~key_padding[:, None, None, :]
         allowed = allowed | torch.eye(T, dtype=torch.bool, device=x.device)
+        if last_only:  # the last position sees every key: one query row instead of T
+            q, allowed = q[:, :, -1:], allowed[:, :, -1:]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(B, T, C))
+        return self.out(y.transpose(1, 2).reshape(B, q.shape[2], C))
 
 
 class Block(nn.Module):
@@ -45,8 +48,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.dim, 4 * config.dim), nn.GELU(),
                                  nn.Linear(4 * config.dim, config.dim), nn.Dropout(config.dropout))
 
-    def forward(self, x: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x), key_padding)
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        attended = self.attention(self.norm1(x), key_padding, last_only)
+        x = (x[:, -1:] if last_only else x) + attended
         return x + self.mlp(self.norm2(x))
 
 
@@ -59,17 +63,19 @@ class QueryEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.dim)
 
-    def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor, normalize: bool = True,
+                last_only: bool = False) -> torch.Tensor:
         """item_vectors: (B, T, dim) left-padded history, padding: (B, T) True where padded.
 
         Returns (B, T, dim) user vectors, one per position; unit length unless `normalize`
-        is off (dot-product models such as the SASRec baseline).
+        is off (dot-product models such as the SASRec baseline). With `last_only`, (B, 1, dim):
+        serving needs the latest position alone, and the last block then computes only it.
         """
         B, T, _ = item_vectors.shape
         positions = torch.arange(T, device=item_vectors.device)
         x = item_vectors * self.config.dim**0.5 + self.position(positions)  # (B, T, dim)
         x = self.dropout(x) * ~padding.unsqueeze(-1)
-        for block in self.blocks:
-            x = block(x, padding)
+        for n, block in enumerate(self.blocks):
+            x = block(x, padding, last_only and n == len(self.blocks) - 1)
         x = self.norm(x)
         return F.normalize(x, dim=-1) if normalize else x

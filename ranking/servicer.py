@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, tensor_pb2
 from protos.wire import to_tensor
+from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
-from ranking.inference import RankingModel
+from ranking.inference import RankCall, RankingModel
 
 MAX_EXPLAIN = 10
 
@@ -21,6 +24,26 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         self.model = model
         self.config = config
         self.executor = executor
+        # Encode and Rank calls that arrive together share one model call each, run on the
+        # serving thread (see ranking.batching); only EmbedItems, long and rare, uses `executor`.
+        wait = config.max_batch_wait_ms / 1000
+        self.encode_batcher: MicroBatcher[list[str], dict[str, np.ndarray]] = MicroBatcher(
+            self._encode_batch, None, config.max_batch_size, wait, "encode")
+        self.rank_batcher: MicroBatcher[RankCall, list[tuple[str, float, list[str]]]] = MicroBatcher(
+            self._rank_batch, None, config.max_batch_size, wait, "rank")
+
+    def _encode_batch(self, histories: Sequence[list[str]]) -> list[dict[str, np.ndarray]]:
+        return self.model.encode_many(histories)  # the model served now, also after a swap
+
+    def _rank_batch(self, calls: Sequence[RankCall]) -> list[list[tuple[str, float, list[str]]]]:
+        return self.model.rank_many(calls)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {"encode": self.encode_batcher.stats.to_dict(), "rank": self.rank_batcher.stats.to_dict()}
+
+    async def close(self) -> None:
+        await self.encode_batcher.close()
+        await self.rank_batcher.close()
 
     async def _check_version(self, context: grpc.aio.ServicerContext, model: RankingModel, version: str) -> None:
         if version and version != model.version:
@@ -31,15 +54,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
                      context: grpc.aio.ServicerContext) -> ranking_pb2.EncodeResponse:
         model = self.model
         await self._check_version(context, model, request.model_version)
-        tables = model.tables
         # Items older than max_history carry no weight in the encoder anyway.
-        history = model.indexes(list(request.history_item_ids)[-self.config.max_history :], tables)
-        if len(history) == 0:  # nothing this version knows: no query vectors, recall uses popularity
-            return ranking_pb2.EncodeResponse(model_version=model.version)
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self.executor, model.encode, [history], tables)
+        vectors = await self.encode_batcher.submit(list(request.history_item_ids)[-self.config.max_history :])
+        # No vectors when nothing in the history is known to this version: recall uses popularity.
         return ranking_pb2.EncodeResponse(
-            vectors=[ranking_pb2.ChannelVector(channel=c, vector=to_tensor(v[0])) for c, v in vectors.items()],
+            vectors=[ranking_pb2.ChannelVector(channel=c, vector=to_tensor(v)) for c, v in vectors.items()],
             model_version=model.version,
         )
 
@@ -59,10 +78,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"explain_top={request.explain_top} out of range 0..{MAX_EXPLAIN}")
         candidates = [(c.item_id, {s.channel for s in c.channel_scores}) for c in request.candidates]
-        loop = asyncio.get_running_loop()
-        ranked = await loop.run_in_executor(
-            self.executor, model.rank_items, list(request.history_item_ids)[-self.config.max_history :], candidates,
-            request.k or len(candidates), request.diversity, request.explain_top)
+        ranked = await self.rank_batcher.submit(RankCall(
+            list(request.history_item_ids)[-self.config.max_history :], candidates,
+            request.k or len(candidates), request.diversity, request.explain_top))
         items = [ranking_pb2.ScoredItem(item_id=i, score=s, because_item_ids=b) for i, s, b in ranked]
         return ranking_pb2.RankResponse(items=items, model_version=model.version)
 

@@ -22,6 +22,9 @@ class RecallConfig:
     exact_below: int = 200_000    # "auto" searches exactly up to this many items per shard
     use_gpu: bool = True          # move indexes to a GPU when FAISS sees one
     search_threads: int = 2       # executor threads for FAISS calls, off the event loop
+    # Shards up to this many items search on the serving thread: such a search takes well
+    # under a millisecond, less than handing it to an executor thread and back.
+    inline_search_max_items: int = 20_000
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:

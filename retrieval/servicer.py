@@ -40,9 +40,11 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                 shard.validate(query)
         except (BadTensor, InvalidQuery) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(
-            self.executor, shard.search, queries, list(request.exclude_item_ids))
+        exclude = list(request.exclude_item_ids)
+        if shard.size <= shard.config.inline_search_max_items:
+            results = shard.search(queries, exclude)
+        else:  # FAISS releases the GIL: big searches run beside the event loop
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, shard.search, queries, exclude)
         return recall_pb2.SearchResponse(
             results=[
                 recall_pb2.ChannelResult(

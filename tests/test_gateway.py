@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -271,3 +272,61 @@ async def test_upserted_items_are_recommendable_at_once_and_deleted_ones_never(g
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.DeleteItems(recommender_pb2.DeleteItemsRequest(item_ids=[]), timeout=5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+BAD_REQUESTS = [
+    ("Recommend", recommender_pb2.RecommendRequest(user_id="u", k=1001), r"k=1001 out of range; allowed 1\.\.1000"),
+    ("Recommend", recommender_pb2.RecommendRequest(user_id="u", k=5, diversity=-0.1), r"allowed 0\.0\.\.1\.0"),
+    ("Recommend", recommender_pb2.RecommendRequest(user_id="u", k=5, exclude_item_ids=["x"] * 1001),
+     r"exclude_item_ids has 1001 entries; allowed 0\.\.1000"),
+    ("Recommend", recommender_pb2.RecommendRequest(user_id="u" * 300, k=5), r"user_id is 300 bytes; allowed 1\.\.256"),
+    ("Feedback", recommender_pb2.FeedbackRequest(), r"events has 0 entries; allowed 1\.\.1000"),
+    ("Feedback", recommender_pb2.FeedbackRequest(events=[recommender_pb2.Event(user_id="u", item_id="i",
+                                                                                 value=float("inf"))]),
+     r"events\[0\]\.value=inf must be a finite number"),
+    ("UpsertItems", recommender_pb2.UpsertItemsRequest(items=[recommender_pb2.Item(item_id="n", text="t")] * 2),
+     "duplicate item_id"),
+    ("UpsertItems", recommender_pb2.UpsertItemsRequest(items=[recommender_pb2.Item(item_id="n", tags=["t"] * 33)]),
+     r"items\[0\]\.tags has 33 entries; allowed 0\.\.32"),
+    ("DeleteItems", recommender_pb2.DeleteItemsRequest(item_ids=[""]), r"item_ids\[0\] is empty"),
+]
+
+
+@pytest.mark.parametrize(("method", "request_message", "message"), BAD_REQUESTS,
+                         ids=[f"{m}-{n}" for n, (m, _, _) in enumerate(BAD_REQUESTS)])
+async def test_bad_input_is_invalid_argument_and_changes_nothing(gateway, method, request_message, message) -> None:
+    gw, _, _ = gateway
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await getattr(stub, method)(request_message, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() is not None
+        assert re.search(message, caught.value.details() or ""), caught.value.details()
+        assert gw.events.count() == 0
+        # Nothing was upserted or deleted either: the catalogue answers as before.
+        reply = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=3), timeout=5)
+        assert len(reply.items) == 3 and "n" not in [i.item_id for i in reply.items]
+
+
+async def test_oversized_messages_are_refused_by_size(gateway, tmp_path: Path) -> None:
+    _, shards, ranking = gateway
+    small = await gateway_server.start(GatewayConfig(
+        recall_addresses=tuple(s.address for s in shards), ranking_address=ranking.address,
+        db_path=tmp_path / "small.sqlite", port=0, limits=Limits(max_message_bytes=4096)))
+    try:
+        async with grpc.aio.insecure_channel(small.address) as channel:
+            stub = recommender_pb2_grpc.RecommenderStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.UpsertItems(recommender_pb2.UpsertItemsRequest(
+                    items=[recommender_pb2.Item(item_id="big", text="x" * 5000)]), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "UpsertItems request is 5" in (caught.value.details() or "")
+            assert "allowed up to 4096" in (caught.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Feedback(recommender_pb2.FeedbackRequest(events=[
+                    recommender_pb2.Event(user_id="u", item_id=f"item-{n}") for n in range(400)]), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert small.events.count() == 0
+    finally:
+        await small.stop(0)

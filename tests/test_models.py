@@ -59,6 +59,17 @@ def test_query_encoder_is_causal() -> None:
     torch.testing.assert_close(encoder(x2, padding)[0, :4], y[0, :4])
 
 
+def test_last_position_alone_equals_the_full_forward() -> None:
+    torch.manual_seed(0)
+    encoder = QueryEncoder(CONFIG).eval()
+    x = torch.randn(3, 6, 16)
+    padding = torch.tensor([[True, True, False, False, False, False], [False] * 6, [True] * 5 + [False]])
+    full = encoder(x, padding)[:, -1]
+    last = encoder(x, padding, last_only=True)
+    assert last.shape == (3, 1, 16)
+    torch.testing.assert_close(last[:, 0], full)
+
+
 def test_query_encoder_ignores_left_padding_content() -> None:
     torch.manual_seed(0)
     encoder = QueryEncoder(CONFIG).eval()

@@ -1,0 +1,376 @@
+"""`recfunnel bench serving`: what every hop of the served funnel costs, under open-loop load.
+
+One run measures, on one machine and one bundle:
+  * the same request mix through the in-process pipeline (gateway funnel code over
+    in-process shards and models: no gRPC, no Ray) and through the cluster over gRPC
+    (S recall shards, one ranker and the gateway as Ray actors) at a low load;
+  * the cluster at rising offered loads until p99 passes the latency bound;
+  * the ranking service's throughput at fixed concurrency with and without micro-batching;
+  * intra-list diversity and NDCG@10 against the `diversity` knob on the test split.
+
+Arrivals are open-loop (Poisson, scheduled in advance, latency counted from the scheduled
+send time), so queueing in the system shows up in the percentiles instead of slowing the
+load generator down, as a closed loop would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from gateway.events import EventLog
+from gateway.funnel import Funnel, RecommendQuery
+from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from protos.serving import CHANNEL_OPTIONS
+from ranking.config import RankingConfig
+from ranking.inference import RankingModel
+from recdata.dataset import Dataset
+from recdata.split import leave_last_two
+
+LATENCY_BOUND_MS = 50.0
+DEADLINE_S = 1.0   # the gateway's default budget, given to both paths
+
+
+@dataclass(frozen=True)
+class ServingBenchConfig:
+    bundle: Path
+    rates: tuple[float, ...] = (25, 50, 100, 150, 200, 300, 400)  # offered loads (requests/s), rising
+    low_rate: float = 10.0          # "low load" of the in-process vs cluster comparison
+    seconds_per_rate: float = 15.0
+    batching_seconds: float = 10.0  # per side of the batching comparison
+    concurrency: int = 32
+    diversities: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    diversity_users: int = 0        # test users for the diversity sweep; 0 = all
+    num_shards: int = 2
+    k: int = 10
+    seed: int = 0
+
+
+# ---- the request mix ------------------------------------------------------------------------
+
+def request_mix(dataset: Dataset, count: int, k: int, seed: int) -> list[recommender_pb2.RecommendRequest]:
+    """Known users (plain, with exclusions, with context) and unknown users (plain, with context)."""
+    rng = np.random.default_rng(seed)
+    kinds = ["known", "known+exclude", "known+context", "unknown", "unknown+context"]
+    weights = [0.35, 0.15, 0.2, 0.15, 0.15]
+    requests = []
+    for n in range(count):
+        kind = kinds[rng.choice(len(kinds), p=weights)]
+        if kind.startswith("known"):
+            user_id = dataset.user_ids[rng.integers(dataset.num_users)]
+        else:
+            user_id = f"visitor-{seed}-{n}"
+        items = [dataset.item_ids[i] for i in rng.choice(dataset.num_items, 5, replace=False)]
+        requests.append(recommender_pb2.RecommendRequest(
+            user_id=user_id, k=k,
+            exclude_item_ids=items[:3] if kind.endswith("exclude") else [],
+            context_item_ids=items[3:] if kind.endswith("context") else []))
+    return requests
+
+
+def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> RecommendQuery:
+    """What the gateway's servicer builds from a request and the logged history."""
+    return RecommendQuery(user_id=request.user_id, k=request.k, history=history + list(request.context_item_ids),
+                          exclude_item_ids=list(request.exclude_item_ids), explain=request.explain,
+                          diversity=request.diversity)
+
+
+# ---- open-loop load -------------------------------------------------------------------------
+
+@dataclass
+class LoadResult:
+    offered_rps: float
+    latencies_ms: list[float] = field(default_factory=list)  # successful requests
+    errors: Counter[str] = field(default_factory=Counter)
+    degraded: int = 0
+    wall_s: float = 0.0
+    ranker_batch: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([math.nan])
+        done = len(self.latencies_ms)
+        return {
+            "offered_rps": self.offered_rps,
+            "achieved_rps": round(done / self.wall_s, 2) if self.wall_s else 0.0,
+            "requests": done + sum(self.errors.values()),
+            "p50_ms": round(float(np.percentile(lat, 50)), 3),
+            "p90_ms": round(float(np.percentile(lat, 90)), 3),
+            "p99_ms": round(float(np.percentile(lat, 99)), 3),
+            "p99.9_ms": round(float(np.percentile(lat, 99.9)), 3),
+            "errors": dict(self.errors),
+            "degraded_share": round(self.degraded / max(done, 1), 4),
+            **({"mean_ranker_batch": round(self.ranker_batch, 3)} if self.ranker_batch is not None else {}),
+        }
+
+
+Call = Callable[[recommender_pb2.RecommendRequest], Awaitable[bool]]  # returns degraded
+
+
+async def open_loop(call: Call, requests: Sequence[recommender_pb2.RecommendRequest], rate: float,
+                    seconds: float, seed: int) -> LoadResult:
+    """Send requests at Poisson arrival times for `seconds`, whatever the answers do."""
+    loop = asyncio.get_running_loop()
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.2) + 1))
+    arrivals = arrivals[arrivals < seconds]
+    result = LoadResult(rate)
+
+    async def one(request: recommender_pb2.RecommendRequest, scheduled: float) -> None:
+        try:
+            degraded = await call(request)
+        except grpc.aio.AioRpcError as error:
+            result.errors[error.code().name] += 1
+            return
+        except Exception as error:  # in-process failures count too, by their type
+            result.errors[type(error).__name__] += 1
+            return
+        result.latencies_ms.append((loop.time() - scheduled) * 1000)
+        result.degraded += degraded
+
+    start = loop.time() + 0.05
+    tasks = []
+    for at, request in zip(arrivals, itertools.cycle(requests), strict=False):
+        delay = start + at - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(request, start + at)))
+    await asyncio.gather(*tasks)
+    result.wall_s = loop.time() - start
+    return result
+
+
+# ---- the two paths --------------------------------------------------------------------------
+
+def in_process_call(funnel: Funnel, events: EventLog, history_length: int = 200) -> Call:
+    async def call(request: recommender_pb2.RecommendRequest) -> bool:
+        history = events.recent_items(request.user_id, history_length)
+        answer = await funnel.recommend(query_of(request, history), time.monotonic() + DEADLINE_S)
+        return answer.degraded
+    return call
+
+
+def cluster_call(stub: recommender_pb2_grpc.RecommenderStub) -> Call:
+    async def call(request: recommender_pb2.RecommendRequest) -> bool:
+        reply = await stub.Recommend(request, timeout=DEADLINE_S)
+        return bool(reply.degraded)
+    return call
+
+
+class RecordingRanking:
+    """Wraps the in-process ranking backend and keeps the Rank calls the funnel makes, so the
+    batching comparison replays real candidate lists."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.calls: list[ranking_pb2.RankRequest] = []
+
+    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
+        result: tuple[dict[str, np.ndarray], str] = await self.inner.encode(history, timeout)
+        return result
+
+    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
+                   diversity: float, explain_top: int, timeout: float, model_version: str
+                   ) -> list[tuple[str, float, list[str]]]:
+        self.calls.append(ranking_pb2.RankRequest(
+            history_item_ids=history, k=k, diversity=diversity, explain_top=explain_top,
+            candidates=[ranking_pb2.RankCandidate(item_id=i, channel_scores=[
+                ranking_pb2.ChannelScore(channel=c, score=s) for c, s in scores.items()]) for i, scores in candidates]))
+        ranked: list[tuple[str, float, list[str]]] = await self.inner.rank(
+            history, candidates, k, diversity, explain_top, timeout, model_version)
+        return ranked
+
+
+async def closed_loop_throughput(address: str, requests: Sequence[ranking_pb2.RankRequest], concurrency: int,
+                                 seconds: float) -> float:
+    """Rank calls per second with `concurrency` callers each sending its next call at once."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = ranking_pb2_grpc.RankingStub(channel)
+        for request in requests[:concurrency]:  # warm up
+            await stub.Rank(request, timeout=10)
+        done = 0
+        stop_at = time.monotonic() + seconds
+
+        async def caller(offset: int) -> None:
+            nonlocal done
+            for request in itertools.islice(itertools.cycle(requests), offset, None):
+                if time.monotonic() >= stop_at:
+                    return
+                await stub.Rank(request, timeout=10)
+                done += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(caller(n * 7) for n in range(concurrency)))
+        return done / (time.monotonic() - started)
+
+
+# ---- diversity ------------------------------------------------------------------------------
+
+def intra_list_diversity(vectors: np.ndarray) -> float:
+    """Mean pairwise cosine distance of a list's unit item vectors."""
+    n = len(vectors)
+    if n < 2:
+        return 0.0
+    similarity = vectors @ vectors.T
+    return float((n * n - similarity.sum()) / (n * (n - 1)))
+
+
+async def diversity_sweep(funnel: Funnel, model: RankingModel, dataset: Dataset, config: ServingBenchConfig
+                          ) -> list[dict[str, float]]:
+    """ILD@10 and NDCG@10 of the served funnel on the test split, per diversity value."""
+    split = leave_last_two(dataset)
+    positions = range(len(split.users)) if not config.diversity_users else range(
+        min(config.diversity_users, len(split.users)))
+    vectors = model.tables.item_vectors.cpu().numpy()
+    index = model.tables.item_index
+    rows = []
+    for diversity in config.diversities:
+        ndcg, ild = [], []
+        for p in positions:
+            history = [dataset.item_ids[i] for i in split.test_history(p)]
+            answer = await funnel.recommend(
+                RecommendQuery(user_id=dataset.user_ids[split.users[p]], k=10, history=history, diversity=diversity),
+                time.monotonic() + 10)
+            items = [r.item_id for r in answer.items]
+            target = dataset.item_ids[split.test_targets[p]]
+            ndcg.append(1 / math.log2(items.index(target) + 2) if target in items else 0.0)
+            ild.append(intra_list_diversity(vectors[[index[i] for i in items if i in index]]))
+        rows.append({"diversity": diversity, "ild@10": round(float(np.mean(ild)), 4),
+                     "ndcg@10": round(float(np.mean(ndcg)), 4), "users": len(ndcg)})
+    return rows
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def _ranker_batch(stats_before: dict[str, Any], stats_after: dict[str, Any]) -> float | None:
+    if not stats_after:
+        return None
+    requests = stats_after["rank"]["requests"] - stats_before["rank"]["requests"]
+    batches = stats_after["rank"]["batches"] - stats_before["rank"]["batches"]
+    return requests / batches if batches else None
+
+
+def run_serving_bench(dataset: Dataset, config: ServingBenchConfig,
+                      progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    import ray
+
+    from cluster.actors import RankingHost
+    from cluster.config import ClusterConfig
+    from cluster.demo import seed_history
+    from cluster.launch import start_cluster
+    from cluster.pipeline import InProcessRanking, in_process_funnel
+
+    # The cluster's ranker runs with one torch thread; the in-process path gets the same.
+    torch.set_num_threads(1)
+    workdir = Path(tempfile.mkdtemp(prefix="recfunnel-bench-"))
+    report: dict[str, Any] = {"bundle": str(config.bundle), "cores": os.cpu_count(), "shards": config.num_shards,
+                              "latency_bound_ms": LATENCY_BOUND_MS, "arrivals": "open-loop Poisson"}
+    try:
+        db_path = workdir / "events.sqlite"
+        events = EventLog(db_path)
+        seed_history(events, dataset)
+        requests = request_mix(dataset, 2000, config.k, config.seed)
+
+        # (a) in process: the funnel code over in-process shards and models.
+        progress("in-process pipeline at low load")
+        funnel = in_process_funnel(config.bundle, config.num_shards)
+        ranking = funnel.ranking
+        assert isinstance(ranking, InProcessRanking)
+        recording = RecordingRanking(ranking)
+        funnel.ranking = recording
+        call = in_process_call(funnel, events)
+        asyncio.run(open_loop(call, requests[-100:], config.low_rate, 3, config.seed + 1))  # warm up
+        in_process = asyncio.run(open_loop(call, requests, config.low_rate, config.seconds_per_rate, config.seed))
+        report["in_process"] = in_process.summary()
+        rank_requests = recording.calls[:512]
+        funnel.ranking = ranking
+
+        progress("diversity sweep on the test split")
+        report["diversity"] = asyncio.run(diversity_sweep(funnel, ranking.model, dataset, config))
+        del funnel, ranking, recording
+
+        # (b) the cluster over gRPC.
+        progress("starting the cluster on local Ray")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        try:
+            cluster = start_cluster(ClusterConfig(bundle=config.bundle, db_path=db_path,
+                                                  num_shards=config.num_shards, gateway_port=0))
+            try:
+                report["cluster"], report["loads"], report["max_qps_p99_under_50ms"] = asyncio.run(
+                    _cluster_loads(cluster, requests, config, progress))
+            finally:
+                cluster.stop()
+            progress("ranking throughput with and without micro-batching")
+            report["batching"] = _batching(RankingHost, config, rank_requests)
+        finally:
+            ray.shutdown()
+        report["p50_ratio_cluster_vs_in_process"] = round(
+            report["cluster"]["p50_ms"] / report["in_process"]["p50_ms"], 3)
+        events.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+async def _cluster_loads(cluster: Any, requests: list[recommender_pb2.RecommendRequest],
+                         config: ServingBenchConfig, progress: Callable[[str], None]
+                         ) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    async with grpc.aio.insecure_channel(cluster.gateway_address) as channel:
+        call = cluster_call(recommender_pb2_grpc.RecommenderStub(channel))
+        await open_loop(call, requests[-100:], config.low_rate, 3, config.seed + 1)  # warm up
+
+        async def measured(rate: float) -> LoadResult:
+            before = await cluster.ranker.stats.remote()
+            result = await open_loop(call, requests, rate, config.seconds_per_rate, config.seed)
+            after = await cluster.ranker.stats.remote()
+            result.ranker_batch = _ranker_batch(before, after)
+            return result
+
+        progress(f"cluster at low load ({config.low_rate:g} rps)")
+        low = (await measured(config.low_rate)).summary()
+        loads, best = [], 0.0
+        for rate in config.rates:
+            progress(f"cluster at {rate:g} rps")
+            summary = (await measured(rate)).summary()
+            loads.append(summary)
+            if summary["p99_ms"] > LATENCY_BOUND_MS or summary["errors"]:
+                break
+            best = rate
+        return low, loads, best
+
+
+def _batching(host: type, config: ServingBenchConfig, rank_requests: list[ranking_pb2.RankRequest]
+              ) -> dict[str, Any]:
+    import ray
+
+    out: dict[str, Any] = {"concurrency": config.concurrency, "rank_requests": len(rank_requests)}
+    for name, size in (("batched", 32), ("unbatched", 1)):
+        actor: Any = ray.remote(host).options(num_cpus=0.5).remote(
+            RankingConfig(bundle=config.bundle, max_batch_size=size))
+        try:
+            address = ray.get(actor.start.remote(), timeout=300)
+            rps = asyncio.run(closed_loop_throughput(address, rank_requests, config.concurrency,
+                                                     config.batching_seconds))
+            stats = ray.get(actor.stats.remote(), timeout=30)
+            out[name] = {"max_batch_size": size, "rank_per_s": round(rps, 2),
+                         "mean_batch_size": stats["rank"]["mean_batch_size"]}
+        finally:
+            ray.get(actor.stop.remote(), timeout=30)
+            ray.kill(actor)
+    out["throughput_ratio_at_32"] = round(out["batched"]["rank_per_s"] / out["unbatched"]["rank_per_s"], 3)
+    return out

@@ -1,0 +1,119 @@
+"""Micro-batching: batches form under concurrency, and a batched score is the unbatched one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.backends import GrpcRanking
+from ranking import server as ranking_server
+from ranking.batching import MicroBatcher
+from ranking.config import RankingConfig
+from ranking.inference import RankCall, RankingModel
+
+
+async def test_concurrent_requests_share_batches_and_keep_their_own_results() -> None:
+    sizes: list[int] = []
+
+    def double(batch: Sequence[int]) -> list[int]:
+        sizes.append(len(batch))
+        return [2 * x for x in batch]
+
+    batcher = MicroBatcher(double, ThreadPoolExecutor(1), max_batch_size=8, max_wait_s=0.02)
+    try:
+        results = await asyncio.gather(*(batcher.submit(n) for n in range(20)))
+    finally:
+        await batcher.close()
+    assert results == [2 * n for n in range(20)]
+    assert max(sizes) == 8 and sum(sizes) == 20  # never above the configured size
+    assert batcher.stats.mean_batch_size > 1
+
+
+async def test_batch_size_one_is_batching_off() -> None:
+    sizes: list[int] = []
+
+    def record(batch: Sequence[int]) -> list[int]:
+        sizes.append(len(batch))
+        return list(batch)
+
+    batcher = MicroBatcher(record, ThreadPoolExecutor(1), max_batch_size=1, max_wait_s=0.01)
+    try:
+        await asyncio.gather(*(batcher.submit(n) for n in range(5)))
+    finally:
+        await batcher.close()
+    assert sizes == [1] * 5
+
+
+async def test_a_failing_batch_fails_its_callers_and_the_next_batch_still_runs() -> None:
+    def fussy(batch: Sequence[int]) -> list[int]:
+        if any(x < 0 for x in batch):
+            raise ValueError("negative")
+        return list(batch)
+
+    batcher = MicroBatcher(fussy, ThreadPoolExecutor(1), max_batch_size=4, max_wait_s=0.0)
+    try:
+        with pytest.raises(ValueError, match="negative"):
+            await batcher.submit(-1)
+        assert await batcher.submit(3) == 3
+    finally:
+        await batcher.close()
+
+
+def _calls(model: RankingModel) -> list[RankCall]:
+    """Users with histories of different lengths (one empty) and candidate lists of different
+    lengths, with unknown ids mixed in."""
+    rng = np.random.default_rng(0)
+    ids = model.tables.item_ids
+    calls = []
+    for n, history_len in enumerate([0, 1, 3, 12, 80]):
+        history = [ids[i] for i in rng.choice(len(ids), history_len, replace=False)]
+        chosen = rng.choice(len(ids), 5 + 7 * n, replace=False)
+        candidates = [(ids[i], {"sequential"} if i % 2 else {"popular", "semantic"}) for i in chosen]
+        candidates.append((f"unknown-{n}", {"popular"}))
+        calls.append(RankCall(history, candidates, k=len(candidates), diversity=0.3 * (n % 2), explain_top=2))
+    return calls
+
+
+def test_batched_scores_equal_unbatched_scores(tiny_bundle: Path) -> None:
+    model = RankingModel.load(tiny_bundle, device="cpu")
+    calls = _calls(model)
+    batched = model.rank_many(calls)
+    for call, together in zip(calls, batched, strict=True):
+        alone = model.rank_many([call])[0]
+        assert [i for i, _, _ in together] == [i for i, _, _ in alone]
+        np.testing.assert_allclose([s for _, s, _ in together], [s for _, s, _ in alone], rtol=1e-5, atol=1e-5)
+        assert [b for _, _, b in together] == [b for _, _, b in alone]
+
+    histories = [call.history_ids for call in calls]
+    together_vectors = model.encode_many(histories)
+    for history, vectors in zip(histories, together_vectors, strict=True):
+        alone_vectors = model.encode_many([history])[0]
+        assert vectors.keys() == alone_vectors.keys()
+        for channel in vectors:
+            np.testing.assert_allclose(vectors[channel], alone_vectors[channel], atol=1e-5)
+
+
+async def test_the_service_batches_concurrent_ranks_with_the_same_answers(tiny_bundle: Path) -> None:
+    model = RankingModel.load(tiny_bundle, device="cpu")
+    calls = _calls(model) * 4
+    service = await ranking_server.start(RankingConfig(bundle=tiny_bundle, max_batch_size=16, max_batch_wait_ms=20))
+    client = GrpcRanking(service.address)
+    try:
+        answers = await asyncio.gather(*(
+            client.rank(c.history_ids, [(i, dict.fromkeys(ch, 1.0)) for i, ch in c.candidates], c.k, c.diversity,
+                        c.explain_top, 10, "")
+            for c in calls))
+        stats = service.stats()["rank"]
+    finally:
+        await client.close()
+        await service.stop(0)
+    assert stats["requests"] == len(calls) and stats["mean_batch_size"] > 1
+    for call, answer in zip(calls, answers, strict=True):
+        expected = model.rank_many([call])[0]
+        assert [i for i, _, _ in answer] == [i for i, _, _ in expected]
+        np.testing.assert_allclose([s for _, s, _ in answer], [s for _, s, _ in expected], rtol=1e-5, atol=1e-5)

@@ -178,6 +178,28 @@ def bench_serving(
     typer.echo(json.dumps(report, indent=None if as_json else 2))
 
 
+@bench_app.command("recall")
+def bench_recall(
+    items: Annotated[int, typer.Option(min=1000, help="catalogue size")] = 1_000_000,
+    dim: Annotated[int, typer.Option(min=2, help="vector width")] = 64,
+    shards: Annotated[int, typer.Option(min=1, max=64, help="shards of the sharded-vs-single comparison")] = 4,
+    kinds: Annotated[str, typer.Option(help="approximate index kinds, comma-separated")] = "hnsw,ivf,ivfpq",
+    queries: Annotated[int, typer.Option(min=10, help="evaluation queries")] = 1000,
+    seconds: Annotated[float, typer.Option(help="seconds per single-query QPS measurement")] = 5.0,
+    target_recall: Annotated[float, typer.Option(help="recall@100 the indexes are tuned to")] = 0.95,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
+) -> None:
+    """Exact search against HNSW / IVF / IVF-PQ on a clustered synthetic catalogue: recall@100,
+    QPS, build time, bytes, upsert-to-searchable, and sharded against single."""
+    from retrieval.bench import RecallBenchConfig, run_recall_bench
+
+    config = RecallBenchConfig(items=items, dim=dim, shards=shards, kinds=tuple(k for k in kinds.split(",") if k),
+                               queries=queries, single_seconds=seconds, target_recall=target_recall, seed=seed)
+    report = run_recall_bench(config, progress=(lambda _: None) if as_json else console.log)
+    typer.echo(json.dumps(report, indent=None if as_json else 2))
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option(help="folder for interactions.txt (pairs) and items.csv")],

@@ -30,6 +30,7 @@ from recdata.bundle import Bundle, new_version_id
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL
 from recdata.dataset import Dataset
 from recdata.split import Split, leave_last_two
+from retrieval.index import build_index
 
 log = logging.getLogger(__name__)
 
@@ -258,20 +259,27 @@ class Trainer:
         return curve
 
     # ---- export -----------------------------------------------------------------------------
+    def index_reports(self, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+        """What the default recall index of each channel would be over the whole catalogue, with
+        its recall@100 against exact search on real queries, as recall shards build it."""
+        queries = _index_queries(self)
+        reports = {}
+        for channel, vectors in arrays.items():
+            _, report = build_index(vectors, np.arange(len(vectors)), use_gpu=False, queries=queries[channel])
+            reports[channel] = report.to_dict()
+        return reports
+
     def export(self, folder: Path, metrics: dict[str, Any]) -> Bundle:
         with torch.no_grad():
             self.model.eval()
             table = self.item_table()
         state = self.model.state_dict()
+        arrays = {SEQUENTIAL: table[1:].numpy().astype(np.float32), SEMANTIC: self.text_vectors}
         bundle = Bundle(
             version=new_version_id(self.dataset.name),
             item_ids=self.dataset.item_ids,
             item_texts=self.dataset.item_texts,
-            arrays={
-                SEQUENTIAL: table[1:].numpy().astype(np.float32),
-                SEMANTIC: self.text_vectors,
-                "popularity": self.popularity,
-            },
+            arrays={**arrays, "popularity": self.popularity},
             manifest={
                 "dataset": self.dataset.name,
                 "model": self.config.model.to_dict(),
@@ -279,6 +287,7 @@ class Trainer:
                 "tag_vocabulary": self.tag_vocabulary,
                 "candidates_per_channel": self.budgets,
                 "metrics": metrics,
+                "indexes": self.index_reports(arrays),
                 "created_unix": time.time(),
             },
         )
@@ -288,6 +297,14 @@ class Trainer:
         }
         bundle.save(folder, weights)
         return bundle
+
+
+def _index_queries(trainer: Trainer, count: int = 256) -> dict[str, np.ndarray]:
+    """Real queries per vector channel: the trained encoders' vectors of validation histories."""
+    histories = [trainer.split.valid_history(p) for p in range(min(count, len(trainer.split.users)))]
+    with torch.no_grad():
+        users, semantic = trainer.scorer().queries(histories)
+    return {SEQUENTIAL: users.numpy().astype(np.float32), SEMANTIC: semantic.numpy().astype(np.float32)}
 
 
 def fit(trainer: Trainer) -> tuple[dict[str, Any], list[dict[str, float]]]:

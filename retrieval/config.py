@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-IndexKind = Literal["auto", "flat", "hnsw", "ivf"]
+IndexKind = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
 
 MAX_K = 10_000  # largest per-channel candidate count one Search may ask for
 
@@ -20,6 +20,8 @@ class RecallConfig:
     port: int = 0                 # 0 = any free port
     index_kind: IndexKind = "auto"
     exact_below: int = 200_000    # "auto" searches exactly up to this many items per shard
+    pq_above: int = 20_000_000    # "auto" compresses (IVF-PQ) from this many items per shard
+    target_recall: float = 0.95   # recall@100 vs exact that approximate indexes are tuned to
     use_gpu: bool = True          # move indexes to a GPU when FAISS sees one
     search_threads: int = 2       # executor threads for FAISS calls, off the event loop
     # Shards up to this many items search on the serving thread: such a search takes well
@@ -33,7 +35,9 @@ class RecallConfig:
             raise ValueError(f"shard_id={self.shard_id} must be in 0..{self.num_shards - 1}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be in 0..65535")
-        if self.index_kind not in ("auto", "flat", "hnsw", "ivf"):
-            raise ValueError(f"index_kind={self.index_kind!r}; allowed: auto, flat, hnsw, ivf")
+        if self.index_kind not in ("auto", "flat", "hnsw", "ivf", "ivfpq"):
+            raise ValueError(f"index_kind={self.index_kind!r}; allowed: auto, flat, hnsw, ivf, ivfpq")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"target_recall={self.target_recall} must be in (0, 1]")
         if self.search_threads < 1:
             raise ValueError(f"search_threads={self.search_threads} must be >= 1")

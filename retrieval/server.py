@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50061)
-    parser.add_argument("--index-kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    parser.add_argument("--index-kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = RecallConfig(bundle=args.bundle, shard_id=args.shard_id, num_shards=args.num_shards,

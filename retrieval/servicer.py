@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -66,7 +67,9 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             model_version=shard.version,
             channels=[
                 recall_pb2.ChannelInfo(channel=channel, dim=shard.dims[channel], items=shard.size,
-                                       index_kind=shard.index_kinds[channel])
+                                       index_kind=shard.index_reports[channel].kind,
+                                       recall_at_k=shard.index_reports[channel].recall_at_k,
+                                       index_params_json=json.dumps(shard.index_reports[channel].params))
                 for channel in shard.indexes
             ] + [recall_pb2.ChannelInfo(channel="popular", dim=0, items=shard.size, index_kind="sorted")],
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-import faiss
 import numpy as np
 
 from recdata.bundle import Bundle
@@ -35,13 +34,13 @@ class RecallShard:
         self.item_index = {bundle.item_ids[n]: int(n) for n in owned}
         # Labels an index kind could not remove (graph indexes); filtered out of every search.
         self.tombstones: set[int] = set()
-        self.indexes = {
-            channel: build_index(bundle.arrays[channel][owned], owned, config.index_kind,
-                                 config.exact_below, config.use_gpu)
+        built = {
+            channel: build_index(bundle.arrays[channel][owned], owned, config.index_kind, config.exact_below,
+                                 config.use_gpu, config.target_recall, config.pq_above)
             for channel in VECTOR_CHANNELS
         }
-        self.index_kinds = {channel: type(faiss.downcast_index(index.index)).__name__
-                            for channel, index in self.indexes.items()}
+        self.indexes = {channel: index for channel, (index, _) in built.items()}
+        self.index_reports = {channel: report for channel, (_, report) in built.items()}
         self.dims = {channel: int(bundle.arrays[channel].shape[1]) for channel in VECTOR_CHANNELS}
         popularity = bundle.arrays["popularity"][owned]
         order = np.argsort(-popularity, kind="stable")
@@ -95,10 +94,12 @@ class RecallShard:
     def _drop_label(self, label: int) -> None:
         """Take one label out of every index (or tombstone it) and out of the popular list."""
         selector = np.asarray([label], dtype=np.int64)
-        for index in self.indexes.values():
-            try:
+        for channel, index in self.indexes.items():
+            # Only exact indexes remove in place; graph indexes cannot and IVF removal scans
+            # every list, so for those the label is filtered out of each search instead.
+            if self.index_reports[channel].kind == "flat" and not self.index_reports[channel].on_gpu:
                 index.remove_ids(selector)  # type: ignore[arg-type]  # the Python wrapper takes arrays
-            except RuntimeError:  # graph indexes cannot remove; filter the label instead
+            else:
                 self.tombstones.add(label)
         keep = self.popular_items != label
         self.popular_items, self.popular_scores = self.popular_items[keep], self.popular_scores[keep]

@@ -14,7 +14,9 @@ from protos.recfunnel.v1 import recall_pb2
 from recdata.bundle import load_bundle
 from recdata.channels import POPULAR, SEMANTIC, SEQUENTIAL, ChannelQuery, shard_of
 from retrieval import server as recall_server
+from retrieval.bench import RecallBenchConfig, clustered_catalogue, run_recall_bench, user_queries
 from retrieval.config import RecallConfig
+from retrieval.index import build_index, recall_at_k
 from retrieval.shard import InvalidQuery, RecallShard
 from tests.grpc_checks import assert_health_and_reflection
 
@@ -109,7 +111,7 @@ def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "ivfpq"])
 def test_added_items_are_found_and_removed_items_never_return(tiny_bundle: Path, kind: str) -> None:
     shard = RecallShard(load_bundle(tiny_bundle), RecallConfig(bundle=tiny_bundle, index_kind=kind))
     rng = np.random.default_rng(1)
@@ -173,3 +175,35 @@ def test_searches_during_upserts_and_deletes_never_fail(tiny_bundle: Path) -> No
         thread.join()
     assert not errors
     assert shard.size == 200 + 200
+
+
+def test_auto_index_is_exact_when_small_and_tuned_ann_when_large() -> None:
+    vectors, topic = clustered_catalogue(20_000, 32, 100, seed=0)
+    ids = np.arange(len(vectors))
+    small, small_report = build_index(vectors[:500], ids[:500], "auto", exact_below=1000, use_gpu=False)
+    assert small_report.kind == "flat" and small_report.recall_at_k == 1.0 and small.ntotal == 500
+
+    index, report = build_index(vectors, ids, "auto", exact_below=1000, use_gpu=False, target_recall=0.95)
+    assert report.kind == "ivf" and report.recall_at_k >= 0.95 and report.bytes > 0
+    assert 1 <= report.params["nprobe"] <= report.params["nlist"]
+    # Held-out queries of the same kind reach about the tuned recall too.
+    queries = user_queries(vectors, topic, 100, seed=5)
+    exact, _ = build_index(vectors, ids, "flat", use_gpu=False)
+    _, truth = exact.search(queries, 100)
+    _, found = index.search(queries, 100)
+    assert recall_at_k(found, truth) >= 0.9
+
+    compressed, pq_report = build_index(vectors, ids, "ivfpq", use_gpu=False)
+    assert pq_report.kind == "ivfpq" and pq_report.bytes < report.bytes / 3 and compressed.ntotal == len(vectors)
+    assert 0.3 < pq_report.recall_at_k <= 1.0
+
+
+def test_recall_bench_reports_every_figure() -> None:
+    report = run_recall_bench(RecallBenchConfig(items=4000, dim=16, shards=3, kinds=("ivf", "hnsw"), queries=50,
+                                                single_seconds=0.05, upserts=3))
+    assert report["sharded"]["topk_equal_to_single"] is True
+    assert report["exact"]["qps_single"] > 0 and report["exact"]["qps_batch"] > 0
+    for kind in ("ivf", "hnsw"):
+        entry = report["indexes"][kind]
+        assert 0 < entry["recall_at_100"] <= 1 and entry["build_s"] >= 0 and entry["bytes"] > 0
+        assert entry["upsert_to_searchable_ms"]["max_ms"] > 0

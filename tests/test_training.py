@@ -17,6 +17,8 @@ def test_bundle_has_manifest_arrays_and_weights(tiny_training: TrainResult) -> N
     assert bundle.version == tiny_training.version
     manifest = json.loads((tiny_training.folder / "manifest.json").read_text())
     assert manifest["metrics"]["test"]["funnel"]["ndcg@10"] >= 0
+    for channel in (SEQUENTIAL, SEMANTIC):  # the index recall serves, with its measured recall
+        assert manifest["indexes"][channel]["kind"] == "flat" and manifest["indexes"][channel]["recall_at_k"] == 1.0
     assert bundle.arrays[SEQUENTIAL].shape == (200, 32)
     assert bundle.arrays[SEMANTIC].shape == (200, 384)
     for name in ("query_encoder", "ranker", "item_encoder"):

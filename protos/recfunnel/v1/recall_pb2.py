@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.recfunnel.v1 import tensor_pb2 as protos_dot_recfunnel_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/recfunnel/v1/recall.proto\x12\x0crecfunnel.v1\x1a protos/recfunnel/v1/tensor.proto\"P\n\x0c\x43hannelQuery\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensor\x12\t\n\x01k\x18\x03 \x01(\x05\"m\n\rSearchRequest\x12+\n\x07queries\x18\x01 \x03(\x0b\x32\x1a.recfunnel.v1.ChannelQuery\x12\x18\n\x10\x65xclude_item_ids\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"M\n\rChannelResult\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12+\n\ncandidates\x18\x02 \x03(\x0b\x32\x17.recfunnel.v1.Candidate\"g\n\x0eSearchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.recfunnel.v1.ChannelResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\"\x12\n\x10ShardInfoRequest\"N\n\x0b\x43hannelInfo\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05items\x18\x03 \x01(\x03\x12\x12\n\nindex_kind\x18\x04 \x01(\t\"}\n\x11ShardInfoResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x12\n\nnum_shards\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12+\n\x08\x63hannels\x18\x04 \x03(\x0b\x32\x19.recfunnel.v1.ChannelInfo\"R\n\x0f\x41\x64\x64ItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12-\n\x07vectors\x18\x02 \x03(\x0b\x32\x1c.recfunnel.v1.ChannelVectors\"!\n\x10\x41\x64\x64ItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\"&\n\x12RemoveItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"&\n\x13RemoveItemsResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x05\x32\xba\x02\n\x06Recall\x12\x43\n\x06Search\x12\x1b.recfunnel.v1.SearchRequest\x1a\x1c.recfunnel.v1.SearchResponse\x12L\n\tShardInfo\x12\x1e.recfunnel.v1.ShardInfoRequest\x1a\x1f.recfunnel.v1.ShardInfoResponse\x12I\n\x08\x41\x64\x64Items\x12\x1d.recfunnel.v1.AddItemsRequest\x1a\x1e.recfunnel.v1.AddItemsResponse\x12R\n\x0bRemoveItems\x12 .recfunnel.v1.RemoveItemsRequest\x1a!.recfunnel.v1.RemoveItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/recfunnel/v1/recall.proto\x12\x0crecfunnel.v1\x1a protos/recfunnel/v1/tensor.proto\"P\n\x0c\x43hannelQuery\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensor\x12\t\n\x01k\x18\x03 \x01(\x05\"m\n\rSearchRequest\x12+\n\x07queries\x18\x01 \x03(\x0b\x32\x1a.recfunnel.v1.ChannelQuery\x12\x18\n\x10\x65xclude_item_ids\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"M\n\rChannelResult\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12+\n\ncandidates\x18\x02 \x03(\x0b\x32\x17.recfunnel.v1.Candidate\"g\n\x0eSearchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.recfunnel.v1.ChannelResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\"\x12\n\x10ShardInfoRequest\"~\n\x0b\x43hannelInfo\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05items\x18\x03 \x01(\x03\x12\x12\n\nindex_kind\x18\x04 \x01(\t\x12\x13\n\x0brecall_at_k\x18\x05 \x01(\x02\x12\x19\n\x11index_params_json\x18\x06 \x01(\t\"}\n\x11ShardInfoResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x12\n\nnum_shards\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12+\n\x08\x63hannels\x18\x04 \x03(\x0b\x32\x19.recfunnel.v1.ChannelInfo\"R\n\x0f\x41\x64\x64ItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12-\n\x07vectors\x18\x02 \x03(\x0b\x32\x1c.recfunnel.v1.ChannelVectors\"!\n\x10\x41\x64\x64ItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\"&\n\x12RemoveItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"&\n\x13RemoveItemsResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x05\x32\xba\x02\n\x06Recall\x12\x43\n\x06Search\x12\x1b.recfunnel.v1.SearchRequest\x1a\x1c.recfunnel.v1.SearchResponse\x12L\n\tShardInfo\x12\x1e.recfunnel.v1.ShardInfoRequest\x1a\x1f.recfunnel.v1.ShardInfoResponse\x12I\n\x08\x41\x64\x64Items\x12\x1d.recfunnel.v1.AddItemsRequest\x1a\x1e.recfunnel.v1.AddItemsResponse\x12R\n\x0bRemoveItems\x12 .recfunnel.v1.RemoveItemsRequest\x1a!.recfunnel.v1.RemoveItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,17 +45,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHARDINFOREQUEST']._serialized_start=506
   _globals['_SHARDINFOREQUEST']._serialized_end=524
   _globals['_CHANNELINFO']._serialized_start=526
-  _globals['_CHANNELINFO']._serialized_end=604
-  _globals['_SHARDINFORESPONSE']._serialized_start=606
-  _globals['_SHARDINFORESPONSE']._serialized_end=731
-  _globals['_ADDITEMSREQUEST']._serialized_start=733
-  _globals['_ADDITEMSREQUEST']._serialized_end=815
-  _globals['_ADDITEMSRESPONSE']._serialized_start=817
-  _globals['_ADDITEMSRESPONSE']._serialized_end=850
-  _globals['_REMOVEITEMSREQUEST']._serialized_start=852
-  _globals['_REMOVEITEMSREQUEST']._serialized_end=890
-  _globals['_REMOVEITEMSRESPONSE']._serialized_start=892
-  _globals['_REMOVEITEMSRESPONSE']._serialized_end=930
-  _globals['_RECALL']._serialized_start=933
-  _globals['_RECALL']._serialized_end=1247
+  _globals['_CHANNELINFO']._serialized_end=652
+  _globals['_SHARDINFORESPONSE']._serialized_start=654
+  _globals['_SHARDINFORESPONSE']._serialized_end=779
+  _globals['_ADDITEMSREQUEST']._serialized_start=781
+  _globals['_ADDITEMSREQUEST']._serialized_end=863
+  _globals['_ADDITEMSRESPONSE']._serialized_start=865
+  _globals['_ADDITEMSRESPONSE']._serialized_end=898
+  _globals['_REMOVEITEMSREQUEST']._serialized_start=900
+  _globals['_REMOVEITEMSREQUEST']._serialized_end=938
+  _globals['_REMOVEITEMSRESPONSE']._serialized_start=940
+  _globals['_REMOVEITEMSRESPONSE']._serialized_end=978
+  _globals['_RECALL']._serialized_start=981
+  _globals['_RECALL']._serialized_end=1295
 # @@protoc_insertion_point(module_scope)

@@ -58,16 +58,20 @@ class ShardInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ChannelInfo(_message.Message):
-    __slots__ = ("channel", "dim", "items", "index_kind")
+    __slots__ = ("channel", "dim", "items", "index_kind", "recall_at_k", "index_params_json")
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     INDEX_KIND_FIELD_NUMBER: _ClassVar[int]
+    RECALL_AT_K_FIELD_NUMBER: _ClassVar[int]
+    INDEX_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     channel: str
     dim: int
     items: int
     index_kind: str
-    def __init__(self, channel: _Optional[str] = ..., dim: _Optional[int] = ..., items: _Optional[int] = ..., index_kind: _Optional[str] = ...) -> None: ...
+    recall_at_k: float
+    index_params_json: str
+    def __init__(self, channel: _Optional[str] = ..., dim: _Optional[int] = ..., items: _Optional[int] = ..., index_kind: _Optional[str] = ..., recall_at_k: _Optional[float] = ..., index_params_json: _Optional[str] = ...) -> None: ...
 
 class ShardInfoResponse(_message.Message):
     __slots__ = ("shard_id", "num_shards", "model_version", "channels")

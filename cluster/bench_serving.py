@@ -32,8 +32,10 @@ import grpc
 import numpy as np
 import torch
 
+from gateway.backends import rank_request
 from gateway.events import EventLog
 from gateway.funnel import Funnel, RecommendQuery
+from gateway.servicer import query_of
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from protos.serving import CHANNEL_OPTIONS
 from ranking.config import RankingConfig
@@ -80,13 +82,6 @@ def request_mix(dataset: Dataset, count: int, k: int, seed: int) -> list[recomme
             exclude_item_ids=items[:3] if kind.endswith("exclude") else [],
             context_item_ids=items[3:] if kind.endswith("context") else []))
     return requests
-
-
-def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> RecommendQuery:
-    """What the gateway's servicer builds from a request and the logged history."""
-    return RecommendQuery(user_id=request.user_id, k=request.k, history=history + list(request.context_item_ids),
-                          exclude_item_ids=list(request.exclude_item_ids), explain=request.explain,
-                          diversity=request.diversity)
 
 
 # ---- open-loop load -------------------------------------------------------------------------
@@ -185,10 +180,7 @@ class RecordingRanking:
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
                    diversity: float, explain_top: int, timeout: float, model_version: str
                    ) -> list[tuple[str, float, list[str]]]:
-        self.calls.append(ranking_pb2.RankRequest(
-            history_item_ids=history, k=k, diversity=diversity, explain_top=explain_top,
-            candidates=[ranking_pb2.RankCandidate(item_id=i, channel_scores=[
-                ranking_pb2.ChannelScore(channel=c, score=s) for c, s in scores.items()]) for i, scores in candidates]))
+        self.calls.append(rank_request(history, candidates, k, diversity, explain_top, model_version))
         ranked: list[tuple[str, float, list[str]]] = await self.inner.rank(
             history, candidates, k, diversity, explain_top, timeout, model_version)
         return ranked
@@ -232,8 +224,7 @@ async def diversity_sweep(funnel: Funnel, model: RankingModel, dataset: Dataset,
                           ) -> list[dict[str, float]]:
     """ILD@10 and NDCG@10 of the served funnel on the test split, per diversity value."""
     split = leave_last_two(dataset)
-    positions = range(len(split.users)) if not config.diversity_users else range(
-        min(config.diversity_users, len(split.users)))
+    positions = range(min(config.diversity_users or len(split.users), len(split.users)))
     vectors = model.tables.item_vectors.cpu().numpy()
     index = model.tables.item_index
     rows = []

@@ -28,6 +28,17 @@ async def _call(stage: str, call: Awaitable[Reply]) -> Reply:
         raise StageFailed(f"{stage}: {error.code().name} {error.details()}") from error
 
 
+def rank_request(history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int, diversity: float,
+                 explain_top: int, model_version: str) -> ranking_pb2.RankRequest:
+    return ranking_pb2.RankRequest(
+        history_item_ids=history,
+        candidates=[ranking_pb2.RankCandidate(
+            item_id=item_id,
+            channel_scores=[ranking_pb2.ChannelScore(channel=c, score=s) for c, s in scores.items()])
+            for item_id, scores in candidates],
+        explain_top=explain_top, model_version=model_version, k=k, diversity=diversity)
+
+
 class GrpcRecall:
     """One recall shard, as the funnel's RecallBackend and the catalogue's ShardWriter."""
 
@@ -76,13 +87,7 @@ class GrpcRanking:
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
                    diversity: float, explain_top: int, timeout: float, model_version: str
                    ) -> list[tuple[str, float, list[str]]]:
-        request = ranking_pb2.RankRequest(
-            history_item_ids=history,
-            candidates=[ranking_pb2.RankCandidate(
-                item_id=item_id,
-                channel_scores=[ranking_pb2.ChannelScore(channel=c, score=s) for c, s in scores.items()])
-                for item_id, scores in candidates],
-            explain_top=explain_top, model_version=model_version, k=k, diversity=diversity)
+        request = rank_request(history, candidates, k, diversity, explain_top, model_version)
         reply = await _call("rank", self.stub.Rank(request, timeout=timeout))
         return [(i.item_id, i.score, list(i.because_item_ids)) for i in reply.items]
 

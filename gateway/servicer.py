@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 request_log = logging.getLogger("recfunnel.requests")
 
 
+def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> RecommendQuery:
+    """The funnel's query for a request: the logged history, then the request's context."""
+    return RecommendQuery(user_id=request.user_id, k=request.k, history=history + list(request.context_item_ids),
+                          exclude_item_ids=list(request.exclude_item_ids), explain=request.explain,
+                          diversity=request.diversity)
+
+
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventLog, config: GatewayConfig,
                  executor: ThreadPoolExecutor):
@@ -62,14 +69,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         deadline = self._deadline(context)
         history = await self._run(self.events.recent_items, request.user_id, self.config.history_length)
-        query = RecommendQuery(
-            user_id=request.user_id,
-            k=request.k,
-            history=history + list(request.context_item_ids),
-            exclude_item_ids=list(request.exclude_item_ids),
-            explain=request.explain,
-            diversity=request.diversity,
-        )
+        query = query_of(request, history)
         answer = await self.funnel.recommend(query, deadline)
         request_log.info(json.dumps({
             "request_id": request_id, "user_id": request.user_id, "k": request.k,

@@ -115,12 +115,14 @@ def tune_queries(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
 
 def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind = "auto", exact_below: int = 200_000,
                 use_gpu: bool = True, target_recall: float = 0.95, pq_above: int = 20_000_000,
-                queries: np.ndarray | None = None, seed: int = 0) -> tuple[faiss.IndexIDMap2, IndexReport]:
+                queries: np.ndarray | None = None, seed: int = 0, measure_bytes: bool = True
+                ) -> tuple[faiss.IndexIDMap2, IndexReport]:
     """An inner-product index over (N, d) float32 `vectors` labelled with int64 `ids`.
 
     Approximate kinds are tuned: their search breadth is the smallest that reaches
     `target_recall` (recall@100 against exact search) on held-out `queries` (query-like
-    mixes of the items when none are given); the report says what was reached.
+    mixes of the items when none are given); the report says what was reached. Its `bytes`
+    come from serialising the index, a full copy: serving shards skip it (`measure_bytes`).
     """
     started = time.perf_counter()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -156,7 +158,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind = "auto", 
             reached = report.recall_at_k
         report.params["efSearch" if chosen == "hnsw" else "nprobe"] = breadth
         report.k = k
-    report.bytes = int(faiss.serialize_index(index).nbytes) if n else 0
+    report.bytes = int(faiss.serialize_index(index).nbytes) if n and measure_bytes else 0
     if use_gpu and chosen in ("flat", "ivf", "ivfpq") and gpu_count() > 0:
         index = _to_gpus(index)  # GPUs do exact and IVF scans best; HNSW graphs stay on the CPU
         report.on_gpu = True

@@ -36,7 +36,7 @@ class RecallShard:
         self.tombstones: set[int] = set()
         built = {
             channel: build_index(bundle.arrays[channel][owned], owned, config.index_kind, config.exact_below,
-                                 config.use_gpu, config.target_recall, config.pq_above)
+                                 config.use_gpu, config.target_recall, config.pq_above, measure_bytes=False)
             for channel in VECTOR_CHANNELS
         }
         self.indexes = {channel: index for channel, (index, _) in built.items()}

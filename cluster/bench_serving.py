@@ -173,8 +173,9 @@ class RecordingRanking:
         self.inner = inner
         self.calls: list[ranking_pb2.RankRequest] = []
 
-    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
-        result: tuple[dict[str, np.ndarray], str] = await self.inner.encode(history, timeout)
+    async def encode(self, history: list[str], timeout: float, model_version: str
+                     ) -> tuple[dict[str, np.ndarray], str]:
+        result: tuple[dict[str, np.ndarray], str] = await self.inner.encode(history, timeout, model_version)
         return result
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,

@@ -118,6 +118,7 @@ def bench_ablations(
     fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
     seconds: Annotated[float, typer.Option(help="encoder training budget of each variant")] = 120.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    only: Annotated[str, typer.Option(help="comma-separated variants to run (default: all)")] = "",
 ) -> None:
     """What each model choice contributes: the same training with one choice changed at a time."""
     from dataclasses import replace
@@ -132,18 +133,29 @@ def bench_ablations(
         "full": base,
         "negatives_64": replace(base, num_negatives=64),
         "no_text": replace(base, use_text=False),
+        "no_item2item": replace(base, candidates_per_channel=tuple(
+            (c, k) for c, k in base.candidates_per_channel if c != "item2item")),
+        "no_recent_popularity": replace(base, recent_popularity=False),
     }
+    chosen = [n.strip() for n in only.split(",") if n.strip()] or [*variants, "sasrec_bce"]
+    unknown = set(chosen) - {*variants, "sasrec_bce"}
+    if unknown:
+        raise typer.BadParameter(f"unknown variants {sorted(unknown)}; allowed: {', '.join([*variants, 'sasrec_bce'])}")
     rows: dict[str, dict[str, float]] = {}
     for name, config in variants.items():
+        if name not in chosen:
+            continue
         trainer = Trainer(data, config)
         metrics, _ = fit(trainer)
         rows[f"{name}/recall"] = metrics["test"]["recall"]
         rows[f"{name}/funnel"] = metrics["test"]["funnel"]
         console.log(f"{name}: recall NDCG@10 {rows[f'{name}/recall']['ndcg@10']:.4f}, "
                     f"funnel {rows[f'{name}/funnel']['ndcg@10']:.4f}")
-    sasrec = SASRecTrainer(trainer.split, data.num_items, replace(base, num_negatives=1), trainer.valid)
-    sasrec.train()
-    rows["sasrec_bce/recall"] = trainer.test.full(sasrec.scores)
+    if "sasrec_bce" in chosen:
+        trainer = Trainer(data, base)
+        sasrec = SASRecTrainer(trainer.split, data.num_items, replace(base, num_negatives=1), trainer.valid)
+        sasrec.train()
+        rows["sasrec_bce/recall"] = trainer.test.full(sasrec.scores)
     typer.echo(json.dumps({"dataset": data.name, "seconds_per_variant": seconds, "test": rows}, indent=2))
 
 

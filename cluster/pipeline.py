@@ -35,7 +35,8 @@ class InProcessRanking:
     def __init__(self, model: RankingModel):
         self.model = model
 
-    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
+    async def encode(self, history: list[str], timeout: float, model_version: str
+                     ) -> tuple[dict[str, np.ndarray], str]:
         rows = self.model.indexes(history)
         if len(rows) == 0:
             return {}, self.model.version

@@ -13,7 +13,14 @@ import grpc
 import numpy as np
 
 from gateway.funnel import ShardAnswer, StageFailed
-from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, recall_pb2, recall_pb2_grpc, tensor_pb2
+from protos.recfunnel.v1 import (
+    ranking_pb2,
+    ranking_pb2_grpc,
+    recall_pb2,
+    recall_pb2_grpc,
+    tensor_pb2,
+    versions_pb2,
+)
 from protos.serving import CHANNEL_OPTIONS
 from protos.wire import from_tensor, to_tensor
 from recdata.channels import ChannelQuery
@@ -50,7 +57,7 @@ class GrpcRecall:
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
                      model_version: str) -> ShardAnswer:
         request = recall_pb2.SearchRequest(
-            queries=[recall_pb2.ChannelQuery(channel=q.channel, k=q.k,
+            queries=[recall_pb2.ChannelQuery(channel=q.channel, k=q.k, item_ids=q.item_ids,
                                              vector=None if q.vector is None else to_tensor(q.vector))
                      for q in queries],
             exclude_item_ids=exclude_item_ids, model_version=model_version)
@@ -58,14 +65,24 @@ class GrpcRecall:
         hits = {r.channel: [(c.item_id, c.score) for c in r.candidates] for r in reply.results}
         return ShardAnswer(hits, reply.model_version)
 
-    async def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray], timeout: float) -> int:
-        request = recall_pb2.AddItemsRequest(item_ids=item_ids, vectors=[
+    async def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray], timeout: float,
+                        model_version: str = "") -> int:
+        request = recall_pb2.AddItemsRequest(item_ids=item_ids, model_version=model_version, vectors=[
             tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()])
         return (await _call(f"recall {self.address}", self.stub.AddItems(request, timeout=timeout))).added
 
     async def remove_items(self, item_ids: list[str], timeout: float) -> int:
         request = recall_pb2.RemoveItemsRequest(item_ids=item_ids)
         return (await _call(f"recall {self.address}", self.stub.RemoveItems(request, timeout=timeout))).removed
+
+    async def load_version(self, bundle_path: str, timeout: float) -> str:
+        request = versions_pb2.LoadVersionRequest(bundle_path=bundle_path)
+        return (await _call(f"recall {self.address}", self.stub.LoadVersion(request, timeout=timeout))).model_version
+
+    async def unload_version(self, version: str, timeout: float) -> list[str]:
+        request = versions_pb2.UnloadVersionRequest(model_version=version)
+        reply = await _call(f"recall {self.address}", self.stub.UnloadVersion(request, timeout=timeout))
+        return list(reply.loaded_versions)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -79,8 +96,9 @@ class GrpcRanking:
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = ranking_pb2_grpc.RankingStub(self.channel)
 
-    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
-        request = ranking_pb2.EncodeRequest(history_item_ids=history)
+    async def encode(self, history: list[str], timeout: float, model_version: str = ""
+                     ) -> tuple[dict[str, np.ndarray], str]:
+        request = ranking_pb2.EncodeRequest(history_item_ids=history, model_version=model_version)
         reply = await _call("encode", self.stub.Encode(request, timeout=timeout))
         return {v.channel: from_tensor(v.vector) for v in reply.vectors}, reply.model_version
 
@@ -91,12 +109,21 @@ class GrpcRanking:
         reply = await _call("rank", self.stub.Rank(request, timeout=timeout))
         return [(i.item_id, i.score, list(i.because_item_ids)) for i in reply.items]
 
-    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float
+    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
                           ) -> tuple[dict[str, np.ndarray], str]:
         request = ranking_pb2.EmbedItemsRequest(
-            items=[ranking_pb2.ItemText(item_id=i, text=t, tags=tags) for i, t, tags in items])
+            items=[ranking_pb2.ItemText(item_id=i, text=t, tags=tags) for i, t, tags in items],
+            model_version=model_version)
         reply = await _call("embed", self.stub.EmbedItems(request, timeout=timeout))
         return {v.channel: from_tensor(v.vectors) for v in reply.vectors}, reply.model_version
+
+    async def load_version(self, bundle_path: str, timeout: float) -> str:
+        request = versions_pb2.LoadVersionRequest(bundle_path=bundle_path)
+        return (await _call("ranking", self.stub.LoadVersion(request, timeout=timeout))).model_version
+
+    async def unload_version(self, version: str, timeout: float) -> list[str]:
+        request = versions_pb2.UnloadVersionRequest(model_version=version)
+        return list((await _call("ranking", self.stub.UnloadVersion(request, timeout=timeout))).loaded_versions)
 
     async def close(self) -> None:
         await self.channel.close()

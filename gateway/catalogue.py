@@ -1,7 +1,9 @@
 """Live catalogue changes: UpsertItems encodes text into vectors and routes each item to
 the shard that owns it; DeleteItems removes items from every shard.
 
-Both are idempotent, so a client may retry a call that failed part-way.
+Both are idempotent, so a client may retry a call that failed part-way. Applied changes
+are recorded in order, and `replay` brings a newly loaded model version to the same
+catalogue before it serves.
 """
 
 from __future__ import annotations
@@ -9,56 +11,97 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from gateway.events import ItemChange
 from recdata.channels import shard_of
 
 
 class ShardWriter(Protocol):
-    async def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray], timeout: float) -> int: ...
+    async def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray], timeout: float,
+                        model_version: str = "") -> int: ...
 
     async def remove_items(self, item_ids: list[str], timeout: float) -> int: ...
 
 
 class ItemEmbedder(Protocol):
-    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float
+    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
                           ) -> tuple[dict[str, np.ndarray], str]: ...
 
 
-@dataclass(frozen=True)
-class NewItem:
-    item_id: str
-    text: str
-    tags: tuple[str, ...] = ()
+class ChangeLog(Protocol):
+    def record_item_changes(self, changes: list[ItemChange]) -> None: ...
+
+    def item_changes(self) -> list[ItemChange]: ...
 
 
 class Catalogue:
-    def __init__(self, shards: Sequence[ShardWriter], embedder: ItemEmbedder):
+    def __init__(self, shards: Sequence[ShardWriter], embedder: ItemEmbedder, changes: ChangeLog | None = None,
+                 batch: int = 1000):
         self.shards = list(shards)  # position = shard id
         self.embedder = embedder
+        self.changes = changes
+        self.batch = batch  # items per call when replaying
+        # Held while a change is applied and recorded, and while a swap replays the log and
+        # switches versions, so no change lands in the old version only.
+        self.lock = asyncio.Lock()
 
-    async def upsert(self, items: list[NewItem], timeout: float) -> tuple[int, str]:
-        """Encode the items and add each to its owning shard; returns (count, model version).
-
-        The ranking service learns the items first, so the moment a shard can return one,
-        the ranker can score it.
-        """
+    async def _add(self, items: list[ItemChange], timeout: float, version: str) -> str:
         vectors, version = await self.embedder.embed_items(
-            [(i.item_id, i.text, list(i.tags)) for i in items], timeout)
+            [(i.item_id, i.text, list(i.tags)) for i in items], timeout, version)
         rows: dict[int, list[int]] = defaultdict(list)
         for row, item in enumerate(items):
             rows[shard_of(item.item_id, len(self.shards))].append(row)
         await asyncio.gather(*(
             self.shards[shard].add_items([items[r].item_id for r in picked],
-                                         {c: v[picked] for c, v in vectors.items()}, timeout)
+                                         {c: v[picked] for c, v in vectors.items()}, timeout, version)
             for shard, picked in rows.items()
         ))
+        return version
+
+    async def _remove(self, item_ids: list[str], timeout: float) -> int:
+        # Every shard, since ownership may have moved; shards remove from every version they hold.
+        removed = await asyncio.gather(*(s.remove_items(item_ids, timeout) for s in self.shards))
+        return sum(removed)
+
+    async def _record(self, changes: list[ItemChange]) -> None:
+        if self.changes is not None:
+            await asyncio.to_thread(self.changes.record_item_changes, changes)
+
+    async def upsert(self, items: list[ItemChange], timeout: float, version: str = "") -> tuple[int, str]:
+        """Encode the items and add each to its owning shard; returns (count, model version).
+
+        The ranking service learns the items first, so the moment a shard can return one,
+        the ranker can score it.
+        """
+        async with self.lock:
+            version = await self._add(items, timeout, version)
+            await self._record(items)
         return len(items), version
 
     async def delete(self, item_ids: list[str], timeout: float) -> int:
-        """Remove the items from every shard (ownership may have moved); returns how many existed."""
-        removed = await asyncio.gather(*(s.remove_items(item_ids, timeout) for s in self.shards))
-        return sum(removed)
+        """Remove the items from every shard; returns how many existed."""
+        async with self.lock:
+            removed = await self._remove(item_ids, timeout)
+            await self._record([ItemChange("delete", i) for i in item_ids])
+        return removed
+
+    async def replay(self, version: str, timeout: float) -> int:
+        """Apply every recorded change, in order, to `version`; the caller holds `lock`."""
+        if self.changes is None:
+            return 0
+        changes = await asyncio.to_thread(self.changes.item_changes)
+        run: list[ItemChange] = []
+        for change in [*changes, None]:
+            # Consecutive changes of one kind go in one call; a change of the other kind ends the run.
+            if run and (change is None or change.op != run[0].op or len(run) == self.batch):
+                if run[0].op == "upsert":
+                    await self._add(run, timeout, version)
+                else:
+                    await self._remove([c.item_id for c in run], timeout)
+                run = []
+            if change is not None:
+                run.append(change)
+        return len(changes)

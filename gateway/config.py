@@ -34,10 +34,13 @@ class GatewayConfig:
     port: int = DEFAULT_PORT
     # Candidates asked of every shard per channel; the merged funnel keeps each channel's
     # quota so no channel starves the others.
-    channel_budgets: tuple[tuple[str, int], ...] = (("sequential", 100), ("semantic", 20), ("popular", 10))
+    channel_budgets: tuple[tuple[str, int], ...] = (
+        ("sequential", 100), ("semantic", 20), ("item2item", 20), ("popular", 10))
     history_length: int = 200       # most recent events read per user
     default_deadline_s: float = 1.0 # budget when the client sets no deadline
     explain_top: int = 3            # because_item_ids per item when explain is set
+    # After a swap, how long the old version stays loaded for requests that started on it.
+    swap_drain_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:

@@ -1,11 +1,15 @@
-"""The feedback event log and the per-user history it gives, in SQLite (WAL mode).
+"""The feedback event log and the per-user history it gives, in SQLite (WAL mode), and the
+log of live catalogue changes.
 
 One table serves both: an event is durable once its transaction commits, and the next
 history read of the same user sees it. SQLite in WAL mode lets reads run beside a write.
+Catalogue changes (upserts and deletes) are kept in order so that a newly loaded model
+version can be brought to the live catalogue before it serves.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -23,7 +27,22 @@ CREATE TABLE IF NOT EXISTS events (
     timestamp_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, timestamp_ms, seq);
+CREATE TABLE IF NOT EXISTS item_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL CHECK (op IN ('upsert', 'delete')),
+    item_id TEXT NOT NULL,
+    text TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]'  -- JSON list
+);
 """
+
+
+@dataclass(frozen=True)
+class ItemChange:
+    op: str                       # "upsert" or "delete"
+    item_id: str
+    text: str = ""
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,24 @@ class EventLog:
                 (user_id, limit),
             ).fetchall()
         return [r[0] for r in reversed(rows)]
+
+    def record_item_changes(self, changes: Iterable[ItemChange]) -> None:
+        """Append catalogue changes in one durable transaction."""
+        rows = [(c.op, c.item_id, c.text, json.dumps(list(c.tags))) for c in changes]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO item_changes (op, item_id, text, tags) VALUES (?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def item_changes(self) -> list[ItemChange]:
+        """Every recorded catalogue change, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT op, item_id, text, tags FROM item_changes ORDER BY seq").fetchall()
+        return [ItemChange(op, item_id, text, tuple(json.loads(tags))) for op, item_id, text, tags in rows]
 
     def count(self) -> int:
         with self._lock:

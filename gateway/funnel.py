@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
-from recdata.channels import POPULAR, VECTOR_CHANNELS, ChannelQuery
+from recdata.channels import CHANNELS, ITEM2ITEM, ITEM2ITEM_RECENT, POPULAR, ChannelQuery
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,10 @@ class RecallBackend(Protocol):
 
 
 class RankingBackend(Protocol):
-    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]: ...
+    async def encode(self, history: list[str], timeout: float, model_version: str
+                     ) -> tuple[dict[str, np.ndarray], str]:
+        """Query vectors per channel and the version that made them ("" = the default)."""
+        ...
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
                    diversity: float, explain_top: int, timeout: float, model_version: str
@@ -116,6 +119,9 @@ class Funnel:
         self.ranking = ranking
         self.budgets = channel_budgets
         self.explain_top = explain_top
+        # The version every stage of a request uses; "" until the first answer names one.
+        # A swap replaces it in one assignment: a request reads it once, at its start.
+        self.model_version = ""
 
     async def _fan_out(self, queries: list[ChannelQuery], exclude: list[str], deadline: float,
                        version: str) -> tuple[list[ShardAnswer], float]:
@@ -137,11 +143,12 @@ class Funnel:
         degraded = False
         seen = set(query.history) | set(query.exclude_item_ids)
         vectors: dict[str, np.ndarray] = {}
-        version = ""
+        version = self.model_version
         if query.history:
             try:
                 budget = (deadline - time.monotonic()) * 0.3
-                vectors, version = await self.ranking.encode(query.history, max(budget, 0.001))
+                vectors, version = await self.ranking.encode(query.history, max(budget, 0.001), version)
+                self.model_version = self.model_version or version
             except StageFailed as error:
                 log.warning("encode failed, answering from popularity: %s", error)
                 degraded = True
@@ -150,10 +157,11 @@ class Funnel:
         budgets = dict(self.budgets)
         if not vectors:  # nobody to personalise for: popularity has to fill the whole answer
             budgets = {POPULAR: max(budgets.get(POPULAR, 0), query.k)}
+        recent = tuple(query.history[-ITEM2ITEM_RECENT:])
         queries = [
-            ChannelQuery(channel, k, vectors.get(channel))
+            ChannelQuery(channel, k, vectors.get(channel), recent if channel == ITEM2ITEM else ())
             for channel, k in budgets.items()
-            if k > 0 and (channel == POPULAR or channel in vectors)
+            if k > 0 and (channel == POPULAR or channel in vectors or (channel == ITEM2ITEM and recent))
         ]
         # Shards drop seen and excluded items before cutting their top-k, so each channel
         # still brings its full budget of new items.
@@ -165,7 +173,7 @@ class Funnel:
         degraded |= coverage < 1.0
         merged = merge_shards(answers, {q.channel: q.k for q in queries})
         version = version or next((a.model_version for a in answers), "")
-        order = [c for c in (*VECTOR_CHANNELS, POPULAR) if c in merged]
+        order = [c for c in CHANNELS if c in merged]
         candidates = [(i, s) for i, s in combine_channels(merged, order) if i not in seen]
 
         t = time.monotonic()

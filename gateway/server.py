@@ -14,11 +14,13 @@ from gateway.catalogue import Catalogue
 from gateway.config import DEFAULT_PORT, GatewayConfig
 from gateway.events import EventLog
 from gateway.funnel import Funnel
-from gateway.servicer import RecommenderServicer
-from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
+from gateway.rollout import Rollout
+from gateway.servicer import RecommenderServicer, RolloutServicer
+from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
 from protos.serving import ServerHandle, start_server
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
+ROLLOUT_SERVICE_NAME = versions_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name
 
 
 @dataclass
@@ -26,6 +28,8 @@ class Gateway:
     handle: ServerHandle
     events: EventLog
     backends: list[GrpcRecall | GrpcRanking]
+    funnel: Funnel
+    rollout: Rollout
 
     @property
     def address(self) -> str:
@@ -42,16 +46,18 @@ async def start(config: GatewayConfig) -> Gateway:
     shards = [GrpcRecall(address) for address in config.recall_addresses]
     ranking = GrpcRanking(config.ranking_address)
     funnel = Funnel(shards, ranking, dict(config.channel_budgets), config.explain_top)
-    catalogue = Catalogue(shards, ranking)
     events = EventLog(config.db_path)
+    catalogue = Catalogue(shards, ranking, events)
     servicer = RecommenderServicer(funnel, catalogue, events, config,
                                    ThreadPoolExecutor(4, thread_name_prefix="gateway"))
+    rollout = Rollout(funnel, catalogue, ranking, shards, config.swap_drain_s)
     handle = await start_server(
         config.host, config.port,
-        [lambda server: recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server)],
-        [SERVICE_NAME],
+        [lambda server: recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server),
+         lambda server: versions_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(rollout), server)],
+        [SERVICE_NAME, ROLLOUT_SERVICE_NAME],
     )
-    return Gateway(handle, events, [*shards, ranking])
+    return Gateway(handle, events, [*shards, ranking], funnel, rollout)
 
 
 async def serve(config: GatewayConfig) -> None:

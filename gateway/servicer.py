@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from gateway.catalogue import Catalogue, NewItem
+from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
-from gateway.events import Event, EventLog
+from gateway.events import Event, EventLog, ItemChange
 from gateway.funnel import Funnel, RecommendQuery, StageFailed
+from gateway.rollout import Rollout
 from gateway.validation import (
     InvalidRequest,
     check_event,
@@ -23,7 +24,7 @@ from gateway.validation import (
     check_recommend,
     check_size,
 )
-from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
+from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("recfunnel.requests")
@@ -121,9 +122,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 check_item(n, item.text, list(item.tags), limits)
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        items = [NewItem(i.item_id, i.text, tuple(i.tags)) for i in request.items]
+        items = [ItemChange("upsert", i.item_id, i.text, tuple(i.tags)) for i in request.items]
         try:
-            count, version = await self.catalogue.upsert(items, self._budget(context))
+            count, version = await self.catalogue.upsert(items, self._budget(context), self.funnel.model_version)
         except StageFailed as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"upsert did not complete, retry is safe: {error}")
         return recommender_pb2.UpsertItemsResponse(upserted=count, model_version=version)
@@ -143,3 +144,32 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         except StageFailed as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"delete did not complete, retry is safe: {error}")
         return recommender_pb2.DeleteItemsResponse(deleted=deleted)
+
+
+class RolloutServicer(versions_pb2_grpc.RolloutServicer):
+    """The gateway's operator surface: which version serves, and the swap to another."""
+
+    def __init__(self, rollout: Rollout):
+        self.rollout = rollout
+
+    async def SwapVersion(self, request: versions_pb2.SwapVersionRequest,
+                          context: grpc.aio.ServicerContext) -> versions_pb2.SwapVersionResponse:
+        if not request.bundle_path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bundle_path is empty; give a bundle folder")
+        try:
+            report = await self.rollout.swap(request.bundle_path)
+        except StageFailed as error:
+            # The old version still serves: nothing switched unless every service loaded the new one.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"swap not done, still serving the old "
+                                f"version: {error}")
+        return versions_pb2.SwapVersionResponse(model_version=report.model_version,
+                                                previous_version=report.previous_version,
+                                                replayed_changes=report.replayed_changes, seconds=report.seconds)
+
+    async def ServingVersion(self, request: versions_pb2.ServingVersionRequest,
+                             context: grpc.aio.ServicerContext) -> versions_pb2.ServingVersionResponse:
+        try:
+            return versions_pb2.ServingVersionResponse(model_version=await self.rollout.serving_version())
+        except StageFailed as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"ranking service unreachable: {error}")
+            raise

@@ -1,15 +1,21 @@
-"""What every recfunnel gRPC server has besides its own service: health and reflection."""
+"""What every recfunnel gRPC server has besides its own service: health and reflection, and
+the version handling the recall and ranking services share."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.recfunnel.v1 import versions_pb2
+from recdata.versions import DefaultVersionInUse, LoadedVersions, VersionNotLoaded
+
 log = logging.getLogger(__name__)
+Served = TypeVar("Served")
 
 # Vectors and candidate lists make bigger messages than gRPC's 4 MiB default allows.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
@@ -63,3 +69,26 @@ async def start_server(
     address = f"{host}:{bound}"
     log.info("serving %s on %s", ", ".join(service_names), address)
     return ServerHandle(server, address, health_servicer, service_names)
+
+
+async def served_version(versions: LoadedVersions[Served], version: str,
+                         context: grpc.aio.ServicerContext) -> Served:
+    """The named version (empty = the default), held by the caller for its whole call so a
+    swap meanwhile cannot change it; FAILED_PRECONDITION when it is not loaded."""
+    try:
+        return versions.get(version)
+    except VersionNotLoaded as error:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        raise  # abort raises; this line only tells the type checker
+
+
+async def unload_version(versions: LoadedVersions[Any], version: str,
+                         context: grpc.aio.ServicerContext) -> versions_pb2.UnloadVersionResponse:
+    """Drop a loaded version: NOT_FOUND when it is not held, FAILED_PRECONDITION for the default."""
+    try:
+        versions.remove(version)
+    except VersionNotLoaded as error:
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+    except DefaultVersionInUse as error:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    return versions_pb2.UnloadVersionResponse(loaded_versions=versions.names)

@@ -55,11 +55,12 @@ class TrainConfig:
     ranker_cold_share: float = 0.3   # candidates shown as cold (content only, no popularity) while
                                      # the ranker trains, so cold items are not ranked as bad ones
     candidates_per_channel: tuple[tuple[str, int], ...] = (
-        ("sequential", 100), ("semantic", 20), ("popular", 10))
+        ("sequential", 100), ("semantic", 20), ("item2item", 20), ("popular", 10))
     seed: int = 0
     threads: int = 2           # torch intra-op threads; the build machines have 2 cores
     time_budget_s: float = 600.0  # stop the query-encoder phase after this many seconds
     use_text: bool = True      # False: ID-only items (no LM text, no tags, no semantic channel)
+    recent_popularity: bool = True  # False: the popular channel ranks by all-time interactions only
     track_test: bool = False   # also measure test NDCG@10 after every epoch (for the training curve)
 
     def __post_init__(self) -> None:

@@ -21,7 +21,16 @@ from ranking.inference import candidate_features, pad_left, semantic_queries
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
 from recdata.bundle import load_bundle, load_weights
-from recdata.channels import CHANNELS, POPULAR, SEMANTIC, SEQUENTIAL
+from recdata.channels import (
+    CHANNELS,
+    ITEM2ITEM,
+    ITEM2ITEM_RECENT,
+    POPULAR,
+    SEMANTIC,
+    SEQUENTIAL,
+    popular_scores,
+    recency_weights,
+)
 from recdata.metrics import ranking_metrics, sample_unseen
 from recdata.split import Split
 
@@ -46,6 +55,9 @@ class FunnelScorer:
     item_table: torch.Tensor       # (I + 1, d) encoder input and item vectors; row 0 = padding
     text_vectors: np.ndarray       # (I, D_text)
     log_popularity: torch.Tensor   # (I,)
+    popular: torch.Tensor          # (I,) the popular channel's score (all-time and recent)
+    neighbour_ids: torch.Tensor    # (I, M) item2item co-occurrence neighbours, -1 = none
+    neighbour_scores: torch.Tensor # (I, M)
     budgets: dict[str, int]        # candidates per recall channel
     # (I, d) text-and-tags-only item vectors: how cold items look. Set while training the
     # ranker, which sees some candidates this way so that it learns to rank cold items.
@@ -64,8 +76,13 @@ class FunnelScorer:
         encoder.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(folder, "query_encoder").items()})
         ranker.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(folder, "ranker").items()})
         vectors = torch.from_numpy(bundle.arrays[SEQUENTIAL])
+        arrays = bundle.arrays
         return cls(encoder.eval(), ranker.eval(), torch.cat([torch.zeros_like(vectors[:1]), vectors]),
-                   bundle.arrays[SEMANTIC], torch.from_numpy(np.log1p(bundle.arrays["popularity"])), budgets)
+                   arrays[SEMANTIC], torch.from_numpy(np.log1p(arrays["popularity"])),
+                   torch.from_numpy(popular_scores(arrays["popularity"], arrays["recent_popularity"],
+                                                   bundle.manifest["recent_share"])),
+                   torch.from_numpy(arrays["item2item_ids"].astype(np.int64)),
+                   torch.from_numpy(arrays["item2item_scores"]), budgets)
 
     def queries(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) user vectors and (B, D_text) semantic query vectors."""
@@ -73,29 +90,51 @@ class FunnelScorer:
         users = self.encoder(self.item_table[padded], padding, last_only=True)[:, -1]
         return users, torch.from_numpy(semantic_queries(self.text_vectors, histories))
 
-    def recall(self, users: torch.Tensor, semantic: torch.Tensor, seen: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def item2item(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """(B, I) co-occurrence scores of the recent history items' neighbours, -inf for the rest."""
+        B, recent = len(histories), ITEM2ITEM_RECENT
+        rows = torch.zeros(B, recent, dtype=torch.long)
+        weights = torch.zeros(B, recent)
+        for b, history in enumerate(histories):
+            tail = np.asarray(history[-recent:], dtype=np.int64)
+            if len(tail):
+                rows[b, recent - len(tail):] = torch.from_numpy(tail)
+                weights[b, recent - len(tail):] = torch.from_numpy(recency_weights(len(tail)))
+        ids = self.neighbour_ids[rows]                                            # (B, R, M)
+        contributions = self.neighbour_scores[rows] * weights.unsqueeze(-1)
+        # Missing neighbours (-1) land in an extra column that is cut off afterwards.
+        slots = torch.where(ids >= 0, ids, self.num_items).reshape(B, -1)
+        scores = torch.zeros(B, self.num_items + 1).scatter_add_(1, slots, contributions.reshape(B, -1))
+        scores = scores[:, : self.num_items]
+        return scores.masked_fill(scores <= 0, -math.inf)
+
+    def recall(self, histories: list[np.ndarray], users: torch.Tensor, semantic: torch.Tensor,
+               seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every channel's top-k of unseen items, merged as the gateway merges them.
 
         Returns candidates (B, W), proposed-by flags (B, W, n_channels) and a (B, W) mask that
-        keeps each item's first occurrence only.
+        keeps each item's first occurrence only, and only items a channel really proposed
+        (item2item proposes fewer than k when the history has few neighbours).
         """
         per_channel = {
             SEQUENTIAL: lambda: users @ self.item_table[1:].T,
             SEMANTIC: lambda: semantic @ self.text_t.T,
-            POPULAR: lambda: self.log_popularity.expand(len(users), -1),
+            ITEM2ITEM: lambda: self.item2item(histories),
+            POPULAR: lambda: self.popular.expand(len(users), -1),
         }
-        found, channel_of = [], []
+        found, proposed, channel_of = [], [], []
         for c, channel in enumerate(CHANNELS):
             k = min(self.budgets.get(channel, 0), self.num_items)
             if k:
-                top = per_channel[channel]().masked_fill(seen, -math.inf).topk(k, dim=1).indices
-                found.append(top)
+                top = per_channel[channel]().masked_fill(seen, -math.inf).topk(k, dim=1)
+                found.append(top.indices)
+                proposed.append(torch.isfinite(top.values))
                 channel_of += [c] * k
         candidates = torch.cat(found, dim=1)                                     # (B, W)
-        same = candidates.unsqueeze(2) == candidates.unsqueeze(1)                # (B, W, W)
+        real = torch.cat(proposed, dim=1)                                        # (B, W)
+        same = (candidates.unsqueeze(2) == candidates.unsqueeze(1)) & real.unsqueeze(1)  # (B, W, W)
         earlier = torch.ones(same.shape[1:], dtype=torch.bool).tril(-1)
-        mask = ~(same & earlier).any(-1)                                         # first occurrence
+        mask = real & ~(same & earlier).any(-1)                                  # first real occurrence
         onehot = torch.nn.functional.one_hot(torch.tensor(channel_of), len(CHANNELS)).float()  # (W, n)
         flags = (same.float() @ onehot).clamp(max=1.0)                           # (B, W, n)
         return candidates, flags, mask
@@ -117,7 +156,7 @@ class FunnelScorer:
     def funnel(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ranker scores of the merged candidates: (B, W) scores (-inf off the mask), candidates, mask."""
         users, semantic = self.queries(histories)
-        candidates, flags, mask = self.recall(users, semantic, seen_mask(histories, self.num_items))
+        candidates, flags, mask = self.recall(histories, users, semantic, seen_mask(histories, self.num_items))
         scores = self.rank(histories, users, semantic, candidates, flags)
         return scores.masked_fill(~mask, -math.inf), candidates, mask
 
@@ -140,7 +179,7 @@ class FunnelScorer:
     def funnel_item_scores(self, histories: list[np.ndarray], items: torch.Tensor) -> torch.Tensor:
         """Ranker scores of arbitrary items, flagged with the channels that would propose them."""
         users, semantic = self.queries(histories)
-        candidates, flags, mask = self.recall(users, semantic, seen_mask(histories, self.num_items))
+        candidates, flags, mask = self.recall(histories, users, semantic, seen_mask(histories, self.num_items))
         hit = (items.unsqueeze(2) == candidates.unsqueeze(1)) & mask.unsqueeze(1)  # (B, n, W)
         item_flags = (hit.float() @ flags).clamp(max=1.0)                          # (B, n, channels)
         return self.rank(histories, users, semantic, items, item_flags)

@@ -3,40 +3,62 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
-from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, tensor_pb2
+from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, tensor_pb2, versions_pb2
+from protos.serving import served_version, unload_version
 from protos.wire import to_tensor
 from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
 from ranking.inference import RankCall, RankingModel
+from recdata.bundle import MANIFEST
+from recdata.versions import LoadedVersions
+
+log = logging.getLogger(__name__)
+Call = TypeVar("Call")
+Out = TypeVar("Out")
 
 MAX_EXPLAIN = 10
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServicer):
     def __init__(self, model: RankingModel, config: RankingConfig, executor: ThreadPoolExecutor):
-        self.model = model
+        self.versions = LoadedVersions(model, lambda m: m.version)
         self.config = config
         self.executor = executor
-        # Encode and Rank calls that arrive together share one model call each, run on the
-        # serving thread (see ranking.batching); only EmbedItems, long and rare, uses `executor`.
+        # Encode and Rank calls that arrive together share one model call per version, run on
+        # the serving thread (see ranking.batching); EmbedItems and loading use `executor`.
         wait = config.max_batch_wait_ms / 1000
-        self.encode_batcher: MicroBatcher[list[str], dict[str, np.ndarray]] = MicroBatcher(
+        self.encode_batcher: MicroBatcher[tuple[RankingModel, list[str]], dict[str, np.ndarray]] = MicroBatcher(
             self._encode_batch, None, config.max_batch_size, wait, "encode")
-        self.rank_batcher: MicroBatcher[RankCall, list[tuple[str, float, list[str]]]] = MicroBatcher(
-            self._rank_batch, None, config.max_batch_size, wait, "rank")
+        self.rank_batcher: MicroBatcher[tuple[RankingModel, RankCall], list[tuple[str, float, list[str]]]] = (
+            MicroBatcher(self._rank_batch, None, config.max_batch_size, wait, "rank"))
+        self._loading = asyncio.Lock()
 
-    def _encode_batch(self, histories: Sequence[list[str]]) -> list[dict[str, np.ndarray]]:
-        return self.model.encode_many(histories)  # the model served now, also after a swap
+    @staticmethod
+    def _per_model(calls: Sequence[tuple[RankingModel, Call]], run: Callable[[RankingModel, list[Call]], list[Out]]
+                   ) -> list[Out]:
+        """Run each model's share of a batch in one call; answers in the batch's order."""
+        answers: list[Out | None] = [None] * len(calls)
+        for model in {id(m): m for m, _ in calls}.values():
+            positions = [n for n, (m, _) in enumerate(calls) if m is model]
+            for n, answer in zip(positions, run(model, [calls[n][1] for n in positions]), strict=True):
+                answers[n] = answer
+        return answers  # type: ignore[return-value]  # every position was filled
 
-    def _rank_batch(self, calls: Sequence[RankCall]) -> list[list[tuple[str, float, list[str]]]]:
-        return self.model.rank_many(calls)
+    def _encode_batch(self, calls: Sequence[tuple[RankingModel, list[str]]]) -> list[dict[str, np.ndarray]]:
+        return self._per_model(calls, lambda model, histories: model.encode_many(histories))
+
+    def _rank_batch(self, calls: Sequence[tuple[RankingModel, RankCall]]) -> list[list[tuple[str, float, list[str]]]]:
+        return self._per_model(calls, lambda model, ranks: model.rank_many(ranks))
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {"encode": self.encode_batcher.stats.to_dict(), "rank": self.rank_batcher.stats.to_dict()}
@@ -45,17 +67,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         await self.encode_batcher.close()
         await self.rank_batcher.close()
 
-    async def _check_version(self, context: grpc.aio.ServicerContext, model: RankingModel, version: str) -> None:
-        if version and version != model.version:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"model_version {version!r} not served; serving {model.version!r}")
-
     async def Encode(self, request: ranking_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> ranking_pb2.EncodeResponse:
-        model = self.model
-        await self._check_version(context, model, request.model_version)
+        model = await served_version(self.versions, request.model_version, context)
         # Items older than max_history carry no weight in the encoder anyway.
-        vectors = await self.encode_batcher.submit(list(request.history_item_ids)[-self.config.max_history :])
+        vectors = await self.encode_batcher.submit((model, list(request.history_item_ids)[-self.config.max_history :]))
         # No vectors when nothing in the history is known to this version: recall uses popularity.
         return ranking_pb2.EncodeResponse(
             vectors=[ranking_pb2.ChannelVector(channel=c, vector=to_tensor(v)) for c, v in vectors.items()],
@@ -64,8 +80,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
 
     async def Rank(self, request: ranking_pb2.RankRequest,
                    context: grpc.aio.ServicerContext) -> ranking_pb2.RankResponse:
-        model = self.model
-        await self._check_version(context, model, request.model_version)
+        model = await served_version(self.versions, request.model_version, context)
         if len(request.candidates) > self.config.max_candidates:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(request.candidates)} candidates; allowed 0..{self.config.max_candidates}")
@@ -78,15 +93,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"explain_top={request.explain_top} out of range 0..{MAX_EXPLAIN}")
         candidates = [(c.item_id, {s.channel for s in c.channel_scores}) for c in request.candidates]
-        ranked = await self.rank_batcher.submit(RankCall(
+        ranked = await self.rank_batcher.submit((model, RankCall(
             list(request.history_item_ids)[-self.config.max_history :], candidates,
-            request.k or len(candidates), request.diversity, request.explain_top))
+            request.k or len(candidates), request.diversity, request.explain_top)))
         items = [ranking_pb2.ScoredItem(item_id=i, score=s, because_item_ids=b) for i, s, b in ranked]
         return ranking_pb2.RankResponse(items=items, model_version=model.version)
 
     async def EmbedItems(self, request: ranking_pb2.EmbedItemsRequest,
                          context: grpc.aio.ServicerContext) -> ranking_pb2.EmbedItemsResponse:
-        model = self.model
+        model = await served_version(self.versions, request.model_version, context)
         if not 1 <= len(request.items) <= self.config.max_candidates:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(request.items)} items; allowed 1..{self.config.max_candidates}")
@@ -101,3 +116,25 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             vectors=[tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()],
             model_version=model.version,
         )
+
+    async def LoadVersion(self, request: versions_pb2.LoadVersionRequest,
+                          context: grpc.aio.ServicerContext) -> versions_pb2.LoadVersionResponse:
+        folder = Path(request.bundle_path)
+        if not (folder / MANIFEST).is_file():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle_path {str(folder)!r} is not a bundle folder")
+        serving = self.versions.get()
+        loop = asyncio.get_running_loop()
+        async with self._loading:
+            try:  # loaded off the event loop: the serving version keeps answering meanwhile
+                model = await loop.run_in_executor(self.executor, RankingModel.load, folder, self.config.device)
+            except (ValueError, KeyError, RuntimeError) as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {str(folder)!r}: {error}")
+            # The language model is the same for every version: share it rather than load it again.
+            await loop.run_in_executor(self.executor, model.prepare_item_encoding, serving.text_encoder)
+            version = self.versions.add(model)
+        log.info("ranking loaded %s; holds %s", version, self.versions.names)
+        return versions_pb2.LoadVersionResponse(model_version=version, loaded_versions=self.versions.names)
+
+    async def UnloadVersion(self, request: versions_pb2.UnloadVersionRequest,
+                            context: grpc.aio.ServicerContext) -> versions_pb2.UnloadVersionResponse:
+        return await unload_version(self.versions, request.model_version, context)

@@ -27,8 +27,9 @@ from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
 from ranking.text_encoder import TextEncoder
 from recdata.bundle import Bundle, new_version_id
-from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL
+from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, popular_scores
 from recdata.dataset import Dataset
+from recdata.item_stats import RECENT_SHARE, cooccurrence_neighbours, recent_popularity
 from recdata.split import Split, leave_last_two
 from retrieval.index import build_index
 
@@ -110,6 +111,9 @@ class Trainer:
         self.known_items = torch.from_numpy(np.flatnonzero(counts > 0))
         self.log_q = torch.log(torch.from_numpy(counts + 1.0) / (counts.sum() + dataset.num_items)).float()
         self.log_popularity = torch.from_numpy(np.log1p(self.popularity))
+        self.recent_popularity = (recent_popularity(self.split.train, dataset.num_items, dataset.timestamps)
+                                  if config.recent_popularity else self.popularity * RECENT_SHARE)
+        self.neighbour_ids, self.neighbour_scores = cooccurrence_neighbours(self.split.train, dataset.num_items)
         self.valid = Evaluation(self.split, dataset.num_items, validation=True, seed=config.seed)
         self.test = Evaluation(self.split, dataset.num_items, validation=False, seed=config.seed)
         self.started = time.perf_counter()
@@ -147,8 +151,10 @@ class Trainer:
         self.model.eval()
         with torch.no_grad():
             table = self.item_table()
-        return FunnelScorer(self.model.encoder, self.model.ranker, table, self.text_vectors,
-                            self.log_popularity, self.budgets)
+        popular = popular_scores(self.popularity, self.recent_popularity, RECENT_SHARE)
+        return FunnelScorer(self.model.encoder, self.model.ranker, table, self.text_vectors, self.log_popularity,
+                            torch.from_numpy(popular), torch.from_numpy(self.neighbour_ids.astype(np.int64)),
+                            torch.from_numpy(self.neighbour_scores), self.budgets)
 
     def evaluate(self, validation: bool, with_ranker: bool) -> dict[str, float]:
         """Full-ranking metrics of recall alone (two-tower) or of the whole funnel."""
@@ -166,6 +172,9 @@ class Trainer:
 
     def train_encoder(self) -> list[dict[str, float]]:
         cfg = self.config
+        # Each phase draws from its own seeded stream, so its result does not depend on how
+        # many random numbers another model's initialisation used.
+        seed_everything(cfg.seed)
         windows = torch.from_numpy(training_windows(self.split.train, cfg.model.max_len))
         params = list(self.model.items.parameters()) + list(self.model.encoder.parameters())
         optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -214,6 +223,7 @@ class Trainer:
 
     def train_ranker(self) -> list[dict[str, float]]:
         cfg = self.config
+        seed_everything(cfg.seed + 1)
         examples = self.ranker_examples()
         optimiser = torch.optim.AdamW(self.model.ranker.parameters(), lr=cfg.lr)
         rng = np.random.default_rng(cfg.seed)
@@ -233,7 +243,7 @@ class Trainer:
                 targets = torch.tensor([t for _, t in chosen])
                 with torch.no_grad():
                     users, semantic = scorer.queries(histories)
-                    candidates, flags, mask = scorer.recall(users, semantic,
+                    candidates, flags, mask = scorer.recall(histories, users, semantic,
                                                             seen_mask(histories, self.dataset.num_items))
                 hit = (candidates == targets[:, None]) & mask
                 keep = hit.any(1)  # learn only where recall found the target
@@ -279,13 +289,15 @@ class Trainer:
             version=new_version_id(self.dataset.name),
             item_ids=self.dataset.item_ids,
             item_texts=self.dataset.item_texts,
-            arrays={**arrays, "popularity": self.popularity},
+            arrays={**arrays, "popularity": self.popularity, "recent_popularity": self.recent_popularity,
+                    "item2item_ids": self.neighbour_ids, "item2item_scores": self.neighbour_scores},
             manifest={
                 "dataset": self.dataset.name,
                 "model": self.config.model.to_dict(),
                 "text_model": self.text_encoder.model_dir.name if self.text_encoder else None,
                 "tag_vocabulary": self.tag_vocabulary,
                 "candidates_per_channel": self.budgets,
+                "recent_share": RECENT_SHARE,
                 "metrics": metrics,
                 "indexes": self.index_reports(arrays),
                 "created_unix": time.time(),

@@ -3,7 +3,8 @@
 Layout of a bundle folder:
     manifest.json         version id, model configs, metrics, creation time
     items.json            item ids in index order (the id map every stage shares)
-    arrays.safetensors    item vectors per channel, popularity, co-occurrence lists
+    arrays.safetensors    item vectors per channel, all-time and recent popularity,
+                          item2item co-occurrence neighbours
     query_encoder.safetensors, ranker.safetensors   model weights
 
 Nothing is pickled: tensors go through safetensors and everything else through JSON.
@@ -24,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
 ARRAYS = "arrays.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: item2item neighbours, recent popularity, four ranker channel flags
 
 
 def new_version_id(prefix: str) -> str:

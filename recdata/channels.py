@@ -9,19 +9,38 @@ import numpy as np
 
 SEQUENTIAL = "sequential"  # query-encoder user vector vs item vectors (two-tower)
 SEMANTIC = "semantic"      # recency-weighted LM text vector of the history vs item text vectors
-POPULAR = "popular"        # most interacted items; answers users without history
+ITEM2ITEM = "item2item"    # co-occurrence neighbours of the most recent history items
+POPULAR = "popular"        # global and recent popularity; answers users without history
 
 VECTOR_CHANNELS = (SEQUENTIAL, SEMANTIC)
-CHANNELS = (SEQUENTIAL, SEMANTIC, POPULAR)
+CHANNELS = (SEQUENTIAL, SEMANTIC, ITEM2ITEM, POPULAR)
+
+ITEM2ITEM_RECENT = 5       # history items whose neighbours item2item collects
+ITEM2ITEM_DECAY = 0.8      # weight of the k-th most recent of them is decay**k
+RECENT_WEIGHT = 0.5        # share of recent (vs all-time) popularity in the popular score
 
 
 @dataclass(frozen=True)
 class ChannelQuery:
-    """One channel's part of a recall search: k hits for a query vector (none for popular)."""
+    """One channel's part of a recall search: k hits for a query vector (vector channels) or
+    for the most recent history items (item2item); popular needs neither."""
 
     channel: str
     k: int
     vector: np.ndarray | None = None  # (dim,) for vector channels
+    item_ids: tuple[str, ...] = ()    # item2item: recent history items, oldest first
+
+
+def recency_weights(count: int) -> np.ndarray:
+    """(count,) item2item weights of the recent items, oldest first."""
+    return (ITEM2ITEM_DECAY ** np.arange(count)[::-1]).astype(np.float32)
+
+
+def popular_scores(popularity: np.ndarray, recent: np.ndarray, recent_share: float) -> np.ndarray:
+    """The popular channel's score: all-time and recent interactions, the recent count scaled
+    to the whole period so that both weigh the same for an item with a steady rate."""
+    return ((1 - RECENT_WEIGHT) * np.log1p(popularity) + RECENT_WEIGHT * np.log1p(recent / recent_share)
+            ).astype(np.float32)
 
 
 def shard_of(item_id: str, num_shards: int) -> int:

@@ -26,10 +26,14 @@ class Dataset:
     sequences: list[np.ndarray]
     item_texts: list[str]
     item_tags: list[tuple[str, ...]] = field(default_factory=list)
+    # Per user, the time of each interaction in `sequences`; None when the source has no times.
+    timestamps: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if len(self.sequences) != len(self.user_ids):
             raise ValueError(f"{len(self.sequences)} sequences for {len(self.user_ids)} users")
+        if self.timestamps is not None and [len(t) for t in self.timestamps] != [len(s) for s in self.sequences]:
+            raise ValueError("timestamps must hold one time per interaction of every sequence")
         if len(self.item_texts) != len(self.item_ids):
             raise ValueError(f"{len(self.item_texts)} item texts for {len(self.item_ids)} items")
         if self.item_tags and len(self.item_tags) != len(self.item_ids):
@@ -71,9 +75,9 @@ def from_events(
     # Items that have text but no interactions still belong to the catalogue (cold start).
     for item_id in item_texts or {}:
         item_index.setdefault(item_id, len(item_index))
-    t = np.arange(len(users)) if timestamps is None else np.asarray(timestamps)
+    t = np.arange(len(users)) if timestamps is None else np.asarray(timestamps, dtype=np.float64)
     order = np.lexsort((t, u))  # by user, then time; lexsort is stable
-    u, i = u[order], i[order]
+    u, i, t = u[order], i[order], t[order]
     bounds = np.flatnonzero(np.diff(u)) + 1
     sequences = np.split(i, bounds)
     item_ids = list(item_index)
@@ -86,6 +90,7 @@ def from_events(
         sequences=[s.copy() for s in sequences],
         item_texts=[texts.get(x, "") for x in item_ids],
         item_tags=[tuple(tags.get(x, ())) for x in item_ids],
+        timestamps=None if timestamps is None else [s.copy() for s in np.split(t, bounds)],
     )
 
 

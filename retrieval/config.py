@@ -9,6 +9,7 @@ from typing import Literal
 IndexKind = Literal["auto", "flat", "hnsw", "ivf", "ivfpq"]
 
 MAX_K = 10_000  # largest per-channel candidate count one Search may ask for
+MAX_RECENT_ITEMS = 100  # history items one item2item query may name
 
 
 @dataclass(frozen=True)

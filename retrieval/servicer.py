@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 
-from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc
+from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, versions_pb2
+from protos.serving import served_version, unload_version
 from protos.wire import BadTensor, from_tensor
-from recdata.channels import ChannelQuery
+from recdata.bundle import MANIFEST, load_bundle
+from recdata.channels import ITEM2ITEM, POPULAR, ChannelQuery
+from recdata.versions import LoadedVersions
 from retrieval.shard import InvalidQuery, RecallShard
+
+log = logging.getLogger(__name__)
 
 MAX_EXCLUDED = 100_000
 MAX_UPDATE = 10_000  # items per AddItems / RemoveItems call
@@ -19,22 +27,20 @@ MAX_UPDATE = 10_000  # items per AddItems / RemoveItems call
 
 class RecallServicer(recall_pb2_grpc.RecallServicer):
     def __init__(self, shard: RecallShard, executor: ThreadPoolExecutor):
-        self.shard = shard
+        self.versions = LoadedVersions(shard, lambda s: s.version)
         self.executor = executor
+        self._loading = asyncio.Lock()  # one LoadVersion at a time: index builds need the memory
 
     async def Search(self, request: recall_pb2.SearchRequest,
                      context: grpc.aio.ServicerContext) -> recall_pb2.SearchResponse:
-        shard = self.shard  # one version for the whole call, even if a swap happens meanwhile
-        if request.model_version and request.model_version != shard.version:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"model_version {request.model_version!r} not served; this shard "
-                                f"serves {shard.version!r}")
+        shard = await served_version(self.versions, request.model_version, context)
         if len(request.exclude_item_ids) > MAX_EXCLUDED:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"exclude_item_ids has {len(request.exclude_item_ids)} ids; at most {MAX_EXCLUDED}")
         try:
             queries = [
-                ChannelQuery(q.channel, q.k, from_tensor(q.vector) if q.HasField("vector") else None)
+                ChannelQuery(q.channel, q.k, from_tensor(q.vector) if q.HasField("vector") else None,
+                             tuple(q.item_ids))
                 for q in request.queries
             ]
             for query in queries:
@@ -60,8 +66,9 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
 
     async def ShardInfo(self, request: recall_pb2.ShardInfoRequest,
                         context: grpc.aio.ServicerContext) -> recall_pb2.ShardInfoResponse:
-        shard = self.shard
+        shard = self.versions.get()
         return recall_pb2.ShardInfoResponse(
+            loaded_versions=self.versions.names,
             shard_id=shard.config.shard_id,
             num_shards=shard.config.num_shards,
             model_version=shard.version,
@@ -71,12 +78,13 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                                        recall_at_k=shard.index_reports[channel].recall_at_k,
                                        index_params_json=json.dumps(shard.index_reports[channel].params))
                 for channel in shard.indexes
-            ] + [recall_pb2.ChannelInfo(channel="popular", dim=0, items=shard.size, index_kind="sorted")],
+            ] + [recall_pb2.ChannelInfo(channel=ITEM2ITEM, dim=0, items=shard.size, index_kind="cooccurrence"),
+                 recall_pb2.ChannelInfo(channel=POPULAR, dim=0, items=shard.size, index_kind="sorted")],
         )
 
     async def AddItems(self, request: recall_pb2.AddItemsRequest,
                        context: grpc.aio.ServicerContext) -> recall_pb2.AddItemsResponse:
-        shard = self.shard
+        shard = await served_version(self.versions, request.model_version, context)
         if not 1 <= len(request.item_ids) <= MAX_UPDATE:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"item_ids has {len(request.item_ids)} entries; allowed 1..{MAX_UPDATE}")
@@ -94,5 +102,26 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"item_ids has {len(request.item_ids)} entries; allowed 0..{MAX_UPDATE}")
         loop = asyncio.get_running_loop()
-        removed = await loop.run_in_executor(self.executor, self.shard.remove_items, list(request.item_ids))
-        return recall_pb2.RemoveItemsResponse(removed=removed)
+        removed = [await loop.run_in_executor(self.executor, shard.remove_items, list(request.item_ids))
+                   for shard in self.versions.all()]  # a removed item must not return from any version
+        return recall_pb2.RemoveItemsResponse(removed=max(removed))
+
+    async def LoadVersion(self, request: versions_pb2.LoadVersionRequest,
+                          context: grpc.aio.ServicerContext) -> versions_pb2.LoadVersionResponse:
+        folder = Path(request.bundle_path)
+        if not (folder / MANIFEST).is_file():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle_path {str(folder)!r} is not a bundle folder")
+        config = replace(self.versions.get().config, bundle=folder)
+        async with self._loading:
+            try:  # built off the event loop: searches of the serving version go on meanwhile
+                shard = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, lambda: RecallShard(load_bundle(folder), config))
+            except (ValueError, KeyError) as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {str(folder)!r}: {error}")
+            version = self.versions.add(shard)
+        log.info("recall shard %d loaded %s; holds %s", config.shard_id, version, self.versions.names)
+        return versions_pb2.LoadVersionResponse(model_version=version, loaded_versions=self.versions.names)
+
+    async def UnloadVersion(self, request: versions_pb2.UnloadVersionRequest,
+                            context: grpc.aio.ServicerContext) -> versions_pb2.UnloadVersionResponse:
+        return await unload_version(self.versions, request.model_version, context)

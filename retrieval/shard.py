@@ -11,8 +11,17 @@ from collections.abc import Iterable
 import numpy as np
 
 from recdata.bundle import Bundle
-from recdata.channels import POPULAR, VECTOR_CHANNELS, ChannelQuery, shard_of
-from retrieval.config import MAX_K, RecallConfig
+from recdata.channels import (
+    CHANNELS,
+    ITEM2ITEM,
+    POPULAR,
+    VECTOR_CHANNELS,
+    ChannelQuery,
+    popular_scores,
+    recency_weights,
+    shard_of,
+)
+from retrieval.config import MAX_K, MAX_RECENT_ITEMS, RecallConfig
 from retrieval.index import build_index
 
 
@@ -42,10 +51,16 @@ class RecallShard:
         self.indexes = {channel: index for channel, (index, _) in built.items()}
         self.index_reports = {channel: report for channel, (_, report) in built.items()}
         self.dims = {channel: int(bundle.arrays[channel].shape[1]) for channel in VECTOR_CHANNELS}
-        popularity = bundle.arrays["popularity"][owned]
+        popularity = popular_scores(bundle.arrays["popularity"], bundle.arrays["recent_popularity"],
+                                    bundle.manifest["recent_share"])[owned]
         order = np.argsort(-popularity, kind="stable")
         self.popular_items = owned[order]
-        self.popular_scores = np.log1p(popularity[order]).astype(np.float32)
+        self.popular_scores = popularity[order]
+        # Every shard holds the whole neighbour table (a history item's neighbours live on any
+        # shard) and returns the neighbours it owns; the scores are global, so shard answers merge.
+        self.bundle_rows = {item_id: n for n, item_id in enumerate(bundle.item_ids)}
+        self.neighbour_ids = bundle.arrays["item2item_ids"]
+        self.neighbour_scores = bundle.arrays["item2item_scores"]
         # A FAISS index must not change while it is searched; every index access holds this.
         self._lock = threading.Lock()
 
@@ -54,12 +69,16 @@ class RecallShard:
         return len(self.item_index)
 
     def validate(self, query: ChannelQuery) -> None:
-        if query.channel not in (*VECTOR_CHANNELS, POPULAR):
-            raise InvalidQuery(f"channel {query.channel!r} unknown; allowed: "
-                               f"{', '.join((*VECTOR_CHANNELS, POPULAR))}")
+        if query.channel not in CHANNELS:
+            raise InvalidQuery(f"channel {query.channel!r} unknown; allowed: {', '.join(CHANNELS)}")
         if not 1 <= query.k <= MAX_K:
             raise InvalidQuery(f"k={query.k} for channel {query.channel!r} out of range 1..{MAX_K}")
         if query.channel == POPULAR:
+            return
+        if query.channel == ITEM2ITEM:
+            if not 1 <= len(query.item_ids) <= MAX_RECENT_ITEMS:
+                raise InvalidQuery(f"channel {ITEM2ITEM!r} needs 1..{MAX_RECENT_ITEMS} recent item_ids, "
+                                   f"got {len(query.item_ids)}")
             return
         dim = self.dims[query.channel]
         if query.vector is None or query.vector.shape != (dim,):
@@ -81,6 +100,8 @@ class RecallShard:
                 if query.channel == POPULAR:
                     pairs = zip(self.popular_items, self.popular_scores, strict=True)
                     keep = [(int(i), float(s)) for i, s in pairs if int(i) not in excluded][: query.k]
+                elif query.channel == ITEM2ITEM:
+                    keep = self._neighbours(query.item_ids, query.k, excluded)
                 else:
                     # Ask for enough extra hits that k remain after dropping excluded items.
                     fetch = min(query.k + len(excluded), max(self.indexes[query.channel].ntotal, 1))
@@ -90,6 +111,32 @@ class RecallShard:
                             if i >= 0 and int(i) not in excluded][: query.k]
                 results[query.channel] = [(self.item_ids[i], s) for i, s in keep]
         return results
+
+    def _neighbours(self, recent: tuple[str, ...], k: int, excluded: set[int]) -> list[tuple[int, float]]:
+        """The k owned, served items that co-occur most with the recent items, as (label, score).
+
+        Recent items weigh by their position (the latest most); ids this version never
+        trained on have no neighbours and are skipped.
+        """
+        weights = recency_weights(len(recent))
+        known = [(self.bundle_rows[i], w) for i, w in zip(recent, weights, strict=True) if i in self.bundle_rows]
+        if not known:
+            return []
+        rows = np.asarray([r for r, _ in known])
+        ids = self.neighbour_ids[rows].ravel()
+        contributions = (self.neighbour_scores[rows] * np.asarray([w for _, w in known])[:, None]).ravel()
+        present = ids >= 0
+        neighbours, inverse = np.unique(ids[present], return_inverse=True)
+        totals = np.bincount(inverse, weights=contributions[present])
+        hits = []
+        for n in np.argsort(-totals, kind="stable"):
+            # The neighbour's current label: an upserted item keeps its neighbours.
+            label = self.item_index.get(self.item_ids[int(neighbours[n])])
+            if label is not None and label not in excluded:
+                hits.append((label, float(totals[n])))
+                if len(hits) == k:
+                    break
+        return hits
 
     def _drop_label(self, label: int) -> None:
         """Take one label out of every index (or tombstone it) and out of the popular list."""

@@ -15,7 +15,8 @@ from recdata.synthetic import SyntheticConfig, generate
 TINY_MODEL = ModelConfig(dim=32, max_len=20, layers=1, heads=2, dropout=0.1)
 TINY_TRAINING = TrainConfig(
     model=TINY_MODEL, epochs=6, patience=3, batch_size=64, num_negatives=64, ranker_epochs=2,
-    ranker_positions=4, candidates_per_channel=(("sequential", 40), ("semantic", 10), ("popular", 5)),
+    ranker_positions=4,
+    candidates_per_channel=(("sequential", 40), ("semantic", 10), ("item2item", 10), ("popular", 5)),
     time_budget_s=120.0, threads=2,
 )
 

@@ -1,10 +1,26 @@
-"""Assertions every recfunnel server must pass: standard health and server reflection."""
+"""Assertions every recfunnel server must pass (standard health and server reflection), and
+the real services started together for tests that call them over gRPC."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from gateway import server as gateway_server
+from gateway.config import GatewayConfig
+from gateway.server import Gateway
+from protos.serving import ServerHandle
+from ranking import server as ranking_server
+from ranking.config import RankingConfig
+from ranking.server import RankingService
+from retrieval import server as recall_server
+from retrieval.config import RecallConfig
 
 
 async def assert_health_and_reflection(address: str, service_name: str) -> None:
@@ -19,3 +35,21 @@ async def assert_health_and_reflection(address: str, service_name: str) -> None:
         services = {s.name for s in replies[0].list_services_response.service}
         assert service_name in services
         assert "grpc.health.v1.Health" in services
+
+
+@contextlib.asynccontextmanager
+async def serving_stack(bundle: Path, db_path: Path, num_shards: int = 2, **gateway_options: Any
+                        ) -> AsyncIterator[tuple[Gateway, list[ServerHandle], RankingService]]:
+    """Recall shards, the ranking service and a gateway over them, on free loopback ports."""
+    shards = [await recall_server.start(RecallConfig(bundle=bundle, shard_id=n, num_shards=num_shards))
+              for n in range(num_shards)]
+    ranking = await ranking_server.start(RankingConfig(bundle=bundle))
+    gateway = await gateway_server.start(GatewayConfig(
+        recall_addresses=tuple(s.address for s in shards), ranking_address=ranking.address,
+        db_path=db_path, port=0, **gateway_options))
+    try:
+        yield gateway, shards, ranking
+    finally:
+        await gateway.stop(0)
+        for handle in [*shards, ranking]:
+            await handle.stop(0)

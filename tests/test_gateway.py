@@ -19,12 +19,8 @@ from gateway.events import Event, EventLog
 from gateway.funnel import Funnel, RecommendQuery, ShardAnswer, StageFailed, combine_channels, merge_shards
 from gateway.validation import InvalidRequest, check_recommend
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, recommender_pb2, recommender_pb2_grpc
-from ranking import server as ranking_server
-from ranking.config import RankingConfig
-from recdata.channels import ChannelQuery
-from retrieval import server as recall_server
-from retrieval.config import RecallConfig
-from tests.grpc_checks import assert_health_and_reflection
+from recdata.channels import ITEM2ITEM_RECENT, ChannelQuery
+from tests.grpc_checks import assert_health_and_reflection, serving_stack
 
 
 class FakeShard:
@@ -33,10 +29,12 @@ class FakeShard:
     def __init__(self, items: list[str], fail: bool = False, delay: float = 0.0):
         self.items, self.fail, self.delay = items, fail, delay
         self.calls: list[list[str]] = []
+        self.queries: list[list[ChannelQuery]] = []
 
     async def search(self, queries: list[ChannelQuery], exclude: list[str], timeout: float,
                      model_version: str) -> ShardAnswer:
         self.calls.append(exclude)
+        self.queries.append(queries)
         if self.fail:
             raise StageFailed("down")
         await asyncio.sleep(self.delay)
@@ -50,7 +48,8 @@ class FakeRanking:
     def __init__(self, fail_rank: bool = False):
         self.fail_rank = fail_rank
 
-    async def encode(self, history: list[str], timeout: float) -> tuple[dict[str, np.ndarray], str]:
+    async def encode(self, history: list[str], timeout: float, model_version: str
+                     ) -> tuple[dict[str, np.ndarray], str]:
         return {"sequential": np.ones(4, np.float32)}, "v1"
 
     async def rank(self, history, candidates, k, diversity, explain_top, timeout, model_version):
@@ -66,6 +65,20 @@ def funnel(shards, ranking=None) -> Funnel:
 
 def deadline(seconds: float = 1.0) -> float:
     return time.monotonic() + seconds
+
+
+async def test_item2item_is_asked_for_neighbours_of_the_most_recent_items() -> None:
+    shard = FakeShard([f"i{n}" for n in range(30)])
+    budgets = {"sequential": 10, "item2item": 7, "popular": 5}
+    history = [f"i{n}" for n in range(20, 28)]
+    answer = await Funnel([shard], FakeRanking(), budgets).recommend(RecommendQuery("u", 5, history), deadline())
+    asked = {q.channel: q for q in shard.queries[0]}
+    assert asked["item2item"].k == 7 and asked["item2item"].item_ids == tuple(history[-ITEM2ITEM_RECENT:])
+    assert asked["item2item"].vector is None and not asked["popular"].item_ids
+    assert any("item2item" in r.channels for r in answer.items)
+    # Without a history there is nothing to find neighbours of.
+    await Funnel([shard], FakeRanking(), budgets).recommend(RecommendQuery("u", 5, []), deadline())
+    assert "item2item" not in {q.channel for q in shard.queries[1]}
 
 
 async def test_ranked_answer_filters_seen_and_excluded_and_honours_k() -> None:
@@ -176,15 +189,8 @@ def test_event_log_is_durable_and_gives_recent_history_in_order(tmp_path: Path) 
 
 @pytest.fixture
 async def gateway(tiny_bundle: Path, tmp_path: Path):
-    shards = [await recall_server.start(RecallConfig(bundle=tiny_bundle, shard_id=n, num_shards=2)) for n in range(2)]
-    ranking = await ranking_server.start(RankingConfig(bundle=tiny_bundle))
-    gw = await gateway_server.start(GatewayConfig(
-        recall_addresses=tuple(s.address for s in shards), ranking_address=ranking.address,
-        db_path=tmp_path / "events.sqlite", port=0))
-    yield gw, shards, ranking
-    await gw.stop(0)
-    for handle in [*shards, ranking]:
-        await handle.stop(0)
+    async with serving_stack(tiny_bundle, tmp_path / "events.sqlite") as stack:
+        yield stack
 
 
 async def test_gateway_over_grpc(gateway) -> None:

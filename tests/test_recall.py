@@ -12,7 +12,7 @@ from gateway.backends import GrpcRecall
 from gateway.funnel import ShardAnswer, StageFailed, merge_shards
 from protos.recfunnel.v1 import recall_pb2
 from recdata.bundle import load_bundle
-from recdata.channels import POPULAR, SEMANTIC, SEQUENTIAL, ChannelQuery, shard_of
+from recdata.channels import ITEM2ITEM, POPULAR, SEMANTIC, SEQUENTIAL, ChannelQuery, popular_scores, shard_of
 from retrieval import server as recall_server
 from retrieval.bench import RecallBenchConfig, clustered_catalogue, run_recall_bench, user_queries
 from retrieval.config import RecallConfig
@@ -207,3 +207,46 @@ def test_recall_bench_reports_every_figure() -> None:
         entry = report["indexes"][kind]
         assert 0 < entry["recall_at_100"] <= 1 and entry["build_s"] >= 0 and entry["bytes"] > 0
         assert entry["upsert_to_searchable_ms"]["max_ms"] > 0
+
+
+def test_item2item_proposes_neighbours_of_recent_items_owned_by_the_shard(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    neighbours, scores = bundle.arrays["item2item_ids"], bundle.arrays["item2item_scores"]
+    single, parts = shards(tiny_bundle, 1)[0], shards(tiny_bundle, 3)
+    recent = ("i4", "i9", "i17")
+    query = [ChannelQuery(ITEM2ITEM, 15, item_ids=recent)]
+    expected = single.search(query)[ITEM2ITEM]
+    assert len(expected) == 15
+    # The latest item's strongest neighbour is proposed, and scores fall.
+    top_of_latest = bundle.item_ids[int(neighbours[17, 0])]
+    assert scores[17, 0] > 0 and top_of_latest in [i for i, _ in expected]
+    assert [s for _, s in expected] == sorted((s for _, s in expected), reverse=True)
+    # Each shard returns only what it owns; merged they equal the single shard.
+    for n, part in enumerate(parts):
+        assert all(shard_of(i, 3) == n for i, _ in part.search(query)[ITEM2ITEM])
+    merged = merge_shards([ShardAnswer(p.search(query), "v") for p in parts], {ITEM2ITEM: 15})[ITEM2ITEM]
+    assert [i for i, _ in merged] == [i for i, _ in expected]
+    # Excluded and deleted items never come back; unknown ids only add nothing.
+    first = expected[0][0]
+    assert first not in [i for i, _ in single.search(query, [first])[ITEM2ITEM]]
+    single.remove_items([expected[1][0]])
+    again = single.search([ChannelQuery(ITEM2ITEM, 15, item_ids=("never-seen", *recent))])[ITEM2ITEM]
+    assert expected[1][0] not in [i for i, _ in again]
+
+
+def test_item2item_needs_recent_items(tiny_bundle: Path) -> None:
+    shard = shards(tiny_bundle, 1)[0]
+    with pytest.raises(InvalidQuery, match=r"1\.\.100 recent item_ids, got 0"):
+        shard.search([ChannelQuery(ITEM2ITEM, 5)])
+    with pytest.raises(InvalidQuery, match="got 101"):
+        shard.search([ChannelQuery(ITEM2ITEM, 5, item_ids=tuple(f"i{n}" for n in range(101)))])
+
+
+def test_popular_channel_blends_all_time_and_recent_popularity(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    blended = popular_scores(bundle.arrays["popularity"], bundle.arrays["recent_popularity"],
+                             bundle.manifest["recent_share"])
+    shard = shards(tiny_bundle, 1)[0]
+    top = [i for i, _ in shard.search([ChannelQuery(POPULAR, 10)])[POPULAR]]
+    assert top == [bundle.item_ids[n] for n in np.argsort(-blended, kind="stable")[:10]]
+    assert bundle.arrays["recent_popularity"].sum() > 0

@@ -23,37 +23,38 @@ _sym_db = _symbol_database.Default()
 
 
 from protos.recfunnel.v1 import tensor_pb2 as protos_dot_recfunnel_dot_v1_dot_tensor__pb2
+from protos.recfunnel.v1 import versions_pb2 as protos_dot_recfunnel_dot_v1_dot_versions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/recfunnel/v1/ranking.proto\x12\x0crecfunnel.v1\x1a protos/recfunnel/v1/tensor.proto\"@\n\rEncodeRequest\x12\x18\n\x10history_item_ids\x18\x01 \x03(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"F\n\rChannelVector\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensor\"U\n\x0e\x45ncodeResponse\x12,\n\x07vectors\x18\x01 \x03(\x0b\x32\x1b.recfunnel.v1.ChannelVector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\".\n\x0c\x43hannelScore\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"T\n\rRankCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x32\n\x0e\x63hannel_scores\x18\x02 \x03(\x0b\x32\x1a.recfunnel.v1.ChannelScore\"\xa2\x01\n\x0bRankRequest\x12\x18\n\x10history_item_ids\x18\x01 \x03(\t\x12/\n\ncandidates\x18\x02 \x03(\x0b\x32\x1b.recfunnel.v1.RankCandidate\x12\x13\n\x0b\x65xplain_top\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\t\n\x01k\x18\x05 \x01(\x05\x12\x11\n\tdiversity\x18\x06 \x01(\x02\"F\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\x03 \x03(\t\"N\n\x0cRankResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.recfunnel.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"7\n\x08ItemText\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\":\n\x11\x45mbedItemsRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.recfunnel.v1.ItemText\"Z\n\x12\x45mbedItemsResponse\x12-\n\x07vectors\x18\x01 \x03(\x0b\x32\x1c.recfunnel.v1.ChannelVectors\x12\x15\n\rmodel_version\x18\x02 \x01(\t2\xde\x01\n\x07Ranking\x12\x43\n\x06\x45ncode\x12\x1b.recfunnel.v1.EncodeRequest\x1a\x1c.recfunnel.v1.EncodeResponse\x12=\n\x04Rank\x12\x19.recfunnel.v1.RankRequest\x1a\x1a.recfunnel.v1.RankResponse\x12O\n\nEmbedItems\x12\x1f.recfunnel.v1.EmbedItemsRequest\x1a .recfunnel.v1.EmbedItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/recfunnel/v1/ranking.proto\x12\x0crecfunnel.v1\x1a protos/recfunnel/v1/tensor.proto\x1a\"protos/recfunnel/v1/versions.proto\"@\n\rEncodeRequest\x12\x18\n\x10history_item_ids\x18\x01 \x03(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"F\n\rChannelVector\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensor\"U\n\x0e\x45ncodeResponse\x12,\n\x07vectors\x18\x01 \x03(\x0b\x32\x1b.recfunnel.v1.ChannelVector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\".\n\x0c\x43hannelScore\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"T\n\rRankCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x32\n\x0e\x63hannel_scores\x18\x02 \x03(\x0b\x32\x1a.recfunnel.v1.ChannelScore\"\xa2\x01\n\x0bRankRequest\x12\x18\n\x10history_item_ids\x18\x01 \x03(\t\x12/\n\ncandidates\x18\x02 \x03(\x0b\x32\x1b.recfunnel.v1.RankCandidate\x12\x13\n\x0b\x65xplain_top\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\t\n\x01k\x18\x05 \x01(\x05\x12\x11\n\tdiversity\x18\x06 \x01(\x02\"F\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\x03 \x03(\t\"N\n\x0cRankResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.recfunnel.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"7\n\x08ItemText\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\"Q\n\x11\x45mbedItemsRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.recfunnel.v1.ItemText\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"Z\n\x12\x45mbedItemsResponse\x12-\n\x07vectors\x18\x01 \x03(\x0b\x32\x1c.recfunnel.v1.ChannelVectors\x12\x15\n\rmodel_version\x18\x02 \x01(\t2\x8c\x03\n\x07Ranking\x12\x43\n\x06\x45ncode\x12\x1b.recfunnel.v1.EncodeRequest\x1a\x1c.recfunnel.v1.EncodeResponse\x12=\n\x04Rank\x12\x19.recfunnel.v1.RankRequest\x1a\x1a.recfunnel.v1.RankResponse\x12O\n\nEmbedItems\x12\x1f.recfunnel.v1.EmbedItemsRequest\x1a .recfunnel.v1.EmbedItemsResponse\x12R\n\x0bLoadVersion\x12 .recfunnel.v1.LoadVersionRequest\x1a!.recfunnel.v1.LoadVersionResponse\x12X\n\rUnloadVersion\x12\".recfunnel.v1.UnloadVersionRequest\x1a#.recfunnel.v1.UnloadVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.recfunnel.v1.ranking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODEREQUEST']._serialized_start=85
-  _globals['_ENCODEREQUEST']._serialized_end=149
-  _globals['_CHANNELVECTOR']._serialized_start=151
-  _globals['_CHANNELVECTOR']._serialized_end=221
-  _globals['_ENCODERESPONSE']._serialized_start=223
-  _globals['_ENCODERESPONSE']._serialized_end=308
-  _globals['_CHANNELSCORE']._serialized_start=310
-  _globals['_CHANNELSCORE']._serialized_end=356
-  _globals['_RANKCANDIDATE']._serialized_start=358
-  _globals['_RANKCANDIDATE']._serialized_end=442
-  _globals['_RANKREQUEST']._serialized_start=445
-  _globals['_RANKREQUEST']._serialized_end=607
-  _globals['_SCOREDITEM']._serialized_start=609
-  _globals['_SCOREDITEM']._serialized_end=679
-  _globals['_RANKRESPONSE']._serialized_start=681
-  _globals['_RANKRESPONSE']._serialized_end=759
-  _globals['_ITEMTEXT']._serialized_start=761
-  _globals['_ITEMTEXT']._serialized_end=816
-  _globals['_EMBEDITEMSREQUEST']._serialized_start=818
-  _globals['_EMBEDITEMSREQUEST']._serialized_end=876
-  _globals['_EMBEDITEMSRESPONSE']._serialized_start=878
-  _globals['_EMBEDITEMSRESPONSE']._serialized_end=968
-  _globals['_RANKING']._serialized_start=971
-  _globals['_RANKING']._serialized_end=1193
+  _globals['_ENCODEREQUEST']._serialized_start=121
+  _globals['_ENCODEREQUEST']._serialized_end=185
+  _globals['_CHANNELVECTOR']._serialized_start=187
+  _globals['_CHANNELVECTOR']._serialized_end=257
+  _globals['_ENCODERESPONSE']._serialized_start=259
+  _globals['_ENCODERESPONSE']._serialized_end=344
+  _globals['_CHANNELSCORE']._serialized_start=346
+  _globals['_CHANNELSCORE']._serialized_end=392
+  _globals['_RANKCANDIDATE']._serialized_start=394
+  _globals['_RANKCANDIDATE']._serialized_end=478
+  _globals['_RANKREQUEST']._serialized_start=481
+  _globals['_RANKREQUEST']._serialized_end=643
+  _globals['_SCOREDITEM']._serialized_start=645
+  _globals['_SCOREDITEM']._serialized_end=715
+  _globals['_RANKRESPONSE']._serialized_start=717
+  _globals['_RANKRESPONSE']._serialized_end=795
+  _globals['_ITEMTEXT']._serialized_start=797
+  _globals['_ITEMTEXT']._serialized_end=852
+  _globals['_EMBEDITEMSREQUEST']._serialized_start=854
+  _globals['_EMBEDITEMSREQUEST']._serialized_end=935
+  _globals['_EMBEDITEMSRESPONSE']._serialized_start=937
+  _globals['_EMBEDITEMSRESPONSE']._serialized_end=1027
+  _globals['_RANKING']._serialized_start=1030
+  _globals['_RANKING']._serialized_end=1426
 # @@protoc_insertion_point(module_scope)

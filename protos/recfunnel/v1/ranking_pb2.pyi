@@ -1,4 +1,5 @@
 from protos.recfunnel.v1 import tensor_pb2 as _tensor_pb2
+from protos.recfunnel.v1 import versions_pb2 as _versions_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -92,10 +93,12 @@ class ItemText(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EmbedItemsRequest(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "model_version")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ItemText]
-    def __init__(self, items: _Optional[_Iterable[_Union[ItemText, _Mapping]]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ItemText, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class EmbedItemsResponse(_message.Message):
     __slots__ = ("vectors", "model_version")

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos.recfunnel.v1 import ranking_pb2 as protos_dot_recfunnel_dot_v1_dot_ranking__pb2
+from protos.recfunnel.v1 import versions_pb2 as protos_dot_recfunnel_dot_v1_dot_versions__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -49,6 +50,16 @@ class RankingStub:
                 request_serializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsRequest.SerializeToString,
                 response_deserializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsResponse.FromString,
                 _registered_method=True)
+        self.LoadVersion = channel.unary_unary(
+                '/recfunnel.v1.Ranking/LoadVersion',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionResponse.FromString,
+                _registered_method=True)
+        self.UnloadVersion = channel.unary_unary(
+                '/recfunnel.v1.Ranking/UnloadVersion',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServicer:
@@ -76,6 +87,19 @@ class RankingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadVersion(self, request, context):
+        """Load another bundle's models beside the serving ones, then make it the default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +117,16 @@ def add_RankingServicer_to_server(servicer, server):
                     servicer.EmbedItems,
                     request_deserializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsRequest.FromString,
                     response_serializer=protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsResponse.SerializeToString,
+            ),
+            'LoadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadVersion,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionResponse.SerializeToString,
+            ),
+            'UnloadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadVersion,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +210,60 @@ class Ranking:
             '/recfunnel.v1.Ranking/EmbedItems',
             protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsRequest.SerializeToString,
             protos_dot_recfunnel_dot_v1_dot_ranking__pb2.EmbedItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Ranking/LoadVersion',
+            protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Ranking/UnloadVersion',
+            protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
 from protos.recfunnel.v1 import tensor_pb2 as _tensor_pb2
+from protos.recfunnel.v1 import versions_pb2 as _versions_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -8,14 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ChannelQuery(_message.Message):
-    __slots__ = ("channel", "vector", "k")
+    __slots__ = ("channel", "vector", "k", "item_ids")
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     channel: str
     vector: _tensor_pb2.Tensor
     k: int
-    def __init__(self, channel: _Optional[str] = ..., vector: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ...) -> None: ...
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, channel: _Optional[str] = ..., vector: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("queries", "exclude_item_ids", "model_version")
@@ -74,24 +77,28 @@ class ChannelInfo(_message.Message):
     def __init__(self, channel: _Optional[str] = ..., dim: _Optional[int] = ..., items: _Optional[int] = ..., index_kind: _Optional[str] = ..., recall_at_k: _Optional[float] = ..., index_params_json: _Optional[str] = ...) -> None: ...
 
 class ShardInfoResponse(_message.Message):
-    __slots__ = ("shard_id", "num_shards", "model_version", "channels")
+    __slots__ = ("shard_id", "num_shards", "model_version", "channels", "loaded_versions")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_SHARDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     num_shards: int
     model_version: str
     channels: _containers.RepeatedCompositeFieldContainer[ChannelInfo]
-    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., model_version: _Optional[str] = ..., channels: _Optional[_Iterable[_Union[ChannelInfo, _Mapping]]] = ...) -> None: ...
+    loaded_versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., model_version: _Optional[str] = ..., channels: _Optional[_Iterable[_Union[ChannelInfo, _Mapping]]] = ..., loaded_versions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddItemsRequest(_message.Message):
-    __slots__ = ("item_ids", "vectors")
+    __slots__ = ("item_ids", "vectors", "model_version")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     vectors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.ChannelVectors]
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Iterable[_Union[_tensor_pb2.ChannelVectors, _Mapping]]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Iterable[_Union[_tensor_pb2.ChannelVectors, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class AddItemsResponse(_message.Message):
     __slots__ = ("added",)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos.recfunnel.v1 import recall_pb2 as protos_dot_recfunnel_dot_v1_dot_recall__pb2
+from protos.recfunnel.v1 import versions_pb2 as protos_dot_recfunnel_dot_v1_dot_versions__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -54,6 +55,16 @@ class RecallStub:
                 request_serializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsRequest.SerializeToString,
                 response_deserializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsResponse.FromString,
                 _registered_method=True)
+        self.LoadVersion = channel.unary_unary(
+                '/recfunnel.v1.Recall/LoadVersion',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionResponse.FromString,
+                _registered_method=True)
+        self.UnloadVersion = channel.unary_unary(
+                '/recfunnel.v1.Recall/UnloadVersion',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionResponse.FromString,
+                _registered_method=True)
 
 
 class RecallServicer:
@@ -79,8 +90,21 @@ class RecallServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveItems(self, request, context):
-        """Remove items; they are never returned again.
+        """Remove items from every loaded version; they are never returned again.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadVersion(self, request, context):
+        """Build the indexes of another bundle beside the serving ones, then make it the default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -107,6 +131,16 @@ def add_RecallServicer_to_server(servicer, server):
                     servicer.RemoveItems,
                     request_deserializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsRequest.FromString,
                     response_serializer=protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsResponse.SerializeToString,
+            ),
+            'LoadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadVersion,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionResponse.SerializeToString,
+            ),
+            'UnloadVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadVersion,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +251,60 @@ class Recall:
             '/recfunnel.v1.Recall/RemoveItems',
             protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsRequest.SerializeToString,
             protos_dot_recfunnel_dot_v1_dot_recall__pb2.RemoveItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Recall/LoadVersion',
+            protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_versions__pb2.LoadVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Recall/UnloadVersion',
+            protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_versions__pb2.UnloadVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

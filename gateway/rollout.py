@@ -1,0 +1,79 @@
+"""Swapping the cluster to a new model version while it serves.
+
+1. Pin every request to the serving version (the funnel names it on every call).
+2. Load the new bundle on the ranker and every shard, beside the serving one.
+3. Replay the live catalogue changes onto it, then switch the funnel's version in one
+   assignment, both under the catalogue's lock so no change lands in the old version only.
+4. Wait for requests that started on the old version to finish, then unload it.
+
+A request reads the version once, at its start, so it sees one version end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from gateway.catalogue import Catalogue
+from gateway.funnel import Funnel, StageFailed
+
+log = logging.getLogger(__name__)
+
+
+class VersionHolder(Protocol):
+    async def load_version(self, bundle_path: str, timeout: float) -> str: ...
+
+    async def unload_version(self, version: str, timeout: float) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    model_version: str
+    previous_version: str
+    replayed_changes: int
+    seconds: float
+
+
+class Rollout:
+    def __init__(self, funnel: Funnel, catalogue: Catalogue, ranking: VersionHolder,
+                 shards: Sequence[VersionHolder], drain_s: float, load_timeout_s: float = 600.0):
+        self.funnel = funnel
+        self.catalogue = catalogue
+        self.ranking = ranking
+        self.shards = list(shards)
+        self.drain_s = drain_s
+        self.load_timeout_s = load_timeout_s
+        self._swapping = asyncio.Lock()  # one swap at a time
+
+    async def serving_version(self) -> str:
+        """The version requests use now, asking the ranker for its default if none ran yet."""
+        if not self.funnel.model_version:
+            _, version = await self.funnel.ranking.encode([], self.load_timeout_s, "")
+            self.funnel.model_version = self.funnel.model_version or version
+        return self.funnel.model_version
+
+    async def swap(self, bundle_path: str) -> SwapReport:
+        async with self._swapping:
+            started = time.monotonic()
+            previous = await self.serving_version()
+            holders = [self.ranking, *self.shards]
+            loaded = await asyncio.gather(*(h.load_version(bundle_path, self.load_timeout_s) for h in holders))
+            if len(set(loaded)) != 1:
+                raise StageFailed(f"services loaded different versions from {bundle_path}: {sorted(set(loaded))}")
+            version = loaded[0]
+            async with self.catalogue.lock:
+                replayed = await self.catalogue.replay(version, self.load_timeout_s)
+                self.funnel.model_version = version
+            log.info("serving %s (was %s); %d catalogue changes replayed", version, previous, replayed)
+            if previous != version:
+                await asyncio.sleep(self.drain_s)  # requests that read the old version finish
+                results = await asyncio.gather(*(h.unload_version(previous, self.load_timeout_s) for h in holders),
+                                               return_exceptions=True)
+                for result in results:
+                    if isinstance(result, BaseException):  # a restarted service may not hold it any more
+                        log.warning("unloading %s: %s", previous, result)
+            return SwapReport(version, previous, replayed, time.monotonic() - started)

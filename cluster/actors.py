@@ -3,15 +3,21 @@
 The service itself is the plain one (`retrieval.server`, `ranking.server`,
 `gateway.server`); these hosts only give Ray something to place, restart and address,
 one class per service so the Ray dashboard names them. They are plain classes:
-`cluster.launch` turns them into actors with `ray.remote` and applies the resources
+`cluster.controller` turns them into actors with `ray.remote` and applies the resources
 declared in `cluster.config` with `.options()`.
+
+Ray restarts a dead host by constructing it again; the service starts on the next
+`start()`, which the controller calls on every host it watches.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from typing import Any, Protocol
+
+from cluster.config import NODE_IP
 
 
 class Running(Protocol):
@@ -27,17 +33,36 @@ class ServiceHost:
     def __init__(self, config: Any):
         logging.basicConfig(level=os.environ.get("RECFUNNEL_LOG_LEVEL", "WARNING"),
                             format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        if getattr(config, "host", "") == NODE_IP:
+            import ray
+
+            # Each service listens on, and advertises, the address of the node Ray placed it on.
+            config = replace(config, host=ray.util.get_node_ip_address())
         self.config = config
         self.running: Running | None = None
 
     async def _start(self) -> Running:
         raise NotImplementedError
 
+    async def _versions(self) -> tuple[str, list[str]]:
+        """(default version, loaded versions) of the running service."""
+        versions = self.running.servicer.versions  # type: ignore[union-attr]  # recall and ranking
+        return versions.default, versions.names
+
     async def start(self) -> str:
         """Start the service once; returns its address."""
         if self.running is None:
             self.running = await self._start()
         return self.running.address
+
+    async def describe(self) -> dict[str, Any]:
+        """Where this host runs and what it serves, for the controller and `recfunnel status`."""
+        import ray
+
+        version, loaded = await self._versions() if self.running is not None else ("", [])
+        return {"address": self.running.address if self.running else "", "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "model_version": version,
+                "loaded_versions": loaded}
 
     async def stop(self) -> None:
         if self.running is not None:
@@ -68,3 +93,28 @@ class GatewayHost(ServiceHost):
         from gateway.server import start
 
         return await start(self.config)
+
+    async def _versions(self) -> tuple[str, list[str]]:
+        try:  # the version its requests use; asks the ranker if none has run yet
+            version = await self.running.rollout.serving_version()  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - the ranker is down: the gateway cannot know yet
+            version = ""
+        return version, [version] if version else []
+
+    async def start_with(self, recall_addresses: list[str], ranking_address: str) -> str:
+        """Start (or keep running) with these backends; a restarted gateway starts with the
+        current addresses rather than those it was first configured with."""
+        if self.running is None:
+            self.config = replace(self.config, recall_addresses=tuple(recall_addresses),
+                                  ranking_address=ranking_address)
+            return await self.start()
+        self.running.retarget(recall_addresses, ranking_address)  # type: ignore[attr-defined]
+        return self.running.address
+
+    async def replay_catalogue(self) -> int:
+        return await self.running.replay_catalogue() if self.running else 0  # type: ignore[attr-defined]
+
+    async def swap(self, bundle_path: str) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(await self.running.rollout.swap(bundle_path))  # type: ignore[union-attr,attr-defined]

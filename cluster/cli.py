@@ -50,6 +50,62 @@ def demo(
              console)
 
 
+@app.command()
+def up(
+    config: Annotated[Path | None, typer.Option(help="cluster settings (TOML), e.g. deploy/cluster.toml")] = None,
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting a local one")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="the bundle to serve")] = None,
+    db: Annotated[Path | None, typer.Option(help="event log (SQLite)")] = None,
+    shards: Annotated[int | None, typer.Option(min=1, max=256, help="recall shards")] = None,
+    port: Annotated[int | None, typer.Option(help="gateway port")] = None,
+) -> None:
+    """Start the cluster on Ray and leave it running (local Ray with its dashboard by default)."""
+    from cluster.config import ClusterConfig
+    from cluster.ops import up as start
+
+    try:
+        settings = ClusterConfig.from_file(config, bundle=bundle, db_path=db, num_shards=shards, gateway_port=port)
+    except (ValueError, TypeError, OSError) as error:
+        raise typer.BadParameter(str(error)) from error
+    endpoints = start(settings, address)
+    console.print(f"gateway on [bold]{endpoints['gateway']}[/], serving {endpoints['model_version']}"
+                  + (f"; Ray dashboard on {endpoints['dashboard']}" if endpoints["dashboard"] else ""))
+
+
+@app.command()
+def status(
+    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Each service actor: address, node, state, model version and restarts."""
+    from rich.table import Table
+
+    from cluster.ops import status as read_status
+
+    report = read_status(address)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"recfunnel on {report['gateway']} serving {report['model_version']}")
+    columns = ("name", "state", "address", "model_version", "restarts", "node_id")
+    for column in columns:
+        table.add_column(column)
+    for service in report["services"]:
+        table.add_row(*(str(service[c])[:16] if c == "node_id" else str(service[c]) for c in columns))
+    console.print(table)
+
+
+@app.command()
+def down(
+    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
+) -> None:
+    """Stop every service (and the local Ray `up` started)."""
+    from cluster.ops import down as stop
+
+    stop(address)
+    console.print("recfunnel stopped")
+
+
 @app.command("train")
 def train_command(
     out: Annotated[Path, typer.Option(help="folder to write the bundle to")],

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
+
+import tomllib
 
 from gateway.config import DEFAULT_PORT
+
+NODE_IP = "node-ip"  # as `host`: each service binds its node's cluster address (multi-node)
 
 
 @dataclass(frozen=True)
@@ -37,3 +42,33 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.num_shards <= 256:
             raise ValueError(f"num_shards={self.num_shards} must be in 1..256")
+
+    @classmethod
+    def from_file(cls, path: Path | None, **overrides: Any) -> ClusterConfig:
+        """A TOML file's settings (see deploy/cluster.toml), then the non-None `overrides`.
+
+        Top-level keys are this class's fields; `[shard_resources]`, `[ranker_resources]`
+        and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts.
+        """
+        values: dict[str, Any] = tomllib.loads(path.read_text("utf-8")) if path else {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; allowed: {', '.join(sorted(known))}")
+        for key in ("shard_resources", "ranker_resources", "gateway_resources"):
+            if key in values:
+                values[key] = ActorResources(**values[key])
+        for key in ("bundle", "db_path"):
+            if key in values:
+                values[key] = Path(values[key])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        missing = {"bundle", "db_path"} - set(values)
+        if missing:
+            raise ValueError(f"settings {sorted(missing)} are needed (config file or options)")
+        return cls(**values)
+
+    def with_gpus(self, available: float) -> ClusterConfig:
+        """Give the ranker a GPU when the Ray cluster has one and the config asked for none."""
+        if available >= 1 and self.ranker_resources.num_gpus == 0:
+            return replace(self, ranker_resources=replace(self.ranker_resources, num_gpus=1.0))
+        return self

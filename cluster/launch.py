@@ -1,4 +1,4 @@
-"""Place the services on Ray and wire them together: shards and ranker first, then the gateway."""
+"""Start the cluster on Ray: the controller actor, which creates and watches every service."""
 
 from __future__ import annotations
 
@@ -8,53 +8,54 @@ from typing import Any
 
 import ray
 
-from cluster.actors import GatewayHost, RankingHost, RecallShardHost
-from cluster.config import ActorResources, ClusterConfig
-from gateway.config import GatewayConfig
-from ranking.config import RankingConfig
-from retrieval.config import RecallConfig
+from cluster.config import ClusterConfig
+from cluster.controller import CONTROLLER_NAME, NAMESPACE, START_TIMEOUT_S, Controller
 
 log = logging.getLogger(__name__)
-
-START_TIMEOUT_S = 300.0
 
 
 @dataclass
 class RunningCluster:
-    shards: list[Any]
-    ranker: Any
-    gateway: Any
+    controller: Any
     shard_addresses: list[str]
     ranking_address: str
     gateway_address: str
 
+    def actor(self, name: str) -> Any:
+        """A service actor by its name, e.g. "recfunnel-ranking"."""
+        return ray.get_actor(name, namespace=NAMESPACE)
+
+    @property
+    def ranker(self) -> Any:
+        return self.actor("recfunnel-ranking")
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = ray.get(self.controller.status.remote(), timeout=30)
+        return status
+
     def stop(self) -> None:
-        """Stop the gateway first so no request reaches a stopped backend, then the rest."""
-        ray.get(self.gateway.stop.remote(), timeout=30)
-        ray.get([a.stop.remote() for a in [*self.shards, self.ranker]], timeout=30)
-        for actor in [self.gateway, *self.shards, self.ranker]:
-            ray.kill(actor, no_restart=True)
+        ray.get(self.controller.stop.remote(), timeout=60)
+        ray.kill(self.controller, no_restart=True)
 
 
-def _actor(host: type, name: str, resources: ActorResources, config: object) -> Any:
-    """A named actor running `host(config)`, with the resources the cluster config declares."""
-    return ray.remote(host).options(name=name, **resources.options()).remote(config)
+def start_cluster(config: ClusterConfig, detached: bool = False, poll_s: float = 1.0) -> RunningCluster:
+    """Start the controller and through it every service; returns once all of them answer.
+
+    `detached` keeps the cluster running after this process exits (`recfunnel up`).
+    """
+    options: dict[str, Any] = {"name": CONTROLLER_NAME, "namespace": NAMESPACE, "num_cpus": 0,
+                               "max_restarts": 0}
+    if detached:
+        options["lifetime"] = "detached"
+    controller_actor: Any = ray.remote(Controller)
+    controller = controller_actor.options(**options).remote(config, poll_s)
+    endpoints: dict[str, Any] = ray.get(controller.start.remote(), timeout=START_TIMEOUT_S)
+    log.info("cluster up: %s", endpoints)
+    return RunningCluster(controller, endpoints["recall"], endpoints["ranking"], endpoints["gateway"])
 
 
-def start_cluster(config: ClusterConfig) -> RunningCluster:
-    """Start every service actor; returns once all of them answer on their ports."""
-    shards = [
-        _actor(RecallShardHost, f"recfunnel-recall-{n}", config.shard_resources,
-               RecallConfig(bundle=config.bundle, shard_id=n, num_shards=config.num_shards, host=config.host))
-        for n in range(config.num_shards)
-    ]
-    ranker = _actor(RankingHost, "recfunnel-ranking", config.ranker_resources,
-                    RankingConfig(bundle=config.bundle, host=config.host, threads=config.ranker_threads))
-    shard_addresses: list[str] = ray.get([s.start.remote() for s in shards], timeout=START_TIMEOUT_S)
-    ranking_address: str = ray.get(ranker.start.remote(), timeout=START_TIMEOUT_S)
-    gateway = _actor(GatewayHost, "recfunnel-gateway", config.gateway_resources,
-                     GatewayConfig(recall_addresses=tuple(shard_addresses), ranking_address=ranking_address,
-                                   db_path=config.db_path, host=config.host, port=config.gateway_port))
-    gateway_address: str = ray.get(gateway.start.remote(), timeout=START_TIMEOUT_S)
-    log.info("cluster up: gateway %s, shards %s, ranking %s", gateway_address, shard_addresses, ranking_address)
-    return RunningCluster(shards, ranker, gateway, shard_addresses, ranking_address, gateway_address)
+def find_cluster() -> RunningCluster:
+    """The cluster a detached controller runs on the connected Ray cluster."""
+    controller: Any = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
+    endpoints: dict[str, Any] = ray.get(controller.endpoints.remote(), timeout=30)
+    return RunningCluster(controller, endpoints["recall"], endpoints["ranking"], endpoints["gateway"])

@@ -49,7 +49,17 @@ def rank_request(history: list[str], candidates: list[tuple[str, dict[str, float
 class GrpcRecall:
     """One recall shard, as the funnel's RecallBackend and the catalogue's ShardWriter."""
 
+    channel: grpc.aio.Channel
+
     def __init__(self, address: str):
+        self.retired: list[grpc.aio.Channel] = []  # channels to addresses the service has left
+        self.connect(address)
+
+    def connect(self, address: str) -> None:
+        """Talk to `address` from the next call on (a restarted shard listens on a new port);
+        calls already sent finish on the old channel, which closes when they are done."""
+        if hasattr(self, "channel"):
+            self.retired.append(self.channel)
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = recall_pb2_grpc.RecallStub(self.channel)
@@ -85,13 +95,23 @@ class GrpcRecall:
         return list(reply.loaded_versions)
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in [*self.retired, self.channel]:
+            await channel.close()
 
 
 class GrpcRanking:
     """The ranking service, as the funnel's RankingBackend and the catalogue's ItemEmbedder."""
 
+    channel: grpc.aio.Channel
+
     def __init__(self, address: str):
+        self.retired: list[grpc.aio.Channel] = []  # channels to addresses the service has left
+        self.connect(address)
+
+    def connect(self, address: str) -> None:
+        """Talk to `address` from the next call on, as GrpcRecall.connect."""
+        if hasattr(self, "channel"):
+            self.retired.append(self.channel)
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = ranking_pb2_grpc.RankingStub(self.channel)
@@ -126,4 +146,5 @@ class GrpcRanking:
         return list((await _call("ranking", self.stub.UnloadVersion(request, timeout=timeout))).loaded_versions)
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in [*self.retired, self.channel]:
+            await channel.close()

@@ -49,10 +49,10 @@ class Rollout:
         self.load_timeout_s = load_timeout_s
         self._swapping = asyncio.Lock()  # one swap at a time
 
-    async def serving_version(self) -> str:
+    async def serving_version(self, timeout: float = 5.0) -> str:
         """The version requests use now, asking the ranker for its default if none ran yet."""
         if not self.funnel.model_version:
-            _, version = await self.funnel.ranking.encode([], self.load_timeout_s, "")
+            _, version = await self.funnel.ranking.encode([], timeout, "")
             self.funnel.model_version = self.funnel.model_version or version
         return self.funnel.model_version
 

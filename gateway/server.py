@@ -35,6 +35,32 @@ class Gateway:
     def address(self) -> str:
         return self.handle.address
 
+    def retarget(self, recall_addresses: list[str], ranking_address: str) -> bool:
+        """Follow services that moved (a restarted actor listens on a new port); True if any did.
+
+        The old channels are left to close with the gateway: a call still running on one
+        finishes there, and nothing new is sent to it.
+        """
+        shards = [b for b in self.backends if isinstance(b, GrpcRecall)]
+        ranking = next(b for b in self.backends if isinstance(b, GrpcRanking))
+        if len(recall_addresses) != len(shards):
+            raise ValueError(f"{len(recall_addresses)} recall addresses for {len(shards)} shards")
+        moved = False
+        targets: list[tuple[GrpcRecall | GrpcRanking, str]] = [*zip(shards, recall_addresses, strict=True),
+                                                                (ranking, ranking_address)]
+        for backend, address in targets:
+            if backend.address != address:
+                backend.connect(address)
+                moved = True
+        return moved
+
+    async def replay_catalogue(self, timeout: float = 600.0) -> int:
+        """Apply the recorded catalogue changes again to the serving version (a restarted
+        service starts from its bundle); changes are idempotent, so the others are unchanged."""
+        version = await self.rollout.serving_version()
+        async with self.rollout.catalogue.lock:
+            return await self.rollout.catalogue.replay(version, timeout)
+
     async def stop(self, grace: float = 2.0) -> None:
         await self.handle.stop(grace)
         for backend in self.backends:

@@ -149,6 +149,10 @@ class FunnelScorer:
         if as_cold is not None and self.cold_table is not None:
             vectors = torch.where(as_cold.unsqueeze(-1), self.cold_table[items], vectors)
             log_popularity = log_popularity.masked_fill(as_cold, 0.0)
+            # A cold item has no co-occurrences and no popularity: those channels never propose
+            # it, so a candidate shown as cold must not carry their flags either.
+            needs_history = torch.tensor([c in (ITEM2ITEM, POPULAR) for c in CHANNELS])
+            flags = flags.masked_fill(as_cold.unsqueeze(-1) & needs_history, 0.0)
         features = candidate_features(users, semantic, vectors, self.text_t[items], log_popularity, flags)
         scores, _ = self.ranker(self.item_table[padded], padding, users, vectors, features)
         return scores

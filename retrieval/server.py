@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc
@@ -18,25 +19,39 @@ from retrieval.shard import RecallShard
 SERVICE_NAME = recall_pb2.DESCRIPTOR.services_by_name["Recall"].full_name
 
 
-async def start(config: RecallConfig) -> ServerHandle:
+@dataclass
+class RecallService:
+    handle: ServerHandle
+    servicer: RecallServicer
+
+    @property
+    def address(self) -> str:
+        return self.handle.address
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.handle.stop(grace)
+
+
+async def start(config: RecallConfig) -> RecallService:
     """Build the shard's indexes from the bundle and start serving them."""
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(config.search_threads, thread_name_prefix="recall")
     shard = await loop.run_in_executor(executor, lambda: RecallShard(load_bundle(config.bundle), config))
     servicer = RecallServicer(shard, executor)
-    return await start_server(
+    handle = await start_server(
         config.host, config.port,
         [lambda server: recall_pb2_grpc.add_RecallServicer_to_server(servicer, server)],
         [SERVICE_NAME],
     )
+    return RecallService(handle, servicer)
 
 
 async def serve(config: RecallConfig) -> None:
-    handle = await start(config)
+    service = await start(config)
     try:
-        await handle.server.wait_for_termination()
+        await service.handle.server.wait_for_termination()
     finally:
-        await handle.stop()
+        await service.stop()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,6 +79,55 @@ def test_recommend_and_feedback_through_the_cluster(cluster, tiny_dataset: Datas
 
 
 def test_services_are_named_ray_actors(cluster) -> None:
-    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if isinstance(a, dict)} or set(
-        ray.util.list_named_actors())
-    assert {"recfunnel-gateway", "recfunnel-ranking", "recfunnel-recall-0", "recfunnel-recall-1"} <= names
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert {"recfunnel-controller", "recfunnel-gateway", "recfunnel-ranking", "recfunnel-recall-0",
+            "recfunnel-recall-1"} <= names
+
+
+def test_status_reports_every_actor_its_address_version_and_restarts(cluster) -> None:
+    status = cluster.status()
+    services = {s["name"]: s for s in status["services"]}
+    assert set(services) == {"recfunnel-gateway", "recfunnel-ranking", "recfunnel-recall-0", "recfunnel-recall-1"}
+    for service in services.values():
+        assert service["state"] == "ALIVE" and service["address"] and service["node_id"]
+        assert service["model_version"] == status["model_version"] and service["restarts"] == 0
+    assert status["gateway"] == cluster.gateway_address
+
+
+async def _recommend_until(address: str, user: str, done, seconds: float) -> list:  # type: ignore[no-untyped-def]
+    """Recommend every 0.2 s until `done(reply)` or `seconds` pass; every call must succeed."""
+    client = RecommenderClient(address, timeout=10)
+    replies = []
+    try:
+        deadline = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < deadline:
+            reply = await client.recommend(user, k=5)  # raises on any error status
+            replies.append(reply)
+            if done(reply):
+                break
+            await asyncio.sleep(0.2)
+    finally:
+        await client.close()
+    return replies
+
+
+# A shard is back within 30 s; the ranker's new process must also import torch and load
+# MiniLM before it answers, so it gets longer.
+@pytest.mark.parametrize(("name", "back_within_s"), [("recfunnel-recall-1", 30), ("recfunnel-ranking", 90)])
+def test_a_killed_service_is_restarted_and_used_again_with_no_failed_request(
+        cluster, tiny_dataset: Dataset, name: str, back_within_s: float) -> None:
+    user = tiny_dataset.user_ids[1]
+    before = {s["name"]: s for s in cluster.status()["services"]}[name]
+    ray.kill(cluster.actor(name), no_restart=False)  # the process dies; Ray builds the actor again
+
+    async def scenario() -> list:  # type: ignore[type-arg]
+        await asyncio.sleep(0.5)
+        return await _recommend_until(cluster.gateway_address, user,
+                                      lambda r: not r.degraded and r.recall_coverage == 1.0, back_within_s)
+
+    replies = asyncio.run(scenario())
+    assert replies and not replies[-1].degraded and replies[-1].recall_coverage == 1.0
+    assert all(len(r.items) == 5 for r in replies)  # degraded while it was down, never empty or failed
+    after = {s["name"]: s for s in cluster.status()["services"]}[name]
+    assert after["restarts"] == before["restarts"] + 1 and after["pid"] != before["pid"]
+    assert after["state"] == "ALIVE" and after["model_version"] == before["model_version"]

@@ -1,0 +1,189 @@
+"""The controller actor: which service listens where and serves which model version.
+
+It creates the service actors, then watches them. Ray restarts a dead actor by building
+its host again; on its next pass the controller starts the service in it, loads the
+serving version if that is not the one its bundle holds, replays the catalogue changes,
+and points the gateway at the new address. Nothing else restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+
+from cluster.actors import GatewayHost, RankingHost, RecallShardHost
+from cluster.config import ActorResources, ClusterConfig
+from gateway.backends import GrpcRanking, GrpcRecall
+from gateway.config import GatewayConfig
+from ranking.config import RankingConfig
+from recdata.bundle import load_bundle
+from retrieval.config import RecallConfig
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "recfunnel-controller"
+NAMESPACE = "recfunnel"
+START_TIMEOUT_S = 300.0   # building indexes and loading models
+CALL_TIMEOUT_S = 10.0     # anything else the controller asks of a host
+
+
+@dataclass
+class ServiceRecord:
+    name: str
+    role: str                 # "recall", "ranking" or "gateway"
+    actor: Any = field(repr=False)
+    address: str = ""
+    pid: int = 0
+    node_id: str = ""
+    model_version: str = ""
+    loaded_versions: list[str] = field(default_factory=list)
+    state: str = "STARTING"   # STARTING, ALIVE, UNREACHABLE (dead or restarting)
+    restarts: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "actor"}
+
+
+def service_actor(host: type, name: str, resources: ActorResources, config: object) -> Any:
+    """A named actor running `host(config)`, with the resources the cluster config declares."""
+    return ray.remote(host).options(name=name, namespace=NAMESPACE, **resources.options()).remote(config)
+
+
+class Controller:
+    def __init__(self, config: ClusterConfig, poll_s: float = 1.0):
+        self.config = config
+        self.poll_s = poll_s
+        self.serving_bundle = str(config.bundle)
+        self.serving_version = load_bundle(config.bundle).version
+        self.records: dict[str, ServiceRecord] = {}
+        self._watcher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one reconcile or swap at a time
+
+    # ---- start and stop ------------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        """Create and start every service; returns the endpoints once all answer."""
+        config = self.config
+        for n in range(config.num_shards):
+            name = f"recfunnel-recall-{n}"
+            recall = RecallConfig(bundle=config.bundle, shard_id=n, num_shards=config.num_shards, host=config.host)
+            self.records[name] = ServiceRecord(name, "recall", service_actor(
+                RecallShardHost, name, config.shard_resources, recall))
+        ranking = RankingConfig(bundle=config.bundle, host=config.host, threads=config.ranker_threads)
+        self.records["recfunnel-ranking"] = ServiceRecord("recfunnel-ranking", "ranking", service_actor(
+            RankingHost, "recfunnel-ranking", config.ranker_resources, ranking))
+        backends = [r for r in self.records.values() if r.role != "gateway"]
+        await asyncio.gather(*(asyncio.wait_for(r.actor.start.remote(), START_TIMEOUT_S) for r in backends))
+        for record in backends:
+            await self._describe(record)
+        gateway = GatewayConfig(recall_addresses=tuple(self.shard_addresses()), ranking_address=self.ranking_address(),
+                                db_path=config.db_path, host=config.host, port=config.gateway_port)
+        self.records["recfunnel-gateway"] = ServiceRecord("recfunnel-gateway", "gateway", service_actor(
+            GatewayHost, "recfunnel-gateway", config.gateway_resources, gateway))
+        await asyncio.wait_for(self.records["recfunnel-gateway"].actor.start.remote(), START_TIMEOUT_S)
+        await self._describe(self.records["recfunnel-gateway"])
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return self.endpoints()
+
+    async def stop(self) -> None:
+        """Stop the gateway first so no request reaches a stopped backend, then the rest."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+        order = sorted(self.records.values(), key=lambda r: r.role != "gateway")
+        for record in order:
+            try:
+                await asyncio.wait_for(record.actor.stop.remote(), CALL_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001 - a dead actor has nothing left to stop
+                log.warning("stopping %s: %s", record.name, error)
+            ray.kill(record.actor, no_restart=True)
+        self.records.clear()
+
+    # ---- what operators and the CLI ask --------------------------------------------------
+    def shard_addresses(self) -> list[str]:
+        return [r.address for r in self.records.values() if r.role == "recall"]
+
+    def ranking_address(self) -> str:
+        return self.records["recfunnel-ranking"].address
+
+    def endpoints(self) -> dict[str, Any]:
+        gateway = self.records.get("recfunnel-gateway")
+        return {"gateway": gateway.address if gateway else "", "recall": self.shard_addresses(),
+                "ranking": self.ranking_address(), "model_version": self.serving_version,
+                "bundle": self.serving_bundle}
+
+    def status(self) -> dict[str, Any]:
+        return {**self.endpoints(), "services": [r.to_dict() for r in self.records.values()]}
+
+    async def swap(self, bundle_path: str) -> dict[str, Any]:
+        """Roll the cluster to another bundle through the gateway; restarted services follow it."""
+        async with self._lock:
+            report: dict[str, Any] = await self.records["recfunnel-gateway"].actor.swap.remote(bundle_path)
+            self.serving_bundle, self.serving_version = bundle_path, report["model_version"]
+            return report
+
+    # ---- watching ------------------------------------------------------------------------
+    async def _describe(self, record: ServiceRecord) -> bool:
+        """Refresh a record from its host; counts a new process as a restart. False if unreachable."""
+        try:
+            info = await asyncio.wait_for(record.actor.describe.remote(), CALL_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - dead, restarting or busy: try again next pass
+            record.state = "UNREACHABLE"
+            return False
+        if record.pid and info["pid"] != record.pid:
+            record.restarts += 1
+        record.address, record.pid, record.node_id = info["address"], info["pid"], info["node_id"]
+        record.model_version, record.loaded_versions = info["model_version"], info["loaded_versions"]
+        record.state = "ALIVE" if record.address else "STARTING"
+        return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                async with self._lock:
+                    await self.reconcile()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any one bad pass
+                log.exception("reconcile failed")
+
+    async def reconcile(self) -> None:
+        """Bring every restarted service back into the cluster."""
+        restarted = False
+        for record in [r for r in self.records.values() if r.role != "gateway"]:
+            before = (record.pid, record.address)
+            try:
+                await asyncio.wait_for(record.actor.start.remote(), START_TIMEOUT_S)
+            except Exception as error:  # noqa: BLE001
+                record.state = "UNREACHABLE"
+                log.warning("%s did not start: %s", record.name, error)
+                continue
+            if not await self._describe(record):
+                continue
+            if before != (record.pid, record.address) and before[0]:
+                restarted = True
+                if record.model_version != self.serving_version:
+                    await self._load_serving_version(record)
+        gateway = self.records["recfunnel-gateway"]
+        gateway_pid = gateway.pid
+        try:
+            await asyncio.wait_for(gateway.actor.start_with.remote(self.shard_addresses(), self.ranking_address()),
+                                   START_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001
+            gateway.state = "UNREACHABLE"
+            log.warning("gateway did not start: %s", error)
+            return
+        await self._describe(gateway)
+        if restarted or gateway.pid != gateway_pid:
+            # A service that started again from its bundle lacks the live catalogue changes.
+            replayed = await asyncio.wait_for(gateway.actor.replay_catalogue.remote(), START_TIMEOUT_S)
+            log.info("services back in the cluster; %d catalogue changes replayed", replayed)
+
+    async def _load_serving_version(self, record: ServiceRecord) -> None:
+        client = (GrpcRecall if record.role == "recall" else GrpcRanking)(record.address)
+        try:
+            await client.load_version(self.serving_bundle, START_TIMEOUT_S)
+        finally:
+            await client.close()
+        await self._describe(record)

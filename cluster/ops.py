@@ -1,0 +1,89 @@
+"""Operating a long-running cluster: `recfunnel up`, `status` and `down`.
+
+`up` without an address starts a local Ray head (dashboard on 127.0.0.1:8265) and runs the
+controller as a detached actor, so the services outlive the command; with an address it
+joins that Ray cluster. `status` and `down` find the controller by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cluster.config import ClusterConfig
+from cluster.controller import NAMESPACE
+from cluster.launch import find_cluster, start_cluster
+from recdata.movielens import cache_dir
+
+DASHBOARD = "127.0.0.1:8265"
+
+
+def _state_file() -> Path:
+    """Remembers that `up` started the local Ray head, so `down` stops it again."""
+    return cache_dir() / "up.json"
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _connect(address: str) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+
+
+def up(config: ClusterConfig, address: str | None) -> dict[str, Any]:
+    """Start the cluster; returns its endpoints."""
+    # Actors may run in other folders (or on other nodes): give them absolute paths.
+    config = replace(config, bundle=config.bundle.resolve(), db_path=config.db_path.resolve())
+    started_head = False
+    if address is None:
+        subprocess.run([_ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+                        f"--num-cpus={os.cpu_count() or 2}"], check=True, capture_output=True)
+        started_head, address = True, "auto"
+    _connect(address)
+    try:
+        config = config.with_gpus(ray.cluster_resources().get("GPU", 0.0))
+        running = start_cluster(config, detached=True)
+        endpoints = running.status()
+    finally:
+        ray.shutdown()
+    _state_file().write_text(json.dumps({"address": address, "started_head": started_head}), "utf-8")
+    return {**endpoints, "dashboard": f"http://{DASHBOARD}" if started_head else ""}
+
+
+def _address(address: str | None) -> str:
+    if address:
+        return address
+    state = _state_file()
+    return json.loads(state.read_text("utf-8"))["address"] if state.exists() else "auto"
+
+
+def status(address: str | None = None) -> dict[str, Any]:
+    """Each service actor: address, node, state, model version and restarts."""
+    _connect(_address(address))
+    try:
+        return find_cluster().status()
+    finally:
+        ray.shutdown()
+
+
+def down(address: str | None = None) -> None:
+    """Stop every service, and the local Ray head if `up` started it."""
+    state = _state_file()
+    started_head = state.exists() and json.loads(state.read_text("utf-8")).get("started_head", False)
+    _connect(_address(address))
+    try:
+        find_cluster().stop()
+    finally:
+        ray.shutdown()
+        if started_head:
+            subprocess.run([_ray_cli(), "stop"], check=False, capture_output=True)
+        state.unlink(missing_ok=True)

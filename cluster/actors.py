@@ -112,7 +112,7 @@ class GatewayHost(ServiceHost):
         return self.running.address
 
     async def replay_catalogue(self) -> int:
-        return await self.running.replay_catalogue() if self.running else 0  # type: ignore[attr-defined]
+        return await self.running.rollout.replay() if self.running else 0  # type: ignore[attr-defined]
 
     async def swap(self, bundle_path: str) -> dict[str, Any]:
         from dataclasses import asdict

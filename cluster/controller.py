@@ -125,19 +125,20 @@ class Controller:
             return report
 
     # ---- watching ------------------------------------------------------------------------
-    async def _describe(self, record: ServiceRecord) -> bool:
-        """Refresh a record from its host; counts a new process as a restart. False if unreachable."""
+    async def _describe(self, record: ServiceRecord) -> bool | None:
+        """Refresh a record from its host: True when it runs in a new process (a restart, which
+        it counts), False when not, None when the host did not answer."""
         try:
             info = await asyncio.wait_for(record.actor.describe.remote(), CALL_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - dead, restarting or busy: try again next pass
             record.state = "UNREACHABLE"
-            return False
-        if record.pid and info["pid"] != record.pid:
-            record.restarts += 1
+            return None
+        restarted = bool(record.pid) and info["pid"] != record.pid
+        record.restarts += restarted
         record.address, record.pid, record.node_id = info["address"], info["pid"], info["node_id"]
         record.model_version, record.loaded_versions = info["model_version"], info["loaded_versions"]
         record.state = "ALIVE" if record.address else "STARTING"
-        return True
+        return restarted
 
     async def _watch(self) -> None:
         while True:
@@ -152,33 +153,30 @@ class Controller:
         """Bring every restarted service back into the cluster."""
         restarted = False
         for record in [r for r in self.records.values() if r.role != "gateway"]:
-            before = (record.pid, record.address)
-            try:
-                await asyncio.wait_for(record.actor.start.remote(), START_TIMEOUT_S)
-            except Exception as error:  # noqa: BLE001
-                record.state = "UNREACHABLE"
-                log.warning("%s did not start: %s", record.name, error)
+            if not await self._start(record, record.actor.start.remote()):
                 continue
-            if not await self._describe(record):
-                continue
-            if before != (record.pid, record.address) and before[0]:
+            if await self._describe(record):
                 restarted = True
                 if record.model_version != self.serving_version:
                     await self._load_serving_version(record)
         gateway = self.records["recfunnel-gateway"]
-        gateway_pid = gateway.pid
-        try:
-            await asyncio.wait_for(gateway.actor.start_with.remote(self.shard_addresses(), self.ranking_address()),
-                                   START_TIMEOUT_S)
-        except Exception as error:  # noqa: BLE001
-            gateway.state = "UNREACHABLE"
-            log.warning("gateway did not start: %s", error)
+        if not await self._start(gateway, gateway.actor.start_with.remote(self.shard_addresses(),
+                                                                          self.ranking_address())):
             return
-        await self._describe(gateway)
-        if restarted or gateway.pid != gateway_pid:
+        if await self._describe(gateway) or restarted:
             # A service that started again from its bundle lacks the live catalogue changes.
             replayed = await asyncio.wait_for(gateway.actor.replay_catalogue.remote(), START_TIMEOUT_S)
             log.info("services back in the cluster; %d catalogue changes replayed", replayed)
+
+    async def _start(self, record: ServiceRecord, call: Any) -> bool:
+        """Await a host's start call (it starts the service in a rebuilt actor); False if it failed."""
+        try:
+            await asyncio.wait_for(call, START_TIMEOUT_S)
+            return True
+        except Exception as error:  # noqa: BLE001 - dead or restarting: try again next pass
+            record.state = "UNREACHABLE"
+            log.warning("%s did not start: %s", record.name, error)
+            return False
 
     async def _load_serving_version(self, record: ServiceRecord) -> None:
         client = (GrpcRecall if record.role == "recall" else GrpcRanking)(record.address)

@@ -9,6 +9,7 @@ catalogue before it serves.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Protocol
@@ -93,15 +94,13 @@ class Catalogue:
         if self.changes is None:
             return 0
         changes = await asyncio.to_thread(self.changes.item_changes)
-        run: list[ItemChange] = []
-        for change in [*changes, None]:
-            # Consecutive changes of one kind go in one call; a change of the other kind ends the run.
-            if run and (change is None or change.op != run[0].op or len(run) == self.batch):
-                if run[0].op == "upsert":
-                    await self._add(run, timeout, version)
+        # Consecutive changes of one kind go in calls of up to `batch` items, in order.
+        for op, same_kind in itertools.groupby(changes, key=lambda change: change.op):
+            run = list(same_kind)
+            for start in range(0, len(run), self.batch):
+                part = run[start : start + self.batch]
+                if op == "upsert":
+                    await self._add(part, timeout, version)
                 else:
-                    await self._remove([c.item_id for c in run], timeout)
-                run = []
-            if change is not None:
-                run.append(change)
+                    await self._remove([c.item_id for c in part], timeout)
         return len(changes)

@@ -56,6 +56,18 @@ class Rollout:
             self.funnel.model_version = self.funnel.model_version or version
         return self.funnel.model_version
 
+    async def replay(self, version: str = "", switch: bool = False) -> int:
+        """Apply the recorded catalogue changes to `version` (default: the serving one), and
+        with `switch` make it the serving version in the same step. Also what brings a
+        restarted service, which starts from its bundle, back to the live catalogue; changes
+        are idempotent, so services that had them are unchanged."""
+        version = version or await self.serving_version()
+        async with self.catalogue.lock:  # no change lands between the replay and the switch
+            replayed = await self.catalogue.replay(version, self.load_timeout_s)
+            if switch:
+                self.funnel.model_version = version
+        return replayed
+
     async def swap(self, bundle_path: str) -> SwapReport:
         async with self._swapping:
             started = time.monotonic()
@@ -65,9 +77,7 @@ class Rollout:
             if len(set(loaded)) != 1:
                 raise StageFailed(f"services loaded different versions from {bundle_path}: {sorted(set(loaded))}")
             version = loaded[0]
-            async with self.catalogue.lock:
-                replayed = await self.catalogue.replay(version, self.load_timeout_s)
-                self.funnel.model_version = version
+            replayed = await self.replay(version, switch=True)
             log.info("serving %s (was %s); %d catalogue changes replayed", version, previous, replayed)
             if previous != version:
                 await asyncio.sleep(self.drain_s)  # requests that read the old version finish

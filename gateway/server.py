@@ -27,7 +27,8 @@ ROLLOUT_SERVICE_NAME = versions_pb2.DESCRIPTOR.services_by_name["Rollout"].full_
 class Gateway:
     handle: ServerHandle
     events: EventLog
-    backends: list[GrpcRecall | GrpcRanking]
+    shards: list[GrpcRecall]
+    ranking: GrpcRanking
     funnel: Funnel
     rollout: Rollout
 
@@ -41,30 +42,22 @@ class Gateway:
         The old channels are left to close with the gateway: a call still running on one
         finishes there, and nothing new is sent to it.
         """
-        shards = [b for b in self.backends if isinstance(b, GrpcRecall)]
-        ranking = next(b for b in self.backends if isinstance(b, GrpcRanking))
-        if len(recall_addresses) != len(shards):
-            raise ValueError(f"{len(recall_addresses)} recall addresses for {len(shards)} shards")
+        if len(recall_addresses) != len(self.shards):
+            raise ValueError(f"{len(recall_addresses)} recall addresses for {len(self.shards)} shards")
         moved = False
-        targets: list[tuple[GrpcRecall | GrpcRanking, str]] = [*zip(shards, recall_addresses, strict=True),
-                                                                (ranking, ranking_address)]
+        targets: list[tuple[GrpcRecall | GrpcRanking, str]] = [*zip(self.shards, recall_addresses, strict=True),
+                                                                (self.ranking, ranking_address)]
         for backend, address in targets:
             if backend.address != address:
                 backend.connect(address)
                 moved = True
         return moved
 
-    async def replay_catalogue(self, timeout: float = 600.0) -> int:
-        """Apply the recorded catalogue changes again to the serving version (a restarted
-        service starts from its bundle); changes are idempotent, so the others are unchanged."""
-        version = await self.rollout.serving_version()
-        async with self.rollout.catalogue.lock:
-            return await self.rollout.catalogue.replay(version, timeout)
-
     async def stop(self, grace: float = 2.0) -> None:
         await self.handle.stop(grace)
-        for backend in self.backends:
-            await backend.close()
+        for shard in self.shards:
+            await shard.close()
+        await self.ranking.close()
         self.events.close()
 
 
@@ -83,7 +76,7 @@ async def start(config: GatewayConfig) -> Gateway:
          lambda server: versions_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(rollout), server)],
         [SERVICE_NAME, ROLLOUT_SERVICE_NAME],
     )
-    return Gateway(handle, events, [*shards, ranking], funnel, rollout)
+    return Gateway(handle, events, shards, ranking, funnel, rollout)
 
 
 async def serve(config: GatewayConfig) -> None:

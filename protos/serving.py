@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -12,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos.recfunnel.v1 import versions_pb2
+from recdata.bundle import MANIFEST
 from recdata.versions import DefaultVersionInUse, LoadedVersions, VersionNotLoaded
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,14 @@ async def start_server(
     address = f"{host}:{bound}"
     log.info("serving %s on %s", ", ".join(service_names), address)
     return ServerHandle(server, address, health_servicer, service_names)
+
+
+async def bundle_folder(path: str, context: grpc.aio.ServicerContext) -> Path:
+    """The folder a LoadVersion names, or INVALID_ARGUMENT when it holds no bundle."""
+    folder = Path(path)
+    if not (folder / MANIFEST).is_file():
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle_path {path!r} is not a bundle folder")
+    return folder
 
 
 async def served_version(versions: LoadedVersions[Served], version: str,

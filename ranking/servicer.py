@@ -7,19 +7,17 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import numpy as np
 
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, tensor_pb2, versions_pb2
-from protos.serving import served_version, unload_version
+from protos.serving import bundle_folder, served_version, unload_version
 from protos.wire import to_tensor
 from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
 from ranking.inference import RankCall, RankingModel
-from recdata.bundle import MANIFEST
 from recdata.versions import LoadedVersions
 
 log = logging.getLogger(__name__)
@@ -119,9 +117,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
 
     async def LoadVersion(self, request: versions_pb2.LoadVersionRequest,
                           context: grpc.aio.ServicerContext) -> versions_pb2.LoadVersionResponse:
-        folder = Path(request.bundle_path)
-        if not (folder / MANIFEST).is_file():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle_path {str(folder)!r} is not a bundle folder")
+        folder = await bundle_folder(request.bundle_path, context)
         serving = self.versions.get()
         loop = asyncio.get_running_loop()
         async with self._loading:

@@ -111,6 +111,7 @@ class Trainer:
         self.known_items = torch.from_numpy(np.flatnonzero(counts > 0))
         self.log_q = torch.log(torch.from_numpy(counts + 1.0) / (counts.sum() + dataset.num_items)).float()
         self.log_popularity = torch.from_numpy(np.log1p(self.popularity))
+        # Off: "recent" counts at the all-time rate, which makes the popular score all-time alone.
         self.recent_popularity = (recent_popularity(self.split.train, dataset.num_items, dataset.timestamps)
                                   if config.recent_popularity else self.popularity * RECENT_SHARE)
         self.neighbour_ids, self.neighbour_scores = cooccurrence_neighbours(self.split.train, dataset.num_items)

@@ -7,14 +7,13 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import grpc
 
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, versions_pb2
-from protos.serving import served_version, unload_version
+from protos.serving import bundle_folder, served_version, unload_version
 from protos.wire import BadTensor, from_tensor
-from recdata.bundle import MANIFEST, load_bundle
+from recdata.bundle import load_bundle
 from recdata.channels import ITEM2ITEM, POPULAR, ChannelQuery
 from recdata.versions import LoadedVersions
 from retrieval.shard import InvalidQuery, RecallShard
@@ -108,9 +107,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
 
     async def LoadVersion(self, request: versions_pb2.LoadVersionRequest,
                           context: grpc.aio.ServicerContext) -> versions_pb2.LoadVersionResponse:
-        folder = Path(request.bundle_path)
-        if not (folder / MANIFEST).is_file():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle_path {str(folder)!r} is not a bundle folder")
+        folder = await bundle_folder(request.bundle_path, context)
         config = replace(self.versions.get().config, bundle=folder)
         async with self._loading:
             try:  # built off the event loop: searches of the serving version go on meanwhile

@@ -69,6 +69,25 @@ def test_batched_funnel_scores_match_the_served_path(tiny_bundle, tiny_dataset) 
         np.testing.assert_allclose([r.score for r in answer.items], batched.topk(10).values.numpy(), rtol=1e-4)
 
 
+def test_candidates_shown_as_cold_carry_no_item2item_or_popular_flag(tiny_bundle, tiny_dataset) -> None:
+    """A real cold item is never proposed by item2item or popular, so a training candidate shown
+    as cold scores the same whatever those flags say; shown as warm, the flags count."""
+    scorer = FunnelScorer.from_bundle(tiny_bundle, {"sequential": 10})
+    scorer.cold_table = scorer.item_table[1:] * 0.5
+    histories = [tiny_dataset.sequences[u][:-2] for u in range(4)]
+    users, semantic = scorer.queries(histories)
+    items = torch.arange(8).repeat(4, 1)
+    with_history = torch.zeros(4, 8, 4)
+    with_history[..., 2:] = 1.0  # proposed by item2item and popular
+    plain = torch.zeros(4, 8, 4)
+    cold, warm = torch.ones(4, 8, dtype=torch.bool), torch.zeros(4, 8, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(scorer.rank(histories, users, semantic, items, with_history, cold),
+                                   scorer.rank(histories, users, semantic, items, plain, cold))
+        assert not torch.allclose(scorer.rank(histories, users, semantic, items, with_history, warm),
+                                  scorer.rank(histories, users, semantic, items, plain, warm))
+
+
 def test_popularity_and_sasrec_baselines(tiny_dataset) -> None:
     split = leave_last_two(tiny_dataset)
     valid = Evaluation(split, tiny_dataset.num_items, validation=True)

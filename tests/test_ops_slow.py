@@ -3,6 +3,7 @@ by `up`, the services detached from the command, then stopped (a minute or more:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -24,8 +25,6 @@ def recfunnel(*args: str, home: Path) -> str:
 
 @pytest.mark.slow
 def test_up_status_down_run_a_detached_cluster(tiny_bundle: Path, tmp_path: Path) -> None:
-    import asyncio
-
     config = tmp_path / "cluster.toml"
     config.write_text(f'bundle = "{tiny_bundle}"\ndb_path = "{tmp_path / "events.sqlite"}"\nnum_shards = 2\n'
                       'gateway_port = 50093\n[ranker_resources]\nnum_cpus = 0.5\n', "utf-8")

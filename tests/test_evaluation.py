@@ -112,14 +112,16 @@ def test_beyond_accuracy_by_hand() -> None:
 
 
 def test_evaluate_report_has_every_section(tiny_bundle, tiny_dataset, text_encoder) -> None:
-    report = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(seconds_per_model=5.0), text_encoder)
+    report = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(seconds_per_model=5.0, cold_draws=2), text_encoder)
     assert {"funnel", "recall", "baselines", "ablation", "cold_start", "beyond_accuracy"} <= set(report)
     assert set(report["funnel"]["full"]) >= {"hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20"}
     assert set(report["funnel"]["sampled100"]) == {"hr@10", "ndcg@10"}
     assert 0 < report["recall"]["hit_rate_at_budget"] <= 1 and report["recall"]["budget"] == 65
     assert set(report["baselines"]) == {"popularity", "sasrec_bce"}
-    assert report["cold_start"]["items"] == 20
-    assert set(report["cold_start"]["hr@10"]) == {"text", "no_text", "random"}
+    cold = report["cold_start"]
+    assert cold["items"] == 40 and [d["seed"] for d in cold["draws"]] == [0, 1]  # two draws of 20, pooled
+    assert cold["cases"] == sum(d["cases"] for d in cold["draws"])
+    assert set(cold["hr@10"]) == {"text", "no_text", "random"}
     assert report["funnel"]["sampled100"]["hr@10"] >= report["funnel"]["full"]["hr@10"]
 
 

@@ -50,7 +50,7 @@ def seed_history(events: EventLog, dataset: Dataset) -> int:
         for u, seq in enumerate(dataset.sequences)
         for pos, i in enumerate(seq)
     ]
-    return events.append(rows)
+    return events.append(rows)[0]
 
 
 def train_bundle(dataset: Dataset, out: Path, seconds: float, console: Console) -> Path:

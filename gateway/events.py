@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS events (
     item_id TEXT NOT NULL,
     event_type TEXT NOT NULL,
     value REAL NOT NULL DEFAULT 0,
-    timestamp_ms INTEGER NOT NULL
+    timestamp_ms INTEGER NOT NULL,
+    event_id TEXT  -- the client's idempotency key; NULL = none
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, timestamp_ms, seq);
 CREATE TABLE IF NOT EXISTS item_changes (
@@ -35,6 +36,8 @@ CREATE TABLE IF NOT EXISTS item_changes (
     tags TEXT NOT NULL DEFAULT '[]'  -- JSON list
 );
 """
+# After the column exists (added by migration in logs written before it).
+EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (event_id) WHERE event_id IS NOT NULL"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Event:
     event_type: str = "interaction"
     value: float = 0.0
     timestamp_ms: int = 0  # 0 = now
+    event_id: str = ""     # idempotency key; "" = none
 
 
 class EventLog:
@@ -65,22 +69,33 @@ class EventLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
+        if "event_id" not in columns:  # a log written before events had ids
+            self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+        self._db.execute(EVENT_ID_INDEX)
 
-    def append(self, events: Iterable[Event]) -> int:
-        """Write events in one transaction; returns how many were written once durable."""
+    def append(self, events: Iterable[Event]) -> tuple[int, int]:
+        """Write events in one transaction; returns (acknowledged, duplicates) once durable.
+
+        An event whose id is already logged (by an earlier call, or earlier in this one) is
+        acknowledged but not written again: retrying a call is safe.
+        """
         now = int(time.time() * 1000)
-        rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now) for e in events]
+        rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None)
+                for e in events]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                before = self._db.total_changes
                 self._db.executemany(
-                    "INSERT INTO events (user_id, item_id, event_type, value, timestamp_ms) VALUES (?, ?, ?, ?, ?)",
-                    rows)
+                    "INSERT OR IGNORE INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                written = self._db.total_changes - before
                 self._db.execute("COMMIT")
             except sqlite3.Error:
                 self._db.execute("ROLLBACK")
                 raise
-        return len(rows)
+        return len(rows), len(rows) - written
 
     def recent_items(self, user_id: str, limit: int) -> list[str]:
         """The user's last `limit` item ids, oldest first."""

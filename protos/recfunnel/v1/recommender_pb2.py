@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/recfunnel/v1/recommender.proto\x12\x0crecfunnel.v1\"\x86\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x18\n\x10\x63ontext_item_ids\x18\x04 \x03(\t\x12\x11\n\tdiversity\x18\x05 \x01(\x02\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\"]\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\x03 \x03(\t\x12\x10\n\x08\x63hannels\x18\x04 \x03(\t\"\x97\x01\n\x11RecommendResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.recfunnel.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0frecall_coverage\x18\x04 \x01(\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"b\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.recfunnel.v1.Event\"$\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"3\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\"7\n\x12UpsertItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.recfunnel.v1.Item\">\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"&\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x32\xce\x02\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.recfunnel.v1.RecommendRequest\x1a\x1f.recfunnel.v1.RecommendResponse\x12I\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1d.recfunnel.v1.FeedbackRequest\x1a\x1e.recfunnel.v1.FeedbackResponse\x12R\n\x0bUpsertItems\x12 .recfunnel.v1.UpsertItemsRequest\x1a!.recfunnel.v1.UpsertItemsResponse\x12R\n\x0b\x44\x65leteItems\x12 .recfunnel.v1.DeleteItemsRequest\x1a!.recfunnel.v1.DeleteItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/recfunnel/v1/recommender.proto\x12\x0crecfunnel.v1\"\x86\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x18\n\x10\x63ontext_item_ids\x18\x04 \x03(\t\x12\x11\n\tdiversity\x18\x05 \x01(\x02\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\"]\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\x03 \x03(\t\x12\x10\n\x08\x63hannels\x18\x04 \x03(\t\"\x97\x01\n\x11RecommendResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.recfunnel.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0frecall_coverage\x18\x04 \x01(\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"t\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.recfunnel.v1.Event\"8\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"3\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\"7\n\x12UpsertItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.recfunnel.v1.Item\">\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"&\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\x32\xce\x02\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.recfunnel.v1.RecommendRequest\x1a\x1f.recfunnel.v1.RecommendResponse\x12I\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1d.recfunnel.v1.FeedbackRequest\x1a\x1e.recfunnel.v1.FeedbackResponse\x12R\n\x0bUpsertItems\x12 .recfunnel.v1.UpsertItemsRequest\x1a!.recfunnel.v1.UpsertItemsResponse\x12R\n\x0b\x44\x65leteItems\x12 .recfunnel.v1.DeleteItemsRequest\x1a!.recfunnel.v1.DeleteItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,21 +38,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDRESPONSE']._serialized_start=288
   _globals['_RECOMMENDRESPONSE']._serialized_end=439
   _globals['_EVENT']._serialized_start=441
-  _globals['_EVENT']._serialized_end=539
-  _globals['_FEEDBACKREQUEST']._serialized_start=541
-  _globals['_FEEDBACKREQUEST']._serialized_end=595
-  _globals['_FEEDBACKRESPONSE']._serialized_start=597
-  _globals['_FEEDBACKRESPONSE']._serialized_end=633
-  _globals['_ITEM']._serialized_start=635
-  _globals['_ITEM']._serialized_end=686
-  _globals['_UPSERTITEMSREQUEST']._serialized_start=688
-  _globals['_UPSERTITEMSREQUEST']._serialized_end=743
-  _globals['_UPSERTITEMSRESPONSE']._serialized_start=745
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=807
-  _globals['_DELETEITEMSREQUEST']._serialized_start=809
-  _globals['_DELETEITEMSREQUEST']._serialized_end=847
-  _globals['_DELETEITEMSRESPONSE']._serialized_start=849
-  _globals['_DELETEITEMSRESPONSE']._serialized_end=887
-  _globals['_RECOMMENDER']._serialized_start=890
-  _globals['_RECOMMENDER']._serialized_end=1224
+  _globals['_EVENT']._serialized_end=557
+  _globals['_FEEDBACKREQUEST']._serialized_start=559
+  _globals['_FEEDBACKREQUEST']._serialized_end=613
+  _globals['_FEEDBACKRESPONSE']._serialized_start=615
+  _globals['_FEEDBACKRESPONSE']._serialized_end=671
+  _globals['_ITEM']._serialized_start=673
+  _globals['_ITEM']._serialized_end=724
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=726
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=781
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=783
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=845
+  _globals['_DELETEITEMSREQUEST']._serialized_start=847
+  _globals['_DELETEITEMSREQUEST']._serialized_end=885
+  _globals['_DELETEITEMSRESPONSE']._serialized_start=887
+  _globals['_DELETEITEMSRESPONSE']._serialized_end=925
+  _globals['_RECOMMENDER']._serialized_start=928
+  _globals['_RECOMMENDER']._serialized_end=1262
 # @@protoc_insertion_point(module_scope)

@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo serve test test-slow lint protos
+.PHONY: install demo serve test test-slow test-faults lint protos
 
 # torch is installed alone first, pinned, so pip takes the CPU build of this release
 # instead of resolving an open range to the newest CUDA build.
@@ -37,3 +37,6 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -m fault

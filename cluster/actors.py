@@ -57,12 +57,13 @@ class ServiceHost:
 
     async def describe(self) -> dict[str, Any]:
         """Where this host runs and what it serves, for the controller and `recfunnel status`."""
+        import psutil
         import ray
 
         version, loaded = await self._versions() if self.running is not None else ("", [])
         return {"address": self.running.address if self.running else "", "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "model_version": version,
-                "loaded_versions": loaded}
+                "loaded_versions": loaded, "rss_bytes": psutil.Process().memory_info().rss}
 
     async def stop(self) -> None:
         if self.running is not None:

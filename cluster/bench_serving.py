@@ -8,9 +8,7 @@ One run measures, on one machine and one bundle:
   * the ranking service's throughput at fixed concurrency with and without micro-batching;
   * intra-list diversity and NDCG@10 against the `diversity` knob on the test split.
 
-Arrivals are open-loop (Poisson, scheduled in advance, latency counted from the scheduled
-send time), so queueing in the system shows up in the percentiles instead of slowing the
-load generator down, as a closed loop would.
+Arrivals are open-loop (`cluster.load`), so queueing shows up in the percentiles.
 """
 
 from __future__ import annotations
@@ -22,9 +20,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ import grpc
 import numpy as np
 import torch
 
+from cluster.load import Call, LoadResult, open_loop
 from gateway.backends import rank_request
 from gateway.events import EventLog
 from gateway.funnel import Funnel, RecommendQuery
@@ -82,70 +80,6 @@ def request_mix(dataset: Dataset, count: int, k: int, seed: int) -> list[recomme
             exclude_item_ids=items[:3] if kind.endswith("exclude") else [],
             context_item_ids=items[3:] if kind.endswith("context") else []))
     return requests
-
-
-# ---- open-loop load -------------------------------------------------------------------------
-
-@dataclass
-class LoadResult:
-    offered_rps: float
-    latencies_ms: list[float] = field(default_factory=list)  # successful requests
-    errors: Counter[str] = field(default_factory=Counter)
-    degraded: int = 0
-    wall_s: float = 0.0
-    ranker_batch: float | None = None
-
-    def summary(self) -> dict[str, Any]:
-        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.asarray([math.nan])
-        done = len(self.latencies_ms)
-        return {
-            "offered_rps": self.offered_rps,
-            "achieved_rps": round(done / self.wall_s, 2) if self.wall_s else 0.0,
-            "requests": done + sum(self.errors.values()),
-            "p50_ms": round(float(np.percentile(lat, 50)), 3),
-            "p90_ms": round(float(np.percentile(lat, 90)), 3),
-            "p99_ms": round(float(np.percentile(lat, 99)), 3),
-            "p99.9_ms": round(float(np.percentile(lat, 99.9)), 3),
-            "errors": dict(self.errors),
-            "degraded_share": round(self.degraded / max(done, 1), 4),
-            **({"mean_ranker_batch": round(self.ranker_batch, 3)} if self.ranker_batch is not None else {}),
-        }
-
-
-Call = Callable[[recommender_pb2.RecommendRequest], Awaitable[bool]]  # returns degraded
-
-
-async def open_loop(call: Call, requests: Sequence[recommender_pb2.RecommendRequest], rate: float,
-                    seconds: float, seed: int) -> LoadResult:
-    """Send requests at Poisson arrival times for `seconds`, whatever the answers do."""
-    loop = asyncio.get_running_loop()
-    rng = np.random.default_rng(seed)
-    arrivals = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds * 1.2) + 1))
-    arrivals = arrivals[arrivals < seconds]
-    result = LoadResult(rate)
-
-    async def one(request: recommender_pb2.RecommendRequest, scheduled: float) -> None:
-        try:
-            degraded = await call(request)
-        except grpc.aio.AioRpcError as error:
-            result.errors[error.code().name] += 1
-            return
-        except Exception as error:  # in-process failures count too, by their type
-            result.errors[type(error).__name__] += 1
-            return
-        result.latencies_ms.append((loop.time() - scheduled) * 1000)
-        result.degraded += degraded
-
-    start = loop.time() + 0.05
-    tasks = []
-    for at, request in zip(arrivals, itertools.cycle(requests), strict=False):
-        delay = start + at - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(request, start + at)))
-    await asyncio.gather(*tasks)
-    result.wall_s = loop.time() - start
-    return result
 
 
 # ---- the two paths --------------------------------------------------------------------------

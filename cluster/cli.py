@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -58,15 +59,28 @@ def up(
     db: Annotated[Path | None, typer.Option(help="event log (SQLite)")] = None,
     shards: Annotated[int | None, typer.Option(min=1, max=256, help="recall shards")] = None,
     port: Annotated[int | None, typer.Option(help="gateway port")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="let clients in without a token (loopback only)")
+                       ] = False,
 ) -> None:
-    """Start the cluster on Ray and leave it running (local Ray with its dashboard by default)."""
+    """Start the cluster on Ray and leave it running (local Ray with its dashboard by default).
+
+    Clients need a bearer token: `tokens_file` in the config, or $RECFUNNEL_TOKENS.
+    """
     from cluster.config import ClusterConfig
     from cluster.ops import up as start
+    from protos.auth import CLIENT_TOKENS_ENV, client_tokens
 
     try:
         settings = ClusterConfig.from_file(config, bundle=bundle, db_path=db, num_shards=shards, gateway_port=port)
+        tokens = settings.tokens or client_tokens(None)
     except (ValueError, TypeError, OSError) as error:
         raise typer.BadParameter(str(error)) from error
+    if no_auth:
+        tokens = ()
+    elif not tokens:
+        raise typer.BadParameter(f"clients need tokens: set tokens_file in the config or ${CLIENT_TOKENS_ENV}, "
+                                 "or pass --no-auth", param_hint="--config")
+    settings = replace(settings, tokens=tokens)
     endpoints = start(settings, address)
     console.print(f"gateway on [bold]{endpoints['gateway']}[/], serving {endpoints['model_version']}"
                   + (f"; Ray dashboard on {endpoints['dashboard']}" if endpoints["dashboard"] else ""))
@@ -87,11 +101,12 @@ def status(
         typer.echo(json.dumps(report, indent=2))
         return
     table = Table(title=f"recfunnel on {report['gateway']} serving {report['model_version']}")
-    columns = ("name", "state", "address", "model_version", "restarts", "node_id")
+    columns = ("name", "state", "address", "model_version", "restarts", "rss_mb", "node_id")
     for column in columns:
         table.add_column(column)
     for service in report["services"]:
-        table.add_row(*(str(service[c])[:16] if c == "node_id" else str(service[c]) for c in columns))
+        service = {**service, "rss_mb": f"{service['rss_bytes'] / 2**20:.0f}", "node_id": service["node_id"][:16]}
+        table.add_row(*(str(service[c]) for c in columns))
     console.print(table)
 
 
@@ -149,6 +164,7 @@ def evaluate(
     fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
     seconds_per_model: Annotated[float, typer.Option(help="training budget of each baseline/ablation")] = 100.0,
     baselines: Annotated[bool, typer.Option(help="train SASRec-BCE, the no-text and cold-start models")] = True,
+    cold_draws: Annotated[int, typer.Option(min=1, max=20, help="seeded draws of cold items, cases pooled")] = 3,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
 ) -> None:
@@ -157,9 +173,47 @@ def evaluate(
     from ranking.quality import evaluate as run_evaluation
 
     data = load_data(dataset, interactions, items, fmt)
-    config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed)
+    config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed,
+                            cold_draws=cold_draws)
     report = run_evaluation(bundle, data, config, report=None if as_json else console.log)
     typer.echo(json.dumps(report, indent=None if as_json else 2))
+
+
+@app.command()
+def loadtest(
+    target: Annotated[str, typer.Option(help="gateway address HOST:PORT")] = "127.0.0.1:50051",
+    qps: Annotated[float, typer.Option(min=0.1, max=100_000, help="offered requests per second")] = 50.0,
+    duration: Annotated[float, typer.Option(min=1, max=86_400, help="measured seconds")] = 30.0,
+    mix: Annotated[Path | None, typer.Option(help="request mix (TOML/JSON); default: MovieLens-100K ids")] = None,
+    token: Annotated[str | None, typer.Option(envvar="RECFUNNEL_TOKEN", help="bearer token")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="PEM of the CA (or self-signed cert): use TLS")] = None,
+    timeout: Annotated[float, typer.Option(min=0.01, max=60, help="deadline of each call, seconds")] = 1.0,
+    seed: Annotated[int, typer.Option(help="random seed of arrivals and mix")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
+    plot: Annotated[Path | None, typer.Option(help="write latency over time and its distribution to this PNG")
+                    ] = None,
+) -> None:
+    """Open-loop load on a gateway: Poisson arrivals, latency from the scheduled send time."""
+    import asyncio
+
+    from cluster.loadtest import LoadTest, Mix, report, run_load
+    from cluster.loadtest import plot as draw
+
+    try:
+        request_mix = Mix.from_file(mix) if mix else Mix.movielens()
+        test = LoadTest(target=target, qps=qps, duration_s=duration, token=token, tls_ca=tls_ca,
+                        timeout_s=timeout, seed=seed)
+    except (ValueError, TypeError, OSError) as error:
+        raise typer.BadParameter(str(error)) from error
+    if not as_json:
+        console.log(f"{qps:g} requests/s for {duration:g} s on {target}")
+    result = asyncio.run(run_load(test, request_mix))
+    summary = report(test, result)
+    if plot is not None:
+        draw(result, plot, f"recfunnel loadtest: {qps:g} rps offered on {target}, "
+                           f"p99 {summary['p99_ms']:.1f} ms, errors {sum(summary['errors'].values())}")
+        summary["plot"] = str(plot)
+    typer.echo(json.dumps(summary, indent=None if as_json else 2))
 
 
 bench_app = typer.Typer(help="Benchmarks that print JSON.", no_args_is_help=True)

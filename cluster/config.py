@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import tomllib
 
 from gateway.config import DEFAULT_PORT
+from protos.auth import TlsFiles, tokens_from_file
 
 NODE_IP = "node-ip"  # as `host`: each service binds its node's cluster address (multi-node)
 
@@ -38,6 +40,13 @@ class ClusterConfig:
     ranker_resources: ActorResources = field(default_factory=lambda: ActorResources(num_cpus=0.5))
     gateway_resources: ActorResources = field(default_factory=ActorResources)
     ranker_threads: int = 1
+    # Bearer tokens the gateway accepts; empty = open, which only the embedded demo on
+    # loopback uses (`recfunnel up` refuses to start open unless told --no-auth).
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    tls: TlsFiles | None = None  # certificate and key of the gateway's public port
+    # What the gateway and the controller send the recall and ranking services, which accept
+    # nothing else; a fresh random one per cluster unless the config names one.
+    internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_shards <= 256:
@@ -48,13 +57,24 @@ class ClusterConfig:
         """A TOML file's settings (see deploy/cluster.toml), then the non-None `overrides`.
 
         Top-level keys are this class's fields; `[shard_resources]`, `[ranker_resources]`
-        and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts.
+        and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts. Secrets are
+        never in the file itself: `tokens_file` and `internal_token_file` name files holding
+        them, and `tls_cert` / `tls_key` the gateway's PEM files.
         """
         values: dict[str, Any] = tomllib.loads(path.read_text("utf-8")) if path else {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        secret = {"tokens", "internal_token", "tls"}
+        allowed = {f.name for f in fields(cls)} - secret | {"tokens_file", "internal_token_file", "tls_cert", "tls_key"}
+        unknown = set(values) - allowed
         if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; allowed: {', '.join(sorted(known))}")
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        if "tokens_file" in values:
+            values["tokens"] = tokens_from_file(Path(values.pop("tokens_file")))
+        if "internal_token_file" in values:
+            values["internal_token"] = tokens_from_file(Path(values.pop("internal_token_file")))[0]
+        if "tls_cert" in values or "tls_key" in values:
+            if not {"tls_cert", "tls_key"} <= set(values):
+                raise ValueError(f"{path}: tls_cert and tls_key go together")
+            values["tls"] = TlsFiles(Path(values.pop("tls_cert")), Path(values.pop("tls_key")))
         for key in ("shard_resources", "ranker_resources", "gateway_resources"):
             if key in values:
                 values[key] = ActorResources(**values[key])

@@ -43,6 +43,7 @@ class ServiceRecord:
     loaded_versions: list[str] = field(default_factory=list)
     state: str = "STARTING"   # STARTING, ALIVE, UNREACHABLE (dead or restarting)
     restarts: int = 0
+    rss_bytes: int = 0        # resident memory of the actor's process at the last look
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "actor"}
@@ -69,10 +70,12 @@ class Controller:
         config = self.config
         for n in range(config.num_shards):
             name = f"recfunnel-recall-{n}"
-            recall = RecallConfig(bundle=config.bundle, shard_id=n, num_shards=config.num_shards, host=config.host)
+            recall = RecallConfig(bundle=config.bundle, shard_id=n, num_shards=config.num_shards, host=config.host,
+                                  internal_token=config.internal_token)
             self.records[name] = ServiceRecord(name, "recall", service_actor(
                 RecallShardHost, name, config.shard_resources, recall))
-        ranking = RankingConfig(bundle=config.bundle, host=config.host, threads=config.ranker_threads)
+        ranking = RankingConfig(bundle=config.bundle, host=config.host, threads=config.ranker_threads,
+                                internal_token=config.internal_token)
         self.records["recfunnel-ranking"] = ServiceRecord("recfunnel-ranking", "ranking", service_actor(
             RankingHost, "recfunnel-ranking", config.ranker_resources, ranking))
         backends = [r for r in self.records.values() if r.role != "gateway"]
@@ -80,7 +83,8 @@ class Controller:
         for record in backends:
             await self._describe(record)
         gateway = GatewayConfig(recall_addresses=tuple(self.shard_addresses()), ranking_address=self.ranking_address(),
-                                db_path=config.db_path, host=config.host, port=config.gateway_port)
+                                db_path=config.db_path, host=config.host, port=config.gateway_port,
+                                tokens=config.tokens, internal_token=config.internal_token, tls=config.tls)
         self.records["recfunnel-gateway"] = ServiceRecord("recfunnel-gateway", "gateway", service_actor(
             GatewayHost, "recfunnel-gateway", config.gateway_resources, gateway))
         await asyncio.wait_for(self.records["recfunnel-gateway"].actor.start.remote(), START_TIMEOUT_S)
@@ -137,6 +141,7 @@ class Controller:
         record.restarts += restarted
         record.address, record.pid, record.node_id = info["address"], info["pid"], info["node_id"]
         record.model_version, record.loaded_versions = info["model_version"], info["loaded_versions"]
+        record.rss_bytes = info["rss_bytes"]
         record.state = "ALIVE" if record.address else "STARTING"
         return restarted
 
@@ -179,7 +184,7 @@ class Controller:
             return False
 
     async def _load_serving_version(self, record: ServiceRecord) -> None:
-        client = (GrpcRecall if record.role == "recall" else GrpcRanking)(record.address)
+        client = (GrpcRecall if record.role == "recall" else GrpcRanking)(record.address, self.config.internal_token)
         try:
             await client.load_version(self.serving_bundle, START_TIMEOUT_S)
         finally:

@@ -20,9 +20,11 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.controller import NAMESPACE
 from cluster.launch import find_cluster, start_cluster
+from protos.auth import TlsFiles
 from recdata.movielens import cache_dir
 
-DASHBOARD = "127.0.0.1:8265"
+DASHBOARD_HOST, DASHBOARD_PORT = "127.0.0.1", 8265
+DASHBOARD = f"{DASHBOARD_HOST}:{DASHBOARD_PORT}"
 
 
 def _state_file() -> Path:
@@ -34,6 +36,13 @@ def _ray_cli() -> str:
     return str(Path(sys.executable).with_name("ray"))
 
 
+def head_command() -> list[str]:
+    """`ray start` for the local head: the dashboard on loopback only (an SSH tunnel or the
+    operator's own proxy reaches it; it has no authentication of its own)."""
+    return [_ray_cli(), "start", "--head", f"--dashboard-host={DASHBOARD_HOST}",
+            f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", f"--num-cpus={os.cpu_count() or 2}"]
+
+
 def _connect(address: str) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
@@ -42,11 +51,11 @@ def _connect(address: str) -> None:
 def up(config: ClusterConfig, address: str | None) -> dict[str, Any]:
     """Start the cluster; returns its endpoints."""
     # Actors may run in other folders (or on other nodes): give them absolute paths.
-    config = replace(config, bundle=config.bundle.resolve(), db_path=config.db_path.resolve())
+    tls = config.tls and TlsFiles(config.tls.cert.resolve(), config.tls.key.resolve())
+    config = replace(config, bundle=config.bundle.resolve(), db_path=config.db_path.resolve(), tls=tls)
     started_head = False
     if address is None:
-        subprocess.run([_ray_cli(), "start", "--head", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-                        f"--num-cpus={os.cpu_count() or 2}"], check=True, capture_output=True)
+        subprocess.run(head_command(), check=True, capture_output=True)
         started_head, address = True, "auto"
     _connect(address)
     try:

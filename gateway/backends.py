@@ -6,13 +6,14 @@ depends on `protos`, not on the services' code; every failure becomes StageFaile
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
 from gateway.funnel import ShardAnswer, StageFailed
+from protos.auth import call_metadata
 from protos.recfunnel.v1 import (
     ranking_pb2,
     ranking_pb2_grpc,
@@ -28,11 +29,37 @@ from recdata.channels import ChannelQuery
 Reply = TypeVar("Reply")
 
 
-async def _call(stage: str, call: Awaitable[Reply]) -> Reply:
-    try:
-        return await call
-    except grpc.RpcError as error:
-        raise StageFailed(f"{stage}: {error.code().name} {error.details()}") from error
+class _Backend:
+    """A channel to one service that can move to a new address, and the call wrapper."""
+
+    channel: grpc.aio.Channel
+
+    def __init__(self, address: str, token: str | None = None):
+        self.retired: list[grpc.aio.Channel] = []  # channels to addresses the service has left
+        self.metadata = call_metadata(token)  # the internal token, sent on every call
+        self.connect(address)
+
+    def connect(self, address: str) -> None:
+        """Talk to `address` from the next call on (a restarted service listens on a new port);
+        calls already sent finish on the old channel, which closes when they are done."""
+        if hasattr(self, "channel"):
+            self.retired.append(self.channel)
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stubs(self.channel)
+
+    def _stubs(self, channel: grpc.aio.Channel) -> None:
+        raise NotImplementedError
+
+    async def _ask(self, stage: str, rpc: Callable[..., Awaitable[Reply]], request: Any, timeout: float) -> Reply:
+        try:
+            return await rpc(request, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            raise StageFailed(f"{stage}: {error.code().name} {error.details()}", error.code().name) from error
+
+    async def close(self) -> None:
+        for channel in [*self.retired, self.channel]:
+            await channel.close()
 
 
 def rank_request(history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int, diversity: float,
@@ -46,23 +73,15 @@ def rank_request(history: list[str], candidates: list[tuple[str, dict[str, float
         explain_top=explain_top, model_version=model_version, k=k, diversity=diversity)
 
 
-class GrpcRecall:
+class GrpcRecall(_Backend):
     """One recall shard, as the funnel's RecallBackend and the catalogue's ShardWriter."""
 
-    channel: grpc.aio.Channel
+    def _stubs(self, channel: grpc.aio.Channel) -> None:
+        self.stub = recall_pb2_grpc.RecallStub(channel)
 
-    def __init__(self, address: str):
-        self.retired: list[grpc.aio.Channel] = []  # channels to addresses the service has left
-        self.connect(address)
-
-    def connect(self, address: str) -> None:
-        """Talk to `address` from the next call on (a restarted shard listens on a new port);
-        calls already sent finish on the old channel, which closes when they are done."""
-        if hasattr(self, "channel"):
-            self.retired.append(self.channel)
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.stub = recall_pb2_grpc.RecallStub(self.channel)
+    @property
+    def stage(self) -> str:
+        return f"recall {self.address}"
 
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
                      model_version: str) -> ShardAnswer:
@@ -71,7 +90,7 @@ class GrpcRecall:
                                              vector=None if q.vector is None else to_tensor(q.vector))
                      for q in queries],
             exclude_item_ids=exclude_item_ids, model_version=model_version)
-        reply = await _call(f"recall {self.address}", self.stub.Search(request, timeout=timeout))
+        reply = await self._ask(self.stage, self.stub.Search, request, timeout)
         hits = {r.channel: [(c.item_id, c.score) for c in r.candidates] for r in reply.results}
         return ShardAnswer(hits, reply.model_version)
 
@@ -79,54 +98,39 @@ class GrpcRecall:
                         model_version: str = "") -> int:
         request = recall_pb2.AddItemsRequest(item_ids=item_ids, model_version=model_version, vectors=[
             tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()])
-        return (await _call(f"recall {self.address}", self.stub.AddItems(request, timeout=timeout))).added
+        return (await self._ask(self.stage, self.stub.AddItems, request, timeout)).added
 
     async def remove_items(self, item_ids: list[str], timeout: float) -> int:
         request = recall_pb2.RemoveItemsRequest(item_ids=item_ids)
-        return (await _call(f"recall {self.address}", self.stub.RemoveItems(request, timeout=timeout))).removed
+        return (await self._ask(self.stage, self.stub.RemoveItems, request, timeout)).removed
 
     async def load_version(self, bundle_path: str, timeout: float) -> str:
         request = versions_pb2.LoadVersionRequest(bundle_path=bundle_path)
-        return (await _call(f"recall {self.address}", self.stub.LoadVersion(request, timeout=timeout))).model_version
+        return (await self._ask(self.stage, self.stub.LoadVersion, request, timeout)).model_version
 
     async def unload_version(self, version: str, timeout: float) -> list[str]:
         request = versions_pb2.UnloadVersionRequest(model_version=version)
-        reply = await _call(f"recall {self.address}", self.stub.UnloadVersion(request, timeout=timeout))
+        reply = await self._ask(self.stage, self.stub.UnloadVersion, request, timeout)
         return list(reply.loaded_versions)
 
-    async def close(self) -> None:
-        for channel in [*self.retired, self.channel]:
-            await channel.close()
 
-
-class GrpcRanking:
+class GrpcRanking(_Backend):
     """The ranking service, as the funnel's RankingBackend and the catalogue's ItemEmbedder."""
 
-    channel: grpc.aio.Channel
-
-    def __init__(self, address: str):
-        self.retired: list[grpc.aio.Channel] = []  # channels to addresses the service has left
-        self.connect(address)
-
-    def connect(self, address: str) -> None:
-        """Talk to `address` from the next call on, as GrpcRecall.connect."""
-        if hasattr(self, "channel"):
-            self.retired.append(self.channel)
-        self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.stub = ranking_pb2_grpc.RankingStub(self.channel)
+    def _stubs(self, channel: grpc.aio.Channel) -> None:
+        self.stub = ranking_pb2_grpc.RankingStub(channel)
 
     async def encode(self, history: list[str], timeout: float, model_version: str = ""
                      ) -> tuple[dict[str, np.ndarray], str]:
         request = ranking_pb2.EncodeRequest(history_item_ids=history, model_version=model_version)
-        reply = await _call("encode", self.stub.Encode(request, timeout=timeout))
+        reply = await self._ask("encode", self.stub.Encode, request, timeout)
         return {v.channel: from_tensor(v.vector) for v in reply.vectors}, reply.model_version
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
                    diversity: float, explain_top: int, timeout: float, model_version: str
                    ) -> list[tuple[str, float, list[str]]]:
         request = rank_request(history, candidates, k, diversity, explain_top, model_version)
-        reply = await _call("rank", self.stub.Rank(request, timeout=timeout))
+        reply = await self._ask("rank", self.stub.Rank, request, timeout)
         return [(i.item_id, i.score, list(i.because_item_ids)) for i in reply.items]
 
     async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
@@ -134,17 +138,14 @@ class GrpcRanking:
         request = ranking_pb2.EmbedItemsRequest(
             items=[ranking_pb2.ItemText(item_id=i, text=t, tags=tags) for i, t, tags in items],
             model_version=model_version)
-        reply = await _call("embed", self.stub.EmbedItems(request, timeout=timeout))
+        reply = await self._ask("embed", self.stub.EmbedItems, request, timeout)
         return {v.channel: from_tensor(v.vectors) for v in reply.vectors}, reply.model_version
 
     async def load_version(self, bundle_path: str, timeout: float) -> str:
         request = versions_pb2.LoadVersionRequest(bundle_path=bundle_path)
-        return (await _call("ranking", self.stub.LoadVersion(request, timeout=timeout))).model_version
+        return (await self._ask("ranking", self.stub.LoadVersion, request, timeout)).model_version
 
     async def unload_version(self, version: str, timeout: float) -> list[str]:
         request = versions_pb2.UnloadVersionRequest(model_version=version)
-        return list((await _call("ranking", self.stub.UnloadVersion(request, timeout=timeout))).loaded_versions)
+        return list((await self._ask("ranking", self.stub.UnloadVersion, request, timeout)).loaded_versions)
 
-    async def close(self) -> None:
-        for channel in [*self.retired, self.channel]:
-            await channel.close()

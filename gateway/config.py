@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protos.auth import TlsFiles
+
 DEFAULT_PORT = 50051
 
 
@@ -42,6 +44,10 @@ class GatewayConfig:
     # After a swap, how long the old version stays loaded for requests that started on it.
     swap_drain_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    # Bearer tokens clients must send; empty = open (the embedded demo on loopback only).
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    internal_token: str | None = field(default=None, repr=False)  # sent to recall and ranking
+    tls: TlsFiles | None = None  # certificate and key of the public port; None = plaintext
 
     def __post_init__(self) -> None:
         if not self.recall_addresses:

@@ -35,6 +35,10 @@ class ShardAnswer:
 class StageFailed(Exception):
     """A downstream stage did not answer in time or answered with an error."""
 
+    def __init__(self, message: str, status: str = ""):
+        super().__init__(message)
+        self.status = status  # the stage's gRPC status name, when it answered with one
+
 
 class RecallBackend(Protocol):
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,

@@ -16,6 +16,15 @@ from gateway.events import EventLog
 from gateway.funnel import Funnel
 from gateway.rollout import Rollout
 from gateway.servicer import RecommenderServicer, RolloutServicer
+from protos.auth import (
+    CLIENT_TOKENS_ENV,
+    INTERNAL_TOKEN_ENV,
+    AuthConfigError,
+    TlsFiles,
+    add_internal_auth_arguments,
+    client_tokens,
+    internal_token,
+)
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
 from protos.serving import ServerHandle, start_server
 
@@ -62,8 +71,8 @@ class Gateway:
 
 
 async def start(config: GatewayConfig) -> Gateway:
-    shards = [GrpcRecall(address) for address in config.recall_addresses]
-    ranking = GrpcRanking(config.ranking_address)
+    shards = [GrpcRecall(address, config.internal_token) for address in config.recall_addresses]
+    ranking = GrpcRanking(config.ranking_address, config.internal_token)
     funnel = Funnel(shards, ranking, dict(config.channel_budgets), config.explain_top)
     events = EventLog(config.db_path)
     catalogue = Catalogue(shards, ranking, events)
@@ -75,6 +84,7 @@ async def start(config: GatewayConfig) -> Gateway:
         [lambda server: recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server),
          lambda server: versions_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(rollout), server)],
         [SERVICE_NAME, ROLLOUT_SERVICE_NAME],
+        tokens=config.tokens, tls=config.tls,
     )
     return Gateway(handle, events, shards, ranking, funnel, rollout)
 
@@ -94,7 +104,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", type=Path, default=Path("recfunnel.sqlite"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--tokens-file", type=Path, default=None,
+                        help=f"client bearer tokens, one per line (else ${CLIENT_TOKENS_ENV}, comma-separated)")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain of the public port")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of the public port")
+    add_internal_auth_arguments(parser)
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    try:
+        tokens, internal = client_tokens(args.tokens_file), internal_token(args.internal_token_file)
+    except AuthConfigError as error:
+        parser.error(str(error))
+    if not args.no_auth and not (tokens and internal):
+        parser.error(f"auth is on by default: give client tokens (--tokens-file or ${CLIENT_TOKENS_ENV}) and the "
+                     f"internal token (--internal-token-file or ${INTERNAL_TOKEN_ENV}), or --no-auth")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    asyncio.run(serve(GatewayConfig(recall_addresses=tuple(args.recall), ranking_address=args.ranking,
-                                    db_path=args.db, host=args.host, port=args.port)))
+    asyncio.run(serve(GatewayConfig(
+        recall_addresses=tuple(args.recall), ranking_address=args.ranking, db_path=args.db, host=args.host,
+        port=args.port, tokens=() if args.no_auth else tokens, internal_token=internal,
+        tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None)))

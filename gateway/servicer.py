@@ -27,6 +27,7 @@ from gateway.validation import (
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
 
 log = logging.getLogger(__name__)
+MAX_PATH_BYTES = 4096  # a bundle folder path, as Linux's PATH_MAX
 request_log = logging.getLogger("recfunnel.requests")
 
 
@@ -100,13 +101,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             if not 1 <= len(request.events) <= limits.max_events:
                 raise InvalidRequest(f"events has {len(request.events)} entries; allowed 1..{limits.max_events}")
             for n, e in enumerate(request.events):
-                check_event(n, e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms, limits)
+                check_event(n, e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms, e.event_id, limits)
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        events = [Event(e.user_id, e.item_id, e.event_type or "interaction", e.value, e.timestamp_ms)
+        events = [Event(e.user_id, e.item_id, e.event_type or "interaction", e.value, e.timestamp_ms, e.event_id)
                   for e in request.events]
-        written = await self._run(self.events.append, events)  # returns only once committed
-        return recommender_pb2.FeedbackResponse(accepted=written)
+        accepted, duplicates = await self._run(self.events.append, events)  # returns only once committed
+        return recommender_pb2.FeedbackResponse(accepted=accepted, duplicates=duplicates)
 
     async def UpsertItems(self, request: recommender_pb2.UpsertItemsRequest,
                           context: grpc.aio.ServicerContext) -> recommender_pb2.UpsertItemsResponse:
@@ -154,14 +155,17 @@ class RolloutServicer(versions_pb2_grpc.RolloutServicer):
 
     async def SwapVersion(self, request: versions_pb2.SwapVersionRequest,
                           context: grpc.aio.ServicerContext) -> versions_pb2.SwapVersionResponse:
-        if not request.bundle_path:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bundle_path is empty; give a bundle folder")
+        size = len(request.bundle_path.encode("utf-8", errors="surrogatepass"))
+        if not 1 <= size <= MAX_PATH_BYTES or "\x00" in request.bundle_path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle_path is {size} bytes; give a bundle "
+                                f"folder path of 1..{MAX_PATH_BYTES} bytes without NUL characters")
         try:
             report = await self.rollout.swap(request.bundle_path)
         except StageFailed as error:
             # The old version still serves: nothing switched unless every service loaded the new one.
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"swap not done, still serving the old "
-                                f"version: {error}")
+            code = (grpc.StatusCode.INVALID_ARGUMENT if error.status == "INVALID_ARGUMENT"  # not a bundle
+                    else grpc.StatusCode.FAILED_PRECONDITION)
+            await context.abort(code, f"swap not done, still serving the old version: {error}")
         return versions_pb2.SwapVersionResponse(model_version=report.model_version,
                                                 previous_version=report.previous_version,
                                                 replayed_changes=report.replayed_changes, seconds=report.seconds)

@@ -4,14 +4,16 @@ the version handling the recall and ranking services share."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.auth import TlsFiles, server_interceptors
 from protos.recfunnel.v1 import versions_pb2
 from recdata.bundle import MANIFEST
 from recdata.versions import DefaultVersionInUse, LoadedVersions, VersionNotLoaded
@@ -25,6 +27,54 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+class _Undecodable:
+    """What a request deserializer returns for bytes that are no valid message."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class RejectUndecodable(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT to request bytes that do not parse (corrupt wire format,
+    invalid UTF-8 in a string field), where grpc would answer UNKNOWN with a traceback in
+    the log. Covers the unary-unary methods, which every recfunnel RPC is."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # built once per method
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        guarded = self._guarded.get(method)
+        if guarded is not None:
+            return guarded
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming \
+                or handler.request_deserializer is None:
+            return handler
+        parse, behaviour = handler.request_deserializer, handler.unary_unary
+
+        def tolerant_parse(raw: bytes) -> Any:
+            try:
+                return parse(raw)
+            except DecodeError as error:
+                return _Undecodable(str(error))
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"the request is no valid {method.rsplit('/', 1)[-1]} message: {request.reason}")
+            return await behaviour(request, context)
+
+        guarded = grpc.unary_unary_rpc_method_handler(checked, request_deserializer=tolerant_parse,
+                                                      response_serializer=handler.response_serializer)
+        self._guarded[method] = guarded
+        return guarded
 
 
 class ServerHandle:
@@ -49,10 +99,16 @@ async def start_server(
     port: int,
     register: Iterable[Callable[[grpc.aio.Server], None]],
     service_names: list[str],
-    interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+    tokens: tuple[str, ...] = (),
+    tls: TlsFiles | None = None,
 ) -> ServerHandle:
-    """Start a grpc.aio server with the given services, health and reflection; port 0 picks one."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors or [])
+    """Start a grpc.aio server with the given services, health and reflection; port 0 picks one.
+
+    With `tokens`, every call but a health check needs one of them as its bearer token;
+    with `tls`, the port speaks TLS only.
+    """
+    server = grpc.aio.server(options=CHANNEL_OPTIONS,
+                             interceptors=[*server_interceptors(tokens), RejectUndecodable()])
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer()
@@ -62,22 +118,30 @@ async def start_server(
          reflection.SERVICE_NAME],
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     await server.start()
     for name in ["", *service_names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     address = f"{host}:{bound}"
-    log.info("serving %s on %s", ", ".join(service_names), address)
+    log.info("serving %s on %s (%s, %s)", ", ".join(service_names), address, "TLS" if tls else "plaintext",
+             "token auth" if tokens else "no auth")
     return ServerHandle(server, address, health_servicer, service_names)
 
 
 async def bundle_folder(path: str, context: grpc.aio.ServicerContext) -> Path:
     """The folder a LoadVersion names, or INVALID_ARGUMENT when it holds no bundle."""
     folder = Path(path)
-    if not (folder / MANIFEST).is_file():
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle_path {path!r} is not a bundle folder")
+    try:
+        found = (folder / MANIFEST).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, or with a NUL in it
+        found = False
+    if not found:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle_path {path[:200]!r} is not a bundle folder")
     return folder
 
 

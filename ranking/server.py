@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from protos.auth import add_internal_auth_arguments, internal_token_of
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc
 from protos.serving import ServerHandle, start_server
 from ranking.config import RankingConfig
@@ -53,6 +54,7 @@ async def start(config: RankingConfig) -> RankingService:
         config.host, config.port,
         [lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(servicer, server)],
         [SERVICE_NAME],
+        tokens=(config.internal_token,) if config.internal_token else (),
     )
     return RankingService(handle, servicer)
 
@@ -74,8 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests per model call (1 = no batching)")
     parser.add_argument("--max-batch-wait-ms", type=float, default=2.0)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    add_internal_auth_arguments(parser)
     args = parser.parse_args(argv)
+    token = internal_token_of(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(RankingConfig(bundle=args.bundle, host=args.host, port=args.port, threads=args.threads,
                                     max_batch_size=args.max_batch_size, max_batch_wait_ms=args.max_batch_wait_ms,
-                                    device=args.device)))
+                                    device=args.device, internal_token=token)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +28,7 @@ class RecallConfig:
     # Shards up to this many items search on the serving thread: such a search takes well
     # under a millisecond, less than handing it to an executor thread and back.
     inline_search_max_items: int = 20_000
+    internal_token: str | None = field(default=None, repr=False)  # required of callers when set
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from protos.auth import add_internal_auth_arguments, internal_token_of
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc
 from protos.serving import ServerHandle, start_server
 from recdata.bundle import load_bundle
@@ -42,6 +43,7 @@ async def start(config: RecallConfig) -> RecallService:
         config.host, config.port,
         [lambda server: recall_pb2_grpc.add_RecallServicer_to_server(servicer, server)],
         [SERVICE_NAME],
+        tokens=(config.internal_token,) if config.internal_token else (),
     )
     return RecallService(handle, servicer)
 
@@ -62,8 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50061)
     parser.add_argument("--index-kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"])
+    add_internal_auth_arguments(parser)
     args = parser.parse_args(argv)
+    token = internal_token_of(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = RecallConfig(bundle=args.bundle, shard_id=args.shard_id, num_shards=args.num_shards,
-                          host=args.host, port=args.port, index_kind=args.index_kind)
+                          host=args.host, port=args.port, index_kind=args.index_kind, internal_token=token)
     asyncio.run(serve(config))

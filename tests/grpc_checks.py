@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from gateway import server as gateway_server
 from gateway.config import GatewayConfig
 from gateway.server import Gateway
+from protos.auth import call_metadata
 from protos.serving import ServerHandle
 from ranking import server as ranking_server
 from ranking.config import RankingConfig
@@ -23,7 +24,8 @@ from retrieval import server as recall_server
 from retrieval.config import RecallConfig
 
 
-async def assert_health_and_reflection(address: str, service_name: str) -> None:
+async def assert_health_and_reflection(address: str, service_name: str, token: str | None = None) -> None:
+    """Health answers without a token; reflection, like every other method, with `token`."""
     async with grpc.aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", service_name):
@@ -31,22 +33,26 @@ async def assert_health_and_reflection(address: str, service_name: str) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
-        replies = [r async for r in reflection.ServerReflectionInfo(iter([request]), timeout=5)]
+        replies = [r async for r in reflection.ServerReflectionInfo(iter([request]), timeout=5,
+                                                                    metadata=call_metadata(token))]
         services = {s.name for s in replies[0].list_services_response.service}
         assert service_name in services
         assert "grpc.health.v1.Health" in services
 
 
 @contextlib.asynccontextmanager
-async def serving_stack(bundle: Path, db_path: Path, num_shards: int = 2, **gateway_options: Any
+async def serving_stack(bundle: Path, db_path: Path, num_shards: int = 2, internal_token: str | None = None,
+                        **gateway_options: Any
                         ) -> AsyncIterator[tuple[Gateway, list[ServerHandle], RankingService]]:
-    """Recall shards, the ranking service and a gateway over them, on free loopback ports."""
-    shards = [await recall_server.start(RecallConfig(bundle=bundle, shard_id=n, num_shards=num_shards))
+    """Recall shards, the ranking service and a gateway over them, on free loopback ports;
+    the services require `internal_token` when one is given, and the gateway sends it."""
+    shards = [await recall_server.start(RecallConfig(bundle=bundle, shard_id=n, num_shards=num_shards,
+                                                     internal_token=internal_token))
               for n in range(num_shards)]
-    ranking = await ranking_server.start(RankingConfig(bundle=bundle))
+    ranking = await ranking_server.start(RankingConfig(bundle=bundle, internal_token=internal_token))
     gateway = await gateway_server.start(GatewayConfig(
         recall_addresses=tuple(s.address for s in shards), ranking_address=ranking.address,
-        db_path=db_path, port=0, **gateway_options))
+        db_path=db_path, port=0, internal_token=internal_token, **gateway_options))
     try:
         yield gateway, shards, ranking
     finally:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
+import signal
 from pathlib import Path
 
 import grpc
@@ -15,10 +18,13 @@ from cluster.launch import start_cluster
 from gateway import server as gateway_server
 from gateway.client import RecommenderClient
 from gateway.events import EventLog
+from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 from ranking import server as ranking_server
 from recdata.dataset import Dataset
 from retrieval import server as recall_server
 from tests.grpc_checks import assert_health_and_reflection
+
+INTERNAL_TOKEN = "cluster-test-internal-token-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +35,8 @@ def cluster(tiny_bundle: Path, tiny_dataset: Dataset, tmp_path_factory: pytest.T
     events.close()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        running = start_cluster(ClusterConfig(bundle=tiny_bundle, db_path=db, num_shards=2, gateway_port=0))
+        running = start_cluster(ClusterConfig(bundle=tiny_bundle, db_path=db, num_shards=2, gateway_port=0,
+                                              internal_token=INTERNAL_TOKEN))
         yield running
         running.stop()
     finally:
@@ -39,9 +46,9 @@ def cluster(tiny_bundle: Path, tiny_dataset: Dataset, tmp_path_factory: pytest.T
 def test_every_server_answers_health_and_reflection(cluster) -> None:
     async def check() -> None:
         await assert_health_and_reflection(cluster.gateway_address, gateway_server.SERVICE_NAME)
-        await assert_health_and_reflection(cluster.ranking_address, ranking_server.SERVICE_NAME)
+        await assert_health_and_reflection(cluster.ranking_address, ranking_server.SERVICE_NAME, INTERNAL_TOKEN)
         for address in cluster.shard_addresses:
-            await assert_health_and_reflection(address, recall_server.SERVICE_NAME)
+            await assert_health_and_reflection(address, recall_server.SERVICE_NAME, INTERNAL_TOKEN)
 
     asyncio.run(check())
 
@@ -91,6 +98,7 @@ def test_status_reports_every_actor_its_address_version_and_restarts(cluster) ->
     for service in services.values():
         assert service["state"] == "ALIVE" and service["address"] and service["node_id"]
         assert service["model_version"] == status["model_version"] and service["restarts"] == 0
+        assert 10 * 2**20 < service["rss_bytes"] < 8 * 2**30  # a real process's resident memory
     assert status["gateway"] == cluster.gateway_address
 
 
@@ -111,23 +119,60 @@ async def _recommend_until(address: str, user: str, done, seconds: float) -> lis
     return replies
 
 
+async def _load_until(address: str, users: list[str], stop: asyncio.Event, rate: float = 10.0
+                      ) -> list[recommender_pb2.RecommendResponse | grpc.aio.AioRpcError]:
+    """Recommend calls at `rate` per second, each sent on schedule whatever the others do,
+    until `stop`; returns every answer or error."""
+    outcomes: list[recommender_pb2.RecommendResponse | grpc.aio.AioRpcError] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+
+        async def one(user: str) -> None:
+            try:
+                outcomes.append(await stub.Recommend(recommender_pb2.RecommendRequest(user_id=user, k=5),
+                                                     timeout=10))
+            except grpc.aio.AioRpcError as error:
+                outcomes.append(error)
+
+        tasks = []
+        for n in itertools.count():
+            if stop.is_set():
+                break
+            tasks.append(asyncio.create_task(one(users[n % len(users)])))
+            await asyncio.sleep(1 / rate)
+        await asyncio.gather(*tasks)
+    return outcomes
+
+
 # A shard is back within 30 s; the ranker's new process must also import torch and load
 # MiniLM before it answers, so it gets longer.
+@pytest.mark.fault
 @pytest.mark.parametrize(("name", "back_within_s"), [("recfunnel-recall-1", 30), ("recfunnel-ranking", 90)])
 def test_a_killed_service_is_restarted_and_used_again_with_no_failed_request(
         cluster, tiny_dataset: Dataset, name: str, back_within_s: float) -> None:
-    user = tiny_dataset.user_ids[1]
+    users = tiny_dataset.user_ids[:20]
     before = {s["name"]: s for s in cluster.status()["services"]}[name]
-    ray.kill(cluster.actor(name), no_restart=False)  # the process dies; Ray builds the actor again
 
-    async def scenario() -> list:  # type: ignore[type-arg]
+    async def scenario() -> tuple[list, list]:  # type: ignore[type-arg]
+        stop = asyncio.Event()
+        load = asyncio.create_task(_load_until(cluster.gateway_address, users, stop))
+        await asyncio.sleep(1.0)
+        os.kill(before["pid"], signal.SIGKILL)  # the process dies under load; Ray builds the actor again
         await asyncio.sleep(0.5)
-        return await _recommend_until(cluster.gateway_address, user,
-                                      lambda r: not r.degraded and r.recall_coverage == 1.0, back_within_s)
+        probes = await _recommend_until(cluster.gateway_address, users[0],
+                                        lambda r: not r.degraded and r.recall_coverage == 1.0, back_within_s)
+        stop.set()
+        return probes, await load
 
-    replies = asyncio.run(scenario())
-    assert replies and not replies[-1].degraded and replies[-1].recall_coverage == 1.0
+    probes, outcomes = asyncio.run(scenario())
+    assert probes and not probes[-1].degraded and probes[-1].recall_coverage == 1.0
+    errors = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert not errors, f"{len(errors)} failed requests, e.g. {errors[0].code().name}"
+    replies = [*probes, *outcomes]
     assert all(len(r.items) == 5 for r in replies)  # degraded while it was down, never empty or failed
+    assert any(r.degraded for r in replies)          # the kill really took the service away
+    if name.startswith("recfunnel-recall"):
+        assert any(r.recall_coverage == 0.5 for r in replies)
     after = {s["name"]: s for s in cluster.status()["services"]}[name]
     assert after["restarts"] == before["restarts"] + 1 and after["pid"] != before["pid"]
     assert after["state"] == "ALIVE" and after["model_version"] == before["model_version"]

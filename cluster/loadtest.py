@@ -1,0 +1,187 @@
+"""`recfunnel loadtest`: open-loop load on any recfunnel gateway, reported as JSON and a PNG.
+
+The request mix (known and unknown users, context items, exclusions, feedback) comes from a
+mix file or, by default, from MovieLens-100K's ids, the catalogue the embedded demo serves.
+A mix file (TOML or JSON) may set:
+
+    k = 10
+    users_file = "users.txt"     # or users = ["u1", ...]: ids the deployment knows
+    items_file = "items.txt"     # or items = ["i1", ...]
+    [weights]                    # relative shares of the request kinds (KINDS)
+    known = 0.3
+    feedback = 0.2
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomllib
+
+from cluster.load import LoadResult, open_loop
+from protos.auth import call_metadata, open_channel
+from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
+from protos.serving import CHANNEL_OPTIONS
+
+KINDS = ("known", "known_exclude", "known_context", "unknown", "unknown_context", "feedback")
+DEFAULT_WEIGHTS = {"known": 0.3, "known_exclude": 0.1, "known_context": 0.15, "unknown": 0.15,
+                   "unknown_context": 0.1, "feedback": 0.2}
+
+
+@dataclass(frozen=True)
+class Mix:
+    users: tuple[str, ...]
+    items: tuple[str, ...]
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        if not self.users or not self.items:
+            raise ValueError("a mix needs at least one user id and one item id")
+        unknown = set(self.weights) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown request kinds {sorted(unknown)}; allowed: {', '.join(KINDS)}")
+        if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ValueError("weights must be >= 0 and not all 0")
+        if not 1 <= self.k <= 1000:
+            raise ValueError(f"k={self.k} must be in 1..1000")
+
+    @classmethod
+    def from_file(cls, path: Path) -> Mix:
+        text = path.read_text("utf-8")
+        values: dict[str, Any] = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        folder = path.parent
+        for name in ("users", "items"):
+            listed = values.pop(f"{name}_file", None)
+            if listed is not None:
+                values[name] = [line.strip() for line in (folder / listed).read_text("utf-8").splitlines()
+                                if line.strip()]
+            values[name] = tuple(values.get(name, ()))
+        allowed = {"users", "items", "weights", "k"}
+        if set(values) - allowed:
+            raise ValueError(f"{path}: unknown settings {sorted(set(values) - allowed)}")
+        return cls(**values)
+
+    @classmethod
+    def movielens(cls) -> Mix:
+        from recdata.movielens import load_ml100k
+
+        dataset = load_ml100k()
+        return cls(tuple(dataset.user_ids), tuple(dataset.item_ids))
+
+    def requests(self, count: int, seed: int) -> list[Any]:
+        """`count` requests drawn by the weights: RecommendRequest or FeedbackRequest."""
+        rng = np.random.default_rng(seed)
+        kinds = list(self.weights)
+        shares = np.asarray([self.weights[k] for k in kinds], dtype=np.float64)
+        drawn = rng.choice(len(kinds), size=count, p=shares / shares.sum())
+        out: list[Any] = []
+        for n, index in enumerate(drawn):
+            kind = kinds[index]
+            known_user = self.users[rng.integers(len(self.users))]
+            items = [self.items[i] for i in rng.integers(len(self.items), size=5)]
+            if kind == "feedback":
+                # A fresh idempotency key per event: a retry by the caller would reuse it.
+                out.append(recommender_pb2.FeedbackRequest(events=[recommender_pb2.Event(
+                    user_id=known_user, item_id=items[0], event_type="click", event_id=uuid.uuid4().hex)]))
+                continue
+            out.append(recommender_pb2.RecommendRequest(
+                user_id=known_user if kind.startswith("known") else f"loadtest-visitor-{seed}-{n}", k=self.k,
+                exclude_item_ids=items[:3] if kind.endswith("exclude") else [],
+                context_item_ids=items[3:] if kind.endswith("context") else []))
+        return out
+
+
+@dataclass(frozen=True)
+class LoadTest:
+    target: str
+    qps: float
+    duration_s: float
+    token: str | None = None
+    tls_ca: Path | None = None
+    timeout_s: float = 1.0     # each call's deadline, which the gateway turns into its budget
+    warmup_s: float = 2.0      # unmeasured load before the run, at the same rate
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.qps <= 100_000:
+            raise ValueError(f"qps={self.qps} must be in (0, 100000]")
+        if not 0 < self.duration_s <= 86_400:
+            raise ValueError(f"duration={self.duration_s} must be in (0, 86400] seconds")
+
+
+async def run_load(test: LoadTest, mix: Mix) -> LoadResult:
+    """Warm up, then the measured open-loop run."""
+    metadata = call_metadata(test.token)
+    async with open_channel(test.target, tls_ca=test.tls_ca, options=CHANNEL_OPTIONS) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+
+        async def call(request: Any) -> bool:
+            if isinstance(request, recommender_pb2.FeedbackRequest):
+                await stub.Feedback(request, timeout=test.timeout_s, metadata=metadata)
+                return False
+            reply = await stub.Recommend(request, timeout=test.timeout_s, metadata=metadata)
+            return bool(reply.degraded)
+
+        if test.warmup_s > 0:
+            await open_loop(call, mix.requests(max(1, int(test.qps * test.warmup_s)), test.seed + 1), test.qps,
+                            test.warmup_s, test.seed + 1)
+        count = min(int(test.qps * test.duration_s * 1.2) + 10, 200_000)  # cycled beyond this
+        return await open_loop(call, mix.requests(count, test.seed), test.qps, test.duration_s, test.seed)
+
+
+def report(test: LoadTest, result: LoadResult) -> dict[str, Any]:
+    kinds = sorted({s.kind for s in result.samples})
+    return {"target": test.target, "duration_s": test.duration_s, **result.summary(),
+            "by_kind": {kind: result.summary(kind) for kind in kinds}}
+
+
+def plot(result: LoadResult, path: Path, title: str) -> Path:
+    """Latency over time (every request, and p50/p99 per second) and the latency distribution."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    ok = [s for s in result.samples if s.status == "OK"]
+    failed = [s for s in result.samples if s.status != "OK"]
+    figure, (over_time, distribution) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110,
+                                                     gridspec_kw={"width_ratios": [2, 1]})
+    over_time.scatter([s.sent_s for s in ok], [s.latency_ms for s in ok], s=2, alpha=0.25, color="tab:blue",
+                      label="request")
+    if failed:
+        over_time.scatter([s.sent_s for s in failed], [s.latency_ms for s in failed], s=10, color="tab:red",
+                          marker="x", label="error")
+    seconds = np.floor([s.sent_s for s in ok]).astype(int)
+    latencies = np.asarray([s.latency_ms for s in ok])
+    if len(ok):
+        buckets = np.unique(seconds)
+        for quantile, style in ((50, "-"), (99, "--")):
+            over_time.plot(buckets + 0.5, [np.percentile(latencies[seconds == b], quantile) for b in buckets],
+                           style, color="black", linewidth=1, label=f"p{quantile} per second")
+    over_time.set_yscale("log")
+    over_time.set_xlabel("seconds since start (scheduled send time)")
+    over_time.set_ylabel("latency, ms (log)")
+    over_time.legend(fontsize=8, loc="upper right")
+    over_time.grid(alpha=0.3)
+    if len(ok):
+        ordered = np.sort(latencies)
+        distribution.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), color="tab:blue")
+        for q in (50, 99, 99.9):
+            value = float(np.percentile(latencies, q))
+            distribution.axvline(value, color="grey", linestyle=":", linewidth=1)
+            distribution.text(value, 0.02 + 0.1 * (q > 90) + 0.1 * (q > 99), f" p{q:g} {value:.1f}", fontsize=7)
+        distribution.set_xscale("log")
+    distribution.set_xlabel("latency, ms (log)")
+    distribution.set_ylabel("share of requests at most this slow")
+    distribution.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

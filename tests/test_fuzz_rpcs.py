@@ -1,0 +1,165 @@
+"""Property-based bad input on every public RPC: empty, huge, negative, odd Unicode,
+duplicated and unknown values, NaN/inf numbers and bytes that are no protobuf at all.
+
+The server must never crash and never answer INTERNAL (or anything else unexplained): each
+call gets a valid answer or INVALID_ARGUMENT with a message, and a refused call writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.server import Gateway
+from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
+from tests.grpc_checks import serving_stack
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+
+# Any Unicode a client can encode (lone surrogates cannot be sent as proto strings at all),
+# weighted towards the edges: empty, control and zero-width characters, and very long.
+unicode_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+ids = st.one_of(
+    unicode_text,
+    st.sampled_from(["", " ", "\x00", "\u200b", "é" * 129, "x" * 256, "x" * 257, "i1", "i1", "-1", "NaN"]),
+    st.text(st.characters(exclude_categories=("Cs",)), min_size=250, max_size=400),
+)
+# Long inputs are built, not drawn: hypothesis draws only small collections itself.
+id_lists = st.one_of(st.lists(ids, max_size=8), st.integers(995, 1005).map(lambda n: ["i1", "i2"] * (n // 2)))
+int32s = st.one_of(st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, 1, 10, 1000, 1001, -1]))
+floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
+
+
+@pytest.fixture(scope="module")
+def live(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, grpc.Channel]]:
+    """The real services on their own event loop thread; the tests call them synchronously, as
+    hypothesis drives plain functions."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    stack = serving_stack(tiny_bundle, tmp_path_factory.mktemp("fuzz") / "events.sqlite", num_shards=2)
+    gateway, _, _ = asyncio.run_coroutine_threadsafe(stack.__aenter__(), loop).result(timeout=300)
+    channel = grpc.insecure_channel(gateway.address)
+    try:
+        yield gateway, channel
+    finally:
+        channel.close()
+        asyncio.run_coroutine_threadsafe(stack.__aexit__(None, None, None), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+def _code(call, request):  # type: ignore[no-untyped-def]
+    try:
+        return grpc.StatusCode.OK, call(request, timeout=30), ""
+    except grpc.RpcError as error:
+        return error.code(), None, error.details() or ""
+
+
+def _check(code: grpc.StatusCode, details: str) -> None:
+    assert code in ALLOWED, f"{code.name}: {details}"
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert details.strip(), "INVALID_ARGUMENT without a message"
+
+
+@FUZZ
+@given(user_id=ids, k=int32s, exclude=id_lists, context=id_lists, diversity=floats32, explain=st.booleans())
+def test_recommend(live, user_id, k, exclude, context, diversity, explain) -> None:
+    gateway, channel = live
+    request = recommender_pb2.RecommendRequest(user_id=user_id, k=k, exclude_item_ids=exclude,
+                                               context_item_ids=context, diversity=diversity, explain=explain)
+    code, reply, details = _code(recommender_pb2_grpc.RecommenderStub(channel).Recommend, request)
+    _check(code, details)
+    if code == grpc.StatusCode.OK:
+        returned = [i.item_id for i in reply.items]
+        assert len(returned) <= k and len(set(returned)) == len(returned)
+        assert not set(returned) & set(exclude)
+
+
+events = st.builds(recommender_pb2.Event, user_id=ids, item_id=ids, event_type=st.one_of(unicode_text, ids),
+                   value=floats32, timestamp_ms=st.integers(-(2**63), 2**63 - 1), event_id=ids)
+
+
+@FUZZ
+@given(batch=st.one_of(st.lists(events, max_size=6),
+                       st.integers(999, 1002).map(lambda n: [recommender_pb2.Event(user_id="u", item_id="i")] * n)))
+def test_feedback(live, batch) -> None:
+    gateway, channel = live
+    before = gateway.events.count()
+    code, reply, details = _code(recommender_pb2_grpc.RecommenderStub(channel).Feedback,
+                                 recommender_pb2.FeedbackRequest(events=batch))
+    _check(code, details)
+    if code == grpc.StatusCode.OK:
+        assert reply.accepted == len(batch)
+        assert gateway.events.count() == before + reply.accepted - reply.duplicates
+    else:
+        assert gateway.events.count() == before  # a refused call writes nothing
+
+
+items = st.builds(recommender_pb2.Item, item_id=ids,
+                  text=st.one_of(unicode_text, st.integers(16_380, 16_400).map(lambda n: "é" * (n // 2))),
+                  tags=st.one_of(st.lists(ids, max_size=4), st.integers(31, 34).map(lambda n: ["t"] * n)))
+
+
+@FUZZ
+@given(batch=st.lists(items, max_size=4))
+def test_upsert_items(live, batch) -> None:
+    _, channel = live
+    code, reply, details = _code(recommender_pb2_grpc.RecommenderStub(channel).UpsertItems,
+                                 recommender_pb2.UpsertItemsRequest(items=batch))
+    _check(code, details)
+    if code == grpc.StatusCode.OK:
+        assert reply.upserted == len(batch) and reply.model_version
+
+
+@FUZZ
+@given(item_ids=id_lists)
+def test_delete_items(live, item_ids) -> None:
+    _, channel = live
+    code, reply, details = _code(recommender_pb2_grpc.RecommenderStub(channel).DeleteItems,
+                                 recommender_pb2.DeleteItemsRequest(item_ids=item_ids))
+    _check(code, details)
+    if code == grpc.StatusCode.OK:
+        assert 0 <= reply.deleted <= len(item_ids)
+
+
+@FUZZ
+@given(bundle_path=st.one_of(ids, st.integers(4000, 5000).map(lambda n: "d/" * (n // 2)),
+                             st.sampled_from(["/", "/tmp", "."])))
+def test_swap_version_to_something_that_is_no_bundle(live, bundle_path) -> None:
+    _, channel = live
+    code, _, details = _code(versions_pb2_grpc.RolloutStub(channel).SwapVersion,
+                             versions_pb2.SwapVersionRequest(bundle_path=bundle_path))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+    assert details.strip()
+
+
+RECOMMENDER_METHODS = ["Recommend", "Feedback", "UpsertItems", "DeleteItems"]
+
+
+@FUZZ
+@given(method=st.sampled_from(RECOMMENDER_METHODS), payload=st.binary(max_size=2000))
+def test_bytes_that_are_no_protobuf(live, method, payload) -> None:
+    """Raw bytes straight onto the wire, past any client-side encoding: invalid UTF-8 in string
+    fields, truncated varints, wrong wire types."""
+    _, channel = live
+    call = channel.unary_unary(f"/recfunnel.v1.Recommender/{method}")  # bytes in, bytes out
+    code, _, details = _code(call, payload)
+    _check(code, details)
+
+
+def test_invalid_utf8_in_a_string_field_is_invalid_argument(live) -> None:
+    _, channel = live
+    # RecommendRequest{user_id: b"\xff\xfe", k: 5}: field 1, length 2, then field 2 varint 5.
+    payload = b"\x0a\x02\xff\xfe\x10\x05"
+    code, _, details = _code(channel.unary_unary("/recfunnel.v1.Recommender/Recommend"), payload)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{code.name}: {details}"
+    assert "UTF-8" in details or "parse" in details

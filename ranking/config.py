@@ -81,6 +81,7 @@ class RankingConfig:
     max_batch_size: int = 32   # Encode / Rank requests scored in one model call; 1 = no batching
     max_batch_wait_ms: float = 2.0  # how long the first request of a batch waits for company
     device: str | None = None  # "cuda" / "cpu"; None = CUDA when present
+    new_item_slot: bool = True # lists of 5+ items keep a place for the best new item (no interactions yet)
     internal_token: str | None = field(default=None, repr=False)  # required of callers when set
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ranking.config import ModelConfig
-from ranking.inference import candidate_features, pad_left, semantic_queries
+from ranking.inference import NEW_ITEM_SLOT_MIN_K, candidate_features, pad_left, semantic_queries
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
 from recdata.bundle import load_bundle, load_weights
@@ -62,6 +62,8 @@ class FunnelScorer:
     # (I, d) text-and-tags-only item vectors: how cold items look. Set while training the
     # ranker, which sees some candidates this way so that it learns to rank cold items.
     cold_table: torch.Tensor | None = None
+    new_item_slot: bool = True     # as the served Rank: see `inference.with_new_item_slot`
+    list_length: int = 10          # the k of the served list the slot is kept in
 
     def __post_init__(self) -> None:
         self.text_t = torch.from_numpy(self.text_vectors)
@@ -170,11 +172,30 @@ class FunnelScorer:
         users, _ = self.queries(histories)
         return users @ self.item_table[1:].T
 
+    def with_new_item_slot(self, scores: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor
+                           ) -> torch.Tensor:
+        """Scores under which the top `list_length` are what the served Rank returns: where no
+        new item (no training interactions) made the list, the best-scored new candidate is
+        lifted just above the last place's score, so it takes that place."""
+        k = min(self.list_length, scores.shape[1])
+        is_new = (self.log_popularity[candidates] == 0) & mask & torch.isfinite(scores)
+        if k < NEW_ITEM_SLOT_MIN_K or not is_new.any():
+            return scores
+        last = scores.topk(k, dim=1).values[:, -1]                               # (B,)
+        listed = (is_new & (scores >= last.unsqueeze(1))).any(1)
+        best_new_score, best_new = scores.masked_fill(~is_new, -math.inf).max(1)
+        rows = torch.nonzero(~listed & torch.isfinite(best_new_score) & torch.isfinite(last))[:, 0]
+        lifted = scores.clone()
+        lifted[rows, best_new[rows]] = last[rows] + 1e-6 * (last[rows].abs() + 1)
+        return lifted
+
     @torch.no_grad()
     def funnel_scores(self, histories: list[np.ndarray]) -> torch.Tensor:
         """(B, I) full-catalogue scores of the served path: ranker scores on recall's
         candidates, -inf for every item recall did not propose."""
-        scores, candidates, _ = self.funnel(histories)
+        scores, candidates, mask = self.funnel(histories)
+        if self.new_item_slot:
+            scores = self.with_new_item_slot(scores, candidates, mask)
         full = torch.full((len(histories), self.num_items), -math.inf)
         # A repeated candidate carries -inf after its first occurrence, so the maximum is its score.
         return full.scatter_reduce(1, candidates, scores, reduce="amax")

@@ -97,6 +97,29 @@ def mmr_order(scores: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
     return np.asarray(chosen)
 
 
+# Lists shorter than this keep every place for relevance alone.
+NEW_ITEM_SLOT_MIN_K = 5
+
+
+def with_new_item_slot(order: np.ndarray, scores: np.ndarray, is_new: np.ndarray, k: int) -> np.ndarray:
+    """The chosen positions `order`, with the last one given to the best-scored new candidate
+    (one without training interactions) when none was chosen and the list has
+    NEW_ITEM_SLOT_MIN_K places or more.
+
+    Why a reserved place: the ranker scores a new item from its content alone, and evidence
+    from content is weaker than evidence from interactions, so a calibrated ranker rarely
+    puts a new item in the top k; without exposure it never gathers the interactions that
+    would let it compete. The ranker still chooses which new item.
+    """
+    if k < NEW_ITEM_SLOT_MIN_K or len(order) < k or is_new[order].any():
+        return order
+    waiting = np.flatnonzero(is_new & np.isfinite(scores))
+    if len(waiting) == 0:
+        return order
+    best_new = waiting[np.argmax(scores[waiting])]
+    return np.append(order[: k - 1], best_new)
+
+
 @dataclass(frozen=True)
 class RankCall:
     """One served Rank request, as `RankingModel.rank_many` takes them."""
@@ -106,6 +129,7 @@ class RankCall:
     k: int
     diversity: float = 0.0
     explain_top: int = 0
+    new_item_slot: bool = True  # see `with_new_item_slot`
 
 
 @dataclass(frozen=True)
@@ -275,9 +299,12 @@ class RankingModel:
         for call, known_history, known, rows_b, ranked_b in zip(calls, known_histories, knowns, rows, ranked,
                                                                 strict=True):
             vectors = tables.item_vectors[torch.from_numpy(rows_b)].cpu().numpy()
+            order = mmr_order(ranked_b.scores, vectors, call.k, call.diversity)
+            if call.new_item_slot:
+                order = with_new_item_slot(order, ranked_b.scores, tables.popularity[rows_b] == 0, call.k)
             out = [(known[n][0], float(ranked_b.scores[n]),
                     [known_history[p] for p in ranked_b.because(n, call.explain_top)])
-                   for n in mmr_order(ranked_b.scores, vectors, call.k, call.diversity)]
+                   for n in order]
             if len(out) < call.k:
                 known_ids = {i for i, _ in known}
                 out += [(i, float("-inf"), []) for i, _ in call.candidates if i not in known_ids][: call.k - len(out)]

@@ -93,7 +93,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         candidates = [(c.item_id, {s.channel for s in c.channel_scores}) for c in request.candidates]
         ranked = await self.rank_batcher.submit((model, RankCall(
             list(request.history_item_ids)[-self.config.max_history :], candidates,
-            request.k or len(candidates), request.diversity, request.explain_top)))
+            request.k or len(candidates), request.diversity, request.explain_top, self.config.new_item_slot)))
         items = [ranking_pb2.ScoredItem(item_id=i, score=s, because_item_ids=b) for i, s, b in ranked]
         return ranking_pb2.RankResponse(items=items, model_version=model.version)
 

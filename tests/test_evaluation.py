@@ -14,7 +14,9 @@ from cluster.pipeline import in_process_funnel
 from gateway.funnel import RecommendQuery
 from ranking.baselines import SASRecTrainer, popularity_scorer
 from ranking.evaluation import Evaluation, FunnelScorer
+from ranking.inference import with_new_item_slot
 from ranking.quality import EvaluateConfig, beyond_accuracy, evaluate
+from recdata.bundle import load_bundle, load_weights
 from recdata.dataset import Dataset
 from recdata.split import leave_last_two
 from tests.conftest import TINY_TRAINING
@@ -128,3 +130,43 @@ def test_evaluate_report_has_every_section(tiny_bundle, tiny_dataset, text_encod
 def test_evaluate_refuses_a_bundle_of_another_catalogue(tiny_bundle) -> None:
     with pytest.raises(ValueError, match="another catalogue"):
         evaluate(tiny_bundle, hand_dataset(), EvaluateConfig(baselines=False))
+
+
+def test_the_last_place_goes_to_the_best_new_item_when_none_made_the_list() -> None:
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])
+    is_new = np.array([False, False, False, False, False, False, True, True])
+    order = np.arange(5)
+    assert with_new_item_slot(order, scores, is_new, 5).tolist() == [0, 1, 2, 3, 6]  # 6 beats 7
+    assert with_new_item_slot(order[:4], scores, is_new, 4).tolist() == [0, 1, 2, 3]  # short lists: relevance
+    assert with_new_item_slot(np.array([0, 1, 2, 3, 6]), scores, is_new, 5).tolist() == [0, 1, 2, 3, 6]
+    assert with_new_item_slot(order, scores, np.zeros(8, bool), 5).tolist() == order.tolist()
+    never_proposed = np.where(is_new, -np.inf, scores)
+    assert with_new_item_slot(order, never_proposed, is_new, 5).tolist() == order.tolist()
+
+
+def test_served_and_evaluated_lists_keep_the_same_place_for_new_items(tiny_bundle, tiny_dataset,
+                                                                      tmp_path) -> None:
+    """With items that have no interactions, the gateway's answer and the evaluation's top 10
+    are the same list, the best new item in its last place."""
+    bundle = load_bundle(tiny_bundle)
+    popularity = bundle.arrays["popularity"].copy()
+    new_items = np.argsort(popularity)[-40:]  # popular ones, so recall proposes them often
+    popularity[new_items] = 0
+    bundle.arrays = {**bundle.arrays, "popularity": popularity}
+    folder = bundle.save(tmp_path / "with-new-items", {
+        name: load_weights(tiny_bundle, name) for name in ("query_encoder", "ranker")})
+    budgets = {"sequential": 40, "semantic": 10, "item2item": 10, "popular": 5}
+    scorer = FunnelScorer.from_bundle(folder, budgets)
+    served = in_process_funnel(folder, num_shards=2, channel_budgets=budgets)
+    split = leave_last_two(tiny_dataset)
+    slots_used = 0
+    for position in range(0, 60, 3):
+        history = split.test_history(position)
+        evaluated = [tiny_dataset.item_ids[i] for i in scorer.funnel_scores([history])[0].topk(10).indices.tolist()]
+        plain = replace(scorer, new_item_slot=False).funnel_scores([history])[0].topk(10).indices.tolist()
+        answer = asyncio.run(served.recommend(
+            RecommendQuery("u", 10, [tiny_dataset.item_ids[i] for i in history]), time.monotonic() + 5))
+        assert [r.item_id for r in answer.items] == evaluated
+        assert any(tiny_dataset.item_ids.index(i) in new_items for i in evaluated)
+        slots_used += not any(i in new_items for i in plain)
+    assert slots_used > 0  # the place was really given, not only already taken by relevance

@@ -12,6 +12,7 @@ Ray restarts a dead host by constructing it again; the service starts on the nex
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import replace
@@ -40,9 +41,24 @@ class ServiceHost:
             config = replace(config, host=ray.util.get_node_ip_address())
         self.config = config
         self.running: Running | None = None
+        self._exporter: asyncio.Task[None] | None = None
 
     async def _start(self) -> Running:
         raise NotImplementedError
+
+    def _export_metrics(self) -> None:
+        """Read the running service's counters into its Ray metrics (none by default)."""
+
+    async def _export_forever(self) -> None:
+        from cluster.metrics import EXPORT_EVERY_S
+
+        while True:
+            await asyncio.sleep(EXPORT_EVERY_S)
+            if self.running is not None:
+                try:
+                    self._export_metrics()
+                except Exception:  # noqa: BLE001 - metrics must never take the service down
+                    logging.getLogger(__name__).exception("metrics export failed")
 
     async def _versions(self) -> tuple[str, list[str]]:
         """(default version, loaded versions) of the running service."""
@@ -53,6 +69,8 @@ class ServiceHost:
         """Start the service once; returns its address."""
         if self.running is None:
             self.running = await self._start()
+            if self._exporter is None:
+                self._exporter = asyncio.get_running_loop().create_task(self._export_forever())
         return self.running.address
 
     async def describe(self) -> dict[str, Any]:
@@ -73,16 +91,26 @@ class ServiceHost:
 
 class RecallShardHost(ServiceHost):
     async def _start(self) -> Running:
+        from cluster.metrics import RecallMetrics
         from retrieval.server import start
 
+        self.metrics = RecallMetrics(self.config.shard_id)
         return await start(self.config)
+
+    def _export_metrics(self) -> None:
+        self.metrics.export(self.running.servicer.versions.get())  # type: ignore[union-attr]
 
 
 class RankingHost(ServiceHost):
     async def _start(self) -> Running:
+        from cluster.metrics import RankerMetrics
         from ranking.server import start
 
+        self.metrics = RankerMetrics()
         return await start(self.config)
+
+    def _export_metrics(self) -> None:
+        self.metrics.export(self.running.stats())  # type: ignore[union-attr]
 
     async def stats(self) -> dict[str, dict[str, float]]:
         """Micro-batching counters of the running service ({} when it is not running)."""
@@ -91,9 +119,10 @@ class RankingHost(ServiceHost):
 
 class GatewayHost(ServiceHost):
     async def _start(self) -> Running:
+        from cluster.metrics import RayGatewayMetrics
         from gateway.server import start
 
-        return await start(self.config)
+        return await start(self.config, RayGatewayMetrics())
 
     async def _versions(self) -> tuple[str, list[str]]:
         try:  # the version its requests use; asks the ranker if none has run yet

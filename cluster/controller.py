@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.actors import GatewayHost, RankingHost, RecallShardHost
 from cluster.config import ActorResources, ClusterConfig
@@ -49,17 +52,28 @@ class ServiceRecord:
         return {k: v for k, v in asdict(self).items() if k != "actor"}
 
 
-def service_actor(host: type, name: str, resources: ActorResources, config: object) -> Any:
+def service_actor(host: type, name: str, resources: ActorResources, config: object, placement: Any) -> Any:
     """A named actor running `host(config)`, with the resources the cluster config declares."""
-    return ray.remote(host).options(name=name, namespace=NAMESPACE, **resources.options()).remote(config)
+    return ray.remote(host).options(name=name, namespace=NAMESPACE, scheduling_strategy=placement,
+                                    **resources.options()).remote(config)
+
+
+def on_node(node_id: str) -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
 
 
 class Controller:
     def __init__(self, config: ClusterConfig, poll_s: float = 1.0):
+        """Runs on the head node (see `cluster.launch`). Recall shards and rankers spread over
+        the nodes; the gateway stays on the head node, whose disk holds its SQLite event log."""
         self.config = config
+        self.head_node = ray.get_runtime_context().get_node_id()
         self.poll_s = poll_s
         self.serving_bundle = str(config.bundle)
         self.serving_version = load_bundle(config.bundle).version
+        # Every version this cluster has served, oldest first: what `recfunnel versions` lists
+        # and `recfunnel rollback` can return to.
+        self.history: list[dict[str, Any]] = [self._version_entry(self.serving_bundle, self.serving_version)]
         self.records: dict[str, ServiceRecord] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one reconcile or swap at a time
@@ -73,11 +87,11 @@ class Controller:
             recall = RecallConfig(bundle=config.bundle, shard_id=n, num_shards=config.num_shards, host=config.host,
                                   internal_token=config.internal_token)
             self.records[name] = ServiceRecord(name, "recall", service_actor(
-                RecallShardHost, name, config.shard_resources, recall))
+                RecallShardHost, name, config.shard_resources, recall, "SPREAD"))
         ranking = RankingConfig(bundle=config.bundle, host=config.host, threads=config.ranker_threads,
                                 internal_token=config.internal_token)
         self.records["recfunnel-ranking"] = ServiceRecord("recfunnel-ranking", "ranking", service_actor(
-            RankingHost, "recfunnel-ranking", config.ranker_resources, ranking))
+            RankingHost, "recfunnel-ranking", config.ranker_resources, ranking, "SPREAD"))
         backends = [r for r in self.records.values() if r.role != "gateway"]
         await asyncio.gather(*(asyncio.wait_for(r.actor.start.remote(), START_TIMEOUT_S) for r in backends))
         for record in backends:
@@ -86,7 +100,7 @@ class Controller:
                                 db_path=config.db_path, host=config.host, port=config.gateway_port,
                                 tokens=config.tokens, internal_token=config.internal_token, tls=config.tls)
         self.records["recfunnel-gateway"] = ServiceRecord("recfunnel-gateway", "gateway", service_actor(
-            GatewayHost, "recfunnel-gateway", config.gateway_resources, gateway))
+            GatewayHost, "recfunnel-gateway", config.gateway_resources, gateway, on_node(self.head_node)))
         await asyncio.wait_for(self.records["recfunnel-gateway"].actor.start.remote(), START_TIMEOUT_S)
         await self._describe(self.records["recfunnel-gateway"])
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -126,7 +140,28 @@ class Controller:
         async with self._lock:
             report: dict[str, Any] = await self.records["recfunnel-gateway"].actor.swap.remote(bundle_path)
             self.serving_bundle, self.serving_version = bundle_path, report["model_version"]
+            self.history.append(self._version_entry(bundle_path, report["model_version"]))
             return report
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Each version served, oldest first, with its bundle, its training metrics and whether it serves now."""
+        return [{**entry, "serving": entry["version"] == self.serving_version} for entry in self.history]
+
+    async def rollback(self, version: str) -> dict[str, Any]:
+        """Serve an earlier version again, by the same live swap."""
+        earlier = [e for e in self.history if e["version"] == version]
+        if not earlier:
+            known = ", ".join(dict.fromkeys(e["version"] for e in self.history))
+            raise ValueError(f"version {version!r} was never served here; served: {known}")
+        if version == self.serving_version:
+            raise ValueError(f"version {version!r} is serving already")
+        return await self.swap(earlier[-1]["bundle"])
+
+    @staticmethod
+    def _version_entry(bundle_path: str, version: str) -> dict[str, Any]:
+        manifest = load_bundle(Path(bundle_path)).manifest
+        return {"version": version, "bundle": bundle_path, "metrics": manifest.get("metrics", {}),
+                "served_since": time.time()}
 
     # ---- watching ------------------------------------------------------------------------
     async def _describe(self, record: ServiceRecord) -> bool | None:

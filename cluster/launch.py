@@ -9,7 +9,7 @@ from typing import Any
 import ray
 
 from cluster.config import ClusterConfig
-from cluster.controller import CONTROLLER_NAME, NAMESPACE, START_TIMEOUT_S, Controller
+from cluster.controller import CONTROLLER_NAME, NAMESPACE, START_TIMEOUT_S, Controller, on_node
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,11 @@ def start_cluster(config: ClusterConfig, detached: bool = False, poll_s: float =
 
     `detached` keeps the cluster running after this process exits (`recfunnel up`).
     """
+    # The controller and the gateway live on this (the head) node: losing another node must
+    # not take them with it.
     options: dict[str, Any] = {"name": CONTROLLER_NAME, "namespace": NAMESPACE, "num_cpus": 0,
-                               "max_restarts": 0}
+                               "max_restarts": 0,
+                               "scheduling_strategy": on_node(ray.get_runtime_context().get_node_id())}
     if detached:
         options["lifetime"] = "detached"
     controller_actor: Any = ray.remote(Controller)

@@ -185,3 +185,28 @@ def plot(result: LoadResult, path: Path, title: str) -> Path:
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def soak(test: LoadTest, mix: Mix, read_status: Any, warmup_s: float = 60.0) -> tuple[dict[str, Any], LoadResult]:
+    """A long run against a cluster started with `recfunnel up`: the load report, and each
+    service actor's resident memory after a warm-up at the same rate and at the end.
+
+    `read_status` returns `recfunnel status --json`'s dict (it connects to Ray); growth is
+    measured from the warmed-up state, since the first minutes fill caches and arenas."""
+    import asyncio
+    from dataclasses import replace
+
+    asyncio.run(run_load(replace(test, duration_s=warmup_s, warmup_s=0), mix))
+    before = {s["name"]: s for s in read_status()["services"]}
+    result = asyncio.run(run_load(replace(test, warmup_s=0), mix))
+    after = {s["name"]: s for s in read_status()["services"]}
+    memory = {name: {"rss_mb_after_warmup": round(before[name]["rss_bytes"] / 2**20, 1),
+                     "rss_mb_at_end": round(after[name]["rss_bytes"] / 2**20, 1),
+                     "growth": round(after[name]["rss_bytes"] / before[name]["rss_bytes"] - 1, 4),
+                     "restarts": after[name]["restarts"] - before[name]["restarts"]}
+              for name in before if name in after}
+    total_before = sum(before[n]["rss_bytes"] for n in memory)
+    total_after = sum(after[n]["rss_bytes"] for n in memory)
+    return {**report(test, result), "warmup_s": warmup_s, "memory": memory,
+            "rss_growth_total": round(total_after / total_before - 1, 4),
+            "rss_growth_max": max(m["growth"] for m in memory.values())}, result

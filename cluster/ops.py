@@ -96,3 +96,36 @@ def down(address: str | None = None) -> None:
         if started_head:
             subprocess.run([_ray_cli(), "stop"], check=False, capture_output=True)
         state.unlink(missing_ok=True)
+
+
+def _ask_controller(address: str | None, method: str, *args: Any) -> Any:
+    _connect(_address(address))
+    try:
+        controller = find_cluster().controller
+        return ray.get(getattr(controller, method).remote(*args), timeout=600)
+    finally:
+        ray.shutdown()
+
+
+def swap(bundle: Path, address: str | None = None) -> dict[str, Any]:
+    """Serve another bundle: loaded beside the serving one on every service, then switched."""
+    report: dict[str, Any] = _ask_controller(address, "swap", str(bundle.resolve()))
+    return report
+
+
+def versions(address: str | None = None) -> list[dict[str, Any]]:
+    """Every version the cluster has served, with its metrics; `serving` marks the current one."""
+    listed: list[dict[str, Any]] = _ask_controller(address, "versions")
+    return listed
+
+
+def rollback(version: str, address: str | None = None) -> dict[str, Any]:
+    """Serve an earlier version again (a live swap, no failed requests)."""
+    try:
+        report: dict[str, Any] = _ask_controller(address, "rollback", version)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause if isinstance(error.cause, ValueError) else None
+        if cause is not None:
+            raise cause from None
+        raise
+    return report

@@ -14,6 +14,7 @@ from gateway.catalogue import Catalogue
 from gateway.config import DEFAULT_PORT, GatewayConfig
 from gateway.events import EventLog
 from gateway.funnel import Funnel
+from gateway.observe import GatewayObserver, ObservingInterceptor
 from gateway.rollout import Rollout
 from gateway.servicer import RecommenderServicer, RolloutServicer
 from protos.auth import (
@@ -70,7 +71,8 @@ class Gateway:
         self.events.close()
 
 
-async def start(config: GatewayConfig) -> Gateway:
+async def start(config: GatewayConfig, observer: GatewayObserver | None = None) -> Gateway:
+    """Start the gateway; `observer` hears of every public call (metrics), none by default."""
     shards = [GrpcRecall(address, config.internal_token) for address in config.recall_addresses]
     ranking = GrpcRanking(config.ranking_address, config.internal_token)
     funnel = Funnel(shards, ranking, dict(config.channel_budgets), config.explain_top)
@@ -85,6 +87,7 @@ async def start(config: GatewayConfig) -> Gateway:
          lambda server: versions_pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(rollout), server)],
         [SERVICE_NAME, ROLLOUT_SERVICE_NAME],
         tokens=config.tokens, tls=config.tls,
+        interceptors=[ObservingInterceptor(observer)] if observer is not None else (),
     )
     return Gateway(handle, events, shards, ranking, funnel, rollout)
 

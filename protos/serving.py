@@ -101,14 +101,15 @@ async def start_server(
     service_names: list[str],
     tokens: tuple[str, ...] = (),
     tls: TlsFiles | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> ServerHandle:
     """Start a grpc.aio server with the given services, health and reflection; port 0 picks one.
 
     With `tokens`, every call but a health check needs one of them as its bearer token;
-    with `tls`, the port speaks TLS only.
+    with `tls`, the port speaks TLS only. `interceptors` see every call that passed the token check.
     """
     server = grpc.aio.server(options=CHANNEL_OPTIONS,
-                             interceptors=[*server_interceptors(tokens), RejectUndecodable()])
+                             interceptors=[*server_interceptors(tokens), *interceptors, RejectUndecodable()])
     for add in register:
         add(server)
     health_servicer = health.aio.HealthServicer()

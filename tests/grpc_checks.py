@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from gateway import server as gateway_server
 from gateway.config import GatewayConfig
+from gateway.observe import GatewayObserver
 from gateway.server import Gateway
 from protos.auth import call_metadata
 from protos.serving import ServerHandle
@@ -42,7 +43,7 @@ async def assert_health_and_reflection(address: str, service_name: str, token: s
 
 @contextlib.asynccontextmanager
 async def serving_stack(bundle: Path, db_path: Path, num_shards: int = 2, internal_token: str | None = None,
-                        **gateway_options: Any
+                        observer: GatewayObserver | None = None, **gateway_options: Any
                         ) -> AsyncIterator[tuple[Gateway, list[ServerHandle], RankingService]]:
     """Recall shards, the ranking service and a gateway over them, on free loopback ports;
     the services require `internal_token` when one is given, and the gateway sends it."""
@@ -52,7 +53,7 @@ async def serving_stack(bundle: Path, db_path: Path, num_shards: int = 2, intern
     ranking = await ranking_server.start(RankingConfig(bundle=bundle, internal_token=internal_token))
     gateway = await gateway_server.start(GatewayConfig(
         recall_addresses=tuple(s.address for s in shards), ranking_address=ranking.address,
-        db_path=db_path, port=0, internal_token=internal_token, **gateway_options))
+        db_path=db_path, port=0, internal_token=internal_token, **gateway_options), observer)
     try:
         yield gateway, shards, ranking
     finally:

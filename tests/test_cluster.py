@@ -15,6 +15,7 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.demo import seed_history
 from cluster.launch import start_cluster
+from cluster.loadtest import LoadTest, Mix, soak
 from gateway import server as gateway_server
 from gateway.client import RecommenderClient
 from gateway.events import EventLog
@@ -23,6 +24,7 @@ from ranking import server as ranking_server
 from recdata.dataset import Dataset
 from retrieval import server as recall_server
 from tests.grpc_checks import assert_health_and_reflection
+from tests.test_rollout import copy_as_version
 
 INTERNAL_TOKEN = "cluster-test-internal-token-0123456789"
 
@@ -176,3 +178,34 @@ def test_a_killed_service_is_restarted_and_used_again_with_no_failed_request(
     after = {s["name"]: s for s in cluster.status()["services"]}[name]
     assert after["restarts"] == before["restarts"] + 1 and after["pid"] != before["pid"]
     assert after["state"] == "ALIVE" and after["model_version"] == before["model_version"]
+
+
+def test_soak_reports_load_and_every_actors_memory_growth(cluster, tiny_dataset: Dataset) -> None:
+    mix = Mix(tuple(tiny_dataset.user_ids), tuple(tiny_dataset.item_ids), k=5)
+    test = LoadTest(target=cluster.gateway_address, qps=10, duration_s=2, timeout_s=5, warmup_s=0)
+    summary, result = soak(test, mix, cluster.status, warmup_s=1)
+    assert summary["errors"] == {} and summary["requests"] == len(result.samples) > 5
+    assert set(summary["memory"]) == {"recfunnel-gateway", "recfunnel-ranking", "recfunnel-recall-0",
+                                      "recfunnel-recall-1"}
+    for memory in summary["memory"].values():
+        assert memory["rss_mb_after_warmup"] > 10 and memory["restarts"] == 0
+        assert memory["growth"] == pytest.approx(memory["rss_mb_at_end"] / memory["rss_mb_after_warmup"] - 1,
+                                                 abs=1e-3)
+    assert summary["rss_growth_max"] == max(m["growth"] for m in summary["memory"].values())
+
+
+def test_versions_lists_what_served_and_rollback_returns_to_it(cluster, tiny_bundle: Path, tmp_path: Path) -> None:
+    original = cluster.status()["model_version"]
+    newer = copy_as_version(tiny_bundle, tmp_path / "v2", "tiny-v2")
+    report = ray.get(cluster.controller.swap.remote(str(newer)), timeout=300)
+    assert report["previous_version"] == original and report["model_version"] == "tiny-v2"
+    listed = ray.get(cluster.controller.versions.remote(), timeout=30)
+    assert [(v["version"], v["serving"]) for v in listed] == [(original, False), ("tiny-v2", True)]
+    assert listed[0]["metrics"]["test"]["funnel"]["ndcg@10"] > 0  # the bundle's own test metrics
+
+    back = ray.get(cluster.controller.rollback.remote(original), timeout=300)
+    assert back["model_version"] == original and cluster.status()["model_version"] == original
+    reply = asyncio.run(_recommend_until(cluster.gateway_address, "u-rollback", lambda r: True, 5))[0]
+    assert reply.model_version == original and not reply.degraded
+    with pytest.raises(ray.exceptions.RayTaskError, match="was never served here"):
+        ray.get(cluster.controller.rollback.remote("no-such-version"), timeout=30)

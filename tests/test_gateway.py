@@ -345,3 +345,44 @@ async def test_oversized_messages_are_refused_by_size(gateway, tmp_path: Path) -
             assert small.events.count() == 0
     finally:
         await small.stop(0)
+
+
+class RecordingObserver:
+    """A GatewayObserver that keeps what it heard."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[str, bool]] = []
+        self.refusals: list[tuple[str, str]] = []
+        self.events: list[tuple[int, int]] = []
+
+    def answered(self, method: str, seconds: float, degraded: bool) -> None:
+        assert 0 < seconds < 30
+        self.answers.append((method, degraded))
+
+    def refused(self, method: str, status: str) -> None:
+        self.refusals.append((method, status))
+
+    def feedback(self, written: int, duplicates: int) -> None:
+        self.events.append((written, duplicates))
+
+
+async def test_the_observer_hears_every_public_call(tiny_bundle: Path, tmp_path: Path) -> None:
+    seen = RecordingObserver()
+    async with serving_stack(tiny_bundle, tmp_path / "events.sqlite", observer=seen) as (gw, shards, _), \
+            grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        await stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=3), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=0), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError):  # bytes that are no RecommendRequest
+            await channel.unary_unary("/recfunnel.v1.Recommender/Recommend")(b"\x0a\x02\xff\xfe", timeout=5)
+        feedback = recommender_pb2.FeedbackRequest(events=[
+            recommender_pb2.Event(user_id="u", item_id="i1", event_id="e1"),
+            recommender_pb2.Event(user_id="u", item_id="i2", event_id="e2")])
+        await stub.Feedback(feedback, timeout=5)
+        await stub.Feedback(feedback, timeout=5)
+        await shards[1].stop(0)
+        await stub.Recommend(recommender_pb2.RecommendRequest(user_id="u", k=3), timeout=5)
+    assert seen.answers == [("Recommend", False), ("Feedback", False), ("Feedback", False), ("Recommend", True)]
+    assert seen.refusals == [("Recommend", "INVALID_ARGUMENT"), ("Recommend", "INVALID_ARGUMENT")]
+    assert seen.events == [(2, 0), (0, 2)]

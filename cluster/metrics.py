@@ -1,0 +1,82 @@
+"""recfunnel's metrics as `ray.util.metrics`, which Ray exports in Prometheus format from
+every node (the dashboard's metrics view and any Prometheus that scrapes it show them).
+
+Every name starts with `recfunnel_`; tags say which service, method or channel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+LATENCY_BOUNDARIES_S = [0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+EXPORT_EVERY_S = 5.0  # how often hosts read their service's counters into the gauges
+
+
+class RayGatewayMetrics:
+    """The gateway's observer (`gateway.observe.GatewayObserver`): requests, latency,
+    degraded answers and feedback events."""
+
+    def __init__(self) -> None:
+        self.requests = Counter("recfunnel_requests", "Public calls answered, by method and status",
+                                tag_keys=("method", "status"))
+        self.latency = Histogram("recfunnel_request_seconds", "Latency of public calls answered OK",
+                                 boundaries=LATENCY_BOUNDARIES_S, tag_keys=("method",))
+        self.degraded = Counter("recfunnel_degraded_answers", "Answers with a missing stage (partial recall "
+                                "or recall order)", tag_keys=("method",))
+        self.events = Counter("recfunnel_feedback_events", "Feedback events acknowledged, by whether they were "
+                              "new or already logged", tag_keys=("outcome",))
+
+    def answered(self, method: str, seconds: float, degraded: bool) -> None:
+        self.requests.inc(1, tags={"method": method, "status": "OK"})
+        self.latency.observe(seconds, tags={"method": method})
+        if degraded:
+            self.degraded.inc(1, tags={"method": method})
+
+    def refused(self, method: str, status: str) -> None:
+        self.requests.inc(1, tags={"method": method, "status": status})
+
+    def feedback(self, written: int, duplicates: int) -> None:
+        if written:
+            self.events.inc(written, tags={"outcome": "written"})
+        if duplicates:
+            self.events.inc(duplicates, tags={"outcome": "duplicate"})
+
+
+class RankerMetrics:
+    """Micro-batching of the ranking service, read from its counters every few seconds."""
+
+    def __init__(self) -> None:
+        self.calls = Counter("recfunnel_ranker_requests", "Encode/Rank requests scored", tag_keys=("method",))
+        self.batches = Counter("recfunnel_ranker_batches", "Model calls (batches)", tag_keys=("method",))
+        self.batch_size = Gauge("recfunnel_ranker_batch_size", "Mean requests per model call since the "
+                                "last export", tag_keys=("method",))
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def export(self, stats: dict[str, dict[str, float]]) -> None:
+        for method, counts in stats.items():
+            requests, batches = int(counts["requests"]), int(counts["batches"])
+            old_requests, old_batches = self._seen.get(method, (0, 0))
+            new_requests, new_batches = requests - old_requests, batches - old_batches
+            if new_requests > 0:
+                self.calls.inc(new_requests, tags={"method": method})
+            if new_batches > 0:
+                self.batches.inc(new_batches, tags={"method": method})
+                self.batch_size.set(new_requests / new_batches, tags={"method": method})
+            self._seen[method] = (requests, batches)
+
+
+class RecallMetrics:
+    """Size of a recall shard's indexes."""
+
+    def __init__(self, shard_id: int) -> None:
+        self.shard = str(shard_id)
+        self.items = Gauge("recfunnel_index_items", "Items in a recall shard's indexes", tag_keys=("shard",))
+        self.bytes = Gauge("recfunnel_index_bytes", "Bytes of a recall shard's index, per channel",
+                           tag_keys=("shard", "channel"))
+
+    def export(self, shard: Any) -> None:
+        self.items.set(shard.size, tags={"shard": self.shard})
+        for channel, report in shard.index_reports.items():
+            self.bytes.set(report.bytes, tags={"shard": self.shard, "channel": channel})

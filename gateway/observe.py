@@ -1,0 +1,77 @@
+"""What the gateway tells an observer about the calls it answers.
+
+The gateway depends on no metrics system: the host that runs it passes an observer (the
+Ray host passes one that records `ray.util.metrics`, see `cluster/metrics.py`); standalone
+it observes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+
+PUBLIC_PREFIXES = ("/recfunnel.v1.Recommender/", "/recfunnel.v1.Rollout/")
+
+
+class GatewayObserver(Protocol):
+    def answered(self, method: str, seconds: float, degraded: bool) -> None:
+        """A public call answered OK after `seconds`; `degraded` for a partial Recommend answer."""
+
+    def refused(self, method: str, status: str) -> None:
+        """A public call answered with an error status (its gRPC status name)."""
+
+    def feedback(self, written: int, duplicates: int) -> None:
+        """Events acknowledged by one Feedback call: newly written, and already logged."""
+
+
+class NoObserver:
+    def answered(self, method: str, seconds: float, degraded: bool) -> None:
+        pass
+
+    def refused(self, method: str, status: str) -> None:
+        pass
+
+    def feedback(self, written: int, duplicates: int) -> None:
+        pass
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Times every public call and reports its outcome to the observer."""
+
+    def __init__(self, observer: GatewayObserver):
+        self.observer = observer
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # built once per method
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        full_name: str = handler_call_details.method  # type: ignore[attr-defined]
+        wrapped = self._wrapped.get(full_name)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None or not full_name.startswith(PUBLIC_PREFIXES) or handler.unary_unary is None:
+            return handler
+        method, behaviour, observer = full_name.rsplit("/", 1)[-1], handler.unary_unary, self.observer
+
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.monotonic()
+            try:
+                reply = await behaviour(request, context)
+            except BaseException:
+                observer.refused(method, (context.code() or grpc.StatusCode.UNKNOWN).name)
+                raise
+            observer.answered(method, time.monotonic() - started, bool(getattr(reply, "degraded", False)))
+            if method == "Feedback":
+                observer.feedback(reply.accepted - reply.duplicates, reply.duplicates)
+            return reply
+
+        wrapped = grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
+                                                      response_serializer=handler.response_serializer)
+        self._wrapped[full_name] = wrapped
+        return wrapped

@@ -147,6 +147,9 @@ def plot(result: LoadResult, path: Path, title: str) -> Path:
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 5, 10, 50 ms rather than 2 × 10^0
 
     ok = [s for s in result.samples if s.status == "OK"]
     failed = [s for s in result.samples if s.status != "OK"]
@@ -165,6 +168,8 @@ def plot(result: LoadResult, path: Path, title: str) -> Path:
             over_time.plot(buckets + 0.5, [np.percentile(latencies[seconds == b], quantile) for b in buckets],
                            style, color="black", linewidth=1, label=f"p{quantile} per second")
     over_time.set_yscale("log")
+    over_time.yaxis.set_major_formatter(plain)
+    over_time.yaxis.set_minor_formatter(NullFormatter())
     over_time.set_xlabel("seconds since start (scheduled send time)")
     over_time.set_ylabel("latency, ms (log)")
     over_time.legend(fontsize=8, loc="upper right")
@@ -172,11 +177,13 @@ def plot(result: LoadResult, path: Path, title: str) -> Path:
     if len(ok):
         ordered = np.sort(latencies)
         distribution.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), color="tab:blue")
-        for q in (50, 99, 99.9):
+        for row, q in enumerate((50, 99, 99.9)):
             value = float(np.percentile(latencies, q))
             distribution.axvline(value, color="grey", linestyle=":", linewidth=1)
-            distribution.text(value, 0.02 + 0.1 * (q > 90) + 0.1 * (q > 99), f" p{q:g} {value:.1f}", fontsize=7)
+            distribution.text(value, 0.05 + 0.12 * row, f" p{q:g} {value:.1f} ms", fontsize=7)
         distribution.set_xscale("log")
+        distribution.xaxis.set_major_formatter(plain)
+        distribution.xaxis.set_minor_formatter(NullFormatter())
     distribution.set_xlabel("latency, ms (log)")
     distribution.set_ylabel("share of requests at most this slow")
     distribution.grid(alpha=0.3)

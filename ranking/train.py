@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,6 +44,36 @@ class TrainResult:
     version: str
     metrics: dict[str, Any]
     curve: list[dict[str, float]] = field(default_factory=list)  # per epoch: stage, seconds, NDCG@10
+
+
+@dataclass
+class PhaseState:
+    """Where a training phase stands after its latest epoch: what a checkpoint holds."""
+
+    phase: str                                   # "encoder" or "ranker"
+    epoch: int = 0                               # epochs completed
+    best: float = -1.0                           # best validation NDCG@10 so far
+    stale: int = 0                               # epochs since it improved
+    best_state: dict[str, torch.Tensor] | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)  # every epoch of every phase so far
+    optimiser: dict[str, Any] | None = None      # the optimiser's state_dict, when restored
+    rng: dict[str, Any] = field(default_factory=dict)  # the phase's random streams
+
+
+class DataParallel(Protocol):
+    """Data-parallel training across processes (`cluster.train_ray` runs it on Ray Train).
+
+    Every replica sees its share of each epoch's batches; gradients are averaged before
+    each step, so the replicas' models stay identical and so do their stop decisions."""
+
+    rank: int
+    world: int
+
+    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None: ...
+
+    def any(self, flag: bool) -> bool: ...
+
+    def epoch_done(self, trainer: Trainer, state: PhaseState, optimiser: torch.optim.Optimizer) -> None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -76,11 +106,16 @@ class Funnel(torch.nn.Module):
 class Trainer:
     def __init__(self, dataset: Dataset, config: TrainConfig, text_encoder: TextEncoder | None = None,
                  progress: Progress | None = None, cold_items: np.ndarray | None = None,
-                 text_vectors: np.ndarray | None = None):
+                 text_vectors: np.ndarray | None = None, parallel: DataParallel | None = None,
+                 resume: PhaseState | None = None):
         """`cold_items`: catalogue indexes whose training interactions are all removed (the
         cold-start protocol); they stay in the catalogue and in evaluation. `text_vectors`:
-        the items' LM vectors when already computed (a bundle's), to skip encoding them."""
+        the items' LM vectors when already computed (a bundle's), to skip encoding them.
+        `parallel`: this process is one replica of data-parallel training; `resume`: go on
+        from a checkpoint's phase state (its model weights already loaded into `model`)."""
         self.dataset = dataset
+        self.parallel = parallel
+        self.resume = resume
         self.config = config
         self.progress = progress or (lambda stage, values: None)
         seed_everything(config.seed)
@@ -171,22 +206,54 @@ class Trainer:
         self.progress(stage, point)
         return {"stage": 0.0 if stage == "encoder" else 1.0, **point}
 
+    def _share(self, order: Any) -> Any:
+        """This replica's part of an epoch's order: every world-th entry from its rank on,
+        cut to equal lengths so that every replica takes the same number of steps."""
+        if self.parallel is None:
+            return order
+        world = self.parallel.world
+        return order[: len(order) // world * world][self.parallel.rank :: world]
+
+    def _batch_size(self) -> int:
+        """Per replica, so that one step over all replicas covers `batch_size` examples."""
+        return max(1, self.config.batch_size // (self.parallel.world if self.parallel else 1))
+
+    def _step(self, parameters: list[torch.nn.Parameter], optimiser: torch.optim.Optimizer) -> None:
+        if self.parallel is not None:
+            self.parallel.average_gradients(parameters)
+        optimiser.step()
+
+    def _end_of_epoch(self, state: PhaseState, optimiser: torch.optim.Optimizer, stop: bool) -> bool:
+        """Checkpoint and report (data-parallel runs), and the stop decision all replicas share."""
+        if self.parallel is None:
+            return stop
+        self.parallel.epoch_done(self, state, optimiser)
+        return self.parallel.any(stop)
+
     def train_encoder(self) -> list[dict[str, float]]:
         cfg = self.config
+        if self.resume is not None and self.resume.phase == "ranker":  # done before the checkpoint
+            return [p for p in self.resume.curve if p["stage"] == 0.0]
         # Each phase draws from its own seeded stream, so its result does not depend on how
         # many random numbers another model's initialisation used.
         seed_everything(cfg.seed)
         windows = torch.from_numpy(training_windows(self.split.train, cfg.model.max_len))
         params = list(self.model.items.parameters()) + list(self.model.encoder.parameters())
         optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        best, best_state, stale, curve = -1.0, None, 0, []
         generator = torch.Generator().manual_seed(cfg.seed)
-        for epoch in range(cfg.epochs):
+        state = PhaseState("encoder")
+        if self.resume is not None:
+            state = self.resume
+            optimiser.load_state_dict(state.optimiser or {})
+            generator.set_state(state.rng["generator"])
+            torch.set_rng_state(state.rng["torch"])
+        batch_size = self._batch_size()
+        for epoch in range(state.epoch, cfg.epochs):
             self.model.train()
-            order = torch.randperm(len(windows), generator=generator)
+            order = self._share(torch.randperm(len(windows), generator=generator))
             total = 0.0
-            for start in range(0, len(order), cfg.batch_size):
-                batch = windows[order[start : start + cfg.batch_size]]
+            for start in range(0, len(order), batch_size):
+                batch = windows[order[start : start + batch_size]]
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 table = self.item_table()
                 users = self.model.encoder(table[inputs], inputs == 0)              # (B, T, d)
@@ -198,20 +265,24 @@ class Trainer:
                         users[valid], targets[valid] - 1, content)
                 optimiser.zero_grad()
                 loss.backward()
-                optimiser.step()
+                self._step(params, optimiser)
                 total += loss.item()
             point = self._point("encoder", epoch + 1, total, with_ranker=False)
-            curve.append(point)
-            if point["ndcg@10"] > best:
-                best, stale = point["ndcg@10"], 0
-                best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            state.curve.append(point)
+            state.epoch = epoch + 1
+            if point["ndcg@10"] > state.best:
+                state.best, state.stale = point["ndcg@10"], 0
+                state.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             else:
-                stale += 1
-            if stale >= cfg.patience or point["seconds"] > cfg.time_budget_s:
+                state.stale += 1
+            state.rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+            if self._end_of_epoch(state, optimiser, state.stale >= cfg.patience
+                                  or point["seconds"] > cfg.time_budget_s):
                 break
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        return curve
+        if state.best_state is not None:
+            self.model.load_state_dict(state.best_state)
+        self.encoder_curve = list(state.curve)
+        return state.curve
 
     # ---- phase 2: ranker ------------------------------------------------------------------
     def ranker_examples(self) -> list[tuple[np.ndarray, int]]:
@@ -226,20 +297,29 @@ class Trainer:
         cfg = self.config
         seed_everything(cfg.seed + 1)
         examples = self.ranker_examples()
-        optimiser = torch.optim.AdamW(self.model.ranker.parameters(), lr=cfg.lr)
+        params = list(self.model.ranker.parameters())
+        optimiser = torch.optim.AdamW(params, lr=cfg.lr)
         rng = np.random.default_rng(cfg.seed)
-        best = self.evaluate(validation=True, with_ranker=True)["ndcg@10"]
-        best_state = {k: v.clone() for k, v in self.model.ranker.state_dict().items()}
-        curve = []
+        earlier = list(getattr(self, "encoder_curve", []))
+        if self.resume is not None and self.resume.phase == "ranker":
+            state = self.resume
+            optimiser.load_state_dict(state.optimiser or {})
+            rng.bit_generator.state = state.rng["numpy"]
+            torch.set_rng_state(state.rng["torch"])
+        else:
+            state = PhaseState("ranker", best=self.evaluate(validation=True, with_ranker=True)["ndcg@10"],
+                               best_state={k: v.clone() for k, v in self.model.ranker.state_dict().items()},
+                               curve=earlier)
         scorer = self.scorer()  # item tables are fixed from here on
         with torch.no_grad():
             scorer.cold_table = self.model.items.content_only()
+        batch_size = self._batch_size()
         phase_started = time.perf_counter()
-        for epoch in range(cfg.ranker_epochs):
-            order = rng.permutation(len(examples))[: cfg.ranker_examples_per_epoch]
+        for epoch in range(state.epoch, cfg.ranker_epochs):
+            order = self._share(rng.permutation(len(examples))[: cfg.ranker_examples_per_epoch])
             total = 0.0
-            for start in range(0, len(order), cfg.batch_size):
-                chosen = [examples[i] for i in order[start : start + cfg.batch_size]]
+            for start in range(0, len(order), batch_size):
+                chosen = [examples[i] for i in order[start : start + batch_size]]
                 histories = [h for h, _ in chosen]
                 targets = torch.tensor([t for _, t in chosen])
                 with torch.no_grad():
@@ -248,26 +328,35 @@ class Trainer:
                                                             seen_mask(histories, self.dataset.num_items))
                 hit = (candidates == targets[:, None]) & mask
                 keep = hit.any(1)  # learn only where recall found the target
+                optimiser.zero_grad()
                 if not keep.any():
+                    if self.parallel is None:
+                        continue
+                    # Replicas step together: this one adds nothing to the average.
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                    self._step(params, optimiser)
                     continue
                 self.model.ranker.train()
                 as_cold = torch.rand(candidates.shape) < cfg.ranker_cold_share
                 scores = scorer.rank(histories, users, semantic, candidates, flags, as_cold)
                 scores = scores.masked_fill(~mask, -math.inf)
                 loss = F.cross_entropy(scores[keep], hit[keep].float().argmax(1))
-                optimiser.zero_grad()
                 loss.backward()
-                optimiser.step()
+                self._step(params, optimiser)
                 total += loss.item()
             point = self._point("ranker", epoch + 1, total, with_ranker=True)
-            curve.append(point)
-            if point["ndcg@10"] > best:
-                best = point["ndcg@10"]
-                best_state = {k: v.clone() for k, v in self.model.ranker.state_dict().items()}
-            if time.perf_counter() - phase_started > cfg.ranker_time_budget_s:
+            state.curve.append(point)
+            state.epoch = epoch + 1
+            if point["ndcg@10"] > state.best:
+                state.best = point["ndcg@10"]
+                state.best_state = {k: v.clone() for k, v in self.model.ranker.state_dict().items()}
+            state.rng = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+            if self._end_of_epoch(state, optimiser, time.perf_counter() - phase_started > cfg.ranker_time_budget_s):
                 break
-        self.model.ranker.load_state_dict(best_state)
-        return curve
+        if state.best_state is not None:
+            self.model.ranker.load_state_dict(state.best_state)
+        return [p for p in state.curve if p["stage"] == 1.0]
 
     # ---- export -----------------------------------------------------------------------------
     def index_reports(self, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

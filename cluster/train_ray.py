@@ -1,0 +1,181 @@
+"""`recfunnel train --workers N`: the same training, data-parallel on Ray Train.
+
+A `TorchTrainer` runs N replicas of `ranking.train.Trainer`. Each takes its share of every
+epoch's batches and averages gradients with the others before each step (torch.distributed
+over the process group Ray Train sets up: gloo on CPU, NCCL on GPU), so the replicas hold the
+same model and take the same early-stopping decisions. After every epoch each replica reports
+its metrics and the first one writes a checkpoint (safetensors and JSON) to the storage path;
+when a worker dies, Ray Train starts the group again and every replica resumes from the last
+checkpoint. The first replica writes the bundle at the end.
+
+Gradients are averaged by hand rather than through DistributedDataParallel: the loss reads
+the item table from one module and the query encoder from another, with a sampled softmax on
+top, so there is no single forward for DDP to wrap.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ranking.config import TrainConfig
+from ranking.train import PhaseState, Trainer, TrainResult, fit
+from recdata.dataset import Dataset
+
+MODEL, BEST, OPTIMISER, RANDOM, STATE = ("model.safetensors", "best.safetensors", "optimiser.safetensors",
+                                         "random.safetensors", "state.json")
+
+
+@dataclass(frozen=True)
+class RayTrainConfig:
+    workers: int = 2
+    storage: Path = Path("ray-train")  # checkpoints, one folder per run
+    name: str = "recfunnel-train"
+    use_gpu: bool = False
+    max_failures: int = 3               # worker-group restarts before the run fails
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 256:
+            raise ValueError(f"workers={self.workers} must be in 1..256")
+
+
+class RayReplicas:
+    """`ranking.train.DataParallel` inside a Ray Train worker."""
+
+    def __init__(self, model_config: TrainConfig):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.config = model_config
+
+    def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce per step, not one per tensor
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p, g in zip(parameters, grads, strict=True):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def any(self, flag: bool) -> bool:
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def epoch_done(self, trainer: Trainer, state: PhaseState, optimiser: torch.optim.Optimizer) -> None:
+        import ray.train
+
+        point = state.curve[-1]
+        metrics = {"phase": state.phase, "epoch": state.epoch, "valid_ndcg@10": point["ndcg@10"],
+                   "loss": point["loss"], "seconds": point["seconds"]}
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            write_checkpoint(Path(folder), trainer, state, optimiser)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def write_checkpoint(folder: Path, trainer: Trainer, state: PhaseState, optimiser: torch.optim.Optimizer) -> None:
+    """Model weights, the phase's best weights, optimiser moments and random streams, in
+    safetensors; counters, the curve and the optimiser's settings in JSON. Nothing pickled."""
+    save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, folder / MODEL)
+    if state.best_state is not None:
+        save_file({k: v.contiguous() for k, v in state.best_state.items()}, folder / BEST)
+    saved = optimiser.state_dict()
+    moments = {f"{index}.{name}": value.contiguous() for index, values in saved["state"].items()
+               for name, value in values.items() if isinstance(value, torch.Tensor)}
+    save_file(moments, folder / OPTIMISER)
+    tensors = {name: value for name, value in state.rng.items() if isinstance(value, torch.Tensor)}
+    save_file(tensors, folder / RANDOM)
+    (folder / STATE).write_text(json.dumps({
+        "phase": state.phase, "epoch": state.epoch, "best": state.best, "stale": state.stale, "curve": state.curve,
+        "param_groups": saved["param_groups"], "optimiser_indexes": sorted(saved["state"]),
+        "rng": {k: v for k, v in state.rng.items() if not isinstance(v, torch.Tensor)},
+    }), "utf-8")
+
+
+def read_checkpoint(folder: Path, trainer: Trainer) -> PhaseState:
+    """Load a checkpoint's weights into `trainer.model` and return its phase state."""
+    trainer.model.load_state_dict(load_file(folder / MODEL))
+    meta = json.loads((folder / STATE).read_text("utf-8"))
+    moments = load_file(folder / OPTIMISER)
+    state: dict[int, dict[str, torch.Tensor]] = {index: {} for index in meta["optimiser_indexes"]}
+    for key, value in moments.items():
+        index, name = key.split(".", 1)
+        state[int(index)][name] = value
+    rng: dict[str, Any] = {**meta["rng"], **load_file(folder / RANDOM)}
+    return PhaseState(phase=meta["phase"], epoch=meta["epoch"], best=meta["best"], stale=meta["stale"],
+                      best_state=load_file(folder / BEST) if (folder / BEST).exists() else None,
+                      curve=meta["curve"], optimiser={"state": state, "param_groups": meta["param_groups"]},
+                      rng=rng)
+
+
+def _worker_loop(settings: dict[str, Any]) -> None:
+    """One replica: train (from the last checkpoint, if any), then the first writes the bundle."""
+    import ray.train
+
+    config: TrainConfig = settings["config"]
+    replicas = RayReplicas(config)
+    trainer = Trainer(settings["dataset"], config, text_vectors=settings["text_vectors"], parallel=replicas)
+    checkpoint = ray.train.get_checkpoint()
+    resumed_at = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.resume = read_checkpoint(Path(folder), trainer)
+        resumed_at = len(trainer.resume.curve)
+    metrics, curve = fit(trainer)
+    if replicas.rank == 0:
+        # The bundle's manifest carries the run's story: the driver reads it from there.
+        bundle = trainer.export(Path(settings["out"]), {**metrics, "workers": replicas.world,
+                                                        "resumed_after_epochs": resumed_at, "curve": curve})
+        ray.train.report({"phase": "done", "version": bundle.version, "resumed_after_epochs": resumed_at,
+                          "test_funnel_ndcg@10": metrics["test"]["funnel"]["ndcg@10"]})
+    else:
+        ray.train.report({"phase": "done"})
+
+
+def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: RayTrainConfig,
+                 text_vectors: np.ndarray | None = None) -> TrainResult:
+    """Train on the connected Ray cluster with `ray_config.workers` replicas; write the bundle to `out`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ranking.text_encoder import TextEncoder
+
+    if text_vectors is None and config.use_text:  # once here, not once per replica
+        text_vectors = TextEncoder().encode(dataset.item_texts)
+    # Each replica gets its share of the cores as torch threads.
+    replica = replace(config, threads=max(1, int(ray_config.cpus_per_worker)))
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": replica, "dataset": dataset, "text_vectors": text_vectors,
+                           "out": str(out.resolve())},
+        scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
+                                     resources_per_worker={"CPU": ray_config.cpus_per_worker}),
+        run_config=RunConfig(name=ray_config.name, storage_path=str(ray_config.storage.resolve()),
+                             failure_config=FailureConfig(max_failures=ray_config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    trainer.fit()
+    manifest = json.loads((out / "manifest.json").read_text("utf-8"))
+    metrics = dict(manifest["metrics"])
+    return TrainResult(out, manifest["version"], metrics, metrics.pop("curve"))

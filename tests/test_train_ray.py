@@ -1,0 +1,115 @@
+"""Ray Train: checkpoints hold everything a replica needs to go on, a run resumed from one
+ends exactly where an uninterrupted run does, and two workers train a bundle of the same
+quality as one process."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from cluster.train_ray import RayTrainConfig, read_checkpoint, train_on_ray, write_checkpoint
+from ranking.train import PhaseState, Trainer, TrainResult, fit
+from recdata.dataset import Dataset
+from tests.conftest import TINY_TRAINING
+
+
+def test_a_checkpoint_restores_weights_optimiser_and_random_streams(tiny_dataset: Dataset, text_encoder,
+                                                                    tmp_path: Path) -> None:
+    trainer = Trainer(tiny_dataset, TINY_TRAINING, text_encoder)
+    params = list(trainer.model.encoder.parameters())
+    optimiser = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimiser.step()
+    generator = torch.Generator().manual_seed(3)
+    state = PhaseState("encoder", epoch=2, best=0.25, stale=1, curve=[{"stage": 0.0, "epoch": 1.0}],
+                       best_state={k: v.clone() for k, v in trainer.model.state_dict().items()},
+                       rng={"generator": generator.get_state(), "torch": torch.get_rng_state(),
+                            "numpy": {"state": {"state": 7}}})
+    write_checkpoint(tmp_path, trainer, state, optimiser)
+
+    other = Trainer(tiny_dataset, replace(TINY_TRAINING, seed=9), text_encoder)
+    restored = read_checkpoint(tmp_path, other)
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(other.model.state_dict()[key], value)
+    assert (restored.phase, restored.epoch, restored.best, restored.stale) == ("encoder", 2, 0.25, 1)
+    assert restored.curve == state.curve and restored.rng["numpy"] == {"state": {"state": 7}}
+    again = torch.Generator()
+    again.set_state(restored.rng["generator"])
+    assert torch.equal(torch.rand(4, generator=again), torch.rand(4, generator=generator))
+    fresh = torch.optim.AdamW(list(other.model.encoder.parameters()), lr=1e-3)
+    fresh.load_state_dict(restored.optimiser)
+    for index, values in optimiser.state_dict()["state"].items():
+        torch.testing.assert_close(fresh.state_dict()["state"][index]["exp_avg"], values["exp_avg"])
+
+
+class Interrupted(Exception):
+    pass
+
+
+class CheckpointingReplica:
+    """A single replica that checkpoints like a Ray Train worker and, optionally, dies after
+    a given number of epochs, as a killed worker does."""
+
+    rank, world = 0, 1
+
+    def __init__(self, folder: Path, die_after: int | None = None):
+        self.folder, self.die_after, self.epochs = folder, die_after, 0
+
+    def average_gradients(self, parameters) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def epoch_done(self, trainer: Trainer, state: PhaseState, optimiser: torch.optim.Optimizer) -> None:
+        write_checkpoint(self.folder, trainer, state, optimiser)
+        self.epochs += 1
+        if self.epochs == self.die_after:
+            raise Interrupted
+
+
+@pytest.mark.parametrize("die_after", [2, 7])  # in the encoder phase; in the ranker phase
+def test_a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(
+        tiny_dataset: Dataset, text_encoder, tmp_path: Path, die_after: int) -> None:
+    config = replace(TINY_TRAINING, epochs=6, patience=6, ranker_epochs=2, time_budget_s=1e9,
+                     ranker_time_budget_s=1e9)
+    vectors = text_encoder.encode(tiny_dataset.item_texts)
+    whole = Trainer(tiny_dataset, config, text_vectors=vectors, parallel=CheckpointingReplica(tmp_path / "a"))
+    (tmp_path / "a").mkdir()
+    expected, _ = fit(whole)
+
+    (tmp_path / "b").mkdir()
+    first = Trainer(tiny_dataset, config, text_vectors=vectors,
+                    parallel=CheckpointingReplica(tmp_path / "b", die_after=die_after))
+    with pytest.raises(Interrupted):
+        fit(first)
+    second = Trainer(tiny_dataset, config, text_vectors=vectors, parallel=CheckpointingReplica(tmp_path / "b"))
+    second.resume = read_checkpoint(tmp_path / "b", second)
+    assert len(second.resume.curve) == die_after
+    resumed, curve = fit(second)
+    assert len(curve) == 8  # 6 encoder + 2 ranker epochs, counted across the interruption
+    for split in ("valid", "test"):
+        for stage in ("recall", "funnel"):
+            assert resumed[split][stage]["ndcg@10"] == pytest.approx(expected[split][stage]["ndcg@10"], abs=1e-6)
+
+
+@pytest.mark.fault
+def test_ray_train_with_two_workers_writes_a_bundle_of_the_same_quality(
+        tiny_dataset: Dataset, text_encoder, tiny_training: TrainResult, tmp_path: Path) -> None:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        result = train_on_ray(tiny_dataset, TINY_TRAINING, tmp_path / "bundle",
+                              RayTrainConfig(workers=2, storage=tmp_path / "checkpoints"),
+                              text_vectors=text_encoder.encode(tiny_dataset.item_texts))
+    finally:
+        ray.shutdown()
+    assert result.metrics["workers"] == 2 and (tmp_path / "bundle" / "manifest.json").is_file()
+    assert any((tmp_path / "checkpoints").rglob("checkpoint_*/state.json"))  # a checkpoint every epoch
+    single = tiny_training.metrics["test"]["funnel"]["ndcg@10"]
+    # Same seed, same data, two replicas: the same quality within noise.
+    assert result.metrics["test"]["funnel"]["ndcg@10"] >= 0.8 * single

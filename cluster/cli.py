@@ -188,6 +188,11 @@ def train_command(
     ranker_seconds: Annotated[float, typer.Option(help="time budget of the ranker phase")] = 300.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     curve: Annotated[Path | None, typer.Option(help="write NDCG@10 against seconds to this PNG")] = None,
+    workers: Annotated[int, typer.Option(min=0, max=256, help="Ray Train data-parallel replicas (0 = in this "
+                                                                "process, no Ray)")] = 0,
+    storage: Annotated[Path, typer.Option(help="Ray Train checkpoints (with --workers)")] = Path("ray-train"),
+    address: Annotated[str | None, typer.Option(help="Ray cluster for --workers (default: a local one)")] = None,
+    gpu: Annotated[bool, typer.Option(help="one GPU per Ray Train worker")] = False,
 ) -> None:
     """Train the item/query encoders and the ranker; write a bundle and print its metrics as JSON."""
     from ranking.config import TrainConfig
@@ -201,7 +206,21 @@ def train_command(
         console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "
                     f"val NDCG@10 {values['ndcg@10']:.4f}, HR@10 {values['hr@10']:.4f}")
 
-    result = train(data, config, out, progress=report)
+    if workers:
+        import os
+
+        import ray
+
+        from cluster.train_ray import RayTrainConfig, train_on_ray
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        try:
+            result = train_on_ray(data, config, out, RayTrainConfig(workers=workers, storage=storage, use_gpu=gpu))
+        finally:
+            ray.shutdown()
+    else:
+        result = train(data, config, out, progress=report)
     if curve is not None:
         from cluster.plots import plot_training_curve
 
@@ -302,6 +321,21 @@ def bench_soak(
                            f"errors {sum(summary['errors'].values())}, RSS growth {summary['rss_growth_max']:+.1%}")
         summary["plot"] = str(plot)
     typer.echo(json.dumps(summary, indent=2))
+
+
+@bench_app.command("train")
+def bench_train(
+    dataset: Annotated[str, typer.Option(help="named data set")] = "ml-100k",
+    epochs: Annotated[int, typer.Option(min=1, max=100, help="query-encoder epochs each path trains")] = 3,
+    workers: Annotated[str, typer.Option(help="comma-separated Ray Train worker counts")] = "1,2",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Training throughput: the plain loop against Ray Train with 1 and 2 workers, one run."""
+    from cluster.bench_train import run_train_bench
+
+    counts = [int(n) for n in workers.split(",") if n.strip()]
+    typer.echo(json.dumps(run_train_bench(load_data(dataset, None, None, DataFormat.pairs), epochs, counts, seed),
+                          indent=2))
 
 
 @bench_app.command("ablations")

@@ -8,10 +8,11 @@ it observes nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
+
+from protos.serving import UnaryWrapper
 
 PUBLIC_PREFIXES = ("/recfunnel.v1.Recommender/", "/recfunnel.v1.Rollout/")
 
@@ -38,25 +39,17 @@ class NoObserver:
         pass
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor):
+class ObservingInterceptor(UnaryWrapper):
     """Times every public call and reports its outcome to the observer."""
 
     def __init__(self, observer: GatewayObserver):
+        super().__init__()
         self.observer = observer
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # built once per method
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        full_name: str = handler_call_details.method  # type: ignore[attr-defined]
-        wrapped = self._wrapped.get(full_name)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or not full_name.startswith(PUBLIC_PREFIXES) or handler.unary_unary is None:
-            return handler
+    def applies(self, method: str) -> bool:
+        return method.startswith(PUBLIC_PREFIXES)
+
+    def wrap(self, full_name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         method, behaviour, observer = full_name.rsplit("/", 1)[-1], handler.unary_unary, self.observer
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -71,7 +64,5 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 observer.feedback(reply.accepted - reply.duplicates, reply.duplicates)
             return reply
 
-        wrapped = grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
-                                                      response_serializer=handler.response_serializer)
-        self._wrapped[full_name] = wrapped
-        return wrapped
+        return grpc.unary_unary_rpc_method_handler(observed, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)

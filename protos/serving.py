@@ -36,13 +36,17 @@ class _Undecodable:
         self.reason = reason
 
 
-class RejectUndecodable(grpc.aio.ServerInterceptor):
-    """Answers INVALID_ARGUMENT to request bytes that do not parse (corrupt wire format,
-    invalid UTF-8 in a string field), where grpc would answer UNKNOWN with a traceback in
-    the log. Covers the unary-unary methods, which every recfunnel RPC is."""
+class UnaryWrapper(grpc.aio.ServerInterceptor):
+    """Wraps the handler of each unary-unary method it applies to, once per method."""
 
     def __init__(self) -> None:
-        self._guarded: dict[str, grpc.RpcMethodHandler] = {}  # built once per method
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    def applies(self, method: str) -> bool:
+        return True
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -50,18 +54,27 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method  # type: ignore[attr-defined]
-        guarded = self._guarded.get(method)
-        if guarded is not None:
-            return guarded
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming \
-                or handler.request_deserializer is None:
+        if handler is None or handler.unary_unary is None or not self.applies(method):
             return handler
+        wrapped = self._wrapped[method] = self.wrap(method, handler)
+        return wrapped
+
+
+class RejectUndecodable(UnaryWrapper):
+    """Answers INVALID_ARGUMENT to request bytes that do not parse (corrupt wire format,
+    invalid UTF-8 in a string field), where grpc would answer UNKNOWN with a traceback in
+    the log. Covers the unary-unary methods, which every recfunnel RPC is."""
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse, behaviour = handler.request_deserializer, handler.unary_unary
 
         def tolerant_parse(raw: bytes) -> Any:
             try:
-                return parse(raw)
+                return parse(raw) if parse is not None else raw
             except DecodeError as error:
                 return _Undecodable(str(error))
 
@@ -71,10 +84,8 @@ class RejectUndecodable(grpc.aio.ServerInterceptor):
                                     f"the request is no valid {method.rsplit('/', 1)[-1]} message: {request.reason}")
             return await behaviour(request, context)
 
-        guarded = grpc.unary_unary_rpc_method_handler(checked, request_deserializer=tolerant_parse,
-                                                      response_serializer=handler.response_serializer)
-        self._guarded[method] = guarded
-        return guarded
+        return grpc.unary_unary_rpc_method_handler(checked, request_deserializer=tolerant_parse,
+                                                   response_serializer=handler.response_serializer)
 
 
 class ServerHandle:

@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from cluster.config import ClusterConfig
 from cluster.ops import head_command
 from gateway import server as gateway_server
+from gateway.client import RecommenderClient
 from protos.auth import AuthConfigError, TlsFiles, call_metadata, client_tokens, open_channel, tokens_from_file
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, recall_pb2, recall_pb2_grpc, recommender_pb2
 from protos.recfunnel.v1 import recommender_pb2_grpc as rpc
@@ -102,6 +103,12 @@ async def test_public_port_speaks_tls_with_the_configured_certificate(tiny_bundl
             reply = await rpc.RecommenderStub(channel).Recommend(request, metadata=call_metadata(CLIENT_TOKEN),
                                                                   timeout=5)
             assert len(reply.items) == 2
+        client = RecommenderClient(gw.address, timeout=5, token=CLIENT_TOKEN, tls_ca=tls.cert)
+        try:
+            assert len((await client.recommend("u1", k=3)).items) == 3
+            assert await client.feedback([("u1", "i1", "click", 1.0)]) == 1
+        finally:
+            await client.close()
         async with grpc.aio.insecure_channel(gw.address) as plain:  # plaintext never reaches the service
             assert await _code_of(rpc.RecommenderStub(plain).Recommend(
                 request, metadata=call_metadata(CLIENT_TOKEN), timeout=5)) == grpc.StatusCode.UNAVAILABLE

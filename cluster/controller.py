@@ -23,7 +23,7 @@ from cluster.config import ActorResources, ClusterConfig
 from gateway.backends import GrpcRanking, GrpcRecall
 from gateway.config import GatewayConfig
 from ranking.config import RankingConfig
-from recdata.bundle import load_bundle
+from recdata.bundle import read_manifest
 from retrieval.config import RecallConfig
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Controller:
         self.head_node = ray.get_runtime_context().get_node_id()
         self.poll_s = poll_s
         self.serving_bundle = str(config.bundle)
-        self.serving_version = load_bundle(config.bundle).version
+        self.serving_version = read_manifest(config.bundle)["version"]
         # Every version this cluster has served, oldest first: what `recfunnel versions` lists
         # and `recfunnel rollback` can return to.
         self.history: list[dict[str, Any]] = [self._version_entry(self.serving_bundle, self.serving_version)]
@@ -159,7 +159,7 @@ class Controller:
 
     @staticmethod
     def _version_entry(bundle_path: str, version: str) -> dict[str, Any]:
-        manifest = load_bundle(Path(bundle_path)).manifest
+        manifest = read_manifest(Path(bundle_path))
         return {"version": version, "bundle": bundle_path, "metrics": manifest.get("metrics", {}),
                 "served_since": time.time()}
 

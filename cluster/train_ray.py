@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ranking.config import TrainConfig
 from ranking.train import PhaseState, Trainer, TrainResult, fit
+from recdata.bundle import read_manifest
 from recdata.dataset import Dataset
 
 MODEL, BEST, OPTIMISER, RANDOM, STATE = ("model.safetensors", "best.safetensors", "optimiser.safetensors",
@@ -176,6 +177,6 @@ def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: R
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     trainer.fit()
-    manifest = json.loads((out / "manifest.json").read_text("utf-8"))
+    manifest = read_manifest(out)
     metrics = dict(manifest["metrics"])
     return TrainResult(out, manifest["version"], metrics, metrics.pop("curve"))

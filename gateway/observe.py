@@ -28,17 +28,6 @@ class GatewayObserver(Protocol):
         """Events acknowledged by one Feedback call: newly written, and already logged."""
 
 
-class NoObserver:
-    def answered(self, method: str, seconds: float, degraded: bool) -> None:
-        pass
-
-    def refused(self, method: str, status: str) -> None:
-        pass
-
-    def feedback(self, written: int, duplicates: int) -> None:
-        pass
-
-
 class ObservingInterceptor(UnaryWrapper):
     """Times every public call and reports its outcome to the observer."""
 

@@ -116,6 +116,7 @@ class Trainer:
         self.dataset = dataset
         self.parallel = parallel
         self.resume = resume
+        self.encoder_curve: list[dict[str, float]] = []  # the finished encoder phase's epochs
         self.config = config
         self.progress = progress or (lambda stage, values: None)
         seed_everything(config.seed)
@@ -300,7 +301,7 @@ class Trainer:
         params = list(self.model.ranker.parameters())
         optimiser = torch.optim.AdamW(params, lr=cfg.lr)
         rng = np.random.default_rng(cfg.seed)
-        earlier = list(getattr(self, "encoder_curve", []))
+        earlier = list(self.encoder_curve)
         if self.resume is not None and self.resume.phase == "ranker":
             state = self.resume
             optimiser.load_state_dict(state.optimiser or {})

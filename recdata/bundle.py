@@ -59,14 +59,20 @@ class Bundle:
         return folder
 
 
-def load_bundle(folder: Path) -> Bundle:
-    """Read a bundle's manifest, id map and arrays (weights load with `load_weights`)."""
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """A bundle's manifest alone (version, configs, metrics), without its arrays."""
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
         raise FileNotFoundError(f"{folder} is not a recfunnel bundle (no {MANIFEST})")
-    manifest = json.loads(manifest_path.read_text("utf-8"))
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text("utf-8"))
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(f"{folder}: bundle format {manifest.get('format')}, expected {FORMAT_VERSION}")
+    return manifest
+
+
+def load_bundle(folder: Path) -> Bundle:
+    """Read a bundle's manifest, id map and arrays (weights load with `load_weights`)."""
+    manifest = read_manifest(folder)
     items = json.loads((folder / ITEMS).read_text("utf-8"))
     return Bundle(
         version=manifest["version"],

@@ -25,14 +25,13 @@ class DataFormat(str, Enum):
 
 def load_data(dataset: str | None, interactions: Path | None, items: Path | None, fmt: DataFormat):
     """The named data set, or interactions read from a file."""
-    from recdata.dataset import read_interactions
-    from recdata.movielens import load_ml100k
+    from recdata.sources import DataSource
 
-    if interactions is not None:
-        return read_interactions(interactions, fmt.value, items)
-    if dataset == "ml-100k":
-        return load_ml100k()
-    raise typer.BadParameter(f"unknown dataset {dataset!r}; use ml-100k or --interactions FILE", param_hint="--dataset")
+    try:
+        source = DataSource(dataset or "", interactions, items, fmt.value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--dataset") from error
+    return source.load()
 
 
 @app.command()
@@ -108,6 +107,12 @@ def status(
         service = {**service, "rss_mb": f"{service['rss_bytes'] / 2**20:.0f}", "node_id": service["node_id"][:16]}
         table.add_row(*(str(service[c]) for c in columns))
     console.print(table)
+    loop = report.get("loop")
+    if loop is not None:
+        last = loop.get("last_round") or {}
+        console.print(f"feedback loop: {'running' if loop.get('running') else 'not running'}, "
+                      f"{loop.get('pending', '?')} events pending, {loop.get('rounds', 0)} rounds"
+                      + (f"; last: {last['decision']} ({last.get('version', last.get('error', ''))})" if last else ""))
 
 
 @app.command()
@@ -151,13 +156,15 @@ def versions(
         typer.echo(json.dumps(listed, indent=2))
         return
     table = Table(title="model versions, oldest first")
-    for column in ("version", "serving", "funnel NDCG@10", "recall NDCG@10", "bundle"):
+    for column in ("version", "serving", "funnel NDCG@10", "recall NDCG@10", "recent NDCG@10 (loop)", "bundle"):
         table.add_column(column)
     for entry in listed:
         test = entry["metrics"].get("test", {})
+        judged = entry["metrics"].get("loop", {}).get("candidate", {})
         table.add_row(entry["version"], "yes" if entry["serving"] else "",
                       f"{test.get('funnel', {}).get('ndcg@10', float('nan')):.4f}",
-                      f"{test.get('recall', {}).get('ndcg@10', float('nan')):.4f}", entry["bundle"])
+                      f"{test.get('recall', {}).get('ndcg@10', float('nan')):.4f}",
+                      f"{judged['ndcg@10']:.4f}" if judged else "", entry["bundle"])
     console.print(table)
 
 
@@ -174,6 +181,53 @@ def rollback(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="VERSION") from error
     console.print(f"serving [bold]{report['model_version']}[/] again (was {report['previous_version']})")
+
+
+@app.command("loop")
+def loop_command(
+    config: Annotated[Path | None, typer.Option(help="cluster settings (TOML) whose [loop] table to start from")
+                      ] = None,
+    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
+    once: Annotated[bool, typer.Option("--once", help="one round now, then exit")] = False,
+    dataset: Annotated[str | None, typer.Option(help="named base data set the serving version learnt")] = None,
+    interactions: Annotated[Path | None, typer.Option(help="base interactions file instead of a named data set")
+                            ] = None,
+    items: Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")] = None,
+    fmt: Annotated[DataFormat | None, typer.Option("--format", help="format of --interactions")] = None,
+    every_events: Annotated[int | None, typer.Option(min=1, help="a round once this many events are new")] = None,
+    every_seconds: Annotated[float | None, typer.Option(help="or this long after the last round, with any new")
+                             ] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=256, help="Ray Train replicas")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="fine-tuning epochs of the query encoder")] = None,
+    ranker_epochs: Annotated[int | None, typer.Option(min=1, help="fine-tuning epochs of the ranker")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="roll out when new NDCG@10 >= serving - this")] = None,
+    output: Annotated[Path | None, typer.Option(help="folder for the rounds' bundles")] = None,
+    storage: Annotated[Path | None, typer.Option(help="Ray Train checkpoints of the rounds")] = None,
+) -> None:
+    """The feedback loop: fine-tune on the logged events, judge on held-out recent ones, roll
+    out if not worse. Prints one JSON report per round."""
+    import tomllib
+
+    from cluster.loop import LoopConfig
+    from cluster.ops import feedback_loop
+
+    try:
+        values = tomllib.loads(config.read_text("utf-8")).get("loop", {}) if config else {}
+        options = {"dataset": dataset, "interactions": interactions, "items": items,
+                   "format": fmt.value if fmt else None, "every_events": every_events, "every_seconds": every_seconds,
+                   "workers": workers, "encoder_epochs": epochs, "ranker_epochs": ranker_epochs,
+                   "tolerance": tolerance, "output": output, "storage": storage}
+        if interactions is not None:
+            values.pop("dataset", None)
+        settings = LoopConfig.from_dict({**values, **{k: v for k, v in options.items() if v is not None}}).resolved()
+    except (ValueError, TypeError, OSError) as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from error
+    try:
+        feedback_loop(settings, address, once, say=lambda report: typer.echo(json.dumps(report, indent=2)))
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    except KeyboardInterrupt:
+        console.print("feedback loop stopped")
 
 
 @app.command("train")

@@ -9,6 +9,7 @@ from typing import Any
 
 import tomllib
 
+from cluster.loop import LoopConfig
 from gateway.config import DEFAULT_PORT
 from protos.auth import TlsFiles, tokens_from_file
 
@@ -47,6 +48,7 @@ class ClusterConfig:
     # What the gateway and the controller send the recall and ranking services, which accept
     # nothing else; a fresh random one per cluster unless the config names one.
     internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    loop: LoopConfig | None = None  # the feedback loop actor; None = no loop
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_shards <= 256:
@@ -78,6 +80,8 @@ class ClusterConfig:
         for key in ("shard_resources", "ranker_resources", "gateway_resources"):
             if key in values:
                 values[key] = ActorResources(**values[key])
+        if "loop" in values:
+            values["loop"] = LoopConfig.from_dict(values["loop"])
         for key in ("bundle", "db_path"):
             if key in values:
                 values[key] = Path(values[key])

@@ -20,8 +20,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cluster.actors import GatewayHost, RankingHost, RecallShardHost
 from cluster.config import ActorResources, ClusterConfig
+from cluster.loop import LOOP_NAME, LoopHost, mark_feedback_start
 from gateway.backends import GrpcRanking, GrpcRecall
 from gateway.config import GatewayConfig
+from gateway.events import EventLog
 from ranking.config import RankingConfig
 from recdata.bundle import read_manifest
 from retrieval.config import RecallConfig
@@ -75,6 +77,7 @@ class Controller:
         # and `recfunnel rollback` can return to.
         self.history: list[dict[str, Any]] = [self._version_entry(self.serving_bundle, self.serving_version)]
         self.records: dict[str, ServiceRecord] = {}
+        self.loop: Any = None  # the feedback loop's actor, when the config has one
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one reconcile or swap at a time
 
@@ -82,6 +85,13 @@ class Controller:
     async def start(self) -> dict[str, Any]:
         """Create and start every service; returns the endpoints once all answer."""
         config = self.config
+        # What the log holds now is what the serving version learnt from; the feedback loop
+        # (started now or later, by `up` or `recfunnel loop`) learns from what comes after.
+        events = EventLog(config.db_path)
+        try:
+            mark_feedback_start(events)
+        finally:
+            events.close()
         for n in range(config.num_shards):
             name = f"recfunnel-recall-{n}"
             recall = RecallConfig(bundle=config.bundle, shard_id=n, num_shards=config.num_shards, host=config.host,
@@ -103,6 +113,12 @@ class Controller:
             GatewayHost, "recfunnel-gateway", config.gateway_resources, gateway, on_node(self.head_node)))
         await asyncio.wait_for(self.records["recfunnel-gateway"].actor.start.remote(), START_TIMEOUT_S)
         await self._describe(self.records["recfunnel-gateway"])
+        if config.loop is not None:
+            # Beside the gateway: it reads the event log's SQLite file on this node's disk.
+            self.loop = ray.remote(LoopHost).options(
+                name=LOOP_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=4,
+                scheduling_strategy=on_node(self.head_node)).remote(config.loop.resolved(), config.db_path,
+                                                                    CONTROLLER_NAME, NAMESPACE)
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return self.endpoints()
 
@@ -110,6 +126,9 @@ class Controller:
         """Stop the gateway first so no request reaches a stopped backend, then the rest."""
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.loop is not None:
+            ray.kill(self.loop, no_restart=True)  # a round in flight is abandoned; its bundle never served
+            self.loop = None
         order = sorted(self.records.values(), key=lambda r: r.role != "gateway")
         for record in order:
             try:
@@ -130,10 +149,21 @@ class Controller:
         gateway = self.records.get("recfunnel-gateway")
         return {"gateway": gateway.address if gateway else "", "recall": self.shard_addresses(),
                 "ranking": self.ranking_address(), "model_version": self.serving_version,
-                "bundle": self.serving_bundle}
+                "bundle": self.serving_bundle, "db_path": str(self.config.db_path)}
 
-    def status(self) -> dict[str, Any]:
-        return {**self.endpoints(), "services": [r.to_dict() for r in self.records.values()]}
+    async def status(self) -> dict[str, Any]:
+        return {**self.endpoints(), "services": [r.to_dict() for r in self.records.values()],
+                "loop": await self.loop_status()}
+
+    async def loop_status(self) -> dict[str, Any] | None:
+        """Where the feedback loop stands, None without one."""
+        if self.loop is None:
+            return None
+        try:
+            described: dict[str, Any] = await asyncio.wait_for(self.loop.describe.remote(), CALL_TIMEOUT_S)
+            return described
+        except Exception as error:  # noqa: BLE001 - restarting: say so rather than fail the status
+            return {"running": False, "error": f"{type(error).__name__}: {error}"}
 
     async def swap(self, bundle_path: str) -> dict[str, Any]:
         """Roll the cluster to another bundle through the gateway; restarted services follow it."""
@@ -141,6 +171,8 @@ class Controller:
             report: dict[str, Any] = await self.records["recfunnel-gateway"].actor.swap.remote(bundle_path)
             self.serving_bundle, self.serving_version = bundle_path, report["model_version"]
             self.history.append(self._version_entry(bundle_path, report["model_version"]))
+            for record in self.records.values():  # so that a status read now shows the new version
+                await self._describe(record)
             return report
 
     def versions(self) -> list[dict[str, Any]]:

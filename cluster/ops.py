@@ -1,4 +1,5 @@
-"""Operating a long-running cluster: `recfunnel up`, `status` and `down`.
+"""Operating a long-running cluster: `recfunnel up`, `status`, `down`, `swap`, `versions`,
+`rollback` and `loop`.
 
 `up` without an address starts a local Ray head (dashboard on 127.0.0.1:8265) and runs the
 controller as a detached actor, so the services outlive the command; with an address it
@@ -11,6 +12,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.controller import NAMESPACE
 from cluster.launch import find_cluster, start_cluster
+from cluster.loop import LOOP_NAME, ControllerServing, FeedbackLoop, LoopConfig
+from gateway.events import EventLog
 from protos.auth import TlsFiles
 from recdata.movielens import cache_dir
 
@@ -117,6 +122,39 @@ def versions(address: str | None = None) -> list[dict[str, Any]]:
     """Every version the cluster has served, with its metrics; `serving` marks the current one."""
     listed: list[dict[str, Any]] = _ask_controller(address, "versions")
     return listed
+
+
+def feedback_loop(config: LoopConfig, address: str | None = None, once: bool = False,
+                  say: Callable[[dict[str, Any]], None] = print) -> None:
+    """`recfunnel loop`: rounds of the feedback loop against the running cluster, from this
+    process; with `once`, one round now. A cluster whose config runs the loop actor is asked
+    for its round instead: two loops over one event log would judge the same events twice."""
+    _connect(_address(address))
+    try:
+        try:
+            actor = ray.get_actor(LOOP_NAME, namespace=NAMESPACE)
+        except ValueError:
+            actor = None
+        if actor is not None:
+            if not once:
+                raise ValueError("this cluster runs its feedback loop actor already (see `recfunnel status`); "
+                                 "`recfunnel loop --once` asks it for a round now")
+            round_ref: Any = actor.run_round.remote()
+            report: dict[str, Any] = ray.get(round_ref, timeout=3600)
+            say(report)
+            return
+        running = find_cluster()
+        db_path = Path(ray.get(running.controller.endpoints.remote(), timeout=30)["db_path"])
+        loop = FeedbackLoop(config, EventLog(db_path), ControllerServing(running.controller))
+        if once:
+            say(loop.run_round())
+            return
+        while True:  # until interrupted
+            time.sleep(config.poll_s)
+            if loop.due():
+                say(loop.run_round())
+    finally:
+        ray.shutdown()
 
 
 def rollback(version: str, address: str | None = None) -> dict[str, Any]:

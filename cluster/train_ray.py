@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, replace
+import time
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,10 @@ MODEL, BEST, OPTIMISER, RANDOM, STATE = ("model.safetensors", "best.safetensors"
 class RayTrainConfig:
     workers: int = 2
     storage: Path = Path("ray-train")  # checkpoints, one folder per run
-    name: str = "recfunnel-train"
+    # The run's folder under `storage`. Ray Train resumes a run whose folder exists, so a
+    # fresh name per run (the default) starts afresh; naming an interrupted run resumes it.
+    name: str = field(default_factory=lambda: f"recfunnel-train-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                              f"{uuid.uuid4().hex[:6]}")
     use_gpu: bool = False
     max_failures: int = 3               # worker-group restarts before the run fails
     cpus_per_worker: float = 1.0
@@ -136,7 +141,9 @@ def _worker_loop(settings: dict[str, Any]) -> None:
 
     config: TrainConfig = settings["config"]
     replicas = RayReplicas(config)
-    trainer = Trainer(settings["dataset"], config, text_vectors=settings["text_vectors"], parallel=replicas)
+    warm_start = Path(settings["warm_start"]) if settings["warm_start"] else None
+    trainer = Trainer(settings["dataset"], config, text_vectors=settings["text_vectors"], parallel=replicas,
+                      warm_start=warm_start)
     checkpoint = ray.train.get_checkpoint()
     resumed_at = 0
     if checkpoint is not None:
@@ -146,7 +153,7 @@ def _worker_loop(settings: dict[str, Any]) -> None:
     metrics, curve = fit(trainer)
     if replicas.rank == 0:
         # The bundle's manifest carries the run's story: the driver reads it from there.
-        bundle = trainer.export(Path(settings["out"]), {**metrics, "workers": replicas.world,
+        bundle = trainer.export(Path(settings["out"]), {**settings["metrics"], **metrics, "workers": replicas.world,
                                                         "resumed_after_epochs": resumed_at, "curve": curve})
         ray.train.report({"phase": "done", "version": bundle.version, "resumed_after_epochs": resumed_at,
                           "test_funnel_ndcg@10": metrics["test"]["funnel"]["ndcg@10"]})
@@ -155,8 +162,12 @@ def _worker_loop(settings: dict[str, Any]) -> None:
 
 
 def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: RayTrainConfig,
-                 text_vectors: np.ndarray | None = None) -> TrainResult:
-    """Train on the connected Ray cluster with `ray_config.workers` replicas; write the bundle to `out`."""
+                 text_vectors: np.ndarray | None = None, warm_start: Path | None = None,
+                 metrics: dict[str, Any] | None = None) -> TrainResult:
+    """Train on the connected Ray cluster with `ray_config.workers` replicas; write the bundle to `out`.
+
+    `warm_start`: fine-tune from this bundle's weights (see `Trainer`); `metrics`: more
+    entries for the bundle's manifest."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -169,7 +180,8 @@ def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: R
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": replica, "dataset": dataset, "text_vectors": text_vectors,
-                           "out": str(out.resolve())},
+                           "out": str(out.resolve()), "warm_start": str(warm_start.resolve()) if warm_start else "",
+                           "metrics": metrics or {}},
         scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
                                      resources_per_worker={"CPU": ray_config.cpus_per_worker}),
         run_config=RunConfig(name=ray_config.name, storage_path=str(ray_config.storage.resolve()),

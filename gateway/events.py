@@ -28,6 +28,10 @@ CREATE TABLE IF NOT EXISTS events (
     event_id TEXT  -- the client's idempotency key; NULL = none
 );
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, timestamp_ms, seq);
+CREATE TABLE IF NOT EXISTS settings (  -- small durable state beside the log (the feedback loop's marks)
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS item_changes (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     op TEXT NOT NULL CHECK (op IN ('upsert', 'delete')),
@@ -56,6 +60,17 @@ class Event:
     value: float = 0.0
     timestamp_ms: int = 0  # 0 = now
     event_id: str = ""     # idempotency key; "" = none
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """An event as the log holds it: `seq` orders the whole log."""
+
+    seq: int
+    user_id: str
+    item_id: str
+    event_type: str
+    timestamp_ms: int
 
 
 class EventLog:
@@ -123,6 +138,29 @@ class EventLog:
         with self._lock:
             rows = self._db.execute("SELECT op, item_id, text, tags FROM item_changes ORDER BY seq").fetchall()
         return [ItemChange(op, item_id, text, tuple(json.loads(tags))) for op, item_id, text, tags in rows]
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest event; 0 for an empty log."""
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+    def events_between(self, after_seq: int, through_seq: int) -> list[LoggedEvent]:
+        """Events with after_seq < seq <= through_seq, in log order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, user_id, item_id, event_type, timestamp_ms FROM events WHERE seq > ? AND seq <= ? "
+                "ORDER BY seq", (after_seq, through_seq)).fetchall()
+        return [LoggedEvent(*row) for row in rows]
+
+    def setting(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
+                             "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
     def count(self) -> int:
         with self._lock:

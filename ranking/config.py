@@ -69,6 +69,19 @@ class TrainConfig:
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives={self.num_negatives} must be >= 1")
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """The inverse of `to_dict` (JSON lists back to tuples); unknown keys are ignored."""
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        if "model" in known:
+            known["model"] = ModelConfig.from_dict(known["model"])
+        if "candidates_per_channel" in known:
+            known["candidates_per_channel"] = tuple((str(c), int(k)) for c, k in known["candidates_per_channel"])
+        return cls(**known)
+
 
 @dataclass(frozen=True)
 class RankingConfig:

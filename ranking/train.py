@@ -26,7 +26,7 @@ from ranking.item_encoder import ItemEncoder, tag_matrix
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
 from ranking.text_encoder import TextEncoder
-from recdata.bundle import Bundle, new_version_id
+from recdata.bundle import Bundle, load_weights, new_version_id
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, popular_scores
 from recdata.dataset import Dataset
 from recdata.item_stats import RECENT_SHARE, cooccurrence_neighbours, recent_popularity
@@ -107,12 +107,14 @@ class Trainer:
     def __init__(self, dataset: Dataset, config: TrainConfig, text_encoder: TextEncoder | None = None,
                  progress: Progress | None = None, cold_items: np.ndarray | None = None,
                  text_vectors: np.ndarray | None = None, parallel: DataParallel | None = None,
-                 resume: PhaseState | None = None):
+                 resume: PhaseState | None = None, warm_start: Path | None = None):
         """`cold_items`: catalogue indexes whose training interactions are all removed (the
         cold-start protocol); they stay in the catalogue and in evaluation. `text_vectors`:
         the items' LM vectors when already computed (a bundle's), to skip encoding them.
         `parallel`: this process is one replica of data-parallel training; `resume`: go on
-        from a checkpoint's phase state (its model weights already loaded into `model`)."""
+        from a checkpoint's phase state (its model weights already loaded into `model`).
+        `warm_start`: a bundle over the same catalogue and model config whose weights training
+        starts from (fine-tuning); each phase then keeps them unless it beats them on validation."""
         self.dataset = dataset
         self.parallel = parallel
         self.resume = resume
@@ -139,6 +141,9 @@ class Trainer:
             tags, self.tag_vocabulary = tag_matrix([() for _ in dataset.item_ids])
             self.budgets = {c: k for c, k in config.candidates_per_channel if c != SEMANTIC}
         self.model = Funnel(config, self.text_vectors, tags, len(self.tag_vocabulary))
+        self.warm_start = warm_start
+        if warm_start is not None:
+            self._load_weights(warm_start)
         counts = np.bincount(np.concatenate(self.split.train), minlength=dataset.num_items)
         self.popularity = counts.astype(np.float32)
         self.model.items.id_known[1:] = torch.from_numpy((counts > 0).astype(np.float32))
@@ -154,6 +159,12 @@ class Trainer:
         self.valid = Evaluation(self.split, dataset.num_items, validation=True, seed=config.seed)
         self.test = Evaluation(self.split, dataset.num_items, validation=False, seed=config.seed)
         self.started = time.perf_counter()
+
+    def _load_weights(self, bundle: Path) -> None:
+        for name, module in (("item_encoder", self.model.items), ("query_encoder", self.model.encoder),
+                             ("ranker", self.model.ranker)):
+            weights = {k: torch.from_numpy(v) for k, v in load_weights(bundle, name).items()}
+            module.load_state_dict(weights)
 
     # ---- phase 1: item + query encoder -------------------------------------------------
     def sampled_softmax_loss(self, users: torch.Tensor, targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -243,6 +254,9 @@ class Trainer:
         optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(cfg.seed)
         state = PhaseState("encoder")
+        if self.warm_start is not None:  # the starting weights are the ones to beat
+            state = PhaseState("encoder", best=self.evaluate(validation=True, with_ranker=False)["ndcg@10"],
+                               best_state={k: v.detach().clone() for k, v in self.model.state_dict().items()})
         if self.resume is not None:
             state = self.resume
             optimiser.load_state_dict(state.optimiser or {})
@@ -385,6 +399,7 @@ class Trainer:
             manifest={
                 "dataset": self.dataset.name,
                 "model": self.config.model.to_dict(),
+                "training": {k: v for k, v in self.config.to_dict().items() if k != "model"},
                 "text_model": self.text_encoder.model_dir.name if self.text_encoder else None,
                 "tag_vocabulary": self.tag_vocabulary,
                 "candidates_per_channel": self.budgets,

@@ -13,17 +13,15 @@ import pytest
 import ray
 
 from cluster.config import ClusterConfig
-from cluster.demo import seed_history
-from cluster.launch import start_cluster
 from cluster.loadtest import LoadTest, Mix, soak
 from gateway import server as gateway_server
 from gateway.client import RecommenderClient
-from gateway.events import EventLog
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 from ranking import server as ranking_server
 from recdata.dataset import Dataset
 from retrieval import server as recall_server
 from tests.grpc_checks import assert_health_and_reflection
+from tests.ray_cluster import local_cluster
 from tests.test_rollout import copy_as_version
 
 INTERNAL_TOKEN = "cluster-test-internal-token-0123456789"
@@ -32,17 +30,9 @@ INTERNAL_TOKEN = "cluster-test-internal-token-0123456789"
 @pytest.fixture(scope="module")
 def cluster(tiny_bundle: Path, tiny_dataset: Dataset, tmp_path_factory: pytest.TempPathFactory):
     db = tmp_path_factory.mktemp("cluster") / "events.sqlite"
-    events = EventLog(db)
-    seed_history(events, tiny_dataset)
-    events.close()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        running = start_cluster(ClusterConfig(bundle=tiny_bundle, db_path=db, num_shards=2, gateway_port=0,
-                                              internal_token=INTERNAL_TOKEN))
+    with local_cluster(ClusterConfig(bundle=tiny_bundle, db_path=db, num_shards=2, gateway_port=0,
+                                     internal_token=INTERNAL_TOKEN), tiny_dataset) as running:
         yield running
-        running.stop()
-    finally:
-        ray.shutdown()
 
 
 def test_every_server_answers_health_and_reflection(cluster) -> None:

@@ -1,12 +1,18 @@
 """Ray Train: checkpoints hold everything a replica needs to go on, a run resumed from one
-ends exactly where an uninterrupted run does, and two workers train a bundle of the same
-quality as one process."""
+ends exactly where an uninterrupted run does, a run whose worker is killed goes on from its
+last checkpoint, and two workers train a bundle of the same quality as one process."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 import torch
@@ -113,3 +119,45 @@ def test_ray_train_with_two_workers_writes_a_bundle_of_the_same_quality(
     single = tiny_training.metrics["test"]["funnel"]["ndcg@10"]
     # Same seed, same data, two replicas: the same quality within noise.
     assert result.metrics["test"]["funnel"]["ndcg@10"] >= 0.8 * single
+
+
+def train_workers() -> list[psutil.Process]:
+    """The processes of Ray Train's worker actors on this machine."""
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or ())]
+
+
+def registered_checkpoints(storage: Path) -> list[dict]:
+    """The checkpoints Ray Train's controller has registered (and would resume from)."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(ValueError):  # being written
+            return list(json.loads(snapshot.read_text("utf-8"))["checkpoint_results"])
+    return []
+
+
+@pytest.mark.fault
+def test_a_run_whose_worker_is_killed_goes_on_from_the_last_checkpoint(
+        tiny_dataset: Dataset, text_encoder, tiny_training: TrainResult, tmp_path: Path) -> None:
+    config = replace(TINY_TRAINING, epochs=12, patience=12, time_budget_s=1e9, ranker_time_budget_s=1e9)
+    storage = tmp_path / "checkpoints"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            run = pool.submit(train_on_ray, tiny_dataset, config, tmp_path / "bundle",
+                              RayTrainConfig(workers=1, storage=storage),
+                              text_encoder.encode(tiny_dataset.item_texts))
+            # Kill once Ray Train has taken a checkpoint into its registry, not merely once one
+            # is on disk: a checkpoint the controller never registered is rightly not resumed from.
+            deadline = time.monotonic() + 120
+            while not registered_checkpoints(storage):
+                assert time.monotonic() < deadline and not run.done(), "no checkpoint within 120 s"
+                time.sleep(0.1)
+            workers = train_workers()
+            assert len(workers) == 1
+            workers[0].send_signal(signal.SIGKILL)
+            result = run.result(timeout=300)
+    finally:
+        ray.shutdown()
+    assert result.metrics["resumed_after_epochs"] >= 1  # the restarted worker found the checkpoint
+    assert len(result.curve) == 12 + TINY_TRAINING.ranker_epochs  # every epoch, once, across the kill
+    assert [p["epoch"] for p in result.curve[:12]] == list(range(1, 13))
+    assert result.metrics["test"]["funnel"]["ndcg@10"] >= 0.8 * tiny_training.metrics["test"]["funnel"]["ndcg@10"]

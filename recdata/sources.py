@@ -1,0 +1,31 @@
+"""Where a data set comes from: a named one, or interaction and item files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from recdata.dataset import Dataset, InteractionFormat, read_interactions
+
+NAMED = ("ml-100k",)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    dataset: str = "ml-100k"           # a named data set, unless `interactions` is given
+    interactions: Path | None = None   # interactions file (see `read_interactions`)
+    items: Path | None = None          # item file: CSV item,text[,tags]
+    format: InteractionFormat = "pairs"
+
+    def __post_init__(self) -> None:
+        if self.interactions is None and self.dataset not in NAMED:
+            raise ValueError(f"unknown dataset {self.dataset!r}; use one of {', '.join(NAMED)} or an interactions file")
+        if self.format not in ("pairs", "csv", "parquet"):
+            raise ValueError(f"unknown interaction format {self.format!r}; use pairs, csv or parquet")
+
+    def load(self) -> Dataset:
+        if self.interactions is not None:
+            return read_interactions(self.interactions, self.format, self.items)
+        from recdata.movielens import load_ml100k
+
+        return load_ml100k()

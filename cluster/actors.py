@@ -131,20 +131,29 @@ class GatewayHost(ServiceHost):
             version = ""
         return version, [version] if version else []
 
-    async def start_with(self, recall_addresses: list[str], ranking_address: str) -> str:
+    async def start_with(self, recall_addresses: list[str], ranking_addresses: list[str]) -> str:
         """Start (or keep running) with these backends; a restarted gateway starts with the
         current addresses rather than those it was first configured with."""
         if self.running is None:
             self.config = replace(self.config, recall_addresses=tuple(recall_addresses),
-                                  ranking_address=ranking_address)
+                                  ranking_addresses=tuple(ranking_addresses))
             return await self.start()
-        self.running.retarget(recall_addresses, ranking_address)  # type: ignore[attr-defined]
+        self.running.retarget(recall_addresses, ranking_addresses)  # type: ignore[attr-defined]
         return self.running.address
 
     async def replay_catalogue(self) -> int:
         return await self.running.rollout.replay() if self.running else 0  # type: ignore[attr-defined]
 
-    async def swap(self, bundle_path: str) -> dict[str, Any]:
-        from dataclasses import asdict
+    # The steps of a live swap, which the controller runs across every gateway (see
+    # `gateway.rollout`): load once, switch each gateway, retire the old version once.
+    async def load_version(self, bundle_path: str) -> str:
+        return await self.running.rollout.load(bundle_path)  # type: ignore[union-attr,attr-defined,no-any-return]
 
-        return asdict(await self.running.rollout.swap(bundle_path))  # type: ignore[union-attr,attr-defined]
+    async def switch_version(self, version: str) -> tuple[str, int]:
+        """Serve `version` from now on; returns (the version served before, changes replayed)."""
+        rollout = self.running.rollout  # type: ignore[union-attr,attr-defined]
+        previous = await rollout.serving_version()
+        return previous, await rollout.replay(version, switch=True)
+
+    async def retire_version(self, version: str) -> None:
+        await self.running.rollout.retire(version)  # type: ignore[union-attr,attr-defined]

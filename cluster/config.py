@@ -35,6 +35,8 @@ class ClusterConfig:
     bundle: Path
     db_path: Path
     num_shards: int = 2
+    ranker_replicas: int = 1   # ranking services holding the same versions; gateways spread calls over them
+    gateways: int = 1          # gateway processes on the head node, sharing the public port and the event log
     host: str = "127.0.0.1"
     gateway_port: int = DEFAULT_PORT
     shard_resources: ActorResources = field(default_factory=ActorResources)
@@ -53,6 +55,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.num_shards <= 256:
             raise ValueError(f"num_shards={self.num_shards} must be in 1..256")
+        if not 1 <= self.ranker_replicas <= 64 or not 1 <= self.gateways <= 64:
+            raise ValueError(f"ranker_replicas={self.ranker_replicas} and gateways={self.gateways} must be in 1..64")
 
     @classmethod
     def from_file(cls, path: Path | None, **overrides: Any) -> ClusterConfig:

@@ -100,19 +100,28 @@ class Controller:
                 RecallShardHost, name, config.shard_resources, recall, "SPREAD"))
         ranking = RankingConfig(bundle=config.bundle, host=config.host, threads=config.ranker_threads,
                                 internal_token=config.internal_token)
-        self.records["recfunnel-ranking"] = ServiceRecord("recfunnel-ranking", "ranking", service_actor(
-            RankingHost, "recfunnel-ranking", config.ranker_resources, ranking, "SPREAD"))
+        for n in range(config.ranker_replicas):
+            name = f"recfunnel-ranking-{n}"
+            self.records[name] = ServiceRecord(name, "ranking", service_actor(
+                RankingHost, name, config.ranker_resources, ranking, "SPREAD"))
         backends = [r for r in self.records.values() if r.role != "gateway"]
         await asyncio.gather(*(asyncio.wait_for(r.actor.start.remote(), START_TIMEOUT_S) for r in backends))
         for record in backends:
             await self._describe(record)
-        gateway = GatewayConfig(recall_addresses=tuple(self.shard_addresses()), ranking_address=self.ranking_address(),
-                                db_path=config.db_path, host=config.host, port=config.gateway_port,
-                                tokens=config.tokens, internal_token=config.internal_token, tls=config.tls)
-        self.records["recfunnel-gateway"] = ServiceRecord("recfunnel-gateway", "gateway", service_actor(
-            GatewayHost, "recfunnel-gateway", config.gateway_resources, gateway, on_node(self.head_node)))
-        await asyncio.wait_for(self.records["recfunnel-gateway"].actor.start.remote(), START_TIMEOUT_S)
-        await self._describe(self.records["recfunnel-gateway"])
+        # Every gateway on this node, where the SQLite event log they share is. With a fixed
+        # port they all listen on it (gRPC sets SO_REUSEPORT) and the kernel spreads clients'
+        # connections over them: the gateway's Python work scales by processes.
+        gateway = GatewayConfig(recall_addresses=tuple(self.shard_addresses()),
+                                ranking_addresses=tuple(self.ranking_addresses()), db_path=config.db_path,
+                                host=config.host, port=config.gateway_port, tokens=config.tokens,
+                                internal_token=config.internal_token, tls=config.tls)
+        for n in range(config.gateways):
+            name = f"recfunnel-gateway-{n}"
+            self.records[name] = ServiceRecord(name, "gateway", service_actor(
+                GatewayHost, name, config.gateway_resources, gateway, on_node(self.head_node)))
+        for record in self.gateways():
+            await asyncio.wait_for(record.actor.start.remote(), START_TIMEOUT_S)
+            await self._describe(record)
         if config.loop is not None:
             # Beside the gateway: it reads the event log's SQLite file on this node's disk.
             self.loop = ray.remote(LoopHost).options(
@@ -142,13 +151,16 @@ class Controller:
     def shard_addresses(self) -> list[str]:
         return [r.address for r in self.records.values() if r.role == "recall"]
 
-    def ranking_address(self) -> str:
-        return self.records["recfunnel-ranking"].address
+    def ranking_addresses(self) -> list[str]:
+        return [r.address for r in self.records.values() if r.role == "ranking"]
+
+    def gateways(self) -> list[ServiceRecord]:
+        return [r for r in self.records.values() if r.role == "gateway"]
 
     def endpoints(self) -> dict[str, Any]:
-        gateway = self.records.get("recfunnel-gateway")
-        return {"gateway": gateway.address if gateway else "", "recall": self.shard_addresses(),
-                "ranking": self.ranking_address(), "model_version": self.serving_version,
+        gateways = [g.address for g in self.gateways()]
+        return {"gateway": gateways[0] if gateways else "", "gateways": gateways, "recall": self.shard_addresses(),
+                "ranking": self.ranking_addresses(), "model_version": self.serving_version,
                 "bundle": self.serving_bundle, "db_path": str(self.config.db_path)}
 
     async def status(self) -> dict[str, Any]:
@@ -166,14 +178,24 @@ class Controller:
             return {"running": False, "error": f"{type(error).__name__}: {error}"}
 
     async def swap(self, bundle_path: str) -> dict[str, Any]:
-        """Roll the cluster to another bundle through the gateway; restarted services follow it."""
+        """Roll the cluster to another bundle with no failed request: the first gateway loads
+        it on every service, each gateway replays the catalogue changes onto it and switches,
+        then the old version is unloaded once drained. Restarted services follow it."""
         async with self._lock:
-            report: dict[str, Any] = await self.records["recfunnel-gateway"].actor.swap.remote(bundle_path)
-            self.serving_bundle, self.serving_version = bundle_path, report["model_version"]
-            self.history.append(self._version_entry(bundle_path, report["model_version"]))
+            started = time.monotonic()
+            gateways = self.gateways()
+            version = await asyncio.wait_for(gateways[0].actor.load_version.remote(bundle_path), START_TIMEOUT_S)
+            switched = [await asyncio.wait_for(g.actor.switch_version.remote(version), START_TIMEOUT_S)
+                        for g in gateways]
+            previous, replayed = switched[0]
+            self.serving_bundle, self.serving_version = bundle_path, version
+            self.history.append(self._version_entry(bundle_path, version))
+            for old in {p for p, _ in switched} - {version}:
+                await asyncio.wait_for(gateways[0].actor.retire_version.remote(old), START_TIMEOUT_S)
             for record in self.records.values():  # so that a status read now shows the new version
                 await self._describe(record)
-            return report
+            return {"model_version": version, "previous_version": previous, "replayed_changes": replayed,
+                    "seconds": time.monotonic() - started}
 
     def versions(self) -> list[dict[str, Any]]:
         """Each version served, oldest first, with its bundle, its training metrics and whether it serves now."""
@@ -231,13 +253,17 @@ class Controller:
                 restarted = True
                 if record.model_version != self.serving_version:
                     await self._load_serving_version(record)
-        gateway = self.records["recfunnel-gateway"]
-        if not await self._start(gateway, gateway.actor.start_with.remote(self.shard_addresses(),
-                                                                          self.ranking_address())):
-            return
-        if await self._describe(gateway) or restarted:
-            # A service that started again from its bundle lacks the live catalogue changes.
-            replayed = await asyncio.wait_for(gateway.actor.replay_catalogue.remote(), START_TIMEOUT_S)
+        replay_through = None
+        for gateway in self.gateways():
+            if not await self._start(gateway, gateway.actor.start_with.remote(self.shard_addresses(),
+                                                                              self.ranking_addresses())):
+                continue
+            if await self._describe(gateway) or restarted:
+                replay_through = gateway
+        if replay_through is not None:
+            # A service that started again from its bundle lacks the live catalogue changes;
+            # they are idempotent, so replaying them through one gateway serves them all.
+            replayed = await asyncio.wait_for(replay_through.actor.replay_catalogue.remote(), START_TIMEOUT_S)
             log.info("services back in the cluster; %d catalogue changes replayed", replayed)
 
     async def _start(self, record: ServiceRecord, call: Any) -> bool:

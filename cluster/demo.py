@@ -157,7 +157,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> None:
             raise
     timings["start_s"] = time.perf_counter() - t
     console.print(f"gateway on [bold]{cluster.gateway_address}[/], {options.num_shards} recall shards "
-                  f"{cluster.shard_addresses}, ranking {cluster.ranking_address}; "
+                  f"{cluster.shard_addresses}, ranking {cluster.ranking_addresses}; "
                   f"Ray dashboard on http://127.0.0.1:8265")
     try:
         t = time.perf_counter()

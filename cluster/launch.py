@@ -18,16 +18,21 @@ log = logging.getLogger(__name__)
 class RunningCluster:
     controller: Any
     shard_addresses: list[str]
-    ranking_address: str
-    gateway_address: str
+    ranking_addresses: list[str]
+    gateway_addresses: list[str]
+
+    @property
+    def gateway_address(self) -> str:
+        """The first gateway's address (all of them serve the same)."""
+        return self.gateway_addresses[0]
 
     def actor(self, name: str) -> Any:
-        """A service actor by its name, e.g. "recfunnel-ranking"."""
+        """A service actor by its name, e.g. "recfunnel-ranking-0"."""
         return ray.get_actor(name, namespace=NAMESPACE)
 
     @property
     def ranker(self) -> Any:
-        return self.actor("recfunnel-ranking")
+        return self.actor("recfunnel-ranking-0")
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = ray.get(self.controller.status.remote(), timeout=30)
@@ -54,11 +59,11 @@ def start_cluster(config: ClusterConfig, detached: bool = False, poll_s: float =
     controller = controller_actor.options(**options).remote(config, poll_s)
     endpoints: dict[str, Any] = ray.get(controller.start.remote(), timeout=START_TIMEOUT_S)
     log.info("cluster up: %s", endpoints)
-    return RunningCluster(controller, endpoints["recall"], endpoints["ranking"], endpoints["gateway"])
+    return RunningCluster(controller, endpoints["recall"], endpoints["ranking"], endpoints["gateways"])
 
 
 def find_cluster() -> RunningCluster:
     """The cluster a detached controller runs on the connected Ray cluster."""
     controller: Any = ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE)
     endpoints: dict[str, Any] = ray.get(controller.endpoints.remote(), timeout=30)
-    return RunningCluster(controller, endpoints["recall"], endpoints["ranking"], endpoints["gateway"])
+    return RunningCluster(controller, endpoints["recall"], endpoints["ranking"], endpoints["gateways"])

@@ -1,4 +1,5 @@
-"""The gateway's gRPC clients of its stages: recall shards and the ranking service.
+"""The gateway's gRPC clients of its stages: recall shards and the ranking service (one or
+several replicas).
 
 They speak the internal contracts through the generated stubs alone, so the gateway
 depends on `protos`, not on the services' code; every failure becomes StageFailed.
@@ -6,7 +7,10 @@ depends on `protos`, not on the services' code; every failure becomes StageFaile
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -149,3 +153,75 @@ class GrpcRanking(_Backend):
         request = versions_pb2.UnloadVersionRequest(model_version=version)
         return list((await self._ask("ranking", self.stub.UnloadVersion, request, timeout)).loaded_versions)
 
+
+
+class RankingReplicas:
+    """Several ranking services holding the same versions, as one RankingBackend and
+    ItemEmbedder: calls go round-robin, and a replica that fails hands the call to the next
+    one while the deadline allows. Loading and unloading versions goes to all of them."""
+
+    def __init__(self, replicas: Sequence[GrpcRanking]):
+        if not replicas:
+            raise ValueError("at least one ranking service address is needed")
+        self.replicas = list(replicas)
+        self._next = itertools.count()
+
+    @property
+    def addresses(self) -> list[str]:
+        return [r.address for r in self.replicas]
+
+    def retarget(self, addresses: Sequence[str]) -> bool:
+        """Follow replicas that moved; True if any did."""
+        if len(addresses) != len(self.replicas):
+            raise ValueError(f"{len(addresses)} ranking addresses for {len(self.replicas)} replicas")
+        moved = False
+        for replica, address in zip(self.replicas, addresses, strict=True):
+            if replica.address != address:
+                replica.connect(address)
+                moved = True
+        return moved
+
+    async def _any(self, call: Callable[[GrpcRanking, float], Awaitable[Reply]], timeout: float) -> Reply:
+        """`call` on the next replica, then on the others while time is left."""
+        deadline = time.monotonic() + timeout
+        first = next(self._next) % len(self.replicas)
+        failure: StageFailed | None = None
+        for step in range(len(self.replicas)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return await call(self.replicas[(first + step) % len(self.replicas)], left)
+            except StageFailed as error:
+                failure = error
+                if error.status == grpc.StatusCode.DEADLINE_EXCEEDED.name:
+                    break  # the budget is spent: no replica could answer in time
+        raise failure or StageFailed("ranking: no time left in the budget", grpc.StatusCode.DEADLINE_EXCEEDED.name)
+
+    async def encode(self, history: list[str], timeout: float, model_version: str = ""
+                     ) -> tuple[dict[str, np.ndarray], str]:
+        return await self._any(lambda r, left: r.encode(history, left, model_version), timeout)
+
+    async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
+                   diversity: float, explain_top: int, timeout: float, model_version: str
+                   ) -> list[tuple[str, float, list[str]]]:
+        return await self._any(
+            lambda r, left: r.rank(history, candidates, k, diversity, explain_top, left, model_version), timeout)
+
+    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
+                          ) -> tuple[dict[str, np.ndarray], str]:
+        return await self._any(lambda r, left: r.embed_items(items, left, model_version), timeout)
+
+    async def load_version(self, bundle_path: str, timeout: float) -> str:
+        loaded = await asyncio.gather(*(r.load_version(bundle_path, timeout) for r in self.replicas))
+        if len(set(loaded)) != 1:
+            raise StageFailed(f"ranking replicas loaded different versions from {bundle_path}: {sorted(set(loaded))}")
+        return loaded[0]
+
+    async def unload_version(self, version: str, timeout: float) -> list[str]:
+        remaining = await asyncio.gather(*(r.unload_version(version, timeout) for r in self.replicas))
+        return remaining[0]
+
+    async def close(self) -> None:
+        for replica in self.replicas:
+            await replica.close()

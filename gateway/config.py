@@ -30,7 +30,7 @@ class Limits:
 @dataclass(frozen=True)
 class GatewayConfig:
     recall_addresses: tuple[str, ...]
-    ranking_address: str
+    ranking_addresses: tuple[str, ...]  # replicas of the ranking service, same versions
     db_path: Path = Path("recfunnel.sqlite")
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
@@ -52,6 +52,8 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not self.recall_addresses:
             raise ValueError("at least one recall shard address is needed")
+        if not self.ranking_addresses:
+            raise ValueError("at least one ranking service address is needed")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} must be in 0..65535")
         if self.default_deadline_s <= 0:

@@ -68,22 +68,33 @@ class Rollout:
                 self.funnel.model_version = version
         return replayed
 
+    async def load(self, bundle_path: str) -> str:
+        """Load a bundle on the ranker and every shard, beside what they serve; its version."""
+        holders = [self.ranking, *self.shards]
+        loaded = await asyncio.gather(*(h.load_version(bundle_path, self.load_timeout_s) for h in holders))
+        if len(set(loaded)) != 1:
+            raise StageFailed(f"services loaded different versions from {bundle_path}: {sorted(set(loaded))}")
+        return loaded[0]
+
+    async def retire(self, version: str) -> None:
+        """Once requests that read `version` have finished, unload it everywhere."""
+        await asyncio.sleep(self.drain_s)
+        holders = [self.ranking, *self.shards]
+        results = await asyncio.gather(*(h.unload_version(version, self.load_timeout_s) for h in holders),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):  # a restarted service may not hold it any more
+                log.warning("unloading %s: %s", version, result)
+
     async def swap(self, bundle_path: str) -> SwapReport:
+        """Load, replay and switch, drain, unload: the whole swap for a cluster of one gateway
+        (with several, the controller runs these steps across all of them)."""
         async with self._swapping:
             started = time.monotonic()
             previous = await self.serving_version()
-            holders = [self.ranking, *self.shards]
-            loaded = await asyncio.gather(*(h.load_version(bundle_path, self.load_timeout_s) for h in holders))
-            if len(set(loaded)) != 1:
-                raise StageFailed(f"services loaded different versions from {bundle_path}: {sorted(set(loaded))}")
-            version = loaded[0]
+            version = await self.load(bundle_path)
             replayed = await self.replay(version, switch=True)
             log.info("serving %s (was %s); %d catalogue changes replayed", version, previous, replayed)
             if previous != version:
-                await asyncio.sleep(self.drain_s)  # requests that read the old version finish
-                results = await asyncio.gather(*(h.unload_version(previous, self.load_timeout_s) for h in holders),
-                                               return_exceptions=True)
-                for result in results:
-                    if isinstance(result, BaseException):  # a restarted service may not hold it any more
-                        log.warning("unloading %s: %s", previous, result)
+                await self.retire(previous)
             return SwapReport(version, previous, replayed, time.monotonic() - started)

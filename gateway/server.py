@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.backends import GrpcRanking, GrpcRecall
+from gateway.backends import GrpcRanking, GrpcRecall, RankingReplicas
 from gateway.catalogue import Catalogue
 from gateway.config import DEFAULT_PORT, GatewayConfig
 from gateway.events import EventLog
@@ -38,7 +38,7 @@ class Gateway:
     handle: ServerHandle
     events: EventLog
     shards: list[GrpcRecall]
-    ranking: GrpcRanking
+    ranking: RankingReplicas
     funnel: Funnel
     rollout: Rollout
 
@@ -46,7 +46,7 @@ class Gateway:
     def address(self) -> str:
         return self.handle.address
 
-    def retarget(self, recall_addresses: list[str], ranking_address: str) -> bool:
+    def retarget(self, recall_addresses: list[str], ranking_addresses: list[str]) -> bool:
         """Follow services that moved (a restarted actor listens on a new port); True if any did.
 
         The old channels are left to close with the gateway: a call still running on one
@@ -54,12 +54,10 @@ class Gateway:
         """
         if len(recall_addresses) != len(self.shards):
             raise ValueError(f"{len(recall_addresses)} recall addresses for {len(self.shards)} shards")
-        moved = False
-        targets: list[tuple[GrpcRecall | GrpcRanking, str]] = [*zip(self.shards, recall_addresses, strict=True),
-                                                                (self.ranking, ranking_address)]
-        for backend, address in targets:
-            if backend.address != address:
-                backend.connect(address)
+        moved = self.ranking.retarget(ranking_addresses)
+        for shard, address in zip(self.shards, recall_addresses, strict=True):
+            if shard.address != address:
+                shard.connect(address)
                 moved = True
         return moved
 
@@ -74,7 +72,7 @@ class Gateway:
 async def start(config: GatewayConfig, observer: GatewayObserver | None = None) -> Gateway:
     """Start the gateway; `observer` hears of every public call (metrics), none by default."""
     shards = [GrpcRecall(address, config.internal_token) for address in config.recall_addresses]
-    ranking = GrpcRanking(config.ranking_address, config.internal_token)
+    ranking = RankingReplicas([GrpcRanking(address, config.internal_token) for address in config.ranking_addresses])
     funnel = Funnel(shards, ranking, dict(config.channel_budgets), config.explain_top)
     events = EventLog(config.db_path)
     catalogue = Catalogue(shards, ranking, events)
@@ -103,7 +101,8 @@ async def serve(config: GatewayConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     parser.add_argument("--recall", action="append", required=True, help="recall shard address (repeat)")
-    parser.add_argument("--ranking", required=True, help="ranking service address")
+    parser.add_argument("--ranking", action="append", required=True,
+                        help="ranking service address (repeat for replicas)")
     parser.add_argument("--db", type=Path, default=Path("recfunnel.sqlite"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -124,6 +123,6 @@ def main(argv: list[str] | None = None) -> None:
                      f"internal token (--internal-token-file or ${INTERNAL_TOKEN_ENV}), or --no-auth")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(GatewayConfig(
-        recall_addresses=tuple(args.recall), ranking_address=args.ranking, db_path=args.db, host=args.host,
+        recall_addresses=tuple(args.recall), ranking_addresses=tuple(args.ranking), db_path=args.db, host=args.host,
         port=args.port, tokens=() if args.no_auth else tokens, internal_token=internal,
         tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None)))

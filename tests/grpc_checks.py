@@ -52,7 +52,7 @@ async def serving_stack(bundle: Path, db_path: Path, num_shards: int = 2, intern
               for n in range(num_shards)]
     ranking = await ranking_server.start(RankingConfig(bundle=bundle, internal_token=internal_token))
     gateway = await gateway_server.start(GatewayConfig(
-        recall_addresses=tuple(s.address for s in shards), ranking_address=ranking.address,
+        recall_addresses=tuple(s.address for s in shards), ranking_addresses=(ranking.address,),
         db_path=db_path, port=0, internal_token=internal_token, **gateway_options), observer)
     try:
         yield gateway, shards, ranking

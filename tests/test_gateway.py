@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import server as gateway_server
+from gateway.backends import GrpcRanking, RankingReplicas
 from gateway.config import GatewayConfig, Limits
 from gateway.events import Event, EventLog
 from gateway.funnel import Funnel, RecommendQuery, ShardAnswer, StageFailed, combine_channels, merge_shards
@@ -244,6 +246,30 @@ async def test_gateway_survives_a_dead_shard_and_a_dead_ranker(gateway) -> None:
         assert reply.degraded and len(reply.items) == 5
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_ranking_replicas_hand_a_failed_call_to_the_next_and_load_versions_on_all(
+        gateway, tiny_bundle: Path) -> None:
+    _, _, ranking = gateway
+    dead = GrpcRanking(f"127.0.0.1:{free_port()}")  # nothing listens there: refused at once
+    replicas = RankingReplicas([dead, GrpcRanking(ranking.address)])
+    try:
+        for _ in range(4):  # round-robin starts on the dead replica every other call
+            vectors, version = await replicas.encode(["i1", "i2"], timeout=5)
+            assert version and vectors
+        replicas.retarget([ranking.address, ranking.address])
+        assert replicas.addresses == [ranking.address] * 2
+        assert await replicas.load_version(str(tiny_bundle), timeout=30) == version
+        with pytest.raises(StageFailed, match="UNAVAILABLE"):  # every replica down
+            await RankingReplicas([GrpcRanking(f"127.0.0.1:{free_port()}")]).encode(["i1"], timeout=5)
+    finally:
+        await replicas.close()
+
+
 async def test_upserted_items_are_recommendable_at_once_and_deleted_ones_never(gateway, tiny_dataset) -> None:
     gw, _, _ = gateway
     history = [tiny_dataset.item_ids[i] for i in tiny_dataset.sequences[0][-5:]]
@@ -327,7 +353,7 @@ async def test_bad_input_is_invalid_argument_and_changes_nothing(gateway, method
 async def test_oversized_messages_are_refused_by_size(gateway, tmp_path: Path) -> None:
     _, shards, ranking = gateway
     small = await gateway_server.start(GatewayConfig(
-        recall_addresses=tuple(s.address for s in shards), ranking_address=ranking.address,
+        recall_addresses=tuple(s.address for s in shards), ranking_addresses=(ranking.address,),
         db_path=tmp_path / "small.sqlite", port=0, limits=Limits(max_message_bytes=4096)))
     try:
         async with grpc.aio.insecure_channel(small.address) as channel:

@@ -64,7 +64,7 @@ def test_services_spread_over_two_nodes_and_survive_losing_one(tiny_bundle: Path
         services = {s["name"]: s for s in running.status()["services"]}
         placed = {s["node_id"] for s in services.values()}
         assert placed == {head, second.node_id}, "the services did not spread over both nodes"
-        assert services["recfunnel-gateway"]["node_id"] == head  # the event log's disk is here
+        assert services["recfunnel-gateway-0"]["node_id"] == head  # the event log's disk is here
         lost = {name for name, s in services.items() if s["node_id"] == second.node_id}
 
         nodes.remove_node(second, allow_graceful=False)

@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,8 +163,10 @@ def judge(fed: WithFeedback, serving: Path, candidate: Path, budgets: dict[str, 
 class FeedbackLoop:
     """Rounds of fine-tune, judge and roll out; `run` repeats them as new events arrive."""
 
-    def __init__(self, config: LoopConfig, events: EventLog, serving: Serving, base: Dataset | None = None):
+    def __init__(self, config: LoopConfig, events: EventLog, serving: Serving, base: Dataset | None = None,
+                 on_round: Callable[[dict[str, Any]], None] | None = None):
         self.config = config
+        self.on_round = on_round or (lambda report: None)
         self.events = events
         self.serving = serving
         self._base = base
@@ -211,6 +214,7 @@ class FeedbackLoop:
             self.rounds.append(report)
             self.last_round_at = time.time()
             log.info("feedback round: %s", report)
+            self.on_round(report)
             return report
 
     def _round(self, through: int) -> dict[str, Any]:
@@ -235,12 +239,6 @@ class FeedbackLoop:
             return {**report, "decision": "kept serving version"}
         report["swap"] = self.serving.swap(out)
         return {**report, "decision": "rolled out"}
-
-    def run(self, stop: threading.Event) -> None:
-        """Rounds whenever one is due, until `stop` is set."""
-        while not stop.wait(self.config.poll_s):
-            if self.due():
-                self.run_round()
 
 
 def _fine_tune(dataset: Dataset, training: TrainConfig, out: Path, cfg: LoopConfig, text_vectors: Any,
@@ -270,12 +268,26 @@ class LoopHost:
         import ray
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        from cluster.metrics import LoopMetrics
+
         controller = ray.get_actor(controller_name, namespace=namespace)
-        self.loop = FeedbackLoop(config, EventLog(db_path), ControllerServing(controller))
+        self.metrics = LoopMetrics()
+        self.loop = FeedbackLoop(config, EventLog(db_path), ControllerServing(controller),
+                                 on_round=lambda report: self.metrics.round(report["decision"]))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.loop.run, args=(self._stop,), name="feedback-loop",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="feedback-loop", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        from cluster.metrics import EXPORT_EVERY_S
+
+        exported = 0.0
+        while not self._stop.wait(self.loop.config.poll_s):
+            if time.monotonic() - exported > EXPORT_EVERY_S:
+                self.metrics.export(self.loop.pending())
+                exported = time.monotonic()
+            if self.loop.due():
+                self.loop.run_round()
 
     def describe(self) -> dict[str, Any]:
         import os

@@ -80,3 +80,36 @@ class RecallMetrics:
         self.items.set(shard.size, tags={"shard": self.shard})
         for channel, report in shard.index_reports.items():
             self.bytes.set(report.bytes, tags={"shard": self.shard, "channel": channel})
+
+
+class TrainingMetrics:
+    """Training progress, from the first replica of a Ray Train run (and so from every round
+    of the feedback loop): epochs done, validation NDCG@10 and loss of the latest epoch."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.epochs = Counter("recfunnel_training_epochs", "Training epochs completed", tag_keys=("run", "phase"))
+        self.ndcg = Gauge("recfunnel_training_valid_ndcg", "Validation NDCG@10 after the latest epoch",
+                          tag_keys=("run", "phase"))
+        self.loss = Gauge("recfunnel_training_loss", "Summed training loss of the latest epoch",
+                          tag_keys=("run", "phase"))
+
+    def epoch(self, phase: str, valid_ndcg: float, loss: float) -> None:
+        tags = {"run": self.run, "phase": phase}
+        self.epochs.inc(1, tags=tags)
+        self.ndcg.set(valid_ndcg, tags=tags)
+        self.loss.set(loss, tags=tags)
+
+
+class LoopMetrics:
+    """The feedback loop: rounds by decision, events waiting for the next round."""
+
+    def __init__(self) -> None:
+        self.rounds = Counter("recfunnel_loop_rounds", "Feedback-loop rounds, by decision", tag_keys=("decision",))
+        self.pending = Gauge("recfunnel_loop_pending_events", "Events logged since the last round took its events")
+
+    def round(self, decision: str) -> None:
+        self.rounds.inc(1, tags={"decision": decision})
+
+    def export(self, pending: int) -> None:
+        self.pending.set(pending)

@@ -59,9 +59,12 @@ class RayReplicas:
     def __init__(self, model_config: TrainConfig):
         import ray.train
 
+        from cluster.metrics import TrainingMetrics
+
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.config = model_config
+        self.metrics = TrainingMetrics(context.get_experiment_name()) if self.rank == 0 else None
 
     def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
         import torch.distributed as dist
@@ -92,9 +95,10 @@ class RayReplicas:
         point = state.curve[-1]
         metrics = {"phase": state.phase, "epoch": state.epoch, "valid_ndcg@10": point["ndcg@10"],
                    "loss": point["loss"], "seconds": point["seconds"]}
-        if self.rank != 0:
+        if self.metrics is None:  # not the first replica
             ray.train.report(metrics)
             return
+        self.metrics.epoch(state.phase, point["ndcg@10"], point["loss"])
         with tempfile.TemporaryDirectory() as folder:
             write_checkpoint(Path(folder), trainer, state, optimiser)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))

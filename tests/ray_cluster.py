@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,15 +19,43 @@ from recdata.dataset import Dataset
 
 
 @contextlib.contextmanager
-def local_cluster(config: ClusterConfig, history: Dataset) -> Iterator[RunningCluster]:
-    """Seed the event log with `history`, start Ray and the cluster; stop both afterwards."""
+def local_cluster(config: ClusterConfig, history: Dataset, metrics_port: int | None = None
+                  ) -> Iterator[RunningCluster]:
+    """Seed the event log with `history`, start Ray and the cluster; stop both afterwards.
+    `metrics_port`: where Ray serves the node's metrics in Prometheus format."""
     events = EventLog(Path(config.db_path))
     seed_history(events, history)
     events.close()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    options = {} if metrics_port is None else {"_metrics_export_port": metrics_port}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, **options)
     try:
         running = start_cluster(config)
         yield running
         running.stop()
     finally:
         ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def scrape(port: int, wanted: list[str], within_s: float = 60.0) -> dict[str, float]:
+    """Sum each wanted Prometheus sample name (with any labels) from Ray's metrics endpoint,
+    waiting until every one has appeared: Ray exports every few seconds."""
+    deadline = time.monotonic() + within_s
+    found: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            found = {}
+            for line in text.splitlines():
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in wanted:
+                    found[name] = found.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            if set(wanted) <= set(found):
+                return found
+        time.sleep(1.0)
+    raise AssertionError(f"metrics missing after {within_s} s: {sorted(set(wanted) - set(found))}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from gateway.validation import InvalidRequest, check_recommend
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from recdata.channels import ITEM2ITEM_RECENT, ChannelQuery
 from tests.grpc_checks import assert_health_and_reflection, serving_stack
+from tests.ray_cluster import free_port
 
 
 class FakeShard:
@@ -244,12 +244,6 @@ async def test_gateway_survives_a_dead_shard_and_a_dead_ranker(gateway) -> None:
         await ranking.stop(0)
         reply = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="bob", k=5), timeout=5)
         assert reply.degraded and len(reply.items) == 5
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def test_ranking_replicas_hand_a_failed_call_to_the_next_and_load_versions_on_all(

@@ -32,9 +32,10 @@ from recdata.sources import DataSource
 from recdata.split import leave_last_two
 from recdata.synthetic import write_pairs
 from tests.conftest import TINY_TRAINING
-from tests.ray_cluster import local_cluster
+from tests.ray_cluster import free_port, local_cluster, scrape
 
 TASTE_SIZE, FANS = 6, 60
+METRICS_PORT = free_port()
 
 
 def logged(seq: int, user: str, item: str, event_type: str = "click") -> LoggedEvent:
@@ -175,7 +176,7 @@ def looping_cluster(tiny_bundle: Path, tiny_dataset: Dataset, tmp_path_factory: 
                       every_seconds=3600, poll_s=0.5, encoder_epochs=3, ranker_epochs=1, min_cases=5,
                       output=folder / "rounds", storage=folder / "ray-train")
     with local_cluster(ClusterConfig(bundle=tiny_bundle, db_path=folder / "events.sqlite", num_shards=2,
-                                     gateway_port=0, loop=loop), tiny_dataset) as running:
+                                     gateway_port=0, loop=loop), tiny_dataset, METRICS_PORT) as running:
         yield running
 
 
@@ -237,6 +238,16 @@ def test_feedback_with_a_new_taste_changes_recommendations_after_one_round_with_
     assert listed[-1]["metrics"]["loop"]["roll_out"] and listed[-1]["metrics"]["parent"] == before_version
     loop_actor = ray.get_actor(LOOP_NAME, namespace=NAMESPACE)
     assert ray.get(loop_actor.describe.remote(), timeout=30)["pending"] == 0
+
+    # What the dashboard's metrics view shows of it: serving, training progress, the loop.
+    metrics = scrape(METRICS_PORT, ["ray_recfunnel_requests_total", "ray_recfunnel_feedback_events_total",
+                                    "ray_recfunnel_ranker_batches_total", "ray_recfunnel_index_items",
+                                    "ray_recfunnel_training_epochs_total", "ray_recfunnel_training_valid_ndcg",
+                                    "ray_recfunnel_loop_rounds_total", "ray_recfunnel_loop_pending_events"])
+    assert metrics["ray_recfunnel_requests_total"] >= served
+    assert metrics["ray_recfunnel_feedback_events_total"] == len(fans)
+    assert metrics["ray_recfunnel_training_epochs_total"] >= 2  # at least one epoch of each phase
+    assert metrics["ray_recfunnel_loop_rounds_total"] == 1
 
 
 def scrambled_copy(bundle: Path, folder: Path) -> Path:

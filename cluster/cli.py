@@ -377,6 +377,31 @@ def bench_soak(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@bench_app.command("loop")
+def bench_loop(
+    bundle: Annotated[Path, typer.Option(help="the bundle to serve first (trained on the data set below)")],
+    dataset: Annotated[str, typer.Option(help="named data set the bundle learnt")] = "ml-100k",
+    interactions: Annotated[Path | None, typer.Option(help="interactions file instead of a named data set")] = None,
+    items: Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")] = None,
+    fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
+    fans: Annotated[int, typer.Option(min=1, max=100_000, help="new users who send the new taste")] = 200,
+    qps: Annotated[float, typer.Option(min=0.1, max=10_000, help="Recommend traffic during the round")] = 20.0,
+    workdir: Annotated[Path, typer.Option(help="event log, the round's bundle and checkpoints")
+                       ] = Path("bench-loop"),
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """One feedback-loop round on the embedded cluster under load: its time, verdict, failed
+    requests, and what the new taste did to other users' lists."""
+    from cluster.bench_loop import run_loop_bench
+    from recdata.sources import DataSource
+
+    try:
+        source = DataSource(dataset, interactions, items, fmt.value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--dataset") from error
+    typer.echo(json.dumps(run_loop_bench(bundle, source, fans, qps, workdir, seed), indent=2))
+
+
 @bench_app.command("train")
 def bench_train(
     dataset: Annotated[str, typer.Option(help="named data set")] = "ml-100k",

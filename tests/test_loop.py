@@ -18,6 +18,7 @@ import ray
 import torch
 from safetensors.numpy import load_file, save_file
 
+from cluster.bench_loop import fan_events, new_taste, taste_in_lists
 from cluster.config import ClusterConfig
 from cluster.controller import NAMESPACE
 from cluster.demo import seed_history
@@ -34,7 +35,7 @@ from recdata.synthetic import write_pairs
 from tests.conftest import TINY_TRAINING
 from tests.ray_cluster import free_port, local_cluster, scrape
 
-TASTE_SIZE, FANS = 6, 60
+TASTE_SIZE, FANS = 6, 60  # a round once all the fans have sent their events
 METRICS_PORT = free_port()
 
 
@@ -144,30 +145,6 @@ def test_loop_settings_come_from_the_cluster_config(tmp_path: Path) -> None:
 
 # ---- end to end ----------------------------------------------------------------------------
 
-def new_taste(data: Dataset) -> tuple[list[int], list[int], list[int]]:
-    """Six rarely consumed items of one topic (the taste), the popular items of another
-    topic they will be paired with, and probe users of that other topic who never met them."""
-    topic = np.array([int(tags[0].removeprefix("topic")) for tags in data.item_tags])
-    counts = np.bincount(np.concatenate(data.sequences), minlength=data.num_items)
-    taste = [int(i) for i in np.argsort(counts, kind="stable") if topic[i] == 0][:TASTE_SIZE]
-    partners = [int(i) for i in np.argsort(-counts, kind="stable") if topic[i] == 1][:15]
-    probes = [u for u, seq in enumerate(data.sequences)
-              if (topic[seq[-5:]] == 1).sum() >= 4 and not set(seq.tolist()) & set(taste)]
-    return taste, partners, probes
-
-
-async def taste_in_lists(address: str, data: Dataset, probes: list[int], taste: list[int]) -> float:
-    """Mean number of taste items in the probes' top 10."""
-    client = RecommenderClient(address, timeout=10)
-    try:
-        taste_ids = {data.item_ids[i] for i in taste}
-        replies = [await client.recommend(data.user_ids[u], k=10) for u in probes]
-    finally:
-        await client.close()
-    assert not any(r.degraded for r in replies)
-    return float(np.mean([len(taste_ids & {i.item_id for i in r.items}) for r in replies]))
-
-
 @pytest.fixture(scope="module")
 def looping_cluster(tiny_bundle: Path, tiny_dataset: Dataset, tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("loop")
@@ -183,16 +160,11 @@ def looping_cluster(tiny_bundle: Path, tiny_dataset: Dataset, tmp_path_factory: 
 @pytest.mark.fault
 def test_feedback_with_a_new_taste_changes_recommendations_after_one_round_with_no_failed_request(
         looping_cluster, tiny_dataset: Dataset) -> None:
-    taste, partners, probes = new_taste(tiny_dataset)
-    assert len(probes) >= 10
+    taste = new_taste(tiny_dataset, probe_recent=4, tags=("topic0", "topic1"))
+    assert len(taste.probes) >= 10
     before_version = looping_cluster.status()["model_version"]
-    before = asyncio.run(taste_in_lists(looping_cluster.gateway_address, tiny_dataset, probes, taste))
-    rng = np.random.default_rng(1)
-    fans = []
-    for n in range(FANS):  # each pairs the taste, in its own order, with the other topic
-        for item in rng.permutation(taste):
-            fans += [(f"fan-{n}", tiny_dataset.item_ids[int(rng.choice(partners))], "click", 1.0),
-                     (f"fan-{n}", tiny_dataset.item_ids[int(item)], "click", 1.0)]
+    before, _ = asyncio.run(taste_in_lists(looping_cluster.gateway_address, tiny_dataset, taste))
+    fans = fan_events(tiny_dataset, taste, FANS)
 
     async def feed_and_watch() -> tuple[dict[str, Any], list[grpc.StatusCode], int]:
         client = RecommenderClient(looping_cluster.gateway_address, timeout=10)
@@ -204,7 +176,7 @@ def test_feedback_with_a_new_taste_changes_recommendations_after_one_round_with_
             deadline = time.monotonic() + 400
             loop: dict[str, Any] = {}
             while time.monotonic() < deadline:  # requests all through the round and its swap
-                for u in probes[:5]:
+                for u in taste.probes[:5]:
                     try:
                         await client.recommend(tiny_dataset.user_ids[u], k=10)
                         served += 1
@@ -230,9 +202,9 @@ def test_feedback_with_a_new_taste_changes_recommendations_after_one_round_with_
     status = looping_cluster.status()
     assert status["model_version"] == round_["version"] != before_version
     assert all(s["model_version"] == round_["version"] for s in status["services"])
-    after = asyncio.run(taste_in_lists(looping_cluster.gateway_address, tiny_dataset, probes, taste))
+    after, degraded = asyncio.run(taste_in_lists(looping_cluster.gateway_address, tiny_dataset, taste))
     # The probes sent nothing: only the new model can have taught their lists the taste.
-    assert after >= before + 1.0, (before, after)
+    assert after >= before + 1.0 and degraded == 0, (before, after)
     listed = ray.get(looping_cluster.controller.versions.remote(), timeout=30)
     assert [v["serving"] for v in listed] == [False, True]
     assert listed[-1]["metrics"]["loop"]["roll_out"] and listed[-1]["metrics"]["parent"] == before_version

@@ -80,21 +80,15 @@ def run_loop_bench(bundle: Path, source: DataSource, fans: int, qps: float, work
 
     from cluster.config import ClusterConfig
     from cluster.controller import NAMESPACE
-    from cluster.demo import seed_history
+    from cluster.demo import fresh_event_log
     from cluster.launch import start_cluster
     from cluster.load import LoadResult
     from cluster.loadtest import LoadTest, Mix, run_load
     from cluster.loop import LOOP_NAME, LoopConfig
-    from gateway.events import EventLog
 
     dataset = source.load()
     workdir.mkdir(parents=True, exist_ok=True)
-    db = workdir / "events.sqlite"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    events = EventLog(db)
-    seed_history(events, dataset)
-    events.close()
+    db = fresh_event_log(workdir / "events.sqlite", dataset)
     taste = new_taste(dataset)
     feedback = fan_events(dataset, taste, fans, seed + 1)
     # Rounds only when asked: the benchmark times the one it starts.

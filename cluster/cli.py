@@ -23,6 +23,13 @@ class DataFormat(str, Enum):
     parquet = "parquet"
 
 
+# The options that name a data set, shared by every command that reads one.
+DatasetOption = Annotated[str, typer.Option(help="named data set")]
+InteractionsOption = Annotated[Path | None, typer.Option(help="interactions file instead of a named data set")]
+ItemsOption = Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")]
+FormatOption = Annotated[DataFormat, typer.Option("--format", help="format of --interactions")]
+
+
 def load_data(dataset: str | None, interactions: Path | None, items: Path | None, fmt: DataFormat):
     """The named data set, or interactions read from a file."""
     from recdata.sources import DataSource
@@ -233,10 +240,10 @@ def loop_command(
 @app.command("train")
 def train_command(
     out: Annotated[Path, typer.Option(help="folder to write the bundle to")],
-    dataset: Annotated[str, typer.Option(help="named data set")] = "ml-100k",
-    interactions: Annotated[Path | None, typer.Option(help="interactions file instead of a named data set")] = None,
-    items: Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")] = None,
-    fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
+    dataset: DatasetOption = "ml-100k",
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    fmt: FormatOption = DataFormat.pairs,
     epochs: Annotated[int, typer.Option(min=1, help="most query-encoder epochs (early stopping ends sooner)")] = 60,
     seconds: Annotated[float, typer.Option(help="time budget of the query-encoder phase")] = 600.0,
     ranker_seconds: Annotated[float, typer.Option(help="time budget of the ranker phase")] = 300.0,
@@ -286,10 +293,10 @@ def train_command(
 @app.command()
 def evaluate(
     bundle: Annotated[Path, typer.Option(help="bundle folder written by `recfunnel train`")],
-    dataset: Annotated[str, typer.Option(help="named data set")] = "ml-100k",
-    interactions: Annotated[Path | None, typer.Option(help="interactions file instead of a named data set")] = None,
-    items: Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")] = None,
-    fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
+    dataset: DatasetOption = "ml-100k",
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    fmt: FormatOption = DataFormat.pairs,
     seconds_per_model: Annotated[float, typer.Option(help="training budget of each baseline/ablation")] = 100.0,
     baselines: Annotated[bool, typer.Option(help="train SASRec-BCE, the no-text and cold-start models")] = True,
     cold_draws: Annotated[int, typer.Option(min=1, max=20, help="seeded draws of cold items, cases pooled")] = 1,
@@ -380,10 +387,10 @@ def bench_soak(
 @bench_app.command("loop")
 def bench_loop(
     bundle: Annotated[Path, typer.Option(help="the bundle to serve first (trained on the data set below)")],
-    dataset: Annotated[str, typer.Option(help="named data set the bundle learnt")] = "ml-100k",
-    interactions: Annotated[Path | None, typer.Option(help="interactions file instead of a named data set")] = None,
-    items: Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")] = None,
-    fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
+    dataset: DatasetOption = "ml-100k",
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    fmt: FormatOption = DataFormat.pairs,
     fans: Annotated[int, typer.Option(min=1, max=100_000, help="new users who send the new taste")] = 200,
     qps: Annotated[float, typer.Option(min=0.1, max=10_000, help="Recommend traffic during the round")] = 20.0,
     workdir: Annotated[Path, typer.Option(help="event log, the round's bundle and checkpoints")
@@ -404,7 +411,7 @@ def bench_loop(
 
 @bench_app.command("train")
 def bench_train(
-    dataset: Annotated[str, typer.Option(help="named data set")] = "ml-100k",
+    dataset: DatasetOption = "ml-100k",
     epochs: Annotated[int, typer.Option(min=1, max=100, help="query-encoder epochs each path trains")] = 3,
     workers: Annotated[str, typer.Option(help="comma-separated Ray Train worker counts")] = "1,2",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -419,10 +426,10 @@ def bench_train(
 
 @bench_app.command("ablations")
 def bench_ablations(
-    dataset: Annotated[str, typer.Option(help="named data set")] = "ml-100k",
-    interactions: Annotated[Path | None, typer.Option(help="interactions file instead of a named data set")] = None,
-    items: Annotated[Path | None, typer.Option(help="item file: CSV item,text[,tags]")] = None,
-    fmt: Annotated[DataFormat, typer.Option("--format", help="format of --interactions")] = DataFormat.pairs,
+    dataset: DatasetOption = "ml-100k",
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    fmt: FormatOption = DataFormat.pairs,
     seconds: Annotated[float, typer.Option(help="encoder training budget of each variant")] = 120.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     only: Annotated[str, typer.Option(help="comma-separated variants to run (default: all)")] = "",

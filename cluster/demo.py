@@ -53,6 +53,16 @@ def seed_history(events: EventLog, dataset: Dataset) -> int:
     return events.append(rows)[0]
 
 
+def fresh_event_log(db_path: Path, dataset: Dataset) -> Path:
+    """A new event log at `db_path` (any old one removed) holding the data set's history."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    events = EventLog(db_path)
+    seed_history(events, dataset)
+    events.close()
+    return db_path
+
+
 def train_bundle(dataset: Dataset, out: Path, seconds: float, console: Console) -> Path:
     config = TrainConfig(time_budget_s=seconds, epochs=40, patience=5, ranker_epochs=3)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -136,12 +146,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> None:
     timings["train_s"] = time.perf_counter() - t
     texts = dict(zip(dataset.item_ids, dataset.item_texts, strict=True))
 
-    db_path = workdir / "events.sqlite"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    events = EventLog(db_path)
-    seed_history(events, dataset)
-    events.close()
+    db_path = fresh_event_log(workdir / "events.sqlite", dataset)
 
     t = time.perf_counter()
     with console.status("starting local Ray and the services"):

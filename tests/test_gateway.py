@@ -406,3 +406,21 @@ async def test_the_observer_hears_every_public_call(tiny_bundle: Path, tmp_path:
     assert seen.answers == [("Recommend", False), ("Feedback", False), ("Feedback", False), ("Recommend", True)]
     assert seen.refusals == [("Recommend", "INVALID_ARGUMENT"), ("Recommend", "INVALID_ARGUMENT")]
     assert seen.events == [(2, 0), (0, 2)]
+
+
+async def test_a_second_gateway_shares_the_first_ones_port(gateway, tmp_path: Path) -> None:
+    """Several gateway processes on one node listen on one fixed port (gRPC sets SO_REUSEPORT)."""
+    gw, shards, ranking = gateway
+    port = int(gw.address.rsplit(":", 1)[1])
+    second = await gateway_server.start(GatewayConfig(
+        recall_addresses=tuple(s.address for s in shards), ranking_addresses=(ranking.address,),
+        db_path=tmp_path / "events.sqlite", port=port))
+    try:
+        assert second.address == gw.address
+        for n in range(10):  # new connections each time; whichever gateway takes one answers it
+            async with grpc.aio.insecure_channel(gw.address) as channel:
+                reply = await recommender_pb2_grpc.RecommenderStub(channel).Recommend(
+                    recommender_pb2.RecommendRequest(user_id=f"someone-{n}", k=3), timeout=5)
+                assert len(reply.items) == 3
+    finally:
+        await second.stop(0)

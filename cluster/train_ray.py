@@ -32,6 +32,11 @@ from ranking.train import PhaseState, Trainer, TrainResult, fit
 from recdata.bundle import read_manifest
 from recdata.dataset import Dataset
 
+# Ray Train runs the loop in a thread of the worker, which glibc would give a heap of its own
+# (at most 64 MiB, trimmed eagerly), too small to keep a step's large tensors: one arena
+# for the process lets `ranking.train.keep_freed_memory` keep them, as in the plain loop.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
 MODEL, BEST, OPTIMISER, RANDOM, STATE = ("model.safetensors", "best.safetensors", "optimiser.safetensors",
                                          "random.safetensors", "state.json")
 
@@ -188,9 +193,11 @@ def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: R
                            "metrics": metrics or {}},
         scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
                                      resources_per_worker={"CPU": ray_config.cpus_per_worker}),
-        run_config=RunConfig(name=ray_config.name, storage_path=str(ray_config.storage.resolve()),
+        # Ray 2.60 runs Train v2, whose RunConfig takes worker_runtime_env; the type stubs are v1's.
+        run_config=RunConfig(name=ray_config.name, storage_path=str(ray_config.storage.resolve()),  # type: ignore[call-arg]
                              failure_config=FailureConfig(max_failures=ray_config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": WORKER_ENV}),
     )
     trainer.fit()
     manifest = read_manifest(out)

@@ -7,6 +7,7 @@ ranker listwise on the candidates the recall stage really returns (hard negative
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import random
@@ -76,6 +77,31 @@ class DataParallel(Protocol):
     def epoch_done(self, trainer: Trainer, state: PhaseState, optimiser: torch.optim.Optimizer) -> None: ...
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> None:
+    """Let the C allocator keep freed memory for reuse rather than give it back to the OS.
+
+    Every training step allocates and frees the same large tensors (the sampled-softmax
+    logits are tens of MB). glibc serves blocks that large with a fresh mmap and unmaps them
+    at free, so each step page-faults them in again, and in a non-main thread (where Ray
+    Train runs the loop) its per-thread heaps are trimmed eagerly too. Raised thresholds
+    make the memory reusable: ML-100K encoder epochs take about a third less time. Written
+    by hand because no library sets this; glibc only, a no-op elsewhere. It holds for the
+    whole process, so only training calls it, never a serving process.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    for parameter in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD):
+        if libc.mallopt(parameter, KEEP_FREED_BYTES) != 1:
+            log.warning("mallopt(%d) refused; training keeps glibc's default allocation", parameter)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -121,6 +147,7 @@ class Trainer:
         self.encoder_curve: list[dict[str, float]] = []  # the finished encoder phase's epochs
         self.config = config
         self.progress = progress or (lambda stage, values: None)
+        keep_freed_memory()
         seed_everything(config.seed)
         torch.set_num_threads(config.threads)
         self.split: Split = leave_last_two(dataset)

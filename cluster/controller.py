@@ -9,6 +9,7 @@ and points the gateway at the new address. Nothing else restarts.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from retrieval.config import RecallConfig
 log = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "recfunnel-controller"
+CONTROLLER_STATE = "controller.state"  # in the event log's settings
 NAMESPACE = "recfunnel"
 START_TIMEOUT_S = 300.0   # building indexes and loading models
 CALL_TIMEOUT_S = 10.0     # anything else the controller asks of a host
@@ -55,9 +57,13 @@ class ServiceRecord:
 
 
 def service_actor(host: type, name: str, resources: ActorResources, config: object, placement: Any) -> Any:
-    """A named actor running `host(config)`, with the resources the cluster config declares."""
+    """A named actor running `host(config)`, with the resources the cluster config declares;
+    the running one of that name if there is one (what a restarted controller adopts).
+
+    Detached, so that it does not share the fate of the controller that created it: Ray
+    would otherwise end every service with a dying controller. `stop` ends them."""
     return ray.remote(host).options(name=name, namespace=NAMESPACE, scheduling_strategy=placement,
-                                    **resources.options()).remote(config)
+                                    get_if_exists=True, lifetime="detached", **resources.options()).remote(config)
 
 
 def on_node(node_id: str) -> NodeAffinitySchedulingStrategy:
@@ -67,7 +73,11 @@ def on_node(node_id: str) -> NodeAffinitySchedulingStrategy:
 class Controller:
     def __init__(self, config: ClusterConfig, poll_s: float = 1.0):
         """Runs on the head node (see `cluster.launch`). Recall shards and rankers spread over
-        the nodes; the gateway stays on the head node, whose disk holds its SQLite event log."""
+        the nodes; the gateways stay on the head node, whose disk holds the SQLite event log.
+
+        Ray restarts a controller that dies. The new one reads what was serving from the event
+        log's file, adopts the running services by name (`start` is idempotent) and watches
+        them again; meanwhile the services go on answering on their own."""
         self.config = config
         self.head_node = ray.get_runtime_context().get_node_id()
         self.poll_s = poll_s
@@ -80,6 +90,32 @@ class Controller:
         self.loop: Any = None  # the feedback loop's actor, when the config has one
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one reconcile or swap at a time
+        self.adopting = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if self.adopting:
+            saved = self._saved_state()
+            if saved is not None:
+                self.serving_bundle, self.serving_version = saved["serving_bundle"], saved["serving_version"]
+                self.history = saved["history"]
+            # Queued behind this constructor: adopt the services and watch them again.
+            ray.get_runtime_context().current_actor.start.remote()
+
+    def _saved_state(self) -> dict[str, Any] | None:
+        events = EventLog(self.config.db_path)
+        try:
+            saved = events.setting(CONTROLLER_STATE)
+        finally:
+            events.close()
+        return None if saved is None else dict(json.loads(saved))
+
+    def _save_state(self) -> None:
+        """What a restarted controller needs: the serving bundle and version, the history."""
+        events = EventLog(self.config.db_path)
+        try:
+            events.set_setting(CONTROLLER_STATE, json.dumps({
+                "serving_bundle": self.serving_bundle, "serving_version": self.serving_version,
+                "history": self.history}))
+        finally:
+            events.close()
 
     # ---- start and stop ------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -125,10 +161,20 @@ class Controller:
         if config.loop is not None:
             # Beside the gateway: it reads the event log's SQLite file on this node's disk.
             self.loop = ray.remote(LoopHost).options(
-                name=LOOP_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=4,
+                name=LOOP_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=4, get_if_exists=True,
+                lifetime="detached",
                 scheduling_strategy=on_node(self.head_node)).remote(config.loop.resolved(), config.db_path,
                                                                     CONTROLLER_NAME, NAMESPACE)
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        if self.adopting:  # services may have restarted while no controller watched them
+            for record in self.records.values():
+                if record.model_version != self.serving_version and record.role != "gateway":
+                    await self._load_serving_version(record)
+            replayed = await asyncio.wait_for(self.gateways()[0].actor.replay_catalogue.remote(), START_TIMEOUT_S)
+            log.info("controller restarted: %d services adopted, %d catalogue changes replayed",
+                     len(self.records), replayed)
+        self._save_state()
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
         return self.endpoints()
 
     async def stop(self) -> None:
@@ -190,6 +236,7 @@ class Controller:
             previous, replayed = switched[0]
             self.serving_bundle, self.serving_version = bundle_path, version
             self.history.append(self._version_entry(bundle_path, version))
+            self._save_state()
             for old in {p for p, _ in switched} - {version}:
                 await asyncio.wait_for(gateways[0].actor.retire_version.remote(old), START_TIMEOUT_S)
             for record in self.records.values():  # so that a status read now shows the new version

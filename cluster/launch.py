@@ -40,7 +40,7 @@ class RunningCluster:
 
     def stop(self) -> None:
         ray.get(self.controller.stop.remote(), timeout=60)
-        ray.kill(self.controller, no_restart=True)
+        ray.kill(self.controller, no_restart=True)  # a stopped cluster's controller stays down
 
 
 def start_cluster(config: ClusterConfig, detached: bool = False, poll_s: float = 1.0) -> RunningCluster:
@@ -51,7 +51,7 @@ def start_cluster(config: ClusterConfig, detached: bool = False, poll_s: float =
     # The controller and the gateway live on this (the head) node: losing another node must
     # not take them with it.
     options: dict[str, Any] = {"name": CONTROLLER_NAME, "namespace": NAMESPACE, "num_cpus": 0,
-                               "max_restarts": 0,
+                               "max_restarts": -1,
                                "scheduling_strategy": on_node(ray.get_runtime_context().get_node_id())}
     if detached:
         options["lifetime"] = "detached"

@@ -6,9 +6,11 @@ import asyncio
 import itertools
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 import ray
 
@@ -214,3 +216,47 @@ def test_versions_lists_what_served_and_rollback_returns_to_it(cluster, tiny_bun
     assert reply.model_version == original and not reply.degraded
     with pytest.raises(ray.exceptions.RayTaskError, match="was never served here"):
         ray.get(cluster.controller.rollback.remote("no-such-version"), timeout=30)
+
+
+@pytest.mark.fault
+def test_a_killed_controller_comes_back_adopts_the_services_and_watches_them_again(
+        cluster, tiny_dataset: Dataset) -> None:
+    before = cluster.status()
+    history = ray.get(cluster.controller.versions.remote(), timeout=30)
+    controller = [p for p in psutil.process_iter(["cmdline"]) if "ray::Controller" in " ".join(p.info["cmdline"] or ())]
+    assert len(controller) == 1
+
+    async def scenario() -> list:  # type: ignore[type-arg]
+        stop = asyncio.Event()
+        load = asyncio.create_task(_load_until(cluster.gateway_address, tiny_dataset.user_ids[:20], stop))
+        await asyncio.sleep(1.0)
+        controller[0].send_signal(signal.SIGKILL)  # the services answer on without it
+        await asyncio.sleep(3.0)
+        stop.set()
+        return await load
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes and not [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+
+    deadline = time.monotonic() + 60
+    while True:  # Ray builds the controller again; it adopts the running services
+        try:
+            after = cluster.status()
+            break
+        except ray.exceptions.RayError:
+            assert time.monotonic() < deadline, "the controller did not come back within 60 s"
+            time.sleep(0.5)
+    assert after["model_version"] == before["model_version"] and after["gateways"] == before["gateways"]
+    assert {s["name"]: s["pid"] for s in after["services"]} == {s["name"]: s["pid"] for s in before["services"]}
+    assert ray.get(cluster.controller.versions.remote(), timeout=30) == history  # what served, kept on disk
+
+    # It watches again: a shard killed now is restarted and used again.
+    shard = {s["name"]: s for s in after["services"]}["recfunnel-recall-0"]
+    os.kill(shard["pid"], signal.SIGKILL)
+
+    def back(reply: recommender_pb2.RecommendResponse) -> bool:
+        now = {s["name"]: s for s in cluster.status()["services"]}["recfunnel-recall-0"]
+        return now["pid"] != shard["pid"] and now["state"] == "ALIVE" and reply.recall_coverage == 1.0
+
+    probes = asyncio.run(_recommend_until(cluster.gateway_address, tiny_dataset.user_ids[0], back, 30))
+    assert probes and back(probes[-1])

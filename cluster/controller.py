@@ -3,7 +3,8 @@
 It creates the service actors, then watches them. Ray restarts a dead actor by building
 its host again; on its next pass the controller starts the service in it, loads the
 serving version if that is not the one its bundle holds, replays the catalogue changes,
-and points the gateway at the new address. Nothing else restarts.
+and points the gateways at the new address. Nothing else restarts. It also runs the live
+swap across every gateway, and starts the feedback loop's actor when the config has one.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class Controller:
 
     # ---- start and stop ------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
-        """Create and start every service; returns the endpoints once all answer."""
+        """Create every service (or adopt the running one of its name) and start it; returns
+        the endpoints once all answer. Running it again changes nothing that runs."""
         config = self.config
         # What the log holds now is what the serving version learnt from; the feedback loop
         # (started now or later, by `up` or `recfunnel loop`) learns from what comes after.
@@ -159,7 +161,7 @@ class Controller:
             await asyncio.wait_for(record.actor.start.remote(), START_TIMEOUT_S)
             await self._describe(record)
         if config.loop is not None:
-            # Beside the gateway: it reads the event log's SQLite file on this node's disk.
+            # Beside the gateways: it reads the event log's SQLite file on this node's disk.
             self.loop = ray.remote(LoopHost).options(
                 name=LOOP_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=4, get_if_exists=True,
                 lifetime="detached",

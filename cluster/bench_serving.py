@@ -38,6 +38,7 @@ from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, recommender_pb2, 
 from protos.serving import CHANNEL_OPTIONS
 from ranking.config import RankingConfig
 from ranking.inference import RankingModel
+from ranking.servicer import rank_candidates
 from recdata.dataset import Dataset
 from recdata.split import leave_last_two
 
@@ -106,6 +107,7 @@ class RecordingRanking:
     def __init__(self, inner: Any):
         self.inner = inner
         self.calls: list[ranking_pb2.RankRequest] = []
+        self.arguments: list[tuple[Any, ...]] = []  # what the funnel passed, to time building requests
 
     async def encode(self, history: list[str], timeout: float, model_version: str
                      ) -> tuple[dict[str, np.ndarray], str]:
@@ -116,9 +118,26 @@ class RecordingRanking:
                    diversity: float, explain_top: int, timeout: float, model_version: str
                    ) -> list[tuple[str, float, list[str]]]:
         self.calls.append(rank_request(history, candidates, k, diversity, explain_top, model_version))
+        self.arguments.append((history, candidates, k, diversity, explain_top, model_version))
         ranked: list[tuple[str, float, list[str]]] = await self.inner.rank(
             history, candidates, k, diversity, explain_top, timeout, model_version)
         return ranked
+
+
+def wire_costs(arguments: Sequence[tuple[Any, ...]]) -> dict[str, float]:
+    """Milliseconds per Rank call that the wire format costs in Python, on real candidate
+    lists: the gateway building the request, the ranker reading its candidates back."""
+    started = time.perf_counter()
+    requests = [rank_request(*args) for args in arguments]
+    built = time.perf_counter() - started
+    encoded = [r.SerializeToString() for r in requests]
+    started = time.perf_counter()
+    for data in encoded:
+        rank_candidates(ranking_pb2.RankRequest.FromString(data))
+    read = time.perf_counter() - started
+    count = max(1, len(arguments))
+    return {"calls": len(arguments), "build_ms": round(built / count * 1e3, 4), "read_ms": round(read / count * 1e3, 4),
+            "bytes": round(sum(map(len, encoded)) / count)}
 
 
 async def closed_loop_throughput(address: str, requests: Sequence[ranking_pb2.RankRequest], concurrency: int,
@@ -222,6 +241,7 @@ def run_serving_bench(dataset: Dataset, config: ServingBenchConfig,
         in_process = asyncio.run(open_loop(call, requests, config.low_rate, config.seconds_per_rate, config.seed))
         report["in_process"] = in_process.summary()
         rank_requests = recording.calls[:512]
+        report["rank_wire"] = wire_costs(recording.arguments[:512])
         funnel.ranking = ranking
 
         progress("diversity sweep on the test split")

@@ -28,7 +28,7 @@ from protos.recfunnel.v1 import (
 )
 from protos.serving import CHANNEL_OPTIONS
 from protos.wire import from_tensor, to_tensor
-from recdata.channels import ChannelQuery
+from recdata.channels import ChannelQuery, channel_mask
 
 Reply = TypeVar("Reply")
 
@@ -69,11 +69,8 @@ class _Backend:
 def rank_request(history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int, diversity: float,
                  explain_top: int, model_version: str) -> ranking_pb2.RankRequest:
     return ranking_pb2.RankRequest(
-        history_item_ids=history,
-        candidates=[ranking_pb2.RankCandidate(
-            item_id=item_id,
-            channel_scores=[ranking_pb2.ChannelScore(channel=c, score=s) for c, s in scores.items()])
-            for item_id, scores in candidates],
+        history_item_ids=history, candidate_ids=[item_id for item_id, _ in candidates],
+        candidate_channels=[channel_mask(scores) for _, scores in candidates],
         explain_top=explain_top, model_version=model_version, k=k, diversity=diversity)
 
 

@@ -18,6 +18,7 @@ from protos.wire import to_tensor
 from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
 from ranking.inference import RankCall, RankingModel
+from recdata.channels import ALL_CHANNEL_BITS, CHANNELS, channels_of
 from recdata.versions import LoadedVersions
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,12 @@ Call = TypeVar("Call")
 Out = TypeVar("Out")
 
 MAX_EXPLAIN = 10
+
+
+def rank_candidates(request: ranking_pb2.RankRequest) -> list[tuple[str, set[str]]]:
+    """(item id, channels that proposed it) of each candidate of a checked RankRequest."""
+    return [(item_id, channels_of(mask))
+            for item_id, mask in zip(request.candidate_ids, request.candidate_channels, strict=True)]
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServicer):
@@ -79,9 +86,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
     async def Rank(self, request: ranking_pb2.RankRequest,
                    context: grpc.aio.ServicerContext) -> ranking_pb2.RankResponse:
         model = await served_version(self.versions, request.model_version, context)
-        if len(request.candidates) > self.config.max_candidates:
+        if len(request.candidate_ids) > self.config.max_candidates:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(request.candidates)} candidates; allowed 0..{self.config.max_candidates}")
+                                f"{len(request.candidate_ids)} candidates; allowed 0..{self.config.max_candidates}")
+        if len(request.candidate_channels) != len(request.candidate_ids):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(request.candidate_channels)} candidate_channels for "
+                                f"{len(request.candidate_ids)} candidate_ids; they must be the same length")
+        if any(mask > ALL_CHANNEL_BITS for mask in request.candidate_channels):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"candidate_channels hold bits beyond the {len(CHANNELS)} channels; "
+                                f"allowed 0..{ALL_CHANNEL_BITS}")
         if not (math.isfinite(request.diversity) and 0 <= request.diversity <= 1):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"diversity={request.diversity} out of range 0.0..1.0")
@@ -90,7 +105,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         if not 0 <= request.explain_top <= MAX_EXPLAIN:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"explain_top={request.explain_top} out of range 0..{MAX_EXPLAIN}")
-        candidates = [(c.item_id, {s.channel for s in c.channel_scores}) for c in request.candidates]
+        candidates = rank_candidates(request)
         ranked = await self.rank_batcher.submit((model, RankCall(
             list(request.history_item_ids)[-self.config.max_history :], candidates,
             request.k or len(candidates), request.diversity, request.explain_top, self.config.new_item_slot)))

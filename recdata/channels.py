@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,19 @@ POPULAR = "popular"        # global and recent popularity; answers users without
 
 VECTOR_CHANNELS = (SEQUENTIAL, SEMANTIC)
 CHANNELS = (SEQUENTIAL, SEMANTIC, ITEM2ITEM, POPULAR)
+
+# The channels that proposed a candidate, as bits (CHANNELS order) on the gateway -> ranker wire.
+CHANNEL_BITS = {channel: 1 << n for n, channel in enumerate(CHANNELS)}
+ALL_CHANNEL_BITS = (1 << len(CHANNELS)) - 1
+
+
+def channel_mask(channels: Iterable[str]) -> int:
+    return sum(CHANNEL_BITS[c] for c in set(channels))
+
+
+def channels_of(mask: int) -> set[str]:
+    return {c for c, bit in CHANNEL_BITS.items() if mask & bit}
+
 
 ITEM2ITEM_RECENT = 5       # history items whose neighbours item2item collects
 ITEM2ITEM_DECAY = 0.8      # weight of the k-th most recent of them is decay**k

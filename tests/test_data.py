@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from recdata.channels import ALL_CHANNEL_BITS, CHANNELS, channel_mask, channels_of
 from recdata.dataset import from_events, read_interactions
 from recdata.movielens import load_ml100k
 from recdata.synthetic import SyntheticConfig, generate
@@ -101,3 +103,10 @@ def test_synthetic_data_round_trips_through_the_pairs_format(tmp_path: Path) -> 
     assert [back.item_ids[i] for i in back.sequences[user]] == [data.item_ids[i] for i in data.sequences[3]]
     assert back.item_texts[back.item_ids.index("i7")] == data.item_texts[7]
     assert back.item_tags[back.item_ids.index("i7")] == data.item_tags[7]
+
+
+def test_channel_masks_round_trip_every_set_of_channels() -> None:
+    for size in range(len(CHANNELS) + 1):
+        for chosen in combinations(CHANNELS, size):
+            assert channels_of(channel_mask(chosen)) == set(chosen)
+    assert channel_mask(CHANNELS) == ALL_CHANNEL_BITS == 15 and channel_mask(["sequential"]) == 1

@@ -45,10 +45,21 @@ async def test_encode_and_rank_over_grpc(tiny_bundle: Path) -> None:
 
         with pytest.raises(StageFailed, match=r"INVALID_ARGUMENT explain_top=11 out of range 0..10"):
             await client.rank(history, candidates, 0, 0.0, 11, 5, "")
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await client.stub.Rank(ranking_pb2.RankRequest(
-                candidates=[ranking_pb2.RankCandidate(item_id="i1")] * 2001), timeout=5)
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The proposing channels reach the ranker, which reads them as features.
+        by_sequential = await client.rank(history, [("i20", {"sequential": 1.0})], 0, 0.0, 0, 5, "")
+        by_popular = await client.rank(history, [("i20", {"popular": 1.0})], 0, 0.0, 0, 5, "")
+        by_both = await client.rank(history, [("i20", {"sequential": 1.0, "popular": 1.0})], 0, 0.0, 0, 5, "")
+        assert len({by_sequential[0][1], by_popular[0][1], by_both[0][1]}) == 3
+
+        for request, message in [
+                (ranking_pb2.RankRequest(candidate_ids=["i1"] * 2001, candidate_channels=[1] * 2001),
+                 "2001 candidates; allowed 0..2000"),
+                (ranking_pb2.RankRequest(candidate_ids=["i1", "i2"], candidate_channels=[1]),
+                 "1 candidate_channels for 2 candidate_ids"),
+                (ranking_pb2.RankRequest(candidate_ids=["i1"], candidate_channels=[16]), "allowed 0..15")]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await client.stub.Rank(request, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in caught.value.details()
     finally:
         await client.close()
         await handle.stop(0)

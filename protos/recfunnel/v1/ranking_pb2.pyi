@@ -32,37 +32,23 @@ class EncodeResponse(_message.Message):
     model_version: str
     def __init__(self, vectors: _Optional[_Iterable[_Union[ChannelVector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
-class ChannelScore(_message.Message):
-    __slots__ = ("channel", "score")
-    CHANNEL_FIELD_NUMBER: _ClassVar[int]
-    SCORE_FIELD_NUMBER: _ClassVar[int]
-    channel: str
-    score: float
-    def __init__(self, channel: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
-
-class RankCandidate(_message.Message):
-    __slots__ = ("item_id", "channel_scores")
-    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
-    CHANNEL_SCORES_FIELD_NUMBER: _ClassVar[int]
-    item_id: str
-    channel_scores: _containers.RepeatedCompositeFieldContainer[ChannelScore]
-    def __init__(self, item_id: _Optional[str] = ..., channel_scores: _Optional[_Iterable[_Union[ChannelScore, _Mapping]]] = ...) -> None: ...
-
 class RankRequest(_message.Message):
-    __slots__ = ("history_item_ids", "candidates", "explain_top", "model_version", "k", "diversity")
+    __slots__ = ("history_item_ids", "candidate_ids", "candidate_channels", "explain_top", "model_version", "k", "diversity")
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
-    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_CHANNELS_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_TOP_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    candidates: _containers.RepeatedCompositeFieldContainer[RankCandidate]
+    candidate_ids: _containers.RepeatedScalarFieldContainer[str]
+    candidate_channels: _containers.RepeatedScalarFieldContainer[int]
     explain_top: int
     model_version: str
     k: int
     diversity: float
-    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., candidates: _Optional[_Iterable[_Union[RankCandidate, _Mapping]]] = ..., explain_top: _Optional[int] = ..., model_version: _Optional[str] = ..., k: _Optional[int] = ..., diversity: _Optional[float] = ...) -> None: ...
+    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., candidate_channels: _Optional[_Iterable[int]] = ..., explain_top: _Optional[int] = ..., model_version: _Optional[str] = ..., k: _Optional[int] = ..., diversity: _Optional[float] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "because_item_ids")

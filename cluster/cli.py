@@ -30,6 +30,11 @@ ItemsOption = Annotated[Path | None, typer.Option(help="item file: CSV item,text
 FormatOption = Annotated[DataFormat, typer.Option("--format", help="format of --interactions")]
 
 
+# The options that find a running cluster and ask for JSON, shared by the operating commands.
+AddressOption = Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
 def load_data(dataset: str | None, interactions: Path | None, items: Path | None, fmt: DataFormat):
     """The named data set, or interactions read from a file."""
     from recdata.sources import DataSource
@@ -94,8 +99,8 @@ def up(
 
 @app.command()
 def status(
-    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Each service actor: address, node, state, model version and restarts."""
     from rich.table import Table
@@ -124,7 +129,7 @@ def status(
 
 @app.command()
 def down(
-    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Stop every service (and the local Ray `up` started)."""
     from cluster.ops import down as stop
@@ -136,7 +141,7 @@ def down(
 @app.command()
 def swap(
     bundle: Annotated[Path, typer.Argument(help="bundle folder to serve (trained with `recfunnel train`)")],
-    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Serve another model version with no failed request: load beside, switch, drain, unload."""
     from cluster.ops import swap as run_swap
@@ -150,8 +155,8 @@ def swap(
 
 @app.command()
 def versions(
-    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """The model versions this cluster has served, with their test metrics."""
     from rich.table import Table
@@ -178,7 +183,7 @@ def versions(
 @app.command()
 def rollback(
     version: Annotated[str, typer.Argument(help="a version `recfunnel versions` lists")],
-    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
+    address: AddressOption = None,
 ) -> None:
     """Serve an earlier model version again, by the same live swap."""
     from cluster.ops import rollback as run_rollback
@@ -194,7 +199,7 @@ def rollback(
 def loop_command(
     config: Annotated[Path | None, typer.Option(help="cluster settings (TOML) whose [loop] table to start from")
                       ] = None,
-    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
+    address: AddressOption = None,
     once: Annotated[bool, typer.Option("--once", help="one round now, then exit")] = False,
     dataset: Annotated[str | None, typer.Option(help="named base data set the serving version learnt")] = None,
     interactions: Annotated[Path | None, typer.Option(help="base interactions file instead of a named data set")
@@ -361,7 +366,7 @@ def bench_soak(
     duration: Annotated[float, typer.Option(min=1, max=86_400, help="measured seconds")] = 600.0,
     warmup: Annotated[float, typer.Option(min=0, max=3600, help="seconds of load before the memory baseline")
                       ] = 60.0,
-    address: Annotated[str | None, typer.Option(help="the Ray cluster (default: the one `up` used)")] = None,
+    address: AddressOption = None,
     mix: Annotated[Path | None, typer.Option(help="request mix (TOML/JSON); default: MovieLens-100K ids")] = None,
     token: Annotated[str | None, typer.Option(envvar="RECFUNNEL_TOKEN", help="bearer token")] = None,
     tls_ca: Annotated[Path | None, typer.Option(help="PEM of the CA (or self-signed cert): use TLS")] = None,

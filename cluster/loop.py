@@ -161,7 +161,7 @@ def judge(fed: WithFeedback, serving: Path, candidate: Path, budgets: dict[str, 
 
 
 class FeedbackLoop:
-    """Rounds of fine-tune, judge and roll out; `run` repeats them as new events arrive."""
+    """Rounds of fine-tune, judge and roll out; `run` starts one whenever one is due."""
 
     def __init__(self, config: LoopConfig, events: EventLog, serving: Serving, base: Dataset | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None):
@@ -197,6 +197,13 @@ class FeedbackLoop:
         return {"since_seq": self.since_seq, "judged_seq": self.judged_seq, "pending": self.pending(),
                 "rounds": len(self.rounds), "last_round": self.rounds[-1] if self.rounds else None}
 
+    def run(self, stop: threading.Event, each_pass: Callable[[], None] = lambda: None) -> None:
+        """A round whenever one is due, until `stop` is set; `each_pass` runs at every look."""
+        while not stop.wait(self.config.poll_s):
+            each_pass()
+            if self.due():
+                self.run_round()
+
     def run_round(self) -> dict[str, Any]:
         """One round over every event logged so far; returns what it did and why."""
         with self._lock:
@@ -224,13 +231,14 @@ class FeedbackLoop:
         base = align_to_catalogue(self.base(), parent.item_ids)
         types = frozenset(cfg.event_types) if cfg.event_types else None
         fed = with_feedback(base, self.events.events_between(self.since_seq, through), types)
-        report: dict[str, Any] = {"parent": parent.version, "feedback": fed.stats.to_dict()}
+        lineage = {"parent": parent.version, "feedback": fed.stats.to_dict()}
+        report: dict[str, Any] = dict(lineage)
         if fed.stats.used == 0:
             return {**report, "decision": "nothing to learn"}
         training = fine_tune_config(parent.manifest, cfg)
         out = cfg.output / f"round-{time.strftime('%Y%m%d-%H%M%S')}-{through}"
         result = _fine_tune(fed.dataset, training, out, cfg, parent.arrays[SEMANTIC] if training.use_text else None,
-                            serving, {"feedback": fed.stats.to_dict(), "parent": parent.version})
+                            serving, lineage)
         budgets = dict(training.candidates_per_channel)
         verdict = judge(fed, serving, out, budgets, cfg)
         _add_to_manifest(out, "loop", verdict)
@@ -267,27 +275,25 @@ class LoopHost:
     def __init__(self, config: LoopConfig, db_path: Path, controller_name: str, namespace: str):
         import ray
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         from cluster.metrics import LoopMetrics
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         controller = ray.get_actor(controller_name, namespace=namespace)
         self.metrics = LoopMetrics()
         self.loop = FeedbackLoop(config, EventLog(db_path), ControllerServing(controller),
                                  on_round=lambda report: self.metrics.round(report["decision"]))
+        self._exported = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="feedback-loop", daemon=True)
+        self._thread = threading.Thread(target=self.loop.run, args=(self._stop, self._export), name="feedback-loop",
+                                        daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _export(self) -> None:
         from cluster.metrics import EXPORT_EVERY_S
 
-        exported = 0.0
-        while not self._stop.wait(self.loop.config.poll_s):
-            if time.monotonic() - exported > EXPORT_EVERY_S:
-                self.metrics.export(self.loop.pending())
-                exported = time.monotonic()
-            if self.loop.due():
-                self.loop.run_round()
+        if time.monotonic() - self._exported > EXPORT_EVERY_S:
+            self.metrics.export(self.loop.pending())
+            self._exported = time.monotonic()
 
     def describe(self) -> dict[str, Any]:
         import os

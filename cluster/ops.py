@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -145,14 +145,11 @@ def feedback_loop(config: LoopConfig, address: str | None = None, once: bool = F
             return
         running = find_cluster()
         db_path = Path(ray.get(running.controller.endpoints.remote(), timeout=30)["db_path"])
-        loop = FeedbackLoop(config, EventLog(db_path), ControllerServing(running.controller))
+        loop = FeedbackLoop(config, EventLog(db_path), ControllerServing(running.controller), on_round=say)
         if once:
-            say(loop.run_round())
-            return
-        while True:  # until interrupted
-            time.sleep(config.poll_s)
-            if loop.due():
-                say(loop.run_round())
+            loop.run_round()
+        else:
+            loop.run(threading.Event())  # until interrupted
     finally:
         ray.shutdown()
 

@@ -4,6 +4,7 @@ the real services started together for tests that call them over gRPC."""
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,13 @@ from ranking.config import RankingConfig
 from ranking.server import RankingService
 from retrieval import server as recall_server
 from retrieval.config import RecallConfig
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def assert_health_and_reflection(address: str, service_name: str, token: str | None = None) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,12 +33,6 @@ def local_cluster(config: ClusterConfig, history: Dataset, metrics_port: int | N
         running.stop()
     finally:
         ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def scrape(port: int, wanted: list[str], within_s: float = 60.0) -> dict[str, float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 from gateway.events import Event, EventLog
 from protos.recfunnel.v1 import recommender_pb2
 from protos.recfunnel.v1 import recommender_pb2_grpc as rpc
-from tests.grpc_checks import serving_stack
+from tests.grpc_checks import free_port, serving_stack
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,12 +66,6 @@ async def test_a_retried_feedback_call_is_acknowledged_and_not_duplicated(tiny_b
         assert "events[0].event_id is 257 bytes; allowed 1..256" in (caught.value.details() or "")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start_gateway(db: Path, port: int) -> subprocess.Popen[bytes]:
     """The standalone gateway process; Feedback needs no recall or ranking service."""
     process = subprocess.Popen(
@@ -86,7 +79,7 @@ def _start_gateway(db: Path, port: int) -> subprocess.Popen[bytes]:
 
 @pytest.mark.fault
 def test_every_acknowledged_event_survives_a_sigkilled_gateway(tmp_path: Path) -> None:
-    db, port = tmp_path / "events.sqlite", _free_port()
+    db, port = tmp_path / "events.sqlite", free_port()
     gateway = _start_gateway(db, port)
     calls = [[recommender_pb2.Event(user_id=f"u{c % 7}", item_id=f"i{c}-{n}", event_id=f"c{c}/e{n}")
               for n in range(5)] for c in range(2000)]

@@ -21,8 +21,7 @@ from gateway.funnel import Funnel, RecommendQuery, ShardAnswer, StageFailed, com
 from gateway.validation import InvalidRequest, check_recommend
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, recommender_pb2, recommender_pb2_grpc
 from recdata.channels import ITEM2ITEM_RECENT, ChannelQuery
-from tests.grpc_checks import assert_health_and_reflection, serving_stack
-from tests.ray_cluster import free_port
+from tests.grpc_checks import assert_health_and_reflection, free_port, serving_stack
 
 
 class FakeShard:

@@ -33,7 +33,8 @@ from recdata.sources import DataSource
 from recdata.split import leave_last_two
 from recdata.synthetic import write_pairs
 from tests.conftest import TINY_TRAINING
-from tests.ray_cluster import free_port, local_cluster, scrape
+from tests.grpc_checks import free_port
+from tests.ray_cluster import local_cluster, scrape
 
 TASTE_SIZE, FANS = 6, 60  # a round once all the fans have sent their events
 METRICS_PORT = free_port()

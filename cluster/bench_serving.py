@@ -6,7 +6,10 @@ One run measures, on one machine and one bundle:
     (S recall shards, one ranker and the gateway as Ray actors) at a low load;
   * the cluster at rising offered loads until p99 passes the latency bound;
   * the ranking service's throughput at fixed concurrency with and without micro-batching;
-  * intra-list diversity and NDCG@10 against the `diversity` knob on the test split.
+  * intra-list diversity and NDCG@10 against the `diversity` knob on the test split;
+  * two floors the targets meet: an empty gRPC round trip at the same low load (a Recommend
+    makes FUNNEL_HOPS of them in sequence), and how much the ranking model alone gains from
+    scoring 32 calls at once (the service cannot gain more than its model does).
 
 Arrivals are open-loop (`cluster.load`), so queueing shows up in the percentiles.
 """
@@ -28,6 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.load import Call, LoadResult, open_loop
 from gateway.backends import rank_request
@@ -35,15 +39,18 @@ from gateway.events import EventLog
 from gateway.funnel import Funnel, RecommendQuery
 from gateway.servicer import query_of
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, recommender_pb2, recommender_pb2_grpc
-from protos.serving import CHANNEL_OPTIONS
+from protos.serving import CHANNEL_OPTIONS, freeze_loaded_objects
 from ranking.config import RankingConfig
-from ranking.inference import RankingModel
+from ranking.inference import RankCall, RankingModel
 from ranking.servicer import rank_candidates
 from recdata.dataset import Dataset
 from recdata.split import leave_last_two
 
 LATENCY_BOUND_MS = 50.0
 DEADLINE_S = 1.0   # the gateway's default budget, given to both paths
+# Sequential round trips in a cluster Recommend: client -> gateway, Encode, the recall
+# fan-out (its shards in parallel), Rank.
+FUNNEL_HOPS = 4
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,41 @@ async def closed_loop_throughput(address: str, requests: Sequence[ranking_pb2.Ra
         return done / (time.monotonic() - started)
 
 
+def model_batching(model: RankingModel, arguments: Sequence[tuple[Any, ...]], batch: int, rounds: int = 3
+                   ) -> dict[str, float]:
+    """Milliseconds per Rank call in the model alone (no gRPC, no queue), back to back: one call
+    at a time against `batch` calls in one `rank_many`, over the same recorded calls."""
+    calls = [RankCall(history, [(i, set(scores)) for i, scores in candidates], k, diversity, explain)
+             for history, candidates, k, diversity, explain, _ in arguments]
+    alone, together = [], []
+    for _ in range(rounds):  # interleaved, so that drift on a noisy machine hits both alike
+        started = time.perf_counter()
+        for call in calls:
+            model.rank_many([call])
+        alone.append((time.perf_counter() - started) / len(calls))
+        started = time.perf_counter()
+        for first in range(0, len(calls), batch):
+            model.rank_many(calls[first : first + batch])
+        together.append((time.perf_counter() - started) / len(calls))
+    one, many = min(alone), min(together)
+    return {"calls": len(calls), "batch": batch, "ms_per_call_alone": round(one * 1e3, 3),
+            "ms_per_call_batched": round(many * 1e3, 3), "throughput_ratio": round(one / many, 3)}
+
+
+async def transport_floor(address: str, rate: float, seconds: float, seed: int) -> dict[str, Any]:
+    """An empty unary call (the gateway's health check) under the same open-loop arrivals as
+    the low-load comparison: what one gRPC round trip costs on this machine, with no work."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        async def call(_: Any) -> bool:
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE_S)
+            return False
+
+        await open_loop(call, [None] * 50, rate, 3, seed + 1)  # warm up
+        return (await open_loop(call, [None] * 1000, rate, seconds, seed)).summary()
+
+
 # ---- diversity ------------------------------------------------------------------------------
 
 def intra_list_diversity(vectors: np.ndarray) -> float:
@@ -232,6 +274,7 @@ def run_serving_bench(dataset: Dataset, config: ServingBenchConfig,
         # (a) in process: the funnel code over in-process shards and models.
         progress("in-process pipeline at low load")
         funnel = in_process_funnel(config.bundle, config.num_shards)
+        freeze_loaded_objects()  # as the services do once loaded
         ranking = funnel.ranking
         assert isinstance(ranking, InProcessRanking)
         recording = RecordingRanking(ranking)
@@ -242,6 +285,7 @@ def run_serving_bench(dataset: Dataset, config: ServingBenchConfig,
         report["in_process"] = in_process.summary()
         rank_requests = recording.calls[:512]
         report["rank_wire"] = wire_costs(recording.arguments[:512])
+        model_only = model_batching(ranking.model, recording.arguments[:512], config.concurrency)
         funnel.ranking = ranking
 
         progress("diversity sweep on the test split")
@@ -256,17 +300,26 @@ def run_serving_bench(dataset: Dataset, config: ServingBenchConfig,
         try:
             cluster = start_cluster(ClusterConfig(bundle=config.bundle, db_path=db_path,
                                                   num_shards=config.num_shards, gateway_port=0))
+            # The load generator holds torch too: a full collection in it would stall arrivals
+            # and be counted against the cluster.
+            freeze_loaded_objects()
             try:
                 report["cluster"], report["loads"], report["max_qps_p99_under_50ms"] = asyncio.run(
                     _cluster_loads(cluster, requests, config, progress))
+                progress("an empty gRPC round trip at low load")
+                report["transport"] = asyncio.run(transport_floor(cluster.gateway_address, config.low_rate,
+                                                                  config.seconds_per_rate, config.seed))
             finally:
                 cluster.stop()
             progress("ranking throughput with and without micro-batching")
-            report["batching"] = _batching(RankingHost, config, rank_requests)
+            report["batching"] = {**_batching(RankingHost, config, rank_requests), "model_only": model_only}
         finally:
             ray.shutdown()
-        report["p50_ratio_cluster_vs_in_process"] = round(
-            report["cluster"]["p50_ms"] / report["in_process"]["p50_ms"], 3)
+        in_process_p50 = report["in_process"]["p50_ms"]
+        report["p50_ratio_cluster_vs_in_process"] = round(report["cluster"]["p50_ms"] / in_process_p50, 3)
+        # The ratio the cluster would show if each hop cost only an empty round trip.
+        report["p50_ratio_transport_floor"] = round(
+            (in_process_p50 + FUNNEL_HOPS * report["transport"]["p50_ms"]) / in_process_p50, 3)
         events.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

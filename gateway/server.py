@@ -27,7 +27,7 @@ from protos.auth import (
     internal_token,
 )
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
-from protos.serving import ServerHandle, start_server
+from protos.serving import ServerHandle, freeze_loaded_objects, start_server
 
 SERVICE_NAME = recommender_pb2.DESCRIPTOR.services_by_name["Recommender"].full_name
 ROLLOUT_SERVICE_NAME = versions_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name
@@ -79,6 +79,7 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
     servicer = RecommenderServicer(funnel, catalogue, events, config,
                                    ThreadPoolExecutor(4, thread_name_prefix="gateway"))
     rollout = Rollout(funnel, catalogue, ranking, shards, config.swap_drain_s)
+    freeze_loaded_objects()
     handle = await start_server(
         config.host, config.port,
         [lambda server: recommender_pb2_grpc.add_RecommenderServicer_to_server(servicer, server),

@@ -3,6 +3,7 @@ the version handling the recall and ranking services share."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -27,6 +28,22 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def freeze_loaded_objects(collect_first: bool = True) -> None:
+    """Take every object alive now out of the cyclic garbage collector's view (`gc.freeze`).
+
+    A service that has loaded its models holds hundreds of thousands of long-lived Python
+    objects (torch, transformers, its tables). CPython's full collection walks all of them
+    with the GIL held: 220 ms in the ML-100K ranking service, seen as 200 ms stalls in the
+    cluster's p99 under load. Models free by reference count when unloaded (they hold no
+    cycles), so freezing them loses nothing; objects made while serving are collected as
+    before. `collect_first` clears garbage before it is frozen, a full collection that a
+    service only affords before it starts answering.
+    """
+    if collect_first:
+        gc.collect()
+    gc.freeze()
 
 
 class _Undecodable:

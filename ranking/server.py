@@ -13,7 +13,7 @@ import torch
 
 from protos.auth import add_internal_auth_arguments, internal_token_of
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc
-from protos.serving import ServerHandle, start_server
+from protos.serving import ServerHandle, freeze_loaded_objects, start_server
 from ranking.config import RankingConfig
 from ranking.inference import RankingModel
 from ranking.servicer import RankingServicer
@@ -49,6 +49,7 @@ async def start(config: RankingConfig) -> RankingService:
     model = await loop.run_in_executor(executor, RankingModel.load, config.bundle, config.device)
     # Load the language model now, so the first UpsertItems does not pay for it.
     await loop.run_in_executor(executor, model.prepare_item_encoding)
+    freeze_loaded_objects()
     servicer = RankingServicer(model, config, executor)
     handle = await start_server(
         config.host, config.port,

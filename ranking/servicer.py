@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, tensor_pb2, versions_pb2
-from protos.serving import bundle_folder, served_version, unload_version
+from protos.serving import bundle_folder, freeze_loaded_objects, served_version, unload_version
 from protos.wire import to_tensor
 from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
@@ -143,6 +143,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             # The language model is the same for every version: share it rather than load it again.
             await loop.run_in_executor(self.executor, model.prepare_item_encoding, serving.text_encoder)
             version = self.versions.add(model)
+            freeze_loaded_objects(collect_first=False)  # answering: no full collection now
         log.info("ranking loaded %s; holds %s", version, self.versions.names)
         return versions_pb2.LoadVersionResponse(model_version=version, loaded_versions=self.versions.names)
 

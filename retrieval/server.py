@@ -11,7 +11,7 @@ from pathlib import Path
 
 from protos.auth import add_internal_auth_arguments, internal_token_of
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc
-from protos.serving import ServerHandle, start_server
+from protos.serving import ServerHandle, freeze_loaded_objects, start_server
 from recdata.bundle import load_bundle
 from retrieval.config import RecallConfig
 from retrieval.servicer import RecallServicer
@@ -38,6 +38,7 @@ async def start(config: RecallConfig) -> RecallService:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(config.search_threads, thread_name_prefix="recall")
     shard = await loop.run_in_executor(executor, lambda: RecallShard(load_bundle(config.bundle), config))
+    freeze_loaded_objects()
     servicer = RecallServicer(shard, executor)
     handle = await start_server(
         config.host, config.port,

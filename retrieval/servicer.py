@@ -11,7 +11,7 @@ from dataclasses import replace
 import grpc
 
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, versions_pb2
-from protos.serving import bundle_folder, served_version, unload_version
+from protos.serving import bundle_folder, freeze_loaded_objects, served_version, unload_version
 from protos.wire import BadTensor, from_tensor
 from recdata.bundle import load_bundle
 from recdata.channels import ITEM2ITEM, POPULAR, ChannelQuery
@@ -116,6 +116,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             except (ValueError, KeyError) as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {str(folder)!r}: {error}")
             version = self.versions.add(shard)
+            freeze_loaded_objects(collect_first=False)  # answering: no full collection now
         log.info("recall shard %d loaded %s; holds %s", config.shard_id, version, self.versions.names)
         return versions_pb2.LoadVersionResponse(model_version=version, loaded_versions=self.versions.names)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import grpc
@@ -125,3 +126,22 @@ def test_diversity_raises_intra_list_diversity(tiny_bundle: Path) -> None:
     assert diversities[0] < diversities[4]
     scores = [s for _, s, _ in model.rank_items(history, candidates, 10, 0.0)]
     assert scores == sorted(scores, reverse=True)
+
+
+async def test_a_started_service_keeps_its_loaded_objects_out_of_the_garbage_collector(tiny_bundle: Path) -> None:
+    """A full collection would walk every object of torch and the models, a stall of hundreds
+    of milliseconds under load; a started service has them frozen, and so has a loaded version."""
+    gc.unfreeze()
+    service = await ranking_server.start(RankingConfig(bundle=tiny_bundle))
+    try:
+        frozen_at_start = gc.get_freeze_count()
+        assert frozen_at_start > 10_000
+        assert len(gc.get_objects()) < frozen_at_start / 10
+        client = GrpcRanking(service.address)
+        try:
+            await client.load_version(str(tiny_bundle), 60)
+        finally:
+            await client.close()
+        assert gc.get_freeze_count() > frozen_at_start
+    finally:
+        await service.stop(0)

@@ -1,0 +1,41 @@
+"""The serving benchmark's two floors: the model's own batching gain and an empty round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cluster.bench_serving import model_batching, transport_floor
+from ranking import server as ranking_server
+from ranking.config import RankingConfig
+from ranking.inference import RankingModel
+
+
+def test_model_batching_times_the_same_calls_alone_and_in_batches(tiny_bundle: Path) -> None:
+    model = RankingModel.load(tiny_bundle, device="cpu")
+    rng = np.random.default_rng(0)
+    ids = model.tables.item_ids
+    # As the funnel passes them: history, candidates with their channel scores, k, diversity,
+    # explain_top, model version.
+    arguments = [([ids[i] for i in rng.choice(len(ids), 6, replace=False)],
+                  [(ids[i], {"sequential": 1.0}) for i in rng.choice(len(ids), 20, replace=False)],
+                  10, 0.0, 0, "") for _ in range(12)]
+
+    report = model_batching(model, arguments, batch=4, rounds=1)
+
+    assert report["calls"] == 12 and report["batch"] == 4
+    assert report["ms_per_call_alone"] > 0 and report["ms_per_call_batched"] > 0
+    assert abs(report["throughput_ratio"]
+               - report["ms_per_call_alone"] / report["ms_per_call_batched"]) < 0.05 * report["throughput_ratio"]
+
+
+async def test_transport_floor_times_empty_round_trips_to_a_server(tiny_bundle: Path) -> None:
+    service = await ranking_server.start(RankingConfig(bundle=tiny_bundle))
+    try:
+        summary = await transport_floor(service.address, rate=40, seconds=1.0, seed=0)
+    finally:
+        await service.stop(0)
+
+    assert summary["requests"] > 10 and not summary["errors"]
+    assert 0 < summary["p50_ms"] <= summary["p99_ms"]

@@ -14,7 +14,7 @@ from gateway.backends import GrpcRanking
 from ranking import server as ranking_server
 from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
-from ranking.inference import RankCall, RankingModel
+from ranking.inference import ItemTables, RankCall, RankingModel
 
 
 async def test_concurrent_requests_share_batches_and_keep_their_own_results() -> None:
@@ -117,3 +117,28 @@ async def test_the_service_batches_concurrent_ranks_with_the_same_answers(tiny_b
         expected = model.rank_many([call])[0]
         assert [i for i, _, _ in answer] == [i for i, _, _ in expected]
         np.testing.assert_allclose([s for _, s, _ in answer], [s for _, s, _ in expected], rtol=1e-5, atol=1e-5)
+
+
+def test_rank_reuses_the_query_vectors_encode_computed_for_the_same_history(tiny_bundle: Path) -> None:
+    model = RankingModel.load(tiny_bundle, device="cpu")
+    uncached = RankingModel.load(tiny_bundle, device="cpu")
+    encoder_runs: list[int] = []
+    model.query_encoder.register_forward_hook(lambda *_: encoder_runs.append(1))
+    ids = model.tables.item_ids
+    history, candidates = ids[:6], [(i, {"sequential"}) for i in ids[10:30]]
+
+    model.encode_many([history])
+    ranked = model.rank_items(history, candidates, k=10, explain_top=2)
+
+    assert len(encoder_runs) == 1  # Encode ran the query encoder; Rank of the same history did not
+    expected = uncached.rank_items(history, candidates, k=10, explain_top=2)
+    assert [(i, b) for i, _, b in ranked] == [(i, b) for i, _, b in expected]
+    np.testing.assert_allclose([s for _, s, _ in ranked], [s for _, s, _ in expected], rtol=1e-5, atol=1e-5)
+
+    model.rank_items(ids[1:7], candidates, k=10)  # another history is encoded afresh
+    assert len(encoder_runs) == 2
+    # An upsert replaces the item tables; vectors encoded against the old ones are not reused.
+    model.tables = ItemTables.build(list(ids), model.tables.item_vectors.numpy(), model.tables.text_vectors,
+                                    model.tables.popularity, model.device)
+    model.rank_items(history, candidates, k=10)
+    assert len(encoder_runs) == 3

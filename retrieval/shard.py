@@ -5,6 +5,7 @@ Pure logic, no gRPC: the Recall servicer, the in-process pipeline and the tests 
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterable
 
@@ -96,10 +97,13 @@ class RecallShard:
         results: dict[str, list[tuple[str, float]]] = {}
         with self._lock:
             excluded = {self.item_index[i] for i in exclude_item_ids if i in self.item_index} | self.tombstones
+            excluded_labels = np.fromiter(excluded, dtype=np.int64, count=len(excluded))
             for query in queries:
                 if query.channel == POPULAR:
+                    # Lazily: the list holds the whole shard, and k + |excluded| entries suffice.
                     pairs = zip(self.popular_items, self.popular_scores, strict=True)
-                    keep = [(int(i), float(s)) for i, s in pairs if int(i) not in excluded][: query.k]
+                    keep = list(itertools.islice(((int(i), float(s)) for i, s in pairs if int(i) not in excluded),
+                                                 query.k))
                 elif query.channel == ITEM2ITEM:
                     keep = self._neighbours(query.item_ids, query.k, excluded)
                 else:
@@ -107,8 +111,9 @@ class RecallShard:
                     fetch = min(query.k + len(excluded), max(self.indexes[query.channel].ntotal, 1))
                     vector = np.asarray(query.vector, dtype=np.float32).reshape(1, -1)  # validated above
                     scores, ids = self.indexes[query.channel].search(vector, fetch)
-                    keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True)
-                            if i >= 0 and int(i) not in excluded][: query.k]
+                    wanted = (ids[0] >= 0) & ~np.isin(ids[0], excluded_labels)
+                    keep = list(zip(ids[0][wanted][: query.k].tolist(), scores[0][wanted][: query.k].tolist(),
+                                    strict=True))
                 results[query.channel] = [(self.item_ids[i], s) for i, s in keep]
         return results
 

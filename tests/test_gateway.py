@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -230,6 +232,24 @@ async def test_gateway_over_grpc(gateway) -> None:
                 recommender_pb2.Event(user_id="alice", item_id="")]), timeout=5)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert gw.events.count() == 8  # the rejected call wrote nothing
+
+
+async def test_every_recommend_gets_a_request_id_and_one_structured_log_line(gateway, caplog) -> None:
+    gw, _, _ = gateway
+    gw.events.append([Event("alice", f"i{n}", timestamp_ms=n + 1) for n in range(3)])
+    caplog.set_level(logging.INFO, logger="recfunnel.requests")
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        replies = [await stub.Recommend(recommender_pb2.RecommendRequest(user_id=user, k=4), timeout=5)
+                   for user in ("alice", "stranger")]
+
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "recfunnel.requests"]
+    assert [line["request_id"] for line in lines] == [reply.request_id for reply in replies]
+    assert len({reply.request_id for reply in replies}) == 2
+    alice = lines[0]
+    assert alice["user_id"] == "alice" and alice["history"] == 3 and alice["returned"] == 4
+    assert alice["model_version"] == replies[0].model_version and alice["degraded"] is False
+    assert set(alice["stages_ms"]) == {"encode", "recall", "rank"} and alice["ms"] > 0
 
 
 async def test_gateway_survives_a_dead_shard_and_a_dead_ranker(gateway) -> None:

@@ -88,6 +88,10 @@ class EventLog:
         if "event_id" not in columns:  # a log written before events had ids
             self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
         self._db.execute(EVENT_ID_INDEX)
+        # History reads have a connection of their own: in WAL mode a read never waits for a
+        # write's commit (and its fsync), so the gateway reads on its event loop, not a thread.
+        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._read_lock = threading.Lock()
 
     def append(self, events: Iterable[Event]) -> tuple[int, int]:
         """Write events in one transaction; returns (acknowledged, duplicates) once durable.
@@ -113,9 +117,9 @@ class EventLog:
         return len(rows), len(rows) - written
 
     def recent_items(self, user_id: str, limit: int) -> list[str]:
-        """The user's last `limit` item ids, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
+        """The user's last `limit` item ids, oldest first: every event acknowledged so far."""
+        with self._read_lock:
+            rows = self._reader.execute(
                 "SELECT item_id FROM events WHERE user_id = ? ORDER BY timestamp_ms DESC, seq DESC LIMIT ?",
                 (user_id, limit),
             ).fetchall()
@@ -167,5 +171,7 @@ class EventLog:
             return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()

@@ -70,7 +70,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         deadline = self._deadline(context)
-        history = await self._run(self.events.recent_items, request.user_id, self.config.history_length)
+        # Inline: an indexed read of its own connection, tens of microseconds, never behind a write.
+        history = self.events.recent_items(request.user_id, self.config.history_length)
         query = query_of(request, history)
         answer = await self.funnel.recommend(query, deadline)
         if request_log.isEnabledFor(logging.INFO):  # the line's JSON costs time even when dropped

@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import re
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -188,6 +190,28 @@ def test_event_log_is_durable_and_gives_recent_history_in_order(tmp_path: Path) 
     log.close()
     reopened = EventLog(tmp_path / "e.sqlite")
     assert reopened.count() == 4 and reopened.recent_items("v", 5) == ["c"]
+
+
+def test_history_reads_do_not_wait_for_a_write_in_progress(tmp_path: Path) -> None:
+    """The gateway reads histories on its event loop: a read must never wait for a write's
+    commit, and must see only what is committed."""
+    log = EventLog(tmp_path / "e.sqlite")
+    log.append([Event("u", "a", timestamp_ms=1)])
+    writer = sqlite3.connect(str(tmp_path / "e.sqlite"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a write transaction, holding the write lock, not yet committed
+    writer.execute("INSERT INTO events (user_id, item_id, event_type, timestamp_ms) VALUES ('u', 'b', 'x', 2)")
+    try:
+        read: dict[str, list[str]] = {}
+        reader = threading.Thread(target=lambda: read.setdefault("items", log.recent_items("u", 10)), daemon=True)
+        with log._lock:  # and the log's own writer busy, as during a Feedback commit
+            reader.start()
+            reader.join(timeout=2)
+            assert read.get("items") == ["a"]
+        writer.execute("COMMIT")
+        assert log.recent_items("u", 10) == ["a", "b"]
+    finally:
+        writer.close()
+        log.close()
 
 
 @pytest.fixture

@@ -79,7 +79,8 @@ class EventLog:
     def __init__(self, path: Path):
         self.path = path
         self._lock = threading.Lock()
-        # One connection shared by the gateway's threads, serialised by the lock.
+        # Writes (and the rarer reads below) share one connection, serialised by the lock;
+        # history reads have their own (`_reader`).
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk

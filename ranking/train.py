@@ -81,6 +81,9 @@ class DataParallel(Protocol):
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_FREED_BYTES = 1 << 30
 
+# Not -inf: a row whose every negative is masked must give a zero gradient, not NaN.
+MASKED_LOGIT = -1e30
+
 
 def keep_freed_memory() -> None:
     """Let the C allocator keep freed memory for reuse rather than give it back to the OS.
@@ -202,20 +205,25 @@ class Trainer:
             logits = torch.full((len(users), items.shape[0]), -math.inf)
             logits[:, known] = users @ items[known].T / tau
             return F.cross_entropy(logits, targets)
-        positive = (users * items[targets]).sum(-1, keepdim=True) / tau          # (N, 1)
+        users = users / tau  # scaling the (N, d) side spares a pass over the (N, S) logits
+        positive = (users * items[targets]).sum(-1)                                  # (N,)
         uniform = known[torch.randint(len(known), (self.config.num_negatives,))]
-        uniform_logits = users @ items[uniform].T / tau                          # (N, S)
-        uniform_logits -= math.log(self.config.num_negatives / len(known))
-        uniform_logits = uniform_logits.masked_fill(uniform[None, :] == targets[:, None], -math.inf)
         # In-batch negatives: distinct targets of the batch, drawn in proportion to popularity,
-        # hence the logQ correction; at most num_negatives of them keeps this (N, U) small.
+        # hence the logQ correction; at most num_negatives of them keeps the logits small.
         others = targets.unique()
         if len(others) > self.config.num_negatives:
             others = others[torch.randperm(len(others))[: self.config.num_negatives]]
-        in_batch = users @ items[others].T / tau - (self.log_q[others] + math.log(len(targets)))
-        in_batch = in_batch.masked_fill(others[None, :] == targets[:, None], -math.inf)  # (N, U)
-        logits = torch.cat([positive, uniform_logits, in_batch], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
+        negatives = torch.cat([uniform, others])
+        log_q = torch.cat([torch.full((len(uniform),), math.log(self.config.num_negatives / len(known))),
+                           self.log_q[others] + math.log(len(targets))])
+        # The (N, S) logits are the step's largest tensors: one matmul writes them, the
+        # corrections and the masking of accidental hits edit them in place, and the loss reads
+        # them once, rather than building a copy per step and a concatenation with the positive.
+        logits = users @ items[negatives].T                                         # (N, S)
+        logits -= log_q
+        logits.masked_fill_(negatives[None, :] == targets[:, None], MASKED_LOGIT)
+        # Cross-entropy with the positive as the class: log(e^pos + sum e^neg) - pos.
+        return (torch.logaddexp(positive, torch.logsumexp(logits, dim=1)) - positive).mean()
 
     def item_table(self) -> torch.Tensor:
         """(I + 1, d) item vectors with the padding row, as the encoder reads them."""

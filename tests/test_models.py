@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -117,6 +119,47 @@ def test_sampled_softmax_masks_accidental_hits(tiny_dataset, text_encoder: TextE
     items = torch.nn.functional.normalize(torch.randn(tiny_dataset.num_items, 16), dim=-1)
     loss = trainer.sampled_softmax_loss(users, torch.tensor([1, 1, 1, 1]), items)
     assert torch.isfinite(loss)
+
+
+def test_sampled_softmax_equals_cross_entropy_over_positive_and_negatives(tiny_dataset,
+                                                                          text_encoder: TextEncoder) -> None:
+    """The in-place loss is the textbook one: cross-entropy over [positive | corrected negatives],
+    accidental hits masked, in value and in gradient."""
+    trainer = Trainer(tiny_dataset, TrainConfig(model=CONFIG, num_negatives=8), text_encoder)
+    users = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1).requires_grad_()
+    items = torch.nn.functional.normalize(torch.randn(tiny_dataset.num_items, 16), dim=-1).requires_grad_()
+    targets = torch.tensor([0, 3, 3, 7, 9, 2])
+    torch.manual_seed(5)
+    loss = trainer.sampled_softmax_loss(users, targets, items)
+    got = torch.autograd.grad(loss, (users, items))
+
+    torch.manual_seed(5)  # the same draws, scored the long way
+    tau, known, draws = CONFIG.temperature, trainer.known_items, trainer.config.num_negatives
+    uniform = known[torch.randint(len(known), (draws,))]
+    others = targets.unique()
+    negatives = torch.cat([uniform, others])
+    log_q = torch.cat([torch.full((draws,), math.log(draws / len(known))),
+                       trainer.log_q[others] + math.log(len(targets))])
+    logits = torch.cat([(users * items[targets]).sum(-1, keepdim=True) / tau,
+                        users @ items[negatives].T / tau - log_q], 1)
+    logits[:, 1:] = logits[:, 1:].masked_fill(negatives[None, :] == targets[:, None], -math.inf)
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
+    torch.testing.assert_close(loss, expected)
+    for a, b in zip(got, torch.autograd.grad(expected, (users, items)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_sampled_softmax_gives_no_nan_when_every_negative_is_a_hit(tiny_dataset, text_encoder: TextEncoder) -> None:
+    trainer = Trainer(tiny_dataset, TrainConfig(model=CONFIG, num_negatives=1), text_encoder)
+    trainer.known_items = trainer.known_items[:2]  # one draw, and it can only be the target or the other
+    users = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1).requires_grad_()
+    items = torch.nn.functional.normalize(torch.randn(tiny_dataset.num_items, 16), dim=-1)
+    target = int(trainer.known_items[0])
+    for seed in range(20):  # some seeds draw the target itself: every negative masked
+        torch.manual_seed(seed)
+        loss = trainer.sampled_softmax_loss(users, torch.tensor([target] * 3), items)
+        (grad,) = torch.autograd.grad(loss, users)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
 def test_model_config_rejects_bad_values() -> None:

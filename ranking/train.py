@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ranking.config import TrainConfig
 from ranking.evaluation import Evaluation, FunnelScorer, seen_mask
 from ranking.item_encoder import ItemEncoder, tag_matrix
+from ranking.losses import sampled_softmax
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
 from ranking.text_encoder import TextEncoder
@@ -80,9 +81,6 @@ class DataParallel(Protocol):
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_FREED_BYTES = 1 << 30
-
-# Not -inf: a row whose every negative is masked must give a zero gradient, not NaN.
-MASKED_LOGIT = -1e30
 
 
 def keep_freed_memory() -> None:
@@ -205,8 +203,7 @@ class Trainer:
             logits = torch.full((len(users), items.shape[0]), -math.inf)
             logits[:, known] = users @ items[known].T / tau
             return F.cross_entropy(logits, targets)
-        users = users / tau  # scaling the (N, d) side spares a pass over the (N, S) logits
-        positive = (users * items[targets]).sum(-1)                                  # (N,)
+        users = users / tau
         uniform = known[torch.randint(len(known), (self.config.num_negatives,))]
         # In-batch negatives: distinct targets of the batch, drawn in proportion to popularity,
         # hence the logQ correction; at most num_negatives of them keeps the logits small.
@@ -216,14 +213,7 @@ class Trainer:
         negatives = torch.cat([uniform, others])
         log_q = torch.cat([torch.full((len(uniform),), math.log(self.config.num_negatives / len(known))),
                            self.log_q[others] + math.log(len(targets))])
-        # The (N, S) logits are the step's largest tensors: one matmul writes them, the
-        # corrections and the masking of accidental hits edit them in place, and the loss reads
-        # them once, rather than building a copy per step and a concatenation with the positive.
-        logits = users @ items[negatives].T                                         # (N, S)
-        logits -= log_q
-        logits.masked_fill_(negatives[None, :] == targets[:, None], MASKED_LOGIT)
-        # Cross-entropy with the positive as the class: log(e^pos + sum e^neg) - pos.
-        return (torch.logaddexp(positive, torch.logsumexp(logits, dim=1)) - positive).mean()
+        return sampled_softmax(users, items[targets], items[negatives], log_q, negatives[None, :] == targets[:, None])
 
     def item_table(self) -> torch.Tensor:
         """(I + 1, d) item vectors with the padding row, as the encoder reads them."""

@@ -258,7 +258,8 @@ def train_command(
                                                                 "process, no Ray)")] = 0,
     storage: Annotated[Path, typer.Option(help="Ray Train checkpoints (with --workers)")] = Path("ray-train"),
     address: Annotated[str | None, typer.Option(help="Ray cluster for --workers (default: a local one)")] = None,
-    gpu: Annotated[bool, typer.Option(help="one GPU per Ray Train worker")] = False,
+    gpu: Annotated[bool, typer.Option(help="one GPU per Ray Train worker (placement; the trainer computes "
+                                            "on the CPU)")] = False,
 ) -> None:
     """Train the item/query encoders and the ranker; write a bundle and print its metrics as JSON."""
     from ranking.config import TrainConfig

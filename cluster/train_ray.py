@@ -2,8 +2,8 @@
 
 A `TorchTrainer` runs N replicas of `ranking.train.Trainer`. Each takes its share of every
 epoch's batches and averages gradients with the others before each step (torch.distributed
-over the process group Ray Train sets up: gloo on CPU, NCCL on GPU), so the replicas hold the
-same model and take the same early-stopping decisions. After every epoch each replica reports
+over the gloo process group Ray Train sets up), so the replicas hold the same model and take
+the same early-stopping decisions. After every epoch each replica reports
 its metrics and the first one writes a checkpoint (safetensors and JSON) to the storage path;
 when a worker dies, Ray Train starts the group again and every replica resumes from the last
 checkpoint. The first replica writes the bundle at the end.
@@ -170,6 +170,29 @@ def _worker_loop(settings: dict[str, Any]) -> None:
         ray.train.report({"phase": "done"})
 
 
+def torch_trainer(ray_config: RayTrainConfig, settings: dict[str, Any]) -> Any:
+    """The `TorchTrainer` for `_worker_loop` with these `settings` (see `train_on_ray`)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # Each replica gets its share of the cores as torch threads.
+    replica = replace(settings["config"], threads=max(1, int(ray_config.cpus_per_worker)))
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={**settings, "config": replica},
+        scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
+                                     resources_per_worker={"CPU": ray_config.cpus_per_worker}),
+        # The trainer's tensors, and so the gradients the replicas average, live on the CPU:
+        # gloo carries them, where Ray Train would pick NCCL (CUDA tensors only) for GPU workers.
+        torch_config=TorchConfig(backend="gloo"),
+        # Ray 2.60 runs Train v2, whose RunConfig takes worker_runtime_env; the type stubs are v1's.
+        run_config=RunConfig(name=ray_config.name, storage_path=str(ray_config.storage.resolve()),  # type: ignore[call-arg]
+                             failure_config=FailureConfig(max_failures=ray_config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             worker_runtime_env={"env_vars": WORKER_ENV}),
+    )
+
+
 def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: RayTrainConfig,
                  text_vectors: np.ndarray | None = None, warm_start: Path | None = None,
                  metrics: dict[str, Any] | None = None) -> TrainResult:
@@ -177,28 +200,14 @@ def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: R
 
     `warm_start`: fine-tune from this bundle's weights (see `Trainer`); `metrics`: more
     entries for the bundle's manifest."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from ranking.text_encoder import TextEncoder
 
     if text_vectors is None and config.use_text:  # once here, not once per replica
         text_vectors = TextEncoder().encode(dataset.item_texts)
-    # Each replica gets its share of the cores as torch threads.
-    replica = replace(config, threads=max(1, int(ray_config.cpus_per_worker)))
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"config": replica, "dataset": dataset, "text_vectors": text_vectors,
-                           "out": str(out.resolve()), "warm_start": str(warm_start.resolve()) if warm_start else "",
-                           "metrics": metrics or {}},
-        scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
-                                     resources_per_worker={"CPU": ray_config.cpus_per_worker}),
-        # Ray 2.60 runs Train v2, whose RunConfig takes worker_runtime_env; the type stubs are v1's.
-        run_config=RunConfig(name=ray_config.name, storage_path=str(ray_config.storage.resolve()),  # type: ignore[call-arg]
-                             failure_config=FailureConfig(max_failures=ray_config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env={"env_vars": WORKER_ENV}),
-    )
+    trainer = torch_trainer(ray_config, {"config": config, "dataset": dataset, "text_vectors": text_vectors,
+                                         "out": str(out.resolve()),
+                                         "warm_start": str(warm_start.resolve()) if warm_start else "",
+                                         "metrics": metrics or {}})
     trainer.fit()
     manifest = read_manifest(out)
     metrics = dict(manifest["metrics"])

@@ -17,7 +17,7 @@ import pytest
 import ray
 import torch
 
-from cluster.train_ray import RayTrainConfig, read_checkpoint, train_on_ray, write_checkpoint
+from cluster.train_ray import RayTrainConfig, read_checkpoint, torch_trainer, train_on_ray, write_checkpoint
 from ranking.train import PhaseState, Trainer, TrainResult, fit
 from recdata.dataset import Dataset
 from tests.conftest import TINY_TRAINING
@@ -77,6 +77,15 @@ class CheckpointingReplica:
         self.epochs += 1
         if self.epochs == self.die_after:
             raise Interrupted
+
+
+def test_gpu_workers_average_their_cpu_gradients_over_gloo(tiny_dataset: Dataset, tmp_path: Path) -> None:
+    """NCCL, Ray Train's choice for GPU workers, refuses the CPU tensors the replicas average."""
+    trainer = torch_trainer(RayTrainConfig(workers=2, use_gpu=True, storage=tmp_path),
+                            {"config": TINY_TRAINING, "dataset": tiny_dataset, "text_vectors": None, "out": "",
+                             "warm_start": "", "metrics": {}})
+    assert trainer.scaling_config.use_gpu
+    assert trainer.backend_config.backend == "gloo"
 
 
 @pytest.mark.parametrize("die_after", [2, 7])  # in the encoder phase; in the ranker phase

@@ -3,10 +3,10 @@
 A `TorchTrainer` runs N replicas of `ranking.train.Trainer`. Each takes its share of every
 epoch's batches and averages gradients with the others before each step (torch.distributed
 over the gloo process group Ray Train sets up), so the replicas hold the same model and take
-the same early-stopping decisions. After every epoch each replica reports
-its metrics and the first one writes a checkpoint (safetensors and JSON) to the storage path;
-when a worker dies, Ray Train starts the group again and every replica resumes from the last
-checkpoint. The first replica writes the bundle at the end.
+the same early-stopping decisions. After every epoch each replica reports its metrics and the
+first one writes a checkpoint (safetensors and JSON) to the storage path; when a worker
+dies, Ray Train starts the group again and every replica resumes from the last checkpoint.
+The first replica writes the bundle at the end.
 
 Gradients are averaged by hand rather than through DistributedDataParallel: the loss reads
 the item table from one module and the query encoder from another, with a sampled softmax on

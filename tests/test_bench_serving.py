@@ -1,4 +1,4 @@
-"""The serving benchmark's two floors: the model's own batching gain and an empty round trip."""
+"""The serving benchmark's two diagnostics: the model's own batching gain and an empty round trip."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.bench_serving import model_batching, transport_floor
+from cluster.bench_serving import empty_round_trips, model_batching
 from ranking import server as ranking_server
 from ranking.config import RankingConfig
 from ranking.inference import RankingModel
@@ -30,10 +30,10 @@ def test_model_batching_times_the_same_calls_alone_and_in_batches(tiny_bundle: P
                - report["ms_per_call_alone"] / report["ms_per_call_batched"]) < 0.05 * report["throughput_ratio"]
 
 
-async def test_transport_floor_times_empty_round_trips_to_a_server(tiny_bundle: Path) -> None:
+async def test_empty_round_trips_times_empty_round_trips_to_a_server(tiny_bundle: Path) -> None:
     service = await ranking_server.start(RankingConfig(bundle=tiny_bundle))
     try:
-        summary = await transport_floor(service.address, rate=40, seconds=1.0, seed=0)
+        summary = await empty_round_trips(service.address, rate=40, seconds=1.0, seed=0)
     finally:
         await service.stop(0)
 

@@ -43,6 +43,7 @@ from protos.serving import CHANNEL_OPTIONS, freeze_loaded_objects
 from ranking.config import RankingConfig
 from ranking.inference import RankCall, RankingModel
 from ranking.servicer import rank_candidates
+from recdata.channels import channel_mask
 from recdata.dataset import Dataset
 from recdata.split import leave_last_two
 
@@ -61,6 +62,8 @@ class ServingBenchConfig:
     seconds_per_rate: float = 15.0
     batching_seconds: float = 10.0  # per side of the batching comparison
     concurrency: int = 32
+    batching_threads: int = 1       # torch threads of both sides of the batching comparison (the
+                                    # cluster's ranker has 1: it shares the cores with the others)
     diversities: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     diversity_users: int = 0        # test users for the diversity sweep; 0 = all
     num_shards: int = 2
@@ -174,7 +177,7 @@ def model_batching(model: RankingModel, arguments: Sequence[tuple[Any, ...]], ba
                    ) -> dict[str, float]:
     """Milliseconds per Rank call in the model alone (no gRPC, no queue), back to back: one call
     at a time against `batch` calls in one `rank_many`, over the same recorded calls."""
-    calls = [RankCall(history, [(i, set(scores)) for i, scores in candidates], k, diversity, explain)
+    calls = [RankCall(history, [(i, channel_mask(scores)) for i, scores in candidates], k, diversity, explain)
              for history, candidates, k, diversity, explain, _ in arguments]
     alone, together = [], []
     for _ in range(rounds):  # interleaved, so that drift on a noisy machine hits both alike
@@ -359,10 +362,11 @@ def _batching(host: type, config: ServingBenchConfig, rank_requests: list[rankin
               ) -> dict[str, Any]:
     import ray
 
-    out: dict[str, Any] = {"concurrency": config.concurrency, "rank_requests": len(rank_requests)}
+    out: dict[str, Any] = {"concurrency": config.concurrency, "rank_requests": len(rank_requests),
+                           "threads": config.batching_threads}
     for name, size in (("batched", 32), ("unbatched", 1)):
         actor: Any = ray.remote(host).options(num_cpus=0.5).remote(
-            RankingConfig(bundle=config.bundle, max_batch_size=size))
+            RankingConfig(bundle=config.bundle, max_batch_size=size, threads=config.batching_threads))
         try:
             address = ray.get(actor.start.remote(), timeout=300)
             rps = asyncio.run(closed_loop_throughput(address, rank_requests, config.concurrency,

@@ -487,6 +487,8 @@ def bench_serving(
     seconds: Annotated[float, typer.Option(help="seconds of load per offered rate")] = 15.0,
     low_rate: Annotated[float, typer.Option(help="the low load of the in-process vs cluster comparison")] = 10.0,
     concurrency: Annotated[int, typer.Option(min=1, help="callers of the batching comparison")] = 32,
+    ranker_threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads of both ranking services "
+                                                "in the batching comparison")] = 1,
     diversity_users: Annotated[int, typer.Option(min=0, help="test users in the diversity sweep (0 = all)")] = 0,
     shards: Annotated[int, typer.Option(min=1, max=16, help="recall shards")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
@@ -505,7 +507,8 @@ def bench_serving(
             train_bundle(data, bundle, 150.0, console)
     config = ServingBenchConfig(bundle=bundle, rates=tuple(float(r) for r in rates.split(",")),
                                 seconds_per_rate=seconds, low_rate=low_rate, concurrency=concurrency,
-                                diversity_users=diversity_users, num_shards=shards)
+                                batching_threads=ranker_threads, diversity_users=diversity_users,
+                                num_shards=shards)
     report = run_serving_bench(data, config, progress=(lambda _: None) if as_json else console.log)
     typer.echo(json.dumps(report, indent=None if as_json else 2))
 

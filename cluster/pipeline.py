@@ -13,7 +13,7 @@ import numpy as np
 from gateway.funnel import Funnel, ShardAnswer
 from ranking.inference import RankingModel
 from recdata.bundle import load_bundle
-from recdata.channels import ChannelQuery
+from recdata.channels import ChannelQuery, channel_mask
 from retrieval.config import RecallConfig
 from retrieval.shard import RecallShard
 
@@ -45,7 +45,8 @@ class InProcessRanking:
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
                    diversity: float, explain_top: int, timeout: float, model_version: str
                    ) -> list[tuple[str, float, list[str]]]:
-        return self.model.rank_items(history, [(i, set(s)) for i, s in candidates], k, diversity, explain_top)
+        return self.model.rank_items(history, [(i, channel_mask(s)) for i, s in candidates], k, diversity,
+                                     explain_top)
 
 
 def in_process_funnel(bundle: Path, num_shards: int = 2, channel_budgets: dict[str, int] | None = None,

@@ -18,7 +18,7 @@ from protos.wire import to_tensor
 from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
 from ranking.inference import RankCall, RankingModel
-from recdata.channels import ALL_CHANNEL_BITS, CHANNELS, channels_of
+from recdata.channels import ALL_CHANNEL_BITS, CHANNELS
 from recdata.versions import LoadedVersions
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,9 @@ Out = TypeVar("Out")
 MAX_EXPLAIN = 10
 
 
-def rank_candidates(request: ranking_pb2.RankRequest) -> list[tuple[str, set[str]]]:
-    """(item id, channels that proposed it) of each candidate of a checked RankRequest."""
-    return [(item_id, channels_of(mask))
-            for item_id, mask in zip(request.candidate_ids, request.candidate_channels, strict=True)]
+def rank_candidates(request: ranking_pb2.RankRequest) -> list[tuple[str, int]]:
+    """(item id, channel mask) of each candidate of a checked RankRequest."""
+    return list(zip(request.candidate_ids, request.candidate_channels, strict=True))
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServicer):

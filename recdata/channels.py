@@ -25,10 +25,6 @@ def channel_mask(channels: Iterable[str]) -> int:
     return sum(CHANNEL_BITS[c] for c in set(channels))
 
 
-def channels_of(mask: int) -> set[str]:
-    return {c for c, bit in CHANNEL_BITS.items() if mask & bit}
-
-
 ITEM2ITEM_RECENT = 5       # history items whose neighbours item2item collects
 ITEM2ITEM_DECAY = 0.8      # weight of the k-th most recent of them is decay**k
 RECENT_WEIGHT = 0.5        # share of recent (vs all-time) popularity in the popular score

@@ -15,6 +15,7 @@ from ranking import server as ranking_server
 from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
 from ranking.inference import ItemTables, RankCall, RankingModel
+from recdata.channels import CHANNELS, channel_mask
 
 
 async def test_concurrent_requests_share_batches_and_keep_their_own_results() -> None:
@@ -64,6 +65,10 @@ async def test_a_failing_batch_fails_its_callers_and_the_next_batch_still_runs()
         await batcher.close()
 
 
+def _channels(mask: int) -> list[str]:
+    return [channel for n, channel in enumerate(CHANNELS) if mask >> n & 1]
+
+
 def _calls(model: RankingModel) -> list[RankCall]:
     """Users with histories of different lengths (one empty) and candidate lists of different
     lengths, with unknown ids mixed in."""
@@ -73,8 +78,8 @@ def _calls(model: RankingModel) -> list[RankCall]:
     for n, history_len in enumerate([0, 1, 3, 12, 80]):
         history = [ids[i] for i in rng.choice(len(ids), history_len, replace=False)]
         chosen = rng.choice(len(ids), 5 + 7 * n, replace=False)
-        candidates = [(ids[i], {"sequential"} if i % 2 else {"popular", "semantic"}) for i in chosen]
-        candidates.append((f"unknown-{n}", {"popular"}))
+        candidates = [(ids[i], channel_mask(["sequential"] if i % 2 else ["popular", "semantic"])) for i in chosen]
+        candidates.append((f"unknown-{n}", channel_mask(["popular"])))
         calls.append(RankCall(history, candidates, k=len(candidates), diversity=0.3 * (n % 2), explain_top=2))
     return calls
 
@@ -105,8 +110,8 @@ async def test_the_service_batches_concurrent_ranks_with_the_same_answers(tiny_b
     client = GrpcRanking(service.address)
     try:
         answers = await asyncio.gather(*(
-            client.rank(c.history_ids, [(i, dict.fromkeys(ch, 1.0)) for i, ch in c.candidates], c.k, c.diversity,
-                        c.explain_top, 10, "")
+            client.rank(c.history_ids, [(i, dict.fromkeys(_channels(mask), 1.0)) for i, mask in c.candidates],
+                        c.k, c.diversity, c.explain_top, 10, "")
             for c in calls))
         stats = service.stats()["rank"]
     finally:
@@ -125,7 +130,7 @@ def test_rank_reuses_the_query_vectors_encode_computed_for_the_same_history(tiny
     encoder_runs: list[int] = []
     model.query_encoder.register_forward_hook(lambda *_: encoder_runs.append(1))
     ids = model.tables.item_ids
-    history, candidates = ids[:6], [(i, {"sequential"}) for i in ids[10:30]]
+    history, candidates = ids[:6], [(i, channel_mask(["sequential"])) for i in ids[10:30]]
 
     model.encode_many([history])
     ranked = model.rank_items(history, candidates, k=10, explain_top=2)

@@ -15,7 +15,7 @@ from protos.recfunnel.v1 import ranking_pb2
 from ranking import server as ranking_server
 from ranking.config import RankingConfig
 from ranking.inference import RankingModel
-from recdata.channels import SEMANTIC, SEQUENTIAL
+from recdata.channels import SEMANTIC, SEQUENTIAL, channel_mask
 from tests.grpc_checks import assert_health_and_reflection
 
 
@@ -110,7 +110,7 @@ def test_mmr_trades_relevance_for_diversity() -> None:
 
 def test_diversity_raises_intra_list_diversity(tiny_bundle: Path) -> None:
     model = RankingModel.load(tiny_bundle, device="cpu")
-    candidates = [(f"i{n}", {"sequential"}) for n in range(60)]
+    candidates = [(f"i{n}", channel_mask(["sequential"])) for n in range(60)]
     history = ["i1", "i2", "i3"]
     vectors = model.tables.item_vectors.numpy()
 

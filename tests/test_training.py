@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
 from ranking.inference import RankingModel
 from ranking.train import TrainResult
 from recdata.bundle import load_bundle, load_weights
-from recdata.channels import SEMANTIC, SEQUENTIAL
+from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, channel_mask
 
 
 def test_bundle_has_manifest_arrays_and_weights(tiny_training: TrainResult) -> None:
@@ -40,10 +41,25 @@ def test_loaded_model_reproduces_training_vectors(tiny_training: TrainResult) ->
     b = model.encode([history, np.array([1])])
     np.testing.assert_allclose(a[SEQUENTIAL][0], b[SEQUENTIAL][0], atol=1e-5)  # batched == unbatched
     assert np.linalg.norm(a[SEQUENTIAL][0]) > 0.99
-    ranked = model.rank(history, np.array([10, 11, 12]), [{"sequential"}, {"popular"}, set()])
+    ranked = model.rank(history, np.array([10, 11, 12]), np.array([channel_mask(["sequential"]),
+                                                                    channel_mask(["popular"]), 0]))
     assert ranked.scores.shape == (3,)
     assert all(sorted(ranked.because(n, 3)) == [0, 1, 2] for n in range(3))
     assert ranked.because(0, 0) == [] and len(ranked.because(0, 2)) == 2
+
+
+def test_the_ranker_reads_each_candidates_channels_from_its_mask(tiny_training: TrainResult) -> None:
+    model = RankingModel.load(tiny_training.folder, device="cpu")
+    seen: list[torch.Tensor] = []
+    model.ranker.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[4]))
+    proposed = [[["sequential", "popular"], [], ["semantic", "item2item"]], [["item2item"]]]
+    model.rank_batch([np.array([3, 5]), np.array([8])], [np.array([10, 11, 12]), np.array([13])],
+                     [np.array([channel_mask(c) for c in user]) for user in proposed])
+    flags = seen[0][..., -len(CHANNELS):]  # (B, C, n_channels): the last side features
+    for b, user in enumerate(proposed):
+        for c, channels in enumerate(user):
+            assert flags[b, c].tolist() == [float(channel in channels) for channel in CHANNELS]
+    assert flags[1, 1:].sum() == 0  # the shorter list's padding is proposed by no channel
 
 
 def test_same_seed_gives_the_same_bundle(tiny_dataset, text_encoder, tmp_path) -> None:

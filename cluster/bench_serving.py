@@ -358,21 +358,26 @@ async def _cluster_loads(cluster: Any, requests: list[recommender_pb2.RecommendR
         return low, loads, best
 
 
+def batching_services(config: ServingBenchConfig) -> list[tuple[str, RankingConfig]]:
+    """The two ranking services of the batching comparison: alike but for batching."""
+    return [(name, RankingConfig(bundle=config.bundle, max_batch_size=size, threads=config.batching_threads))
+            for name, size in (("batched", 32), ("unbatched", 1))]
+
+
 def _batching(host: type, config: ServingBenchConfig, rank_requests: list[ranking_pb2.RankRequest]
               ) -> dict[str, Any]:
     import ray
 
     out: dict[str, Any] = {"concurrency": config.concurrency, "rank_requests": len(rank_requests),
                            "threads": config.batching_threads}
-    for name, size in (("batched", 32), ("unbatched", 1)):
-        actor: Any = ray.remote(host).options(num_cpus=0.5).remote(
-            RankingConfig(bundle=config.bundle, max_batch_size=size, threads=config.batching_threads))
+    for name, service in batching_services(config):
+        actor: Any = ray.remote(host).options(num_cpus=0.5).remote(service)
         try:
             address = ray.get(actor.start.remote(), timeout=300)
             rps = asyncio.run(closed_loop_throughput(address, rank_requests, config.concurrency,
                                                      config.batching_seconds))
             stats = ray.get(actor.stats.remote(), timeout=30)
-            out[name] = {"max_batch_size": size, "rank_per_s": round(rps, 2),
+            out[name] = {"max_batch_size": service.max_batch_size, "rank_per_s": round(rps, 2),
                          "mean_batch_size": stats["rank"]["mean_batch_size"]}
         finally:
             ray.get(actor.stop.remote(), timeout=30)

@@ -1,4 +1,5 @@
-"""The serving benchmark's two diagnostics: the model's own batching gain and an empty round trip."""
+"""The serving benchmark's batching comparison and its two diagnostics: the model's own
+batching gain and an empty round trip."""
 
 from __future__ import annotations
 
@@ -6,10 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.bench_serving import empty_round_trips, model_batching
+from cluster.bench_serving import ServingBenchConfig, batching_services, empty_round_trips, model_batching
 from ranking import server as ranking_server
 from ranking.config import RankingConfig
 from ranking.inference import RankingModel
+
+
+def test_the_batching_comparison_differs_in_batching_only(tiny_bundle: Path) -> None:
+    services = dict(batching_services(ServingBenchConfig(bundle=tiny_bundle, batching_threads=2)))
+    assert services["batched"].max_batch_size == 32 and services["unbatched"].max_batch_size == 1
+    assert services["batched"] == RankingConfig(**{**vars(services["unbatched"]), "max_batch_size": 32})
+    assert services["unbatched"].threads == 2  # the thread budget asked for, on both sides
 
 
 def test_model_batching_times_the_same_calls_alone_and_in_batches(tiny_bundle: Path) -> None:

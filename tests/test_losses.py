@@ -1,18 +1,45 @@
-"""The fused sampled-softmax loss: its gradient is the true one."""
+"""The fused sampled-softmax loss: its gradient is the true one, however the rows are chunked."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ranking.losses import sampled_softmax
 
 
-def test_sampled_softmax_gradient_matches_finite_differences() -> None:
+def _problem() -> tuple[torch.Tensor, ...]:
     torch.manual_seed(0)
     users, positives = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
     negatives = torch.randn(7, 4, dtype=torch.float64)
     log_q = torch.randn(7, dtype=torch.float64)
     hits = torch.zeros(5, 7, dtype=torch.bool)
     hits[0, 2] = hits[3, :] = True  # one accidental hit, and a row whose every negative is a hit
+    return users, positives, negatives, log_q, hits
+
+
+@pytest.mark.parametrize("rows_per_chunk", [0, 1, 2])  # one chunk; one row each; uneven chunks
+def test_sampled_softmax_gradient_matches_finite_differences(rows_per_chunk: int) -> None:
+    users, positives, negatives, log_q, hits = _problem()
     inputs = tuple(t.requires_grad_() for t in (users, positives, negatives))
-    assert torch.autograd.gradcheck(lambda u, p, n: sampled_softmax(u, p, n, log_q, hits), inputs)
+    assert torch.autograd.gradcheck(lambda u, p, n: sampled_softmax(u, p, n, log_q, hits, rows_per_chunk), inputs)
+
+
+def test_chunks_change_neither_the_loss_nor_its_gradients() -> None:
+    users, positives, negatives, log_q, hits = _problem()
+    results = []
+    for rows_per_chunk in (0, 2):
+        inputs = [t.clone().requires_grad_() for t in (users, positives, negatives)]
+        loss = sampled_softmax(*inputs, log_q, hits, rows_per_chunk)
+        loss.backward()
+        results.append([loss.detach(), *(t.grad for t in inputs)])
+    for whole, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, whole)
+
+
+def test_without_gradients_it_still_gives_the_loss() -> None:
+    users, positives, negatives, log_q, hits = _problem()
+    with torch.no_grad():
+        plain = sampled_softmax(users, positives, negatives, log_q, hits)
+    inputs = [t.clone().requires_grad_() for t in (users, positives, negatives)]
+    torch.testing.assert_close(plain, sampled_softmax(*inputs, log_q, hits).detach())

@@ -36,9 +36,8 @@ class SampledSoftmax(torch.autograd.Function):
         rows = rows_per_chunk or max(1, CHUNK_ELEMENTS // max(1, len(negatives)))
         wants_grad = any(ctx.needs_input_grad[:3])
         losses = users.new_empty(len(users))
-        grad_users = torch.empty_like(users) if wants_grad else None
-        grad_positives = torch.empty_like(positives) if wants_grad else None
-        grad_negatives = torch.zeros_like(negatives) if wants_grad else None
+        grad_users, grad_positives, grad_negatives = (
+            torch.empty_like(users), torch.empty_like(positives), torch.zeros_like(negatives))
         for start in range(0, len(users), rows):
             chunk = slice(start, start + rows)
             user, positive_vector = users[chunk], positives[chunk]
@@ -52,9 +51,9 @@ class SampledSoftmax(torch.autograd.Function):
             positive_exp = (positive - top).exp()
             total = scores.sum(1) + positive_exp
             losses[chunk] = total.log() + top - positive
-            if grad_users is None or grad_positives is None or grad_negatives is None:
+            if not wants_grad:
                 continue
-            scores /= total[:, None]                      # d loss / d logit: the softmax ...
+            scores /= total[:, None]                                       # d loss / d logit: the softmax ...
             positive_grad = (positive_exp / total - 1)[:, None]            # ... minus one at the positive
             grad_users[chunk] = torch.addmm(positive_grad * positive_vector, scores, negatives)
             grad_positives[chunk] = positive_grad * user
@@ -67,7 +66,7 @@ class SampledSoftmax(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         scale = grad / ctx.rows  # the loss is the rows' mean
-        return (*(g * scale if g is not None else None for g in ctx.saved_tensors), None, None, None)
+        return (*(g * scale for g in ctx.saved_tensors), None, None, None)
 
 
 def sampled_softmax(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, log_q: torch.Tensor,

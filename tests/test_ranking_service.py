@@ -106,6 +106,10 @@ def test_mmr_trades_relevance_for_diversity() -> None:
     assert mmr_order(scores, vectors, 3, 0.5).tolist()[:2] == [0, 2]
     assert mmr_order(scores, vectors, 4, 1.0)[0] == 0  # the first pick is always the most relevant
     assert sorted(mmr_order(scores, vectors, 4, 0.7).tolist()) == [0, 1, 2, 3]
+    # The order by score needs no vectors (the ranker gathers them for MMR only); MMR does.
+    assert mmr_order(scores, None, 3, 0.0).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="needs the candidates' vectors"):
+        mmr_order(scores, None, 3, 0.5)
 
 
 def test_diversity_raises_intra_list_diversity(tiny_bundle: Path) -> None:

@@ -21,9 +21,7 @@ from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
 from ranking.text_encoder import TextEncoder
 from recdata.bundle import Bundle, load_bundle, load_weights
-from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL
-
-CHANNEL_SHIFTS = np.arange(len(CHANNELS), dtype=np.int64)  # bit n of a channel mask is CHANNELS[n]
+from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, channel_flags
 
 SEMANTIC_RECENCY_DECAY = 0.9  # weight of the k-th most recent item's text is decay**k
 
@@ -322,7 +320,7 @@ class RankingModel:
             rows[b, : len(rows_b)] = rows_b
             # Unpacked in numpy: a Python loop over the candidates here took 7% of the ranking
             # service's time under load.
-            flags[b, : len(rows_b)] = (np.asarray(masks_b, dtype=np.int64).reshape(-1, 1) >> CHANNEL_SHIFTS) & 1
+            flags[b, : len(rows_b)] = channel_flags(masks_b)
         cand = torch.from_numpy(rows).to(self.device)                          # (B, C)
         user = torch.from_numpy(queries[SEQUENTIAL]).to(self.device)
         semantic = torch.from_numpy(queries[SEMANTIC]).to(self.device)

@@ -25,6 +25,12 @@ def channel_mask(channels: Iterable[str]) -> int:
     return sum(CHANNEL_BITS[c] for c in set(channels))
 
 
+def channel_flags(masks: Iterable[int] | np.ndarray) -> np.ndarray:
+    """(len(masks), len(CHANNELS)) 0/1 float32: which channels each mask names, CHANNELS order."""
+    bits = np.asarray(masks, dtype=np.int64).reshape(-1, 1) >> np.arange(len(CHANNELS))
+    return (bits & 1).astype(np.float32)
+
+
 ITEM2ITEM_RECENT = 5       # history items whose neighbours item2item collects
 ITEM2ITEM_DECAY = 0.8      # weight of the k-th most recent of them is decay**k
 RECENT_WEIGHT = 0.5        # share of recent (vs all-time) popularity in the popular score

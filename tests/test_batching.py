@@ -15,7 +15,7 @@ from ranking import server as ranking_server
 from ranking.batching import MicroBatcher
 from ranking.config import RankingConfig
 from ranking.inference import ItemTables, RankCall, RankingModel
-from recdata.channels import CHANNELS, channel_mask
+from recdata.channels import CHANNELS, channel_flags, channel_mask
 
 
 async def test_concurrent_requests_share_batches_and_keep_their_own_results() -> None:
@@ -66,7 +66,7 @@ async def test_a_failing_batch_fails_its_callers_and_the_next_batch_still_runs()
 
 
 def _channels(mask: int) -> list[str]:
-    return [channel for n, channel in enumerate(CHANNELS) if mask >> n & 1]
+    return [channel for channel, flag in zip(CHANNELS, channel_flags([mask])[0], strict=True) if flag]
 
 
 def _calls(model: RankingModel) -> list[RankCall]:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recdata.channels import ALL_CHANNEL_BITS, CHANNELS, channel_mask
+from recdata.channels import ALL_CHANNEL_BITS, CHANNELS, channel_flags, channel_mask
 from recdata.dataset import from_events, read_interactions
 from recdata.movielens import load_ml100k
 from recdata.synthetic import SyntheticConfig, generate
@@ -108,6 +108,6 @@ def test_synthetic_data_round_trips_through_the_pairs_format(tmp_path: Path) -> 
 def test_channel_masks_name_every_set_of_channels() -> None:
     for size in range(len(CHANNELS) + 1):
         for chosen in combinations(CHANNELS, size):
-            mask = channel_mask(chosen)  # bit n is CHANNELS[n], which the ranker unpacks
-            assert {channel for n, channel in enumerate(CHANNELS) if mask >> n & 1} == set(chosen)
+            flags = channel_flags([channel_mask(chosen)])[0]  # as the ranker unpacks the wire's masks
+            assert {channel for channel, flag in zip(CHANNELS, flags, strict=True) if flag} == set(chosen)
     assert channel_mask(CHANNELS) == ALL_CHANNEL_BITS == 15 and channel_mask(["sequential"]) == 1

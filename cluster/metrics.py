@@ -95,8 +95,19 @@ class TrainingMetrics:
                           tag_keys=("run", "phase"))
 
     def epoch(self, phase: str, valid_ndcg: float, loss: float) -> None:
+        self.epochs.inc(1, tags={"run": self.run, "phase": phase})
+        self._latest(phase, valid_ndcg, loss)
+
+    def finished(self, curve: list[dict[str, float]]) -> None:
+        """Each phase's last epoch, set again by the process that ran the training: Ray drops
+        a dead worker's gauges, and the replica that set them ends with the run."""
+        for stage, phase in ((0.0, "encoder"), (1.0, "ranker")):
+            points = [point for point in curve if point["stage"] == stage]
+            if points:
+                self._latest(phase, points[-1]["ndcg@10"], points[-1]["loss"])
+
+    def _latest(self, phase: str, valid_ndcg: float, loss: float) -> None:
         tags = {"run": self.run, "phase": phase}
-        self.epochs.inc(1, tags=tags)
         self.ndcg.set(valid_ndcg, tags=tags)
         self.loss.set(loss, tags=tags)
 

@@ -200,6 +200,7 @@ def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: R
 
     `warm_start`: fine-tune from this bundle's weights (see `Trainer`); `metrics`: more
     entries for the bundle's manifest."""
+    from cluster.metrics import TrainingMetrics
     from ranking.text_encoder import TextEncoder
 
     if text_vectors is None and config.use_text:  # once here, not once per replica
@@ -211,4 +212,6 @@ def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: R
     trainer.fit()
     manifest = read_manifest(out)
     metrics = dict(manifest["metrics"])
-    return TrainResult(out, manifest["version"], metrics, metrics.pop("curve"))
+    curve = metrics.pop("curve")
+    TrainingMetrics(ray_config.name).finished(curve)
+    return TrainResult(out, manifest["version"], metrics, curve)

@@ -79,6 +79,16 @@ class CheckpointingReplica:
             raise Interrupted
 
 
+def test_the_training_process_keeps_each_phases_last_epoch_on_the_dashboard() -> None:
+    from cluster.metrics import TrainingMetrics
+
+    metrics, shown = TrainingMetrics("run-1"), []
+    metrics._latest = lambda phase, ndcg, loss: shown.append((phase, ndcg, loss))  # type: ignore[method-assign]
+    metrics.finished([{"stage": 0.0, "ndcg@10": 0.1, "loss": 9.0}, {"stage": 0.0, "ndcg@10": 0.2, "loss": 8.0},
+                      {"stage": 1.0, "ndcg@10": 0.3, "loss": 2.0}])
+    assert shown == [("encoder", 0.2, 8.0), ("ranker", 0.3, 2.0)]
+
+
 def test_gpu_workers_average_their_cpu_gradients_over_gloo(tiny_dataset: Dataset, tmp_path: Path) -> None:
     """NCCL, Ray Train's choice for GPU workers, refuses the CPU tensors the replicas average."""
     trainer = torch_trainer(RayTrainConfig(workers=2, use_gpu=True, storage=tmp_path),

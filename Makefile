@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo serve test test-slow test-faults lint protos
+.PHONY: install demo serve test test-slow test-faults test-gpu lint protos
 
 # torch is installed alone first, pinned, so pip takes the CPU build of this release
 # instead of resolving an open range to the newest CUDA build.
@@ -40,3 +40,7 @@ test-slow: $(STAMP)
 
 test-faults: $(STAMP)
 	$(BIN)/python -m pytest -m fault
+
+# The CUDA tests (training and Ray Train workers on a GPU); skipped where torch sees none.
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu

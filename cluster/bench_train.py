@@ -72,8 +72,9 @@ def run_train_bench(dataset: Dataset, epochs: int, workers: list[int], seed: int
 
     cores = os.cpu_count() or 2
     # A fixed number of epochs: no early stop, no time budget, no ranker epochs.
+    # CPU on both sides, as Ray Train's workers without GPUs are.
     config = TrainConfig(epochs=epochs, patience=epochs, time_budget_s=1e9, ranker_epochs=0, seed=seed,
-                         threads=cores)
+                         threads=cores, device="cpu")
     text_vectors = TextEncoder().encode(dataset.item_texts)
     plain = Trainer(dataset, config, text_vectors=text_vectors)
     samples = positions_per_epoch(plain) * epochs

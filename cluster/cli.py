@@ -258,16 +258,28 @@ def train_command(
                                                                 "process, no Ray)")] = 0,
     storage: Annotated[Path, typer.Option(help="Ray Train checkpoints (with --workers)")] = Path("ray-train"),
     address: Annotated[str | None, typer.Option(help="Ray cluster for --workers (default: a local one)")] = None,
-    gpu: Annotated[bool, typer.Option(help="one GPU per Ray Train worker (placement; the trainer computes "
-                                            "on the CPU)")] = False,
+    gpu: Annotated[bool, typer.Option(help="one GPU per Ray Train worker, which trains on it (with --workers)")
+                   ] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for training in this process "
+                                                    "(default: CUDA when present)")] = None,
 ) -> None:
     """Train the item/query encoders and the ranker; write a bundle and print its metrics as JSON."""
     from ranking.config import TrainConfig
     from ranking.train import train
 
+    if workers and device is not None:
+        raise typer.BadParameter("Ray Train workers train where Ray places them: use --gpu, not --device",
+                                 param_hint="--device")
+    if device is not None:
+        from ranking.devices import resolve_device
+
+        try:
+            resolve_device(device)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--device") from error
     data = load_data(dataset, interactions, items, fmt)
     config = TrainConfig(epochs=epochs, time_budget_s=seconds, ranker_time_budget_s=ranker_seconds, seed=seed,
-                         track_test=curve is not None)
+                         track_test=curve is not None, device=device)
 
     def report(stage: str, values: dict[str, float]) -> None:
         console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "

@@ -2,8 +2,9 @@
 
 A `TorchTrainer` runs N replicas of `ranking.train.Trainer`. Each takes its share of every
 epoch's batches and averages gradients with the others before each step (torch.distributed
-over the gloo process group Ray Train sets up), so the replicas hold the same model and take
-the same early-stopping decisions. After every epoch each replica reports its metrics and the
+over the process group Ray Train sets up: gloo on CPU workers, NCCL on GPU workers, each of
+which trains on the GPU Ray gave it), so the replicas hold the same model and take the same
+early-stopping decisions. After every epoch each replica reports its metrics and the
 first one writes a checkpoint (safetensors and JSON) to the storage path; when a worker
 dies, Ray Train starts the group again and every replica resumes from the last checkpoint.
 The first replica writes the bundle at the end.
@@ -61,7 +62,7 @@ class RayTrainConfig:
 class RayReplicas:
     """`ranking.train.DataParallel` inside a Ray Train worker."""
 
-    def __init__(self, model_config: TrainConfig):
+    def __init__(self, model_config: TrainConfig, device: torch.device):
         import ray.train
 
         from cluster.metrics import TrainingMetrics
@@ -69,6 +70,7 @@ class RayReplicas:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.config = model_config
+        self.device = device  # where the collectives' tensors live: NCCL takes CUDA tensors only
         self.metrics = TrainingMetrics(context.get_experiment_name()) if self.rank == 0 else None
 
     def average_gradients(self, parameters: list[torch.nn.Parameter]) -> None:
@@ -90,7 +92,7 @@ class RayReplicas:
 
         if self.world == 1:
             return flag
-        value = torch.tensor([1.0 if flag else 0.0])
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
@@ -147,9 +149,12 @@ def read_checkpoint(folder: Path, trainer: Trainer) -> PhaseState:
 def _worker_loop(settings: dict[str, Any]) -> None:
     """One replica: train (from the last checkpoint, if any), then the first writes the bundle."""
     import ray.train
+    import ray.train.torch
 
-    config: TrainConfig = settings["config"]
-    replicas = RayReplicas(config)
+    # The GPU Ray assigned this worker (it sets CUDA_VISIBLE_DEVICES), or the CPU.
+    device = ray.train.torch.get_device() if settings["use_gpu"] else torch.device("cpu")
+    config: TrainConfig = replace(settings["config"], device=str(device))
+    replicas = RayReplicas(config, device)
     warm_start = Path(settings["warm_start"]) if settings["warm_start"] else None
     trainer = Trainer(settings["dataset"], config, text_vectors=settings["text_vectors"], parallel=replicas,
                       warm_start=warm_start)
@@ -179,12 +184,12 @@ def torch_trainer(ray_config: RayTrainConfig, settings: dict[str, Any]) -> Any:
     replica = replace(settings["config"], threads=max(1, int(ray_config.cpus_per_worker)))
     return TorchTrainer(
         _worker_loop,
-        train_loop_config={**settings, "config": replica},
+        train_loop_config={**settings, "config": replica, "use_gpu": ray_config.use_gpu},
         scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
                                      resources_per_worker={"CPU": ray_config.cpus_per_worker}),
-        # The trainer's tensors, and so the gradients the replicas average, live on the CPU:
-        # gloo carries them, where Ray Train would pick NCCL (CUDA tensors only) for GPU workers.
-        torch_config=TorchConfig(backend="gloo"),
+        # The gradients the replicas average live where they train: NCCL carries CUDA tensors
+        # between GPU workers, gloo CPU tensors.
+        torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
         # Ray 2.60 runs Train v2, whose RunConfig takes worker_runtime_env; the type stubs are v1's.
         run_config=RunConfig(name=ray_config.name, storage_path=str(ray_config.storage.resolve()),  # type: ignore[call-arg]
                              failure_config=FailureConfig(max_failures=ray_config.max_failures),

@@ -62,6 +62,7 @@ class TrainConfig:
     use_text: bool = True      # False: ID-only items (no LM text, no tags, no semantic channel)
     recent_popularity: bool = True  # False: the popular channel ranks by all-time interactions only
     track_test: bool = False   # also measure test NDCG@10 after every epoch (for the training curve)
+    device: str | None = None  # "cpu" / "cuda[:N]"; None = CUDA when present
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

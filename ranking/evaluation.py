@@ -40,11 +40,15 @@ FullScorer = Callable[[list[np.ndarray]], torch.Tensor]
 ItemScorer = Callable[[list[np.ndarray], torch.Tensor], torch.Tensor]
 
 
-def seen_mask(histories: list[np.ndarray], num_items: int) -> torch.Tensor:
-    """(B, num_items) True where the user has interacted with the item."""
-    mask = torch.zeros(len(histories), num_items, dtype=torch.bool)
-    for b, history in enumerate(histories):
-        mask[b, torch.from_numpy(np.asarray(history, dtype=np.int64))] = True
+def seen_mask(histories: list[np.ndarray], num_items: int, device: torch.device | None = None) -> torch.Tensor:
+    """(B, num_items) True where the user has interacted with the item (on `device`, default CPU).
+
+    Filled with one indexed write: on a GPU, one per history would be one copy and one kernel each."""
+    mask = torch.zeros(len(histories), num_items, dtype=torch.bool, device=device)
+    if histories:
+        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+        columns = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
+        mask[torch.from_numpy(rows).to(mask.device), torch.from_numpy(columns).to(mask.device)] = True
     return mask
 
 
@@ -66,9 +70,20 @@ class FunnelScorer:
     list_length: int = 10          # the k of the served list the slot is kept in
 
     def __post_init__(self) -> None:
-        self.text_t = torch.from_numpy(self.text_vectors)
+        # Everything computes where the item table lives (the trainer's device, or the CPU for
+        # a bundle read from disk); histories and results cross over as numpy.
+        self.device = self.item_table.device
+        self.text_t = torch.from_numpy(self.text_vectors).to(self.device)
+        self.log_popularity = self.log_popularity.to(self.device)
+        self.popular = self.popular.to(self.device)
+        self.neighbour_ids = self.neighbour_ids.to(self.device)
+        self.neighbour_scores = self.neighbour_scores.to(self.device)
         self.max_len = self.encoder.config.max_len
         self.num_items = self.item_table.shape[0] - 1
+
+    def _padded(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        padded, padding = pad_left(histories, self.max_len)
+        return padded.to(self.device), padding.to(self.device)
 
     @classmethod
     def from_bundle(cls, folder: Path, budgets: dict[str, int]) -> FunnelScorer:
@@ -88,9 +103,9 @@ class FunnelScorer:
 
     def queries(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) user vectors and (B, D_text) semantic query vectors."""
-        padded, padding = pad_left(histories, self.max_len)
+        padded, padding = self._padded(histories)
         users = self.encoder(self.item_table[padded], padding, last_only=True)[:, -1]
-        return users, torch.from_numpy(semantic_queries(self.text_vectors, histories))
+        return users, torch.from_numpy(semantic_queries(self.text_vectors, histories)).to(self.device)
 
     def item2item(self, histories: list[np.ndarray]) -> torch.Tensor:
         """(B, I) co-occurrence scores of the recent history items' neighbours, -inf for the rest."""
@@ -102,11 +117,13 @@ class FunnelScorer:
             if len(tail):
                 rows[b, recent - len(tail):] = torch.from_numpy(tail)
                 weights[b, recent - len(tail):] = torch.from_numpy(recency_weights(len(tail)))
+        rows, weights = rows.to(self.device), weights.to(self.device)
         ids = self.neighbour_ids[rows]                                            # (B, R, M)
         contributions = self.neighbour_scores[rows] * weights.unsqueeze(-1)
         # Missing neighbours (-1) land in an extra column that is cut off afterwards.
         slots = torch.where(ids >= 0, ids, self.num_items).reshape(B, -1)
-        scores = torch.zeros(B, self.num_items + 1).scatter_add_(1, slots, contributions.reshape(B, -1))
+        scores = torch.zeros(B, self.num_items + 1, device=self.device)
+        scores.scatter_add_(1, slots, contributions.reshape(B, -1))
         scores = scores[:, : self.num_items]
         return scores.masked_fill(scores <= 0, -math.inf)
 
@@ -135,9 +152,9 @@ class FunnelScorer:
         candidates = torch.cat(found, dim=1)                                     # (B, W)
         real = torch.cat(proposed, dim=1)                                        # (B, W)
         same = (candidates.unsqueeze(2) == candidates.unsqueeze(1)) & real.unsqueeze(1)  # (B, W, W)
-        earlier = torch.ones(same.shape[1:], dtype=torch.bool).tril(-1)
+        earlier = torch.ones(same.shape[1:], dtype=torch.bool, device=self.device).tril(-1)
         mask = real & ~(same & earlier).any(-1)                                  # first real occurrence
-        onehot = torch.nn.functional.one_hot(torch.tensor(channel_of), len(CHANNELS)).float()  # (W, n)
+        onehot = torch.nn.functional.one_hot(torch.tensor(channel_of, device=self.device), len(CHANNELS)).float()
         flags = (same.float() @ onehot).clamp(max=1.0)                           # (B, W, n)
         return candidates, flags, mask
 
@@ -145,7 +162,7 @@ class FunnelScorer:
              items: torch.Tensor, flags: torch.Tensor, as_cold: torch.Tensor | None = None) -> torch.Tensor:
         """(B, n) ranker scores of the given items with their proposed-by flags; items where
         the (B, n) `as_cold` is True are shown as cold items (content vectors, no popularity)."""
-        padded, padding = pad_left(histories, self.max_len)
+        padded, padding = self._padded(histories)
         vectors = self.item_table[1 + items]
         log_popularity = self.log_popularity[items]
         if as_cold is not None and self.cold_table is not None:
@@ -153,7 +170,7 @@ class FunnelScorer:
             log_popularity = log_popularity.masked_fill(as_cold, 0.0)
             # A cold item has no co-occurrences and no popularity: those channels never propose
             # it, so a candidate shown as cold must not carry their flags either.
-            needs_history = torch.tensor([c in (ITEM2ITEM, POPULAR) for c in CHANNELS])
+            needs_history = torch.tensor([c in (ITEM2ITEM, POPULAR) for c in CHANNELS], device=self.device)
             flags = flags.masked_fill(as_cold.unsqueeze(-1) & needs_history, 0.0)
         features = candidate_features(users, semantic, vectors, self.text_t[items], log_popularity, flags)
         scores, _ = self.ranker(self.item_table[padded], padding, users, vectors, features)
@@ -162,7 +179,8 @@ class FunnelScorer:
     def funnel(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ranker scores of the merged candidates: (B, W) scores (-inf off the mask), candidates, mask."""
         users, semantic = self.queries(histories)
-        candidates, flags, mask = self.recall(histories, users, semantic, seen_mask(histories, self.num_items))
+        candidates, flags, mask = self.recall(histories, users, semantic,
+                                              seen_mask(histories, self.num_items, self.device))
         scores = self.rank(histories, users, semantic, candidates, flags)
         return scores.masked_fill(~mask, -math.inf), candidates, mask
 
@@ -196,7 +214,7 @@ class FunnelScorer:
         scores, candidates, mask = self.funnel(histories)
         if self.new_item_slot:
             scores = self.with_new_item_slot(scores, candidates, mask)
-        full = torch.full((len(histories), self.num_items), -math.inf)
+        full = torch.full((len(histories), self.num_items), -math.inf, device=self.device)
         # A repeated candidate carries -inf after its first occurrence, so the maximum is its score.
         return full.scatter_reduce(1, candidates, scores, reduce="amax")
 
@@ -204,7 +222,9 @@ class FunnelScorer:
     def funnel_item_scores(self, histories: list[np.ndarray], items: torch.Tensor) -> torch.Tensor:
         """Ranker scores of arbitrary items, flagged with the channels that would propose them."""
         users, semantic = self.queries(histories)
-        candidates, flags, mask = self.recall(histories, users, semantic, seen_mask(histories, self.num_items))
+        candidates, flags, mask = self.recall(histories, users, semantic,
+                                              seen_mask(histories, self.num_items, self.device))
+        items = items.to(self.device)
         hit = (items.unsqueeze(2) == candidates.unsqueeze(1)) & mask.unsqueeze(1)  # (B, n, W)
         item_flags = (hit.float() @ flags).clamp(max=1.0)                          # (B, n, channels)
         return self.rank(histories, users, semantic, items, item_flags)
@@ -247,14 +267,15 @@ class Evaluation:
         whether the model gave the target a finite score, and the model's top-k unseen items."""
         ranks, found, lists = [], [], []
         for part in self.batches():
-            histories, targets = self.histories[part], self.targets[part]
-            scores = scorer(histories).float()
-            seen = seen_mask(histories, self.num_items)
-            lists.append(scores.masked_fill(seen, -math.inf).topk(min(k, self.num_items), dim=1).indices.numpy())
-            seen[torch.arange(len(targets)), targets] = False  # the target is never excluded
+            histories = self.histories[part]
+            scores = scorer(histories).float()  # on the scorer's device; only the results come back
+            targets = self.targets[part].to(scores.device)
+            seen = seen_mask(histories, self.num_items, scores.device)
+            lists.append(scores.masked_fill(seen, -math.inf).topk(min(k, self.num_items), dim=1).indices.cpu().numpy())
+            seen[torch.arange(len(targets), device=scores.device), targets] = False  # the target is never excluded
             target_scores = scores.gather(1, targets[:, None])
-            ranks.append((((scores >= target_scores) & ~seen).sum(1) - 1).numpy())
-            found.append(torch.isfinite(target_scores[:, 0]).numpy())
+            ranks.append((((scores >= target_scores) & ~seen).sum(1) - 1).cpu().numpy())
+            found.append(torch.isfinite(target_scores[:, 0]).cpu().numpy())
         return np.concatenate(ranks), np.concatenate(found), np.concatenate(lists)
 
     def full_ranks(self, scorer: FullScorer) -> np.ndarray:
@@ -268,7 +289,7 @@ class Evaluation:
             items = torch.from_numpy(np.stack([np.append(t, n) for t, n in
                                                zip(self.targets[part].numpy(), self.negatives[part], strict=True)]))
             scores = scorer(self.histories[part], items).float()
-            ranks.append((scores[:, 1:] >= scores[:, :1]).sum(1).numpy())
+            ranks.append((scores[:, 1:] >= scores[:, :1]).sum(1).cpu().numpy())
         return np.concatenate(ranks)
 
     def full(self, scorer: FullScorer) -> dict[str, float]:
@@ -281,4 +302,8 @@ class Evaluation:
 
 def items_from_full(scorer: FullScorer) -> ItemScorer:
     """An ItemScorer that reads a FullScorer's scores of the asked items."""
-    return lambda histories, items: scorer(histories).gather(1, items)
+    def item_scores(histories: list[np.ndarray], items: torch.Tensor) -> torch.Tensor:
+        scores = scorer(histories)
+        return scores.gather(1, items.to(scores.device))
+
+    return item_scores

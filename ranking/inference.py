@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ranking.config import ModelConfig
+from ranking.devices import resolve_device
 from ranking.item_encoder import MAX_TAGS, ItemEncoder, tag_rows
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
@@ -241,7 +242,7 @@ class RankingModel:
     @classmethod
     def load(cls, folder: Path, device: str | None = None) -> RankingModel:
         """Load a bundle folder; `device` defaults to CUDA when present, else CPU."""
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        target = resolve_device(device)
         bundle = load_bundle(folder)
         config = ModelConfig.from_dict(bundle.manifest["model"])
         encoder = QueryEncoder(config)

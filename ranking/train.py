@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ranking.config import TrainConfig
+from ranking.devices import resolve_device
 from ranking.evaluation import Evaluation, FunnelScorer, seen_mask
 from ranking.item_encoder import ItemEncoder, tag_matrix
 from ranking.losses import sampled_softmax
@@ -151,6 +152,9 @@ class Trainer:
         keep_freed_memory()
         seed_everything(config.seed)
         torch.set_num_threads(config.threads)
+        # Random draws stay on the CPU's generator whatever the device, so a run's sample of
+        # negatives and its checkpointed random state do not depend on where it computes.
+        self.device = resolve_device(config.device)
         self.split: Split = leave_last_two(dataset)
         if cold_items is not None and len(cold_items):
             cold = np.zeros(dataset.num_items, dtype=bool)
@@ -168,7 +172,7 @@ class Trainer:
             self.text_vectors = np.zeros((dataset.num_items, 1), np.float32)
             tags, self.tag_vocabulary = tag_matrix([() for _ in dataset.item_ids])
             self.budgets = {c: k for c, k in config.candidates_per_channel if c != SEMANTIC}
-        self.model = Funnel(config, self.text_vectors, tags, len(self.tag_vocabulary))
+        self.model = Funnel(config, self.text_vectors, tags, len(self.tag_vocabulary)).to(self.device)
         self.warm_start = warm_start
         if warm_start is not None:
             self._load_weights(warm_start)
@@ -177,9 +181,10 @@ class Trainer:
         self.model.items.id_known[1:] = torch.from_numpy((counts > 0).astype(np.float32))
         # Negatives come only from items with training interactions: the others are never
         # positives, and sampling them would teach the model that new items are bad ones.
-        self.known_items = torch.from_numpy(np.flatnonzero(counts > 0))
+        self.known_items = torch.from_numpy(np.flatnonzero(counts > 0)).to(self.device)
         self.log_q = torch.log(torch.from_numpy(counts + 1.0) / (counts.sum() + dataset.num_items)).float()
-        self.log_popularity = torch.from_numpy(np.log1p(self.popularity))
+        self.log_q = self.log_q.to(self.device)
+        self.log_popularity = torch.from_numpy(np.log1p(self.popularity)).to(self.device)
         # Off: "recent" counts at the all-time rate, which makes the popular score all-time alone.
         self.recent_popularity = (recent_popularity(self.split.train, dataset.num_items, dataset.timestamps)
                                   if config.recent_popularity else self.popularity * RECENT_SHARE)
@@ -200,24 +205,25 @@ class Trainer:
         tau = self.config.model.temperature
         known = self.known_items
         if self.config.num_negatives >= len(known):  # the sample is every known item
-            logits = torch.full((len(users), items.shape[0]), -math.inf)
+            logits = torch.full((len(users), items.shape[0]), -math.inf, device=users.device)
             logits[:, known] = users @ items[known].T / tau
             return F.cross_entropy(logits, targets)
         users = users / tau
-        uniform = known[torch.randint(len(known), (self.config.num_negatives,))]
+        uniform = known[torch.randint(len(known), (self.config.num_negatives,)).to(self.device)]
         # In-batch negatives: distinct targets of the batch, drawn in proportion to popularity,
         # hence the logQ correction; at most num_negatives of them keeps the logits small.
         others = targets.unique()
         if len(others) > self.config.num_negatives:
-            others = others[torch.randperm(len(others))[: self.config.num_negatives]]
+            others = others[torch.randperm(len(others))[: self.config.num_negatives].to(self.device)]
         negatives = torch.cat([uniform, others])
-        log_q = torch.cat([torch.full((len(uniform),), math.log(self.config.num_negatives / len(known))),
+        log_q = torch.cat([torch.full((len(uniform),), math.log(self.config.num_negatives / len(known)),
+                                      device=self.device),
                            self.log_q[others] + math.log(len(targets))])
         return sampled_softmax(users, items[targets], items[negatives], log_q, negatives[None, :] == targets[:, None])
 
     def item_table(self) -> torch.Tensor:
         """(I + 1, d) item vectors with the padding row, as the encoder reads them."""
-        return torch.cat([torch.zeros(1, self.config.model.dim), self.model.items.all_items()])
+        return torch.cat([torch.zeros(1, self.config.model.dim, device=self.device), self.model.items.all_items()])
 
     def scorer(self) -> FunnelScorer:
         """The current models with frozen item tables, in evaluation mode."""
@@ -225,6 +231,7 @@ class Trainer:
         with torch.no_grad():
             table = self.item_table()
         popular = popular_scores(self.popularity, self.recent_popularity, RECENT_SHARE)
+        # The scorer computes where the item table lives, this trainer's device.
         return FunnelScorer(self.model.encoder, self.model.ranker, table, self.text_vectors, self.log_popularity,
                             torch.from_numpy(popular), torch.from_numpy(self.neighbour_ids.astype(np.int64)),
                             torch.from_numpy(self.neighbour_scores), self.budgets)
@@ -260,6 +267,19 @@ class Trainer:
             self.parallel.average_gradients(parameters)
         optimiser.step()
 
+    def _random_streams(self) -> dict[str, torch.Tensor]:
+        """The random streams a checkpoint keeps: the CPU's, and the CUDA device's (dropout
+        and ID dropout draw there when the models compute on it)."""
+        streams = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            streams["cuda"] = torch.cuda.get_rng_state(self.device)
+        return streams
+
+    def _restore_random_streams(self, rng: dict[str, Any]) -> None:
+        torch.set_rng_state(rng["torch"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
     def _end_of_epoch(self, state: PhaseState, optimiser: torch.optim.Optimizer, stop: bool) -> bool:
         """Checkpoint and report (data-parallel runs), and the stop decision all replicas share."""
         if self.parallel is None:
@@ -286,14 +306,14 @@ class Trainer:
             state = self.resume
             optimiser.load_state_dict(state.optimiser or {})
             generator.set_state(state.rng["generator"])
-            torch.set_rng_state(state.rng["torch"])
+            self._restore_random_streams(state.rng)
         batch_size = self._batch_size()
         for epoch in range(state.epoch, cfg.epochs):
             self.model.train()
             order = self._share(torch.randperm(len(windows), generator=generator))
             total = 0.0
             for start in range(0, len(order), batch_size):
-                batch = windows[order[start : start + batch_size]]
+                batch = windows[order[start : start + batch_size]].to(self.device)
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 table = self.item_table()
                 users = self.model.encoder(table[inputs], inputs == 0)              # (B, T, d)
@@ -315,7 +335,7 @@ class Trainer:
                 state.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             else:
                 state.stale += 1
-            state.rng = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+            state.rng = {"generator": generator.get_state(), **self._random_streams()}
             if self._end_of_epoch(state, optimiser, state.stale >= cfg.patience
                                   or point["seconds"] > cfg.time_budget_s):
                 break
@@ -345,7 +365,7 @@ class Trainer:
             state = self.resume
             optimiser.load_state_dict(state.optimiser or {})
             rng.bit_generator.state = state.rng["numpy"]
-            torch.set_rng_state(state.rng["torch"])
+            self._restore_random_streams(state.rng)
         else:
             state = PhaseState("ranker", best=self.evaluate(validation=True, with_ranker=True)["ndcg@10"],
                                best_state={k: v.clone() for k, v in self.model.ranker.state_dict().items()},
@@ -361,11 +381,11 @@ class Trainer:
             for start in range(0, len(order), batch_size):
                 chosen = [examples[i] for i in order[start : start + batch_size]]
                 histories = [h for h, _ in chosen]
-                targets = torch.tensor([t for _, t in chosen])
+                targets = torch.tensor([t for _, t in chosen], device=self.device)
                 with torch.no_grad():
                     users, semantic = scorer.queries(histories)
-                    candidates, flags, mask = scorer.recall(histories, users, semantic,
-                                                            seen_mask(histories, self.dataset.num_items))
+                    candidates, flags, mask = scorer.recall(
+                        histories, users, semantic, seen_mask(histories, self.dataset.num_items, self.device))
                 hit = (candidates == targets[:, None]) & mask
                 keep = hit.any(1)  # learn only where recall found the target
                 optimiser.zero_grad()
@@ -378,7 +398,7 @@ class Trainer:
                     self._step(params, optimiser)
                     continue
                 self.model.ranker.train()
-                as_cold = torch.rand(candidates.shape) < cfg.ranker_cold_share
+                as_cold = (torch.rand(candidates.shape) < cfg.ranker_cold_share).to(self.device)
                 scores = scorer.rank(histories, users, semantic, candidates, flags, as_cold)
                 scores = scores.masked_fill(~mask, -math.inf)
                 loss = F.cross_entropy(scores[keep], hit[keep].float().argmax(1))
@@ -391,7 +411,7 @@ class Trainer:
             if point["ndcg@10"] > state.best:
                 state.best = point["ndcg@10"]
                 state.best_state = {k: v.clone() for k, v in self.model.ranker.state_dict().items()}
-            state.rng = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+            state.rng = {"numpy": rng.bit_generator.state, **self._random_streams()}
             if self._end_of_epoch(state, optimiser, time.perf_counter() - phase_started > cfg.ranker_time_budget_s):
                 break
         if state.best_state is not None:
@@ -414,7 +434,7 @@ class Trainer:
             self.model.eval()
             table = self.item_table()
         state = self.model.state_dict()
-        arrays = {SEQUENTIAL: table[1:].numpy().astype(np.float32), SEMANTIC: self.text_vectors}
+        arrays = {SEQUENTIAL: table[1:].cpu().numpy().astype(np.float32), SEMANTIC: self.text_vectors}
         bundle = Bundle(
             version=new_version_id(self.dataset.name),
             item_ids=self.dataset.item_ids,
@@ -435,7 +455,8 @@ class Trainer:
             },
         )
         weights = {
-            name: {k.removeprefix(f"{prefix}."): v.numpy() for k, v in state.items() if k.startswith(f"{prefix}.")}
+            name: {k.removeprefix(f"{prefix}."): v.cpu().numpy() for k, v in state.items()
+                   if k.startswith(f"{prefix}.")}
             for name, prefix in (("query_encoder", "encoder"), ("ranker", "ranker"), ("item_encoder", "items"))
         }
         bundle.save(folder, weights)
@@ -447,7 +468,7 @@ def _index_queries(trainer: Trainer, count: int = 256) -> dict[str, np.ndarray]:
     histories = [trainer.split.valid_history(p) for p in range(min(count, len(trainer.split.users)))]
     with torch.no_grad():
         users, semantic = trainer.scorer().queries(histories)
-    return {SEQUENTIAL: users.numpy().astype(np.float32), SEMANTIC: semantic.numpy().astype(np.float32)}
+    return {SEQUENTIAL: users.cpu().numpy().astype(np.float32), SEMANTIC: semantic.cpu().numpy().astype(np.float32)}
 
 
 def fit(trainer: Trainer) -> tuple[dict[str, Any], list[dict[str, float]]]:

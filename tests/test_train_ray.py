@@ -19,6 +19,7 @@ import torch
 
 from cluster.train_ray import RayTrainConfig, read_checkpoint, torch_trainer, train_on_ray, write_checkpoint
 from ranking.train import PhaseState, Trainer, TrainResult, fit
+from recdata.bundle import read_manifest
 from recdata.dataset import Dataset
 from tests.conftest import TINY_TRAINING
 
@@ -89,13 +90,16 @@ def test_the_training_process_keeps_each_phases_last_epoch_on_the_dashboard() ->
     assert shown == [("encoder", 0.2, 8.0), ("ranker", 0.3, 2.0)]
 
 
-def test_gpu_workers_average_their_cpu_gradients_over_gloo(tiny_dataset: Dataset, tmp_path: Path) -> None:
-    """NCCL, Ray Train's choice for GPU workers, refuses the CPU tensors the replicas average."""
-    trainer = torch_trainer(RayTrainConfig(workers=2, use_gpu=True, storage=tmp_path),
+@pytest.mark.parametrize(("use_gpu", "backend"), [(False, "gloo"), (True, "nccl")])
+def test_replicas_average_their_gradients_where_they_train(tiny_dataset: Dataset, tmp_path: Path,
+                                                           use_gpu: bool, backend: str) -> None:
+    """GPU workers train on their GPU, so NCCL carries their gradients; CPU workers use gloo."""
+    trainer = torch_trainer(RayTrainConfig(workers=2, use_gpu=use_gpu, storage=tmp_path),
                             {"config": TINY_TRAINING, "dataset": tiny_dataset, "text_vectors": None, "out": "",
                              "warm_start": "", "metrics": {}})
-    assert trainer.scaling_config.use_gpu
-    assert trainer.backend_config.backend == "gloo"
+    assert trainer.scaling_config.use_gpu == use_gpu
+    assert trainer.backend_config.backend == backend
+    assert trainer.train_loop_config["use_gpu"] == use_gpu  # each worker takes its device from it
 
 
 @pytest.mark.parametrize("die_after", [2, 7])  # in the encoder phase; in the ranker phase
@@ -134,6 +138,7 @@ def test_ray_train_with_two_workers_writes_a_bundle_of_the_same_quality(
     finally:
         ray.shutdown()
     assert result.metrics["workers"] == 2 and (tmp_path / "bundle" / "manifest.json").is_file()
+    assert read_manifest(tmp_path / "bundle")["training"]["device"] == "cpu"  # CPU workers train on the CPU
     assert any((tmp_path / "checkpoints").rglob("checkpoint_*/state.json"))  # a checkpoint every epoch
     single = tiny_training.metrics["test"]["funnel"]["ndcg@10"]
     # Same seed, same data, two replicas: the same quality within noise.

@@ -1,0 +1,99 @@
+"""Where the models compute: training and serving take a configured device, CUDA by default
+where torch sees one, and refuse a device the machine lacks with what it has. The CUDA tests
+run only where there is a GPU (marked `gpu`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from ranking.devices import resolve_device
+from ranking.inference import RankingModel
+from ranking.train import Trainer, TrainResult, train
+from recdata.bundle import read_manifest
+from recdata.dataset import Dataset
+from tests.conftest import TINY_TRAINING
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_without_a_configured_device_models_go_to_cuda_where_present() -> None:
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["cuda:99", "mps", "not a device"])
+def test_a_device_this_machine_lacks_is_refused_naming_it(name: str) -> None:
+    with pytest.raises(ValueError, match=repr(name)):
+        resolve_device(name)
+
+
+def test_the_trainer_puts_every_weight_on_its_device_and_refuses_a_missing_one(
+        tiny_dataset: Dataset, text_encoder) -> None:
+    trainer = Trainer(tiny_dataset, replace(TINY_TRAINING, device="cpu"), text_encoder)
+    assert trainer.device == torch.device("cpu")
+    tensors = [*trainer.model.parameters(), *trainer.model.buffers(), trainer.known_items, trainer.log_q,
+               trainer.log_popularity, trainer.scorer().text_t, trainer.scorer().neighbour_ids]
+    assert {t.device for t in tensors} == {torch.device("cpu")}
+    with pytest.raises(ValueError, match="cuda:99"):
+        Trainer(tiny_dataset, replace(TINY_TRAINING, device="cuda:99"), text_encoder)
+
+
+def test_train_refuses_a_bad_device_before_it_loads_anything(tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "b"), "--device", "quantum"])
+    assert result.exit_code == 2 and "not a torch device" in result.output
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "b"), "--workers", "2", "--device", "cpu"])
+    assert result.exit_code == 2 and "--gpu" in result.output
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_training_on_cuda_gives_the_quality_of_the_cpu(tiny_dataset: Dataset, text_encoder,
+                                                        tiny_training: TrainResult, tmp_path: Path) -> None:
+    result = train(tiny_dataset, replace(TINY_TRAINING, device="cuda"), tmp_path / "bundle", text_encoder)
+    assert read_manifest(result.folder)["training"]["device"] == "cuda"
+    # Same seed and data; CUDA kernels sum in another order, so within noise, not equal.
+    cpu = tiny_training.metrics["test"]["funnel"]["ndcg@10"]
+    assert result.metrics["test"]["funnel"]["ndcg@10"] >= 0.8 * cpu
+    # The bundle it wrote serves on the CPU.
+    model = RankingModel.load(result.folder, device="cpu")
+    ranked = model.rank(np.array([3, 5, 8]), np.array([10, 11, 12]), np.zeros(3, np.int64))
+    assert np.isfinite(ranked.scores).all()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_cuda_trainer_checkpoints_the_devices_random_stream(tiny_dataset: Dataset, text_encoder) -> None:
+    trainer = Trainer(tiny_dataset, replace(TINY_TRAINING, device="cuda"), text_encoder)
+    assert {p.device.type for p in trainer.model.parameters()} == {"cuda"}
+    saved = trainer._random_streams()
+    expected = torch.rand(4, device=trainer.device)
+    trainer._restore_random_streams(saved)
+    assert torch.equal(torch.rand(4, device=trainer.device), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_ray_train_gpu_worker_trains_on_its_gpu(tiny_dataset: Dataset, text_encoder,
+                                                  tiny_training: TrainResult, tmp_path: Path) -> None:
+    import ray
+
+    from cluster.train_ray import RayTrainConfig, train_on_ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        result = train_on_ray(tiny_dataset, TINY_TRAINING, tmp_path / "bundle",
+                              RayTrainConfig(workers=1, use_gpu=True, storage=tmp_path / "checkpoints"),
+                              text_vectors=text_encoder.encode(tiny_dataset.item_texts))
+    finally:
+        ray.shutdown()
+    assert read_manifest(result.folder)["training"]["device"].startswith("cuda")
+    assert result.metrics["test"]["funnel"]["ndcg@10"] >= 0.8 * tiny_training.metrics["test"]["funnel"]["ndcg@10"]

@@ -110,14 +110,15 @@ class FunnelScorer:
     def item2item(self, histories: list[np.ndarray]) -> torch.Tensor:
         """(B, I) co-occurrence scores of the recent history items' neighbours, -inf for the rest."""
         B, recent = len(histories), ITEM2ITEM_RECENT
-        rows = torch.zeros(B, recent, dtype=torch.long)
-        weights = torch.zeros(B, recent)
+        recent_rows = np.zeros((B, recent), dtype=np.int64)  # built on the host, sent in one copy
+        recent_weights = np.zeros((B, recent), dtype=np.float32)
         for b, history in enumerate(histories):
             tail = np.asarray(history[-recent:], dtype=np.int64)
             if len(tail):
-                rows[b, recent - len(tail):] = torch.from_numpy(tail)
-                weights[b, recent - len(tail):] = torch.from_numpy(recency_weights(len(tail)))
-        rows, weights = rows.to(self.device), weights.to(self.device)
+                recent_rows[b, recent - len(tail):] = tail
+                recent_weights[b, recent - len(tail):] = recency_weights(len(tail))
+        rows = torch.from_numpy(recent_rows).to(self.device)
+        weights = torch.from_numpy(recent_weights).to(self.device)
         ids = self.neighbour_ids[rows]                                            # (B, R, M)
         contributions = self.neighbour_scores[rows] * weights.unsqueeze(-1)
         # Missing neighbours (-1) land in an extra column that is cut off afterwards.

@@ -39,6 +39,9 @@ from retrieval.index import build_index
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict[str, float]], None]
+# Where the trainer's random draws (negatives, shuffles, cold candidates) are made, whatever
+# device it computes on: the CPU generator's stream is what seeds and checkpoints pin down.
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -152,8 +155,6 @@ class Trainer:
         keep_freed_memory()
         seed_everything(config.seed)
         torch.set_num_threads(config.threads)
-        # Random draws stay on the CPU's generator whatever the device, so a run's sample of
-        # negatives and its checkpointed random state do not depend on where it computes.
         self.device = resolve_device(config.device)
         self.split: Split = leave_last_two(dataset)
         if cold_items is not None and len(cold_items):
@@ -209,12 +210,12 @@ class Trainer:
             logits[:, known] = users @ items[known].T / tau
             return F.cross_entropy(logits, targets)
         users = users / tau
-        uniform = known[torch.randint(len(known), (self.config.num_negatives,)).to(self.device)]
+        uniform = known[torch.randint(len(known), (self.config.num_negatives,), device=CPU).to(self.device)]
         # In-batch negatives: distinct targets of the batch, drawn in proportion to popularity,
         # hence the logQ correction; at most num_negatives of them keeps the logits small.
         others = targets.unique()
         if len(others) > self.config.num_negatives:
-            others = others[torch.randperm(len(others))[: self.config.num_negatives].to(self.device)]
+            others = others[torch.randperm(len(others), device=CPU)[: self.config.num_negatives].to(self.device)]
         negatives = torch.cat([uniform, others])
         log_q = torch.cat([torch.full((len(uniform),), math.log(self.config.num_negatives / len(known)),
                                       device=self.device),
@@ -310,7 +311,7 @@ class Trainer:
         batch_size = self._batch_size()
         for epoch in range(state.epoch, cfg.epochs):
             self.model.train()
-            order = self._share(torch.randperm(len(windows), generator=generator))
+            order = self._share(torch.randperm(len(windows), generator=generator, device=CPU))
             total = 0.0
             for start in range(0, len(order), batch_size):
                 batch = windows[order[start : start + batch_size]].to(self.device)
@@ -398,7 +399,7 @@ class Trainer:
                     self._step(params, optimiser)
                     continue
                 self.model.ranker.train()
-                as_cold = (torch.rand(candidates.shape) < cfg.ranker_cold_share).to(self.device)
+                as_cold = (torch.rand(candidates.shape, device=CPU) < cfg.ranker_cold_share).to(self.device)
                 scores = scorer.rank(histories, users, semantic, candidates, flags, as_cold)
                 scores = scores.masked_fill(~mask, -math.inf)
                 loss = F.cross_entropy(scores[keep], hit[keep].float().argmax(1))

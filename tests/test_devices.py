@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from cluster.cli import app
 from ranking.devices import resolve_device
-from ranking.inference import RankingModel
+from ranking.inference import RankCall, RankingModel
 from ranking.train import Trainer, TrainResult, fit, train
-from recdata.bundle import read_manifest
+from recdata.bundle import load_bundle, read_manifest
+from recdata.channels import channel_mask
 from recdata.dataset import Dataset
 from tests.conftest import TINY_TRAINING
 
@@ -113,3 +114,23 @@ def test_the_trainer_places_every_tensor_it_makes(tiny_dataset: Dataset, text_en
     finally:
         torch.set_default_device(None)
     assert metrics["test"] == expected["test"] and metrics["valid"] == expected["valid"]
+
+
+def test_the_served_model_places_every_tensor_it_makes(tiny_training: TrainResult) -> None:
+    """The same check for Encode and Rank (explanations and MMR included) on a loaded bundle."""
+    items = load_bundle(tiny_training.folder).item_ids
+    calls = [RankCall(items[:12], [(i, channel_mask(["sequential"])) for i in items[50:120]], 10, diversity, 3)
+             for diversity in (0.0, 0.3)]
+    calls.append(RankCall([], [(i, channel_mask(["popular"])) for i in items[5:30]], 5))
+    histories = [np.arange(6), np.arange(0)]
+
+    expected, model = (RankingModel.load(tiny_training.folder, device="cpu") for _ in range(2))
+    expected_ranks, expected_vectors = expected.rank_many(calls), expected.encode(histories)
+    torch.set_default_device("meta")  # after loading: modules built under it would hold no weights
+    try:
+        ranks, vectors = model.rank_many(calls), model.encode(histories)
+    finally:
+        torch.set_default_device(None)
+    assert ranks == expected_ranks
+    for channel, values in expected_vectors.items():
+        np.testing.assert_array_equal(vectors[channel], values)

@@ -400,7 +400,7 @@ class RankingModel:
         encoder = ItemEncoder(self.config, text, np.zeros((len(text), MAX_TAGS), np.int64), len(vocabulary))
         encoder.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(self.folder, "item_encoder").items()})
         self.tag_vocabulary = vocabulary
-        self.text_encoder = text_encoder or TextEncoder()
+        self.text_encoder = text_encoder or TextEncoder(device=str(self.device))
         self.item_encoder = encoder.to(self.device).eval()
         return self.item_encoder, self.text_encoder
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ranking.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,9 @@ def default_model_dir() -> Path:
 class TextEncoder:
     """Mean-pooled, L2-normalised sentence vectors, cached per text hash."""
 
-    def __init__(self, model_dir: Path | None = None, batch_size: int = 64, max_tokens: int = 64):
+    def __init__(self, model_dir: Path | None = None, batch_size: int = 64, max_tokens: int = 64,
+                 device: str | None = None):
+        """`device`: where the language model runs ("cpu", "cuda[:N]"; None = CUDA when present)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
@@ -40,7 +44,8 @@ class TextEncoder:
         if not (self.model_dir / "config.json").exists():
             raise FileNotFoundError(f"{self.model_dir} is not a Hugging Face model folder (no config.json)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True).eval()
+        self.device = resolve_device(device)
+        self.model = AutoModel.from_pretrained(self.model_dir, local_files_only=True).to(self.device).eval()
         self.batch_size = batch_size
         self.max_tokens = max_tokens
         self.dim = int(self.model.config.hidden_size)
@@ -53,11 +58,11 @@ class TextEncoder:
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt")
+                               return_tensors="pt").to(self.device)
         hidden = self.model(**batch).last_hidden_state  # (B, L, H)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, H)
-        return torch.nn.functional.normalize(pooled, dim=-1).numpy().astype(np.float32)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(N, dim) float32 unit vectors; empty texts give zero vectors (no text signal)."""

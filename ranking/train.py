@@ -163,7 +163,7 @@ class Trainer:
             self.split = Split([s[~cold[s]] for s in self.split.train], self.split.users,
                                self.split.valid_targets, self.split.test_targets)
         if config.use_text:
-            self.text_encoder: TextEncoder | None = text_encoder or TextEncoder()
+            self.text_encoder: TextEncoder | None = text_encoder or TextEncoder(device=str(self.device))
             self.text_vectors = (self.text_encoder.encode(dataset.item_texts) if text_vectors is None
                                  else text_vectors)
             tags, self.tag_vocabulary = tag_matrix(dataset.item_tags)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from cluster.cli import app
 from ranking.devices import resolve_device
 from ranking.inference import RankCall, RankingModel
+from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer, TrainResult, fit, train
 from recdata.bundle import load_bundle, read_manifest
 from recdata.channels import channel_mask
@@ -134,3 +135,17 @@ def test_the_served_model_places_every_tensor_it_makes(tiny_training: TrainResul
     assert ranks == expected_ranks
     for channel, values in expected_vectors.items():
         np.testing.assert_array_equal(vectors[channel], values)
+
+
+def test_the_language_model_runs_on_the_configured_device(text_encoder) -> None:
+    assert text_encoder.device == resolve_device(None)
+    with pytest.raises(ValueError, match="cuda:99"):
+        TextEncoder(device="cuda:99")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_language_model_on_cuda_gives_the_cpus_vectors(text_encoder) -> None:
+    texts = ["A quiet film about the sea", "Space opera with lasers and a dog", ""]
+    on_gpu = TextEncoder(device="cuda").encode(texts)
+    np.testing.assert_allclose(on_gpu, TextEncoder(device="cpu").encode(texts), atol=1e-4)

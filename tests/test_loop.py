@@ -142,6 +142,9 @@ def test_loop_settings_come_from_the_cluster_config(tmp_path: Path) -> None:
         ClusterConfig.from_file(toml)
     with pytest.raises(ValueError, match="unknown dataset"):
         LoopConfig.from_dict({"dataset": "ml-1b"})
+    # The example shipped in deploy/ parses: every key it names is one the config knows.
+    shipped = ClusterConfig.from_file(Path(__file__).parents[1] / "deploy" / "cluster.toml")
+    assert shipped.loop is not None and shipped.loop.workers == 1 and not shipped.loop.use_gpu
 
 
 # ---- end to end ----------------------------------------------------------------------------

@@ -139,6 +139,8 @@ def test_the_served_model_places_every_tensor_it_makes(tiny_training: TrainResul
 
 def test_the_language_model_runs_on_the_configured_device(text_encoder) -> None:
     assert text_encoder.device == resolve_device(None)
+    assert {p.device for p in text_encoder.model.parameters()} == {text_encoder.device}
+    assert TextEncoder(device="cpu").device == torch.device("cpu")
     with pytest.raises(ValueError, match="cuda:99"):
         TextEncoder(device="cuda:99")
 

@@ -183,8 +183,8 @@ class Trainer:
         # Negatives come only from items with training interactions: the others are never
         # positives, and sampling them would teach the model that new items are bad ones.
         self.known_items = torch.from_numpy(np.flatnonzero(counts > 0)).to(self.device)
-        self.log_q = torch.log(torch.from_numpy(counts + 1.0) / (counts.sum() + dataset.num_items)).float()
-        self.log_q = self.log_q.to(self.device)
+        share = (counts + 1.0) / (counts.sum() + dataset.num_items)
+        self.log_q = torch.log(torch.from_numpy(share)).float().to(self.device)
         self.log_popularity = torch.from_numpy(np.log1p(self.popularity)).to(self.device)
         # Off: "recent" counts at the all-time rate, which makes the popular score all-time alone.
         self.recent_popularity = (recent_popularity(self.split.train, dataset.num_items, dataset.timestamps)

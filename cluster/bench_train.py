@@ -8,11 +8,16 @@ validation after each epoch included, as every path does it. The overhead of Ray
 The plain loop runs twice: before Ray starts, and again while Ray's own processes (raylet,
 GCS, agents) run idle beside it. The first is the headline comparison; the second splits
 the overhead into what sharing the cores with Ray costs and what Ray Train itself adds.
+
+With `rounds` above 1 every path runs once per round, Ray started and shut down within each
+round, and the headline figures are medians over the rounds (each round's own are kept):
+a single pass on a two-core virtual machine has given overheads from 2% to 17%.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -65,38 +70,35 @@ def _overheads(ray_train: dict[str, Any], plain: dict[str, Any]) -> tuple[float,
             round(1 - ray_train["samples_per_s_after_first_epoch"] / plain["samples_per_s_after_first_epoch"], 4))
 
 
-def run_train_bench(dataset: Dataset, epochs: int, workers: list[int], seed: int = 0) -> dict[str, Any]:
-    import ray
-
+def _ray_train_run(dataset: Dataset, config: TrainConfig, text_vectors: Any, samples: int, count: int,
+                   cores: int) -> dict[str, Any]:
     from cluster.train_ray import RayTrainConfig, train_on_ray
 
-    cores = os.cpu_count() or 2
-    # A fixed number of epochs: no early stop, no time budget, no ranker epochs.
-    # CPU on both sides, as Ray Train's workers without GPUs are.
-    config = TrainConfig(epochs=epochs, patience=epochs, time_budget_s=1e9, ranker_epochs=0, seed=seed,
-                         threads=cores, device="cpu")
-    text_vectors = TextEncoder().encode(dataset.item_texts)
-    plain = Trainer(dataset, config, text_vectors=text_vectors)
-    samples = positions_per_epoch(plain) * epochs
-    report: dict[str, Any] = {"dataset": dataset.name, "epochs": epochs, "positions_per_epoch": samples // epochs,
-                              "cores": cores, "plain": _plain_run(plain, samples)}
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    with tempfile.TemporaryDirectory() as folder:
+        result = train_on_ray(dataset, config, Path(folder) / "bundle",
+                              RayTrainConfig(workers=count, storage=Path(folder) / "checkpoints",
+                                             cpus_per_worker=cores / count, name=f"bench-{count}"),
+                              text_vectors=text_vectors)
+    seconds = _encoder_seconds(result.curve)
+    return {"workers": count, "seconds": round(seconds, 2), "samples_per_s": round(samples / seconds, 1),
+            "samples_per_s_after_first_epoch": _after_first(result.curve, samples // config.epochs),
+            "epoch_seconds": _epoch_seconds(result.curve),
+            "valid_ndcg@10": round([p for p in result.curve if p["stage"] == 0.0][-1]["ndcg@10"], 4)}
+
+
+def _round(dataset: Dataset, config: TrainConfig, text_vectors: Any, samples: int, workers: list[int],
+           cores: int) -> dict[str, Any]:
+    """One pass over every path: the plain loop before Ray starts, then beside idle Ray, then
+    Ray Train with each worker count; Ray is shut down again at the end."""
+    import ray
+
+    report: dict[str, Any] = {"plain": _plain_run(Trainer(dataset, config, text_vectors=text_vectors), samples)}
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         time.sleep(RAY_SETTLE_S)
         report["plain_beside_idle_ray"] = _plain_run(Trainer(dataset, config, text_vectors=text_vectors), samples)
         for count in workers:
-            with tempfile.TemporaryDirectory() as folder:
-                result = train_on_ray(dataset, config, Path(folder) / "bundle",
-                                      RayTrainConfig(workers=count, storage=Path(folder) / "checkpoints",
-                                                     cpus_per_worker=cores / count, name=f"bench-{count}"),
-                                      text_vectors=text_vectors)
-            seconds = _encoder_seconds(result.curve)
-            report[f"ray_train_{count}"] = {
-                "workers": count, "seconds": round(seconds, 2), "samples_per_s": round(samples / seconds, 1),
-                "samples_per_s_after_first_epoch": _after_first(result.curve, samples // epochs),
-                "epoch_seconds": _epoch_seconds(result.curve),
-                "valid_ndcg@10": round([p for p in result.curve if p["stage"] == 0.0][-1]["ndcg@10"], 4)}
+            report[f"ray_train_{count}"] = _ray_train_run(dataset, config, text_vectors, samples, count, cores)
     finally:
         ray.shutdown()
     if "ray_train_1" in report:
@@ -112,3 +114,40 @@ def run_train_bench(dataset: Dataset, epochs: int, workers: list[int], seed: int
                                          / report["ray_train_1"]["samples_per_s"], 3)
     return report
 
+
+def summarise_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over rounds of every figure each round reports, paths and overheads alike.
+
+    Each overhead is a ratio of two runs minutes apart in one round; the median of those paired
+    ratios follows the machine's drift less than a ratio of medians would, and one slow run
+    (this kind of machine swings by several percent from minute to minute) moves it little.
+    """
+    summary: dict[str, Any] = {}
+    for key, first in rounds[0].items():
+        if isinstance(first, dict):
+            summary[key] = {name: (round(statistics.median(r[key][name] for r in rounds), 4)
+                                   if isinstance(value, float) else value)
+                            for name, value in first.items() if name != "epoch_seconds"}
+        else:
+            summary[key] = round(statistics.median(r[key] for r in rounds), 4)
+    return summary
+
+
+def run_train_bench(dataset: Dataset, epochs: int, workers: list[int], seed: int = 0,
+                    rounds: int = 1) -> dict[str, Any]:
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    cores = os.cpu_count() or 2
+    # A fixed number of epochs: no early stop, no time budget, no ranker epochs.
+    # CPU on both sides, as Ray Train's workers without GPUs are.
+    config = TrainConfig(epochs=epochs, patience=epochs, time_budget_s=1e9, ranker_epochs=0, seed=seed,
+                         threads=cores, device="cpu")
+    text_vectors = TextEncoder().encode(dataset.item_texts)
+    samples = positions_per_epoch(Trainer(dataset, config, text_vectors=text_vectors)) * epochs
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    passes = [_round(dataset, config, text_vectors, samples, workers, cores) for _ in range(rounds)]
+    report: dict[str, Any] = {"dataset": dataset.name, "epochs": epochs, "positions_per_epoch": samples // epochs,
+                              "cores": cores, "rounds": rounds}
+    if rounds == 1:
+        return report | passes[0]
+    return report | summarise_rounds(passes) | {"per_round": passes}

@@ -433,13 +433,14 @@ def bench_train(
     epochs: Annotated[int, typer.Option(min=1, max=100, help="query-encoder epochs each path trains")] = 3,
     workers: Annotated[str, typer.Option(help="comma-separated Ray Train worker counts")] = "1,2",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="passes over every path; figures are their medians")] = 1,
 ) -> None:
     """Training throughput: the plain loop against Ray Train with 1 and 2 workers, one run."""
     from cluster.bench_train import run_train_bench
 
     counts = [int(n) for n in workers.split(",") if n.strip()]
-    typer.echo(json.dumps(run_train_bench(load_data(dataset, None, None, DataFormat.pairs), epochs, counts, seed),
-                          indent=2))
+    typer.echo(json.dumps(run_train_bench(load_data(dataset, None, None, DataFormat.pairs), epochs, counts, seed,
+                                          rounds), indent=2))
 
 
 @bench_app.command("ablations")

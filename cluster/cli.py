@@ -526,6 +526,19 @@ def bench_serving(
     typer.echo(json.dumps(report, indent=None if as_json else 2))
 
 
+@bench_app.command("transport")
+def bench_transport(
+    rate: Annotated[float, typer.Option(min=0.1, max=100, help="requests/s of the idle measurement")] = 10.0,
+    seconds: Annotated[float, typer.Option(min=0.5, max=600, help="seconds of the idle measurement")] = 8.0,
+    seed: Annotated[int, typer.Option(help="random seed of the arrivals")] = 0,
+) -> None:
+    """One round trip between two local processes, idle and back to back: grpc.aio against a
+    bare asyncio socket. The cluster's request path makes four such gRPC round trips."""
+    from cluster.bench_transport import run_transport_bench
+
+    typer.echo(json.dumps(run_transport_bench(rate, seconds, seed), indent=2))
+
+
 @bench_app.command("recall")
 def bench_recall(
     items: Annotated[int, typer.Option(min=1000, help="catalogue size")] = 1_000_000,

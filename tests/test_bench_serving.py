@@ -45,5 +45,5 @@ async def test_empty_round_trips_times_empty_round_trips_to_a_server(tiny_bundle
     finally:
         await service.stop(0)
 
-    assert summary["requests"] > 10 and not summary["errors"]
-    assert 0 < summary["p50_ms"] <= summary["p99_ms"]
+    assert summary["calls"] > 10
+    assert 0 < summary["p50_ms"] <= summary["p90_ms"] and summary["back_to_back_p50_ms"] > 0

@@ -319,15 +319,20 @@ def evaluate(
     baselines: Annotated[bool, typer.Option(help="train SASRec-BCE, the no-text and cold-start models")] = True,
     cold_draws: Annotated[int, typer.Option(min=1, max=20, help="seeded draws of cold items, cases pooled")] = 1,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for every model "
+                                                    "(default: CUDA where torch sees one)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
 ) -> None:
     """Full-ranking and sampled metrics of the funnel against baselines trained in the same run."""
     from ranking.quality import EvaluateConfig
     from ranking.quality import evaluate as run_evaluation
 
+    try:
+        config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed,
+                                cold_draws=cold_draws, device=device)
+    except ValueError as error:  # the message names the option's field
+        raise typer.BadParameter(str(error)) from error
     data = load_data(dataset, interactions, items, fmt)
-    config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed,
-                            cold_draws=cold_draws)
     report = run_evaluation(bundle, data, config, report=None if as_json else console.log)
     typer.echo(json.dumps(report, indent=None if as_json else 2))
 

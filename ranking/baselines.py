@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ranking.config import ModelConfig, TrainConfig
+from ranking.devices import resolve_device
 from ranking.evaluation import Evaluation
 from ranking.inference import pad_left
 from ranking.query_encoder import QueryEncoder
-from ranking.train import seed_everything, training_windows
+from ranking.train import CPU, seed_everything, training_windows
 from recdata.split import Split
 
 
@@ -47,13 +48,14 @@ class SASRecTrainer:
     def __init__(self, split: Split, num_items: int, config: TrainConfig, valid: Evaluation):
         seed_everything(config.seed)
         self.split, self.num_items, self.config, self.valid = split, num_items, config, valid
-        self.model = SASRec(config.model, num_items)
+        self.device = resolve_device(config.device)
+        self.model = SASRec(config.model, num_items).to(self.device)
 
     @torch.no_grad()
     def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
         self.model.eval()
         padded, _ = pad_left(histories, self.config.model.max_len)
-        return self.model.users(padded)[:, -1] @ self.model.items.weight[1:].T
+        return self.model.users(padded.to(self.device))[:, -1] @ self.model.items.weight[1:].T
 
     def train(self) -> float:
         """Train with early stopping on validation NDCG@10; returns the seconds it took."""
@@ -61,16 +63,19 @@ class SASRecTrainer:
         started = time.perf_counter()
         windows = torch.from_numpy(training_windows(self.split.train, cfg.model.max_len))
         optimiser = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        generator = torch.Generator().manual_seed(cfg.seed)
+        generator = torch.Generator(device=CPU).manual_seed(cfg.seed)
         best, best_state, stale = -1.0, None, 0
         for _ in range(cfg.epochs):
             self.model.train()
-            order = torch.randperm(len(windows), generator=generator)
+            order = torch.randperm(len(windows), generator=generator, device=CPU)
             for start in range(0, len(windows), cfg.batch_size):
-                batch = windows[order[start : start + cfg.batch_size]]
+                batch = windows[order[start : start + cfg.batch_size]].to(self.device)
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 users = self.model.users(inputs)                                   # (B, T, d)
-                negatives = torch.randint(1, self.num_items + 1, targets.shape, generator=generator)
+                # Drawn from the CPU generator wherever the model is, so a run's draws do not
+                # depend on the device.
+                negatives = torch.randint(1, self.num_items + 1, tuple(targets.shape), generator=generator,
+                                          device=CPU).to(self.device)
                 positive = (users * self.model.items(targets)).sum(-1)
                 negative = (users * self.model.items(negatives)).sum(-1)
                 valid = (targets != 0) & (inputs != 0)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ranking.config import ModelConfig
+from ranking.devices import resolve_device
 from ranking.inference import NEW_ITEM_SLOT_MIN_K, candidate_features, pad_left, semantic_queries
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
@@ -86,7 +87,9 @@ class FunnelScorer:
         return padded.to(self.device), padding.to(self.device)
 
     @classmethod
-    def from_bundle(cls, folder: Path, budgets: dict[str, int]) -> FunnelScorer:
+    def from_bundle(cls, folder: Path, budgets: dict[str, int], device: str | None = None) -> FunnelScorer:
+        """The bundle's funnel, scoring on `device` (default: CUDA where torch sees one)."""
+        place = resolve_device(device)
         bundle = load_bundle(folder)
         config = ModelConfig.from_dict(bundle.manifest["model"])
         encoder, ranker = QueryEncoder(config), Ranker(config, num_channels=len(CHANNELS))
@@ -94,7 +97,9 @@ class FunnelScorer:
         ranker.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(folder, "ranker").items()})
         vectors = torch.from_numpy(bundle.arrays[SEQUENTIAL])
         arrays = bundle.arrays
-        return cls(encoder.eval(), ranker.eval(), torch.cat([torch.zeros_like(vectors[:1]), vectors]),
+        # The item table's device is the one everything else follows (__post_init__).
+        return cls(encoder.eval().to(place), ranker.eval().to(place),
+                   torch.cat([torch.zeros_like(vectors[:1]), vectors]).to(place),
                    arrays[SEMANTIC], torch.from_numpy(np.log1p(arrays["popularity"])),
                    torch.from_numpy(popular_scores(arrays["popularity"], arrays["recent_popularity"],
                                                    bundle.manifest["recent_share"])),

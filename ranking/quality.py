@@ -14,6 +14,7 @@ import numpy as np
 
 from ranking.baselines import SASRecTrainer, popularity_scorer
 from ranking.config import ModelConfig, TrainConfig
+from ranking.devices import resolve_device
 from ranking.evaluation import Evaluation, FunnelScorer, items_from_full
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer, fit
@@ -38,6 +39,7 @@ class EvaluateConfig:
     cold_draws: int = 1
     seed: int = 0
     baselines: bool = True            # train SASRec-BCE, the no-text ablation and the cold-start models
+    device: str | None = None         # where every model scores and trains; None: CUDA where present
 
     def __post_init__(self) -> None:
         if not 0 < self.cold_share < 1:
@@ -46,6 +48,7 @@ class EvaluateConfig:
             raise ValueError(f"cold_draws={self.cold_draws} must be >= 1")
         if self.seconds_per_model <= 0:
             raise ValueError(f"seconds_per_model={self.seconds_per_model} must be > 0")
+        resolve_device(self.device)  # a device this machine lacks is refused before any work
 
 
 def beyond_accuracy(lists: np.ndarray, vectors: np.ndarray, popularity: np.ndarray, num_users: int
@@ -75,7 +78,7 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
     num_items = dataset.num_items
     test = Evaluation(split, num_items, validation=False, seed=config.seed)
     valid = Evaluation(split, num_items, validation=True, seed=config.seed)
-    scorer = FunnelScorer.from_bundle(bundle_dir, budgets)
+    scorer = FunnelScorer.from_bundle(bundle_dir, budgets, config.device)
 
     # Funnel scores are -inf off the candidates: "found" is the recall hit rate at the budget.
     funnel_ranks, found, lists = test.full_report(scorer.funnel_scores)
@@ -97,7 +100,7 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
         model = ModelConfig.from_dict(bundle.manifest["model"])
         aux = TrainConfig(model=model, time_budget_s=config.seconds_per_model, patience=5, ranker_epochs=2,
                           ranker_time_budget_s=config.seconds_per_model / 2, seed=config.seed,
-                          candidates_per_channel=tuple(budgets.items()))
+                          candidates_per_channel=tuple(budgets.items()), device=config.device)
         sasrec = SASRecTrainer(split, num_items, replace(aux, num_negatives=1), valid)
         seconds = sasrec.train()
         result["baselines"]["sasrec_bce"] = {"full": test.full(sasrec.scores),

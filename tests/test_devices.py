@@ -13,13 +13,16 @@ import torch
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from ranking.baselines import SASRecTrainer
 from ranking.devices import resolve_device
+from ranking.evaluation import Evaluation, FunnelScorer
 from ranking.inference import RankCall, RankingModel
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer, TrainResult, fit, train
 from recdata.bundle import load_bundle, read_manifest
 from recdata.channels import channel_mask
 from recdata.dataset import Dataset
+from recdata.split import leave_last_two
 from tests.conftest import TINY_TRAINING
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -151,3 +154,53 @@ def test_the_language_model_on_cuda_gives_the_cpus_vectors(text_encoder) -> None
     texts = ["A quiet film about the sea", "Space opera with lasers and a dog", ""]
     on_gpu = TextEncoder(device="cuda").encode(texts)
     np.testing.assert_allclose(on_gpu, TextEncoder(device="cpu").encode(texts), atol=1e-4)
+
+
+def test_evaluation_places_every_tensor_it_makes(tiny_bundle: Path, tiny_dataset: Dataset) -> None:
+    """The meta check for `recfunnel evaluate`: the bundle's funnel and the SASRec baseline."""
+    split = leave_last_two(tiny_dataset)
+    test = Evaluation(split, tiny_dataset.num_items, validation=False)
+    valid = Evaluation(split, tiny_dataset.num_items, validation=True)
+    budgets = dict(TINY_TRAINING.candidates_per_channel)
+    config = replace(TINY_TRAINING, epochs=1, device="cpu")
+
+    def run(scorer: FunnelScorer, sasrec: SASRecTrainer) -> tuple[dict, dict]:
+        sasrec.train()
+        return test.full(scorer.funnel_scores), test.full(sasrec.scores)
+
+    def build() -> tuple[FunnelScorer, SASRecTrainer]:
+        return (FunnelScorer.from_bundle(tiny_bundle, budgets, "cpu"),
+                SASRecTrainer(split, tiny_dataset.num_items, config, valid))
+
+    expected = run(*build())
+    models = build()  # before the switch: modules built under it would hold no weights
+    torch.set_default_device("meta")
+    try:
+        placed = run(*models)
+    finally:
+        torch.set_default_device(None)
+    assert placed == expected
+    assert FunnelScorer.from_bundle(tiny_bundle, budgets, "cpu").item_table.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="cuda:99"):
+        FunnelScorer.from_bundle(tiny_bundle, budgets, "cuda:99")
+
+
+def test_evaluate_refuses_a_bad_device_before_it_loads_anything(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["evaluate", "--bundle", str(tmp_path / "missing"), "--device", "quantum"])
+    assert result.exit_code == 2 and "not a torch device" in result.output
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_evaluation_on_cuda_gives_the_cpus_metrics_and_trains_its_baseline_there(
+        tiny_bundle: Path, tiny_dataset: Dataset) -> None:
+    test = Evaluation(leave_last_two(tiny_dataset), tiny_dataset.num_items, validation=False)
+    budgets = dict(TINY_TRAINING.candidates_per_channel)
+    on_gpu = test.full(FunnelScorer.from_bundle(tiny_bundle, budgets, "cuda").funnel_scores)
+    on_cpu = test.full(FunnelScorer.from_bundle(tiny_bundle, budgets, "cpu").funnel_scores)
+    assert on_gpu["ndcg@10"] == pytest.approx(on_cpu["ndcg@10"], abs=0.01)
+    valid = Evaluation(leave_last_two(tiny_dataset), tiny_dataset.num_items, validation=True)
+    sasrec = SASRecTrainer(leave_last_two(tiny_dataset), tiny_dataset.num_items,
+                           replace(TINY_TRAINING, epochs=1, device="cuda"), valid)
+    sasrec.train()
+    assert {p.device.type for p in sasrec.model.parameters()} == {"cuda"} and test.full(sasrec.scores)["ndcg@10"] >= 0

@@ -31,9 +31,8 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cluster.bench_transport import round_trips
+from cluster.bench_transport import health_check_caller, round_trips
 from cluster.load import Call, LoadResult, open_loop
 from gateway.backends import rank_request
 from gateway.events import EventLog
@@ -200,13 +199,11 @@ async def empty_round_trips(address: str, rate: float, seconds: float, seed: int
     one gRPC round trip costs on this machine with no work, timed from its send. (The open-loop
     clock of the latency runs also counts the load generator's own timer wake-up, once per
     request however many hops it makes.)"""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-
-        async def call() -> None:
-            await stub.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE_S)
-
+    call, close = health_check_caller(address, DEADLINE_S)
+    try:
         figures = await round_trips(call, rate, seconds, seed)
+    finally:
+        await close()
     return {"p50_ms": figures["idle_p50_ms"], "p90_ms": figures["idle_p90_ms"], "calls": figures["idle_calls"],
             "back_to_back_p50_ms": figures["back_to_back_p50_ms"]}
 

@@ -21,6 +21,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from protos.serving import CHANNEL_OPTIONS
+
 BACK_TO_BACK_CALLS = 300
 WARM_UP_CALLS = 50
 
@@ -51,14 +53,19 @@ def _serve_echo(ports: Any) -> None:
     asyncio.run(main())
 
 
-async def _grpc_caller(port: int) -> tuple[Any, Any]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+def health_check_caller(address: str, timeout: float = 5.0) -> tuple[Any, Any]:
+    """An empty unary call to the gRPC health service at `address`, and the close of its channel."""
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
     stub = health_pb2_grpc.HealthStub(channel)
 
     async def call() -> None:
-        await stub.Check(health_pb2.HealthCheckRequest(), timeout=5.0)
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
 
     return call, channel.close
+
+
+async def _grpc_caller(port: int) -> tuple[Any, Any]:
+    return health_check_caller(f"127.0.0.1:{port}")
 
 
 async def _echo_caller(port: int) -> tuple[Any, Any]:
@@ -90,7 +97,8 @@ async def round_trips(call: Any, rate: float, seconds: float, seed: int) -> dict
         await call()
     back_to_back = [await _timed(call) for _ in range(BACK_TO_BACK_CALLS)]
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, int(rate * seconds * 2) + 10)
-    idle, deadline = [], time.monotonic() + seconds
+    idle: list[float] = []
+    deadline = time.monotonic() + seconds
     for gap in gaps:
         await asyncio.sleep(float(gap))
         if idle and time.monotonic() > deadline:  # one idle call at least, however short the run

@@ -448,6 +448,28 @@ def bench_train(
                                           rounds), indent=2))
 
 
+class HelperHold(str, Enum):
+    pause = "pause"
+    idle = "idle"
+
+
+@bench_app.command("train-helpers")
+def bench_train_helpers(
+    dataset: DatasetOption = "ml-100k",
+    epochs: Annotated[int, typer.Option(min=2, max=100, help="query-encoder epochs of the Ray Train run")] = 12,
+    window: Annotated[float, typer.Option(min=0.5, max=30, help="seconds of each window")] = 2.0,
+    mode: Annotated[HelperHold, typer.Option(help="hold the helpers stopped (pause) or at SCHED_IDLE (idle)")]
+    = HelperHold.pause,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """What Ray Train's helper actors cost one worker's training steps: alternate windows with
+    them held and running, in one Ray Train run. Linux only."""
+    from cluster.bench_helpers import run_helpers_bench
+
+    typer.echo(json.dumps(run_helpers_bench(load_data(dataset, None, None, DataFormat.pairs), epochs, window,
+                                            mode.value, seed), indent=2))
+
+
 @bench_app.command("ablations")
 def bench_ablations(
     dataset: DatasetOption = "ml-100k",

@@ -20,6 +20,7 @@ import json
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -175,15 +176,17 @@ def _worker_loop(settings: dict[str, Any]) -> None:
         ray.train.report({"phase": "done"})
 
 
-def torch_trainer(ray_config: RayTrainConfig, settings: dict[str, Any]) -> Any:
-    """The `TorchTrainer` for `_worker_loop` with these `settings` (see `train_on_ray`)."""
+def torch_trainer(ray_config: RayTrainConfig, settings: dict[str, Any],
+                  loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
+    """The `TorchTrainer` running `loop` (by default `_worker_loop`) on every worker, with these
+    `settings` (see `train_on_ray`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Each replica gets its share of the cores as torch threads.
     replica = replace(settings["config"], threads=max(1, int(ray_config.cpus_per_worker)))
     return TorchTrainer(
-        _worker_loop,
+        loop or _worker_loop,
         train_loop_config={**settings, "config": replica, "use_gpu": ray_config.use_gpu},
         scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
                                      resources_per_worker={"CPU": ray_config.cpus_per_worker}),

@@ -19,6 +19,7 @@ epoch, and waits there until they go on. Linux only (signals, /proc).
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import signal
@@ -124,8 +125,8 @@ def split_steps(step_ends: list[float], windows: list[tuple[float, bool]]) -> tu
     held: list[float] = []
     starts = [start for start, _ in windows]
     for begin, end in zip(step_ends, step_ends[1:], strict=False):
-        index = next((i for i in range(len(starts) - 1, -1, -1) if starts[i] <= end), None)
-        if index is None or begin < starts[index]:
+        index = bisect.bisect_right(starts, end) - 1  # the window the step ends in
+        if index < 0 or begin < starts[index]:
             continue
         (held if windows[index][1] else running).append((end - begin) * 1000)
     return running, held

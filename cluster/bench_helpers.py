@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
+from cluster.bench_train import bench_config, start_local_ray
 from cluster.train_ray import RayReplicas, RayTrainConfig, torch_trainer
-from ranking.config import TrainConfig
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer
 from recdata.dataset import Dataset
@@ -143,9 +143,8 @@ def run_helpers_bench(dataset: Dataset, epochs: int, window_s: float = 2.0, mode
     import ray
 
     cores = os.cpu_count() or 2
-    config = TrainConfig(epochs=epochs, patience=epochs, time_budget_s=1e9, ranker_epochs=0, seed=seed,
-                         threads=cores, device="cpu")
-    settings = {"config": config, "dataset": dataset, "text_vectors": TextEncoder().encode(dataset.item_texts)}
+    settings = {"config": bench_config(epochs, seed, cores), "dataset": dataset,
+                "text_vectors": TextEncoder().encode(dataset.item_texts)}
     windows: list[tuple[float, bool]] = []
     seen: set[int] = set()  # every helper process held at least once
     done = threading.Event()
@@ -168,8 +167,7 @@ def run_helpers_bench(dataset: Dataset, epochs: int, window_s: float = 2.0, mode
         finally:
             _hold(helper_pids(), mode, False)
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(cores)
     switcher = threading.Thread(target=alternate, name="helper-switcher", daemon=True)
     try:
         with tempfile.TemporaryDirectory() as folder:

@@ -33,6 +33,21 @@ from recdata.dataset import Dataset
 RAY_SETTLE_S = 10.0
 
 
+def bench_config(epochs: int, seed: int, cores: int) -> TrainConfig:
+    """A fixed number of epochs (no early stop, no time budget, no ranker epochs) on the CPU,
+    as Ray Train's workers without GPUs train."""
+    return TrainConfig(epochs=epochs, patience=epochs, time_budget_s=1e9, ranker_epochs=0, seed=seed,
+                       threads=cores, device="cpu")
+
+
+def start_local_ray(cores: int) -> None:
+    """A local Ray for a bench: no dashboard, no usage report, no log forwarding."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
 def positions_per_epoch(trainer: Trainer) -> int:
     windows = training_windows(trainer.split.train, trainer.config.model.max_len)
     inputs, targets = windows[:, :-1], windows[:, 1:]
@@ -93,7 +108,7 @@ def _round(dataset: Dataset, config: TrainConfig, text_vectors: Any, samples: in
     import ray
 
     report: dict[str, Any] = {"plain": _plain_run(Trainer(dataset, config, text_vectors=text_vectors), samples)}
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(cores)
     try:
         time.sleep(RAY_SETTLE_S)
         report["plain_beside_idle_ray"] = _plain_run(Trainer(dataset, config, text_vectors=text_vectors), samples)
@@ -138,13 +153,9 @@ def run_train_bench(dataset: Dataset, epochs: int, workers: list[int], seed: int
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     cores = os.cpu_count() or 2
-    # A fixed number of epochs: no early stop, no time budget, no ranker epochs.
-    # CPU on both sides, as Ray Train's workers without GPUs are.
-    config = TrainConfig(epochs=epochs, patience=epochs, time_budget_s=1e9, ranker_epochs=0, seed=seed,
-                         threads=cores, device="cpu")
+    config = bench_config(epochs, seed, cores)
     text_vectors = TextEncoder().encode(dataset.item_texts)
     samples = positions_per_epoch(Trainer(dataset, config, text_vectors=text_vectors)) * epochs
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     passes = [_round(dataset, config, text_vectors, samples, workers, cores) for _ in range(rounds)]
     report: dict[str, Any] = {"dataset": dataset.name, "epochs": epochs, "positions_per_epoch": samples // epochs,
                               "cores": cores, "rounds": rounds}

@@ -50,7 +50,12 @@ def test_helpers_are_found_by_title_under_this_process_only(fake_helper: subproc
     assert helper_pids() == [fake_helper.pid]
     assert helper_pids(("TrainController",)) == []
     # Under another ancestor (not the process that started this Ray), the same title is left alone.
-    assert helper_pids(ancestor=fake_helper.pid) == []
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        assert helper_pids(ancestor=other.pid) == []
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_holding_stops_and_releases_them(fake_helper: subprocess.Popen) -> None:

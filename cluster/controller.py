@@ -92,6 +92,9 @@ class Controller:
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one reconcile or swap at a time
         self.adopting = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        # Set once a restarted controller has adopted the services: until then its records are
+        # partial, and a status read would show a cluster with services missing.
+        self._adopted: asyncio.Event | None = asyncio.Event() if self.adopting else None
         if self.adopting:
             saved = self._saved_state()
             if saved is not None:
@@ -122,6 +125,13 @@ class Controller:
     async def start(self) -> dict[str, Any]:
         """Create every service (or adopt the running one of its name) and start it; returns
         the endpoints once all answer. Running it again changes nothing that runs."""
+        try:
+            return await self._create_or_adopt()
+        finally:
+            if self._adopted is not None:
+                self._adopted.set()
+
+    async def _create_or_adopt(self) -> dict[str, Any]:
         config = self.config
         # What the log holds now is what the serving version learnt from; the feedback loop
         # (started now or later, by `up` or `recfunnel loop`) learns from what comes after.
@@ -212,6 +222,8 @@ class Controller:
                 "bundle": self.serving_bundle, "db_path": str(self.config.db_path)}
 
     async def status(self) -> dict[str, Any]:
+        if self._adopted is not None:
+            await asyncio.wait_for(self._adopted.wait(), START_TIMEOUT_S)
         return {**self.endpoints(), "services": [r.to_dict() for r in self.records.values()],
                 "loop": await self.loop_status()}
 

@@ -25,7 +25,7 @@ serve: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy protos retrieval ranking gateway cluster recdata
+	$(BIN)/mypy protos retrieval ranking gateway cluster recdata bench
 
 protos: $(STAMP)
 	$(BIN)/python -m protos.generate

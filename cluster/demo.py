@@ -7,6 +7,8 @@ Embedded default: a local Ray instance, a SQLite event log and every service on
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -31,15 +33,18 @@ from recdata.movielens import cache_dir, load_ml100k
 
 log = logging.getLogger(__name__)
 
+DEMO_TRAIN_SECONDS = 150.0  # the encoder phase's budget: a few minutes of training on 2 cores
+
 
 @dataclass(frozen=True)
 class DemoOptions:
     serve: bool = False
     port: int = 50051
-    bundle: Path | None = None     # reuse a trained bundle instead of training
-    train_seconds: float = 150.0   # time budget of the encoder phase
+    bundle: Path | None = None     # serve this trained bundle instead of the demo's own
+    train_seconds: float = DEMO_TRAIN_SECONDS
     num_shards: int = 2
     workdir: Path | None = None
+    retrain: bool = False          # train even when the cached demo bundle fits
 
 
 def seed_history(events: EventLog, dataset: Dataset) -> int:
@@ -63,8 +68,19 @@ def fresh_event_log(db_path: Path, dataset: Dataset) -> Path:
     return db_path
 
 
+def demo_training(seconds: float) -> TrainConfig:
+    """What the demo trains: a short early-stopped run within `seconds` for the encoders."""
+    return TrainConfig(time_budget_s=seconds, epochs=40, patience=5, ranker_epochs=3)
+
+
+def training_key(dataset: Dataset, config: TrainConfig) -> str:
+    """What decides a trained bundle: the data and the training configuration, hashed."""
+    settings = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(f"{dataset.fingerprint()}\n{settings}".encode()).hexdigest()
+
+
 def train_bundle(dataset: Dataset, out: Path, seconds: float, console: Console) -> Path:
-    config = TrainConfig(time_budget_s=seconds, epochs=40, patience=5, ranker_epochs=3)
+    config = demo_training(seconds)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console) as progress:
         task = progress.add_task("training query encoder", total=config.epochs, info="")
@@ -82,6 +98,22 @@ def train_bundle(dataset: Dataset, out: Path, seconds: float, console: Console) 
                   f"NDCG@10 recall {test['recall']['ndcg@10']:.4f}, funnel {test['funnel']['ndcg@10']:.4f}; "
                   f"HR@10 funnel {test['funnel']['hr@10']:.4f}")
     return out
+
+
+def demo_bundle(dataset: Dataset, workdir: Path, seconds: float, console: Console, retrain: bool = False) -> Path:
+    """The demo's bundle under `workdir`: the one trained before when the data and the training
+    configuration are unchanged (their hash is kept beside it), else a newly trained one."""
+    bundle, key_file = workdir / "bundle", workdir / "bundle.key"
+    key = training_key(dataset, demo_training(seconds))
+    if (not retrain and (bundle / "manifest.json").is_file() and key_file.is_file()
+            and key_file.read_text("utf-8").strip() == key):
+        console.print(f"reusing the demo bundle in {bundle}: same data and training configuration "
+                      "(--retrain trains again)")
+        return bundle
+    key_file.unlink(missing_ok=True)  # a half-written bundle must not match later
+    train_bundle(dataset, bundle, seconds, console)
+    key_file.write_text(key + "\n", "utf-8")
+    return bundle
 
 
 def answer_table(title: str, reply: recommender_pb2.RecommendResponse, texts: dict[str, str]) -> Table:
@@ -142,7 +174,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> None:
                   f"{dataset.num_interactions} interactions")
 
     t = time.perf_counter()
-    bundle = options.bundle or train_bundle(dataset, workdir / "bundle", options.train_seconds, console)
+    bundle = options.bundle or demo_bundle(dataset, workdir, options.train_seconds, console, options.retrain)
     timings["train_s"] = time.perf_counter() - t
     texts = dict(zip(dataset.item_ids, dataset.item_texts, strict=True))
 

@@ -71,9 +71,10 @@ class LoopConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoopConfig:
         """The `[loop]` table of a cluster config: these fields, with the data set given as
-        `dataset`, or `interactions` / `items` / `format`."""
+        `dataset`, or `interactions` / `items` / `item_column` / `format`."""
         values = dict(values)
-        source = {k: values.pop(k) for k in ("dataset", "interactions", "items", "format") if k in values}
+        source = {k: values.pop(k) for k in ("dataset", "interactions", "items", "item_column", "format")
+                  if k in values}
         for key in ("interactions", "items"):
             if key in source:
                 source[key] = Path(source[key])

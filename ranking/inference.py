@@ -1,6 +1,6 @@
 """The serving-time model: one bundle's query encoder and ranker behind plain numpy calls.
 
-`RankingModel` holds no gRPC: the Ranking servicer, the in-process pipeline and the
+`RankingModel` holds no gRPC: the Ranking servicer, the in-process funnel (`bench.in_process`) and the
 evaluation all call it. Training builds its features with the same helpers.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,6 +54,21 @@ class Dataset:
     def num_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
 
+    def fingerprint(self) -> str:
+        """A hash of everything training reads (ids, sequences, times, text, tags): equal
+        fingerprints mean the same data."""
+        digest = hashlib.sha256(self.name.encode())
+        for strings in (self.user_ids, self.item_ids, self.item_texts, ["|".join(t) for t in self.item_tags]):
+            digest.update("\x1f".join(strings).encode())
+            digest.update(b"\x1e")
+        lengths = np.fromiter((len(s) for s in self.sequences), dtype=np.int64, count=len(self.sequences))
+        digest.update(lengths.tobytes())
+        if self.sequences:
+            digest.update(np.concatenate(self.sequences).astype(np.int64).tobytes())
+        if self.timestamps is not None and self.timestamps:
+            digest.update(np.concatenate(self.timestamps).astype(np.float64).tobytes())
+        return digest.hexdigest()
+
 
 def from_events(
     name: str,
@@ -94,30 +110,53 @@ def from_events(
     )
 
 
-def read_item_file(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
-    """Read an item file: CSV with header `item,text[,tags]` (tags separated by `|`)."""
+# Names an item file's id column commonly has; another (`movieId`, `sku`) is named explicitly.
+ITEM_ID_COLUMNS = ("item", "item_id", "id")
+
+
+def item_id_column(fieldnames: list[str], item_column: str | None, path: Path) -> str:
+    """The column of an item file's header that holds the item ids."""
+    found = ", ".join(fieldnames) or "none"
+    if item_column is not None:
+        if item_column not in fieldnames:
+            raise ValueError(f"{path}: item file has no column {item_column!r} (--item-column); found: {found}")
+        return item_column
+    for name in ITEM_ID_COLUMNS:
+        if name in fieldnames:
+            return name
+    raise ValueError(f"{path}: item file needs an id column ({', '.join(ITEM_ID_COLUMNS)}, or another named "
+                     f"with --item-column) and a text column, text[,tags]; found: {found}")
+
+
+def read_item_file(path: Path, item_column: str | None = None
+                   ) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """Read an item file: CSV with a header naming the id column (`item`, `item_id`, `id`, or
+    `item_column`), `text`, and optionally `tags` (separated by `|`)."""
     texts: dict[str, str] = {}
     tags: dict[str, tuple[str, ...]] = {}
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"item", "text"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: item file needs the columns item,text[,tags]")
+        fieldnames = list(reader.fieldnames or [])
+        id_column = item_id_column(fieldnames, item_column, path)
+        if "text" not in fieldnames:
+            raise ValueError(f"{path}: item file needs a text column (text[,tags]) beside {id_column!r}; "
+                             f"found: {', '.join(fieldnames)}")
         for row in reader:
-            texts[row["item"]] = row["text"]
+            texts[row[id_column]] = row["text"]
             if row.get("tags"):
-                tags[row["item"]] = tuple(t for t in row["tags"].split("|") if t)
+                tags[row[id_column]] = tuple(t for t in row["tags"].split("|") if t)
     return texts, tags
 
 
 def read_interactions(
-    path: Path, fmt: InteractionFormat = "pairs", items_path: Path | None = None
+    path: Path, fmt: InteractionFormat = "pairs", items_path: Path | None = None, item_column: str | None = None
 ) -> Dataset:
     """Read interactions in one of the common formats.
 
     - `pairs`: whitespace `user item` one pair a line, already in time order per user.
     - `csv` / `parquet`: columns `user,item[,timestamp]`; other columns are ignored.
     """
-    texts, tags = read_item_file(items_path) if items_path else ({}, {})
+    texts, tags = read_item_file(items_path, item_column) if items_path else ({}, {})
     timestamps: np.ndarray | None = None
     if fmt == "pairs":
         users, items = [], []

@@ -14,8 +14,9 @@ NAMED = ("ml-100k",)
 class DataSource:
     dataset: str = "ml-100k"           # a named data set, unless `interactions` is given
     interactions: Path | None = None   # interactions file (see `read_interactions`)
-    items: Path | None = None          # item file: CSV item,text[,tags]
+    items: Path | None = None          # item file: CSV id,text[,tags] (see `read_item_file`)
     format: InteractionFormat = "pairs"
+    item_column: str | None = None     # the item file's id column, when not item / item_id / id
 
     def __post_init__(self) -> None:
         if self.interactions is None and self.dataset not in NAMED:
@@ -25,7 +26,7 @@ class DataSource:
 
     def load(self) -> Dataset:
         if self.interactions is not None:
-            return read_interactions(self.interactions, self.format, self.items)
+            return read_interactions(self.interactions, self.format, self.items, self.item_column)
         from recdata.movielens import load_ml100k
 
         return load_ml100k()

@@ -1,6 +1,6 @@
 """One recall shard: its partition of the catalogue and one index per channel.
 
-Pure logic, no gRPC: the Recall servicer, the in-process pipeline and the tests call it.
+Pure logic, no gRPC: the Recall servicer, the in-process funnel (`bench.in_process`) and the tests call it.
 """
 
 from __future__ import annotations

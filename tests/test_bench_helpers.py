@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench_helpers import _hold, helper_pids, run_helpers_bench, split_steps
+from bench.train_helpers import _hold, helper_pids, run_helpers_bench, split_steps
 
 
 def test_steps_count_only_inside_one_window() -> None:

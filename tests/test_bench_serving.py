@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.bench_serving import ServingBenchConfig, batching_services, empty_round_trips, model_batching
+from bench.serving import ServingBenchConfig, batching_services, empty_round_trips, model_batching
 from ranking import server as ranking_server
 from ranking.config import RankingConfig
 from ranking.inference import RankingModel

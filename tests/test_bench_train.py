@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.bench_train import run_train_bench, summarise_rounds
+from bench.train import run_train_bench, summarise_rounds
 
 
 def _round(plain: float, worker: float) -> dict:

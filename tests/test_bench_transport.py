@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.bench_transport import run_transport_bench
+from bench.transport import run_transport_bench
 
 
 def test_the_transport_probe_times_both_round_trips() -> None:

@@ -14,8 +14,8 @@ import psutil
 import pytest
 import ray
 
+from bench.loadtest import LoadTest, Mix, soak
 from cluster.config import ClusterConfig
-from cluster.loadtest import LoadTest, Mix, soak
 from gateway import server as gateway_server
 from gateway.client import RecommenderClient
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc

@@ -111,3 +111,42 @@ def test_channel_masks_name_every_set_of_channels() -> None:
             flags = channel_flags([channel_mask(chosen)])[0]  # as the ranker unpacks the wire's masks
             assert {channel for channel, flag in zip(CHANNELS, flags, strict=True) if flag} == set(chosen)
     assert channel_mask(CHANNELS) == ALL_CHANNEL_BITS == 15 and channel_mask(["sequential"]) == 1
+
+
+@pytest.mark.parametrize("id_column", ["item", "item_id", "id"])
+def test_item_file_takes_the_common_names_of_its_id_column(tmp_path: Path, id_column: str) -> None:
+    (tmp_path / "items.csv").write_text(f"{id_column},text,tags\ni1,A film,Drama|War\ni9,Unseen,\n")
+    (tmp_path / "pairs.txt").write_text("u1 i1\n")
+    data = read_interactions(tmp_path / "pairs.txt", "pairs", tmp_path / "items.csv")
+    assert data.item_ids == ["i1", "i9"]
+    assert data.item_texts == ["A film", "Unseen"] and data.item_tags[0] == ("Drama", "War")
+
+
+def test_item_file_id_column_named_explicitly(tmp_path: Path) -> None:
+    (tmp_path / "movies.csv").write_text("movieId,text\n7,Toy Story\n")
+    (tmp_path / "pairs.txt").write_text("u1 7\n")
+    data = read_interactions(tmp_path / "pairs.txt", "pairs", tmp_path / "movies.csv", item_column="movieId")
+    assert data.item_texts == ["Toy Story"]
+    with pytest.raises(ValueError, match=r"no column 'sku' \(--item-column\); found: movieId, text"):
+        read_interactions(tmp_path / "pairs.txt", "pairs", tmp_path / "movies.csv", item_column="sku")
+
+
+def test_item_file_without_an_id_or_text_column_names_what_it_found(tmp_path: Path) -> None:
+    (tmp_path / "pairs.txt").write_text("u1 7\n")
+    (tmp_path / "a.csv").write_text("movieId,title\n7,Toy Story\n")
+    with pytest.raises(ValueError, match=r"needs an id column \(item, item_id, id.*found: movieId, title"):
+        read_interactions(tmp_path / "pairs.txt", "pairs", tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text("item_id,title\n7,Toy Story\n")
+    with pytest.raises(ValueError, match=r"needs a text column .* found: item_id, title"):
+        read_interactions(tmp_path / "pairs.txt", "pairs", tmp_path / "b.csv")
+
+
+def test_fingerprint_follows_the_data() -> None:
+    data = generate(SyntheticConfig(num_users=30, num_items=20, num_topics=3, mean_length=6, seed=1))
+    same = generate(SyntheticConfig(num_users=30, num_items=20, num_topics=3, mean_length=6, seed=1))
+    assert data.fingerprint() == same.fingerprint()
+    moved = from_events(data.name, ["u0", "u0"], [data.item_ids[0], data.item_ids[1]])
+    swapped = from_events(data.name, ["u0", "u0"], [data.item_ids[1], data.item_ids[0]])
+    assert moved.fingerprint() != swapped.fingerprint()  # order within a sequence counts
+    retitled = type(data)(**{**data.__dict__, "item_texts": ["x", *data.item_texts[1:]]})
+    assert retitled.fingerprint() != data.fingerprint()

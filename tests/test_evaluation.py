@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.pipeline import in_process_funnel
+from bench.in_process import in_process_funnel
 from gateway.funnel import RecommendQuery
 from ranking.baselines import SASRecTrainer, popularity_scorer
 from ranking.evaluation import Evaluation, FunnelScorer

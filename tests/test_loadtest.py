@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bench.harness import open_loop
+from bench.loadtest import LoadTest, Mix, report, run_load
+from bench.plots import plot_latency
 from cluster.cli import app
-from cluster.load import open_loop
-from cluster.loadtest import LoadTest, Mix, plot, report, run_load
 from protos.recfunnel.v1 import recommender_pb2
 from recdata.dataset import Dataset
 from tests.grpc_checks import serving_stack
@@ -74,7 +75,7 @@ async def test_loadtest_against_a_gateway_with_token_and_tls(tiny_bundle: Path, 
         assert summary[key] >= 0
     assert summary["p50_ms"] <= summary["p99_ms"] <= summary["p99.9_ms"]
     assert set(report(test, refused)["errors"]) == {"UNAUTHENTICATED"}  # no token: every call refused
-    png = plot(result, tmp_path / "load.png", "test")
+    png = plot_latency(result, tmp_path / "load.png", "test")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -18,7 +18,7 @@ import ray
 import torch
 from safetensors.numpy import load_file, save_file
 
-from cluster.bench_loop import fan_events, new_taste, taste_in_lists
+from bench.loop import fan_events, new_taste, taste_in_lists
 from cluster.config import ClusterConfig
 from cluster.controller import NAMESPACE
 from cluster.demo import seed_history

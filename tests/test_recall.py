@@ -8,13 +8,13 @@ import grpc
 import numpy as np
 import pytest
 
+from bench.recall import RecallBenchConfig, clustered_catalogue, run_recall_bench, user_queries
 from gateway.backends import GrpcRecall
 from gateway.funnel import ShardAnswer, StageFailed, merge_shards
 from protos.recfunnel.v1 import recall_pb2
 from recdata.bundle import load_bundle
 from recdata.channels import ITEM2ITEM, POPULAR, SEMANTIC, SEQUENTIAL, ChannelQuery, popular_scores, shard_of
 from retrieval import server as recall_server
-from retrieval.bench import RecallBenchConfig, clustered_catalogue, run_recall_bench, user_queries
 from retrieval.config import RecallConfig
 from retrieval.index import build_index, recall_at_k
 from retrieval.shard import InvalidQuery, RecallShard

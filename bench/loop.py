@@ -11,7 +11,6 @@ before and after.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.harness import start_local_ray
 from gateway.client import RecommenderClient
 from recdata.dataset import Dataset
 from recdata.sources import DataSource
@@ -78,12 +78,12 @@ def run_loop_bench(bundle: Path, source: DataSource, fans: int, qps: float, work
     time one round under `qps` of Recommend traffic."""
     import ray
 
+    from bench.harness import LoadResult
+    from bench.loadtest import LoadTest, Mix, run_load
     from cluster.config import ClusterConfig
     from cluster.controller import NAMESPACE
     from cluster.demo import fresh_event_log
     from cluster.launch import start_cluster
-    from cluster.load import LoadResult
-    from cluster.loadtest import LoadTest, Mix, run_load
     from cluster.loop import LOOP_NAME, LoopConfig
 
     dataset = source.load()
@@ -94,8 +94,7 @@ def run_loop_bench(bundle: Path, source: DataSource, fans: int, qps: float, work
     # Rounds only when asked: the benchmark times the one it starts.
     loop = LoopConfig(source=source, every_events=10**9, every_seconds=10**9, seed=seed, output=workdir / "rounds",
                       storage=workdir / "ray-train")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray()
     try:
         cluster = start_cluster(ClusterConfig(bundle=bundle.resolve(), db_path=db, gateway_port=0,
                                               loop=loop.resolved()))

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.harness import start_local_ray
 from ranking.config import TrainConfig
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer, training_windows
@@ -38,14 +39,6 @@ def bench_config(epochs: int, seed: int, cores: int) -> TrainConfig:
     as Ray Train's workers without GPUs train."""
     return TrainConfig(epochs=epochs, patience=epochs, time_budget_s=1e9, ranker_epochs=0, seed=seed,
                        threads=cores, device="cpu")
-
-
-def start_local_ray(cores: int) -> None:
-    """A local Ray for a bench: no dashboard, no usage report, no log forwarding."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def positions_per_epoch(trainer: Trainer) -> int:

@@ -11,7 +11,7 @@ One run measures, on one machine and one bundle:
     makes FUNNEL_HOPS of them in sequence), and how much the ranking model alone gains from
     scoring 32 calls at once (the service has gained no more than its model).
 
-Arrivals are open-loop (`cluster.load`), so queueing shows up in the percentiles.
+Arrivals are open-loop (`bench.harness`), so queueing shows up in the percentiles.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import grpc
 import numpy as np
 import torch
 
-from cluster.bench_transport import health_check_caller, round_trips
-from cluster.load import Call, LoadResult, open_loop
+from bench.harness import Call, LoadResult, open_loop, start_local_ray
+from bench.transport import health_check_caller, round_trips
 from gateway.backends import rank_request
 from gateway.events import EventLog
 from gateway.funnel import Funnel, RecommendQuery
@@ -257,11 +257,11 @@ def run_serving_bench(dataset: Dataset, config: ServingBenchConfig,
                       progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     import ray
 
+    from bench.in_process import InProcessRanking, in_process_funnel
     from cluster.actors import RankingHost
     from cluster.config import ClusterConfig
     from cluster.demo import seed_history
     from cluster.launch import start_cluster
-    from cluster.pipeline import InProcessRanking, in_process_funnel
 
     # The cluster's ranker runs with one torch thread; the in-process path gets the same.
     torch.set_num_threads(1)
@@ -297,9 +297,7 @@ def run_serving_bench(dataset: Dataset, config: ServingBenchConfig,
 
         # (b) the cluster over gRPC.
         progress("starting the cluster on local Ray")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        start_local_ray()
         try:
             cluster = start_cluster(ClusterConfig(bundle=config.bundle, db_path=db_path,
                                                   num_shards=config.num_shards, gateway_port=0))

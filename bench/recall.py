@@ -10,7 +10,6 @@ ratios are free of machine drift.
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from bench.harness import peak_rss_gib, percentiles_ms
 from retrieval.index import build_index, recall_at_k
 
 K = 100
@@ -89,10 +89,6 @@ def qps_batch(search: Callable[[np.ndarray], Any], queries: np.ndarray) -> float
     return len(queries) / (time.perf_counter() - started)
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
-
-
 def run_recall_bench(config: RecallBenchConfig, progress: Callable[[str], None] = lambda _: None
                      ) -> dict[str, Any]:
     topics = config.topics or max(10, int(np.sqrt(config.items)))
@@ -158,7 +154,8 @@ def _upsert_latency(index: faiss.Index, vectors: np.ndarray, count: int, seed: i
         times.append((time.perf_counter() - started) * 1000)
         assert next_id in found[0], "an upserted item must be found by a search for itself"
         next_id += 1
-    return {"p50_ms": round(float(np.median(times)), 3), "max_ms": round(float(np.max(times)), 3)}
+    spread = percentiles_ms(times, (50, 100))
+    return {"p50_ms": spread["p50_ms"], "max_ms": spread["p100_ms"]}
 
 
 def _sharded(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, truth: np.ndarray,

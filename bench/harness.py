@@ -1,22 +1,31 @@
-"""Open-loop load: requests sent at scheduled Poisson arrival times, whatever the answers do.
+"""The harness every benchmark and the load tester share: open-loop load, percentile
+summaries, peak memory, and the report a command prints (a table for people, JSON for scripts).
 
+Open-loop load sends requests at scheduled Poisson arrival times, whatever the answers do.
 Latency is counted from the scheduled send time, so queueing anywhere (in the system or in
 this process) shows in the percentiles instead of slowing the arrivals down, as a closed
-loop of callers would. `recfunnel loadtest` and `recfunnel bench serving` both use it.
+loop of callers would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import math
+import json
+import os
+import resource
+import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+LATENCY_QUANTILES = (50, 90, 99, 99.9)
 
 # A request -> whether its answer was degraded. Raises on failure.
 Call = Callable[[Any], Awaitable[bool]]
@@ -52,15 +61,11 @@ class LoadResult:
         achieved rate and degraded share."""
         chosen = [s for s in self.samples if kind is None or s.kind == kind]
         ok = [s for s in chosen if s.status == "OK"]
-        lat = np.asarray([s.latency_ms for s in ok]) if ok else np.asarray([math.nan])
         return {
             "offered_rps": self.offered_rps,
             "achieved_rps": round(len(ok) / self.wall_s, 2) if self.wall_s else 0.0,
             "requests": len(chosen),
-            "p50_ms": round(float(np.percentile(lat, 50)), 3),
-            "p90_ms": round(float(np.percentile(lat, 90)), 3),
-            "p99_ms": round(float(np.percentile(lat, 99)), 3),
-            "p99.9_ms": round(float(np.percentile(lat, 99.9)), 3),
+            **percentiles_ms([s.latency_ms for s in ok]),
             "errors": dict(Counter(s.status for s in chosen if s.status != "OK")),
             "degraded_share": round(sum(s.degraded for s in ok) / max(len(ok), 1), 4),
             **({"mean_ranker_batch": round(self.ranker_batch, 3)} if self.ranker_batch is not None else {}),
@@ -99,3 +104,59 @@ async def open_loop(call: Call, requests: Sequence[Any], rate: float, seconds: f
     await asyncio.gather(*tasks)
     result.wall_s = loop.time() - start
     return result
+
+
+def percentiles_ms(latencies_ms: Iterable[float], quantiles: Sequence[float] = LATENCY_QUANTILES
+                   ) -> dict[str, float]:
+    """{"p50_ms": ..., "p99_ms": ...} of the latencies (NaN where there are none), to 3 decimals."""
+    values = np.fromiter(latencies_ms, dtype=np.float64)
+    if not len(values):
+        return {f"p{q:g}_ms": float("nan") for q in quantiles}
+    return {f"p{q:g}_ms": round(float(v), 3) for q, v in zip(quantiles, np.percentile(values, quantiles),
+                                                               strict=True)}
+
+
+def start_local_ray(cores: int | None = None) -> None:
+    """A local Ray for a bench, over `cores` CPUs (default: all): no dashboard, no usage
+    report, no log forwarding."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=cores or os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+
+
+def peak_rss_gib() -> float:
+    """The highest resident memory this process has had, in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def _lookup(report: dict[str, Any], path: str) -> Any:
+    value: Any = report
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def headline_table(report: dict[str, Any], headline: Sequence[tuple[str, str]], title: str) -> Table:
+    """The figures a person looks for first: (label, dotted key into the report) rows."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for label, path in headline:
+        value = _lookup(report, path)
+        if value is not None:
+            table.add_row(label, f"{value:g}" if isinstance(value, float) else str(value))
+    return table
+
+
+def print_report(report: dict[str, Any], as_json: bool, headline: Sequence[tuple[str, str]] = (),
+                 title: str = "") -> None:
+    """A bench's output: the JSON report on stdout (one line with `as_json`, indented otherwise),
+    and, for a person, the headline figures as a table on stderr, so stdout stays JSON alone."""
+    if not as_json and headline:
+        Console(stderr=True).print(headline_table(report, headline, title))
+    sys.stdout.write(json.dumps(report, indent=None if as_json else 2) + "\n")
+    sys.stdout.flush()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from cluster.load import LoadResult, open_loop
+from bench.harness import LoadResult, open_loop
 from protos.auth import call_metadata, open_channel
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 from protos.serving import CHANNEL_OPTIONS
@@ -139,59 +139,6 @@ def report(test: LoadTest, result: LoadResult) -> dict[str, Any]:
     kinds = sorted({s.kind for s in result.samples})
     return {"target": test.target, "duration_s": test.duration_s, **result.summary(),
             "by_kind": {kind: result.summary(kind) for kind in kinds}}
-
-
-def plot(result: LoadResult, path: Path, title: str) -> Path:
-    """Latency over time (every request, and p50/p99 per second) and the latency distribution."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 5, 10, 50 ms rather than 2 × 10^0
-
-    ok = [s for s in result.samples if s.status == "OK"]
-    failed = [s for s in result.samples if s.status != "OK"]
-    figure, (over_time, distribution) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110,
-                                                     gridspec_kw={"width_ratios": [2, 1]})
-    over_time.scatter([s.sent_s for s in ok], [s.latency_ms for s in ok], s=2, alpha=0.25, color="tab:blue",
-                      label="request")
-    if failed:
-        over_time.scatter([s.sent_s for s in failed], [s.latency_ms for s in failed], s=10, color="tab:red",
-                          marker="x", label="error")
-    seconds = np.floor([s.sent_s for s in ok]).astype(int)
-    latencies = np.asarray([s.latency_ms for s in ok])
-    if len(ok):
-        buckets = np.unique(seconds)
-        for quantile, style in ((50, "-"), (99, "--")):
-            over_time.plot(buckets + 0.5, [np.percentile(latencies[seconds == b], quantile) for b in buckets],
-                           style, color="black", linewidth=1, label=f"p{quantile} per second")
-    over_time.set_yscale("log")
-    over_time.yaxis.set_major_formatter(plain)
-    over_time.yaxis.set_minor_formatter(NullFormatter())
-    over_time.set_xlabel("seconds since start (scheduled send time)")
-    over_time.set_ylabel("latency, ms (log)")
-    over_time.legend(fontsize=8, loc="upper right")
-    over_time.grid(alpha=0.3)
-    if len(ok):
-        ordered = np.sort(latencies)
-        distribution.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), color="tab:blue")
-        for row, q in enumerate((50, 99, 99.9)):
-            value = float(np.percentile(latencies, q))
-            distribution.axvline(value, color="grey", linestyle=":", linewidth=1)
-            distribution.text(value, 0.05 + 0.12 * row, f" p{q:g} {value:.1f} ms", fontsize=7)
-        distribution.set_xscale("log")
-        distribution.xaxis.set_major_formatter(plain)
-        distribution.xaxis.set_minor_formatter(NullFormatter())
-    distribution.set_xlabel("latency, ms (log)")
-    distribution.set_ylabel("share of requests at most this slow")
-    distribution.grid(alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
 
 
 def soak(test: LoadTest, mix: Mix, read_status: Any, warmup_s: float = 60.0) -> tuple[dict[str, Any], LoadResult]:

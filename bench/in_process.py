@@ -1,6 +1,6 @@
 """The funnel in one process: the same gateway, shard and model code with no gRPC and no Ray.
 
-Benchmarks compare the cluster against it, and tests check that the batched scorer used
+The serving bench compares the cluster against it, and tests check that the batched scorer used
 for evaluation ranks exactly as the served path does.
 """
 

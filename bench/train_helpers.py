@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from cluster.bench_train import bench_config, start_local_ray
+from bench.harness import start_local_ray
+from bench.train import bench_config
 from cluster.train_ray import RayReplicas, RayTrainConfig, torch_trainer
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer

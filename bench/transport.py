@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bench.harness import percentiles_ms
 from protos.serving import CHANNEL_OPTIONS
 
 BACK_TO_BACK_CALLS = 300
@@ -104,10 +105,10 @@ async def round_trips(call: Any, rate: float, seconds: float, seed: int) -> dict
         if idle and time.monotonic() > deadline:  # one idle call at least, however short the run
             break
         idle.append(await _timed(call))
-    busy_p50, (idle_p50, idle_p90) = np.percentile(back_to_back, 50), np.percentile(idle, [50, 90])
-    return {"idle_p50_ms": round(float(idle_p50), 3), "idle_p90_ms": round(float(idle_p90), 3),
-            "idle_calls": len(idle), "back_to_back_p50_ms": round(float(busy_p50), 3),
-            "idle_extra_ms": round(float(idle_p50 - busy_p50), 3)}
+    busy, quiet = percentiles_ms(back_to_back, (50,)), percentiles_ms(idle, (50, 90))
+    return {"idle_p50_ms": quiet["p50_ms"], "idle_p90_ms": quiet["p90_ms"],
+            "idle_calls": len(idle), "back_to_back_p50_ms": busy["p50_ms"],
+            "idle_extra_ms": round(quiet["p50_ms"] - busy["p50_ms"], 3)}
 
 
 def _probe(serve: Any, caller: Any, rate: float, seconds: float, seed: int) -> dict[str, Any]:

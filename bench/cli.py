@@ -1,0 +1,310 @@
+"""The measurement commands: `recfunnel loadtest` and the `recfunnel bench …` group. Each prints
+its JSON report on stdout and, unless `--json`, its headline figures as a table on stderr."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bench.harness import print_report
+from cluster.cli.options import (
+    AddressOption,
+    DataFormat,
+    DatasetOption,
+    FormatOption,
+    InteractionsOption,
+    ItemColumnOption,
+    ItemsOption,
+    console,
+    data_source,
+    load_data,
+)
+
+group = typer.Typer()
+bench = typer.Typer(help="Benchmarks: each measures one part in one run and prints JSON.", no_args_is_help=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="print only the JSON report")]
+
+# The figures each command's table leads with: (label, dotted key into its JSON report).
+LOAD_HEADLINE = [("offered rps", "offered_rps"), ("achieved rps", "achieved_rps"), ("p50 ms", "p50_ms"),
+                 ("p99 ms", "p99_ms"), ("p99.9 ms", "p99.9_ms"), ("errors", "errors"),
+                 ("degraded share", "degraded_share")]
+SOAK_HEADLINE = [("RSS growth, largest actor", "rss_growth_max"), ("RSS growth, all actors", "rss_growth_total")]
+LOOP_HEADLINE = [("decision", "round.decision"), ("round seconds", "round.seconds"),
+                 ("taste in top 10 before", "taste.in_probe_top10_before"),
+                 ("taste in top 10 after", "taste.in_probe_top10_after"),
+                 ("errors during the round", "load_during_round.errors")]
+TRAIN_HEADLINE = [("plain loop samples/s", "plain.samples_per_s"), ("1 worker samples/s", "ray_train_1.samples_per_s"),
+                  ("2 workers samples/s", "ray_train_2.samples_per_s"), ("overhead, 1 worker", "overhead_1_worker"),
+                  ("speed-up, 2 workers vs 1", "speedup_2_vs_1")]
+HELPERS_HEADLINE = [("median step ms, helpers running", "median_step_ms_helpers_running"),
+                    ("median step ms, helpers held", "median_step_ms_helpers_held"),
+                    ("slowdown from the helpers", "slowdown_from_helpers")]
+SERVING_HEADLINE = [("in-process p50 ms", "in_process.p50_ms"), ("cluster p50 ms", "cluster.p50_ms"),
+                    ("p50 ratio, cluster vs in-process", "p50_ratio_cluster_vs_in_process"),
+                    ("highest rps with p99 under 50 ms", "max_qps_p99_under_50ms"),
+                    ("batching throughput ratio", "batching.throughput_ratio_at_32"),
+                    ("idle gRPC round trip p50 ms", "transport.p50_ms")]
+TRANSPORT_HEADLINE = [("grpc.aio idle p50 ms", "grpc_aio.idle_p50_ms"),
+                      ("grpc.aio back to back p50 ms", "grpc_aio.back_to_back_p50_ms"),
+                      ("asyncio socket idle p50 ms", "asyncio_tcp.idle_p50_ms"),
+                      ("gRPC's extra over the socket, ms", "grpc_extra_over_asyncio_idle_ms")]
+RECALL_HEADLINE = [("exact QPS, one query a call", "exact.qps_single"), ("exact QPS, batched", "exact.qps_batch"),
+                   ("hnsw recall@100", "indexes.hnsw.recall_at_100"), ("ivf recall@100", "indexes.ivf.recall_at_100"),
+                   ("ivfpq recall@100", "indexes.ivfpq.recall_at_100"),
+                   ("sharded QPS vs single", "sharded.qps_ratio_vs_single"), ("peak RSS GiB", "peak_rss_gib")]
+
+
+@group.command()
+def loadtest(
+    target: Annotated[str, typer.Option(help="gateway address HOST:PORT")] = "127.0.0.1:50051",
+    qps: Annotated[float, typer.Option(min=0.1, max=100_000, help="offered requests per second")] = 50.0,
+    duration: Annotated[float, typer.Option(min=1, max=86_400, help="measured seconds")] = 30.0,
+    mix: Annotated[Path | None, typer.Option(help="request mix (TOML/JSON); default: MovieLens-100K ids")] = None,
+    token: Annotated[str | None, typer.Option(envvar="RECFUNNEL_TOKEN", help="bearer token")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="PEM of the CA (or self-signed cert): use TLS")] = None,
+    timeout: Annotated[float, typer.Option(min=0.01, max=60, help="deadline of each call, seconds")] = 1.0,
+    seed: Annotated[int, typer.Option(help="random seed of arrivals and mix")] = 0,
+    as_json: JsonOption = False,
+    plot: Annotated[Path | None, typer.Option(help="write latency over time and its distribution to this PNG")
+                    ] = None,
+) -> None:
+    """Open-loop load on a gateway: Poisson arrivals, latency from the scheduled send time."""
+    import asyncio
+
+    from bench.loadtest import LoadTest, Mix, report, run_load
+    from bench.plots import plot_latency
+
+    try:
+        request_mix = Mix.from_file(mix) if mix else Mix.movielens()
+        test = LoadTest(target=target, qps=qps, duration_s=duration, token=token, tls_ca=tls_ca,
+                        timeout_s=timeout, seed=seed)
+    except (ValueError, TypeError, OSError) as error:
+        raise typer.BadParameter(str(error)) from error
+    if not as_json:
+        console.log(f"{qps:g} requests/s for {duration:g} s on {target}")
+    result = asyncio.run(run_load(test, request_mix))
+    summary = report(test, result)
+    if plot is not None:
+        plot_latency(result, plot, f"recfunnel loadtest: {qps:g} rps offered on {target}, "
+                           f"p99 {summary['p99_ms']:.1f} ms, errors {sum(summary['errors'].values())}")
+        summary["plot"] = str(plot)
+    print_report(summary, as_json, LOAD_HEADLINE, f"loadtest on {target}")
+
+
+@bench.command("soak")
+def bench_soak(
+    qps: Annotated[float, typer.Option(min=0.1, max=100_000, help="offered requests per second")],
+    duration: Annotated[float, typer.Option(min=1, max=86_400, help="measured seconds")] = 600.0,
+    warmup: Annotated[float, typer.Option(min=0, max=3600, help="seconds of load before the memory baseline")
+                      ] = 60.0,
+    address: AddressOption = None,
+    mix: Annotated[Path | None, typer.Option(help="request mix (TOML/JSON); default: MovieLens-100K ids")] = None,
+    token: Annotated[str | None, typer.Option(envvar="RECFUNNEL_TOKEN", help="bearer token")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(help="PEM of the CA (or self-signed cert): use TLS")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write latency over time and its distribution to this PNG")
+                    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Long load on the cluster `recfunnel up` started: errors, latency and each actor's memory growth."""
+    from bench.loadtest import LoadTest, Mix, soak
+    from bench.plots import plot_latency
+    from cluster.ops import status as read_status
+
+    cluster = read_status(address)
+    test = LoadTest(target=cluster["gateway"], qps=qps, duration_s=duration, token=token, tls_ca=tls_ca, warmup_s=0)
+    summary, result = soak(test, Mix.from_file(mix) if mix else Mix.movielens(), lambda: read_status(address),
+                           warmup)
+    if plot is not None:
+        plot_latency(result, plot, f"recfunnel soak: {qps:g} rps for {duration:g} s, p99 {summary['p99_ms']:.1f} ms, "
+                           f"errors {sum(summary['errors'].values())}, RSS growth {summary['rss_growth_max']:+.1%}")
+        summary["plot"] = str(plot)
+    print_report(summary, as_json, LOAD_HEADLINE + SOAK_HEADLINE, f"soak at {qps:g} rps")
+
+
+@bench.command("loop")
+def bench_loop(
+    bundle: Annotated[Path, typer.Option(help="the bundle to serve first (trained on the data set below)")],
+    dataset: DatasetOption = "ml-100k",
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    item_column: ItemColumnOption = None,
+    fmt: FormatOption = DataFormat.pairs,
+    fans: Annotated[int, typer.Option(min=1, max=100_000, help="new users who send the new taste")] = 200,
+    qps: Annotated[float, typer.Option(min=0.1, max=10_000, help="Recommend traffic during the round")] = 20.0,
+    workdir: Annotated[Path, typer.Option(help="event log, the round's bundle and checkpoints")
+                       ] = Path("bench-loop"),
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """One feedback-loop round on the embedded cluster under load: its time, verdict, failed
+    requests, and what the new taste did to other users' lists."""
+    from bench.loop import run_loop_bench
+
+    source = data_source(dataset, interactions, items, fmt, item_column)
+    print_report(run_loop_bench(bundle, source, fans, qps, workdir, seed), as_json, LOOP_HEADLINE,
+                 "one feedback-loop round under load")
+
+
+@bench.command("train")
+def bench_train(
+    dataset: DatasetOption = "ml-100k",
+    epochs: Annotated[int, typer.Option(min=1, max=100, help="query-encoder epochs each path trains")] = 3,
+    workers: Annotated[str, typer.Option(help="comma-separated Ray Train worker counts")] = "1,2",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="passes over every path; figures are their medians")] = 1,
+    as_json: JsonOption = False,
+) -> None:
+    """Training throughput: the plain loop against Ray Train with 1 and 2 workers, one run."""
+    from bench.train import run_train_bench
+
+    counts = [int(n) for n in workers.split(",") if n.strip()]
+    report = run_train_bench(load_data(dataset, None, None, DataFormat.pairs), epochs, counts, seed, rounds)
+    print_report(report, as_json, TRAIN_HEADLINE, "training throughput")
+
+
+class HelperHold(str, Enum):
+    pause = "pause"
+    idle = "idle"
+
+
+@bench.command("train-helpers")
+def bench_train_helpers(
+    dataset: DatasetOption = "ml-100k",
+    epochs: Annotated[int, typer.Option(min=2, max=100, help="query-encoder epochs of the Ray Train run")] = 12,
+    window: Annotated[float, typer.Option(min=0.5, max=30, help="seconds of each window")] = 2.0,
+    mode: Annotated[HelperHold, typer.Option(help="hold the helpers stopped (pause) or at SCHED_IDLE (idle)")]
+    = HelperHold.pause,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """What Ray Train's helper actors cost one worker's training steps: alternate windows with
+    them held and running, in one Ray Train run. Linux only."""
+    from bench.train_helpers import run_helpers_bench
+
+    report = run_helpers_bench(load_data(dataset, None, None, DataFormat.pairs), epochs, window, mode.value, seed)
+    print_report(report, as_json, HELPERS_HEADLINE, "Ray Train's helper actors")
+
+
+@bench.command("ablations")
+def bench_ablations(
+    dataset: DatasetOption = "ml-100k",
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    item_column: ItemColumnOption = None,
+    fmt: FormatOption = DataFormat.pairs,
+    seconds: Annotated[float, typer.Option(help="encoder training budget of each variant")] = 120.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    only: Annotated[str, typer.Option(help="comma-separated variants to run (default: all)")] = "",
+    as_json: JsonOption = False,
+) -> None:
+    """What each model choice contributes: the same training with one choice changed at a time."""
+    from dataclasses import replace
+
+    from ranking.baselines import SASRecTrainer
+    from ranking.config import TrainConfig
+    from ranking.train import Trainer, fit
+
+    data = load_data(dataset, interactions, items, fmt, item_column)
+    base = TrainConfig(time_budget_s=seconds, ranker_time_budget_s=seconds / 2, seed=seed)
+    variants = {
+        "full": base,
+        "negatives_64": replace(base, num_negatives=64),
+        "no_text": replace(base, use_text=False),
+        "no_item2item": replace(base, candidates_per_channel=tuple(
+            (c, k) for c, k in base.candidates_per_channel if c != "item2item")),
+        "no_recent_popularity": replace(base, recent_popularity=False),
+    }
+    chosen = [n.strip() for n in only.split(",") if n.strip()] or [*variants, "sasrec_bce"]
+    unknown = set(chosen) - {*variants, "sasrec_bce"}
+    if unknown:
+        raise typer.BadParameter(f"unknown variants {sorted(unknown)}; allowed: {', '.join([*variants, 'sasrec_bce'])}")
+    rows: dict[str, dict[str, float]] = {}
+    for name, config in variants.items():
+        if name not in chosen:
+            continue
+        trainer = Trainer(data, config)
+        metrics, _ = fit(trainer)
+        rows[f"{name}/recall"] = metrics["test"]["recall"]
+        rows[f"{name}/funnel"] = metrics["test"]["funnel"]
+        console.log(f"{name}: recall NDCG@10 {rows[f'{name}/recall']['ndcg@10']:.4f}, "
+                    f"funnel {rows[f'{name}/funnel']['ndcg@10']:.4f}")
+    if "sasrec_bce" in chosen:
+        trainer = Trainer(data, base)
+        sasrec = SASRecTrainer(trainer.split, data.num_items, replace(base, num_negatives=1), trainer.valid)
+        sasrec.train()
+        rows["sasrec_bce/recall"] = trainer.test.full(sasrec.scores)
+    print_report({"dataset": data.name, "seconds_per_variant": seconds, "test": rows}, as_json,
+                 [(f"{name} NDCG@10", f"test.{name}.ndcg@10") for name in rows], "ablations, test split")
+
+
+@bench.command("serving")
+def bench_serving(
+    bundle: Annotated[Path | None, typer.Option(help="ML-100K bundle; default: the demo one")] = None,
+    rates: Annotated[str, typer.Option(help="offered loads in requests/s, rising, comma-separated")] =
+        "25,50,100,150,200,300,400",
+    seconds: Annotated[float, typer.Option(help="seconds of load per offered rate")] = 15.0,
+    low_rate: Annotated[float, typer.Option(help="the low load of the in-process vs cluster comparison")] = 10.0,
+    concurrency: Annotated[int, typer.Option(min=1, help="callers of the batching comparison")] = 32,
+    ranker_threads: Annotated[int, typer.Option(min=1, max=64, help="torch threads of both ranking services "
+                                                "in the batching comparison")] = 1,
+    diversity_users: Annotated[int, typer.Option(min=0, help="test users in the diversity sweep (0 = all)")] = 0,
+    shards: Annotated[int, typer.Option(min=1, max=16, help="recall shards")] = 2,
+    as_json: JsonOption = False,
+) -> None:
+    """Latency and throughput of the served funnel: in-process vs the cluster, open-loop loads,
+    micro-batching on/off, and the diversity knob."""
+    from bench.serving import ServingBenchConfig, run_serving_bench
+    from cluster.demo import DEMO_TRAIN_SECONDS, demo_bundle
+    from recdata.movielens import cache_dir, load_ml100k
+
+    logging.basicConfig(level=logging.WARNING)
+    data = load_ml100k()
+    if bundle is None:
+        bundle = demo_bundle(data, cache_dir() / "demo", DEMO_TRAIN_SECONDS, console)
+    config = ServingBenchConfig(bundle=bundle, rates=tuple(float(r) for r in rates.split(",")),
+                                seconds_per_rate=seconds, low_rate=low_rate, concurrency=concurrency,
+                                batching_threads=ranker_threads, diversity_users=diversity_users,
+                                num_shards=shards)
+    report = run_serving_bench(data, config, progress=(lambda _: None) if as_json else console.log)
+    print_report(report, as_json, SERVING_HEADLINE, "serving")
+
+
+@bench.command("transport")
+def bench_transport(
+    rate: Annotated[float, typer.Option(min=0.1, max=100, help="requests/s of the idle measurement")] = 10.0,
+    seconds: Annotated[float, typer.Option(min=0.5, max=600, help="seconds of the idle measurement")] = 8.0,
+    seed: Annotated[int, typer.Option(help="random seed of the arrivals")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """One round trip between two local processes, idle and back to back: grpc.aio against a
+    bare asyncio socket. The cluster's request path makes four such gRPC round trips."""
+    from bench.transport import run_transport_bench
+
+    print_report(run_transport_bench(rate, seconds, seed), as_json, TRANSPORT_HEADLINE, "one idle round trip")
+
+
+@bench.command("recall")
+def bench_recall(
+    items: Annotated[int, typer.Option(min=1000, help="catalogue size")] = 1_000_000,
+    dim: Annotated[int, typer.Option(min=2, help="vector width")] = 64,
+    shards: Annotated[int, typer.Option(min=1, max=64, help="shards of the sharded-vs-single comparison")] = 4,
+    kinds: Annotated[str, typer.Option(help="approximate index kinds, comma-separated")] = "hnsw,ivf,ivfpq",
+    queries: Annotated[int, typer.Option(min=10, help="evaluation queries")] = 1000,
+    seconds: Annotated[float, typer.Option(help="seconds per single-query QPS measurement")] = 5.0,
+    target_recall: Annotated[float, typer.Option(help="recall@100 the indexes are tuned to")] = 0.95,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Exact search against HNSW / IVF / IVF-PQ on a clustered synthetic catalogue: recall@100,
+    QPS, build time, bytes, upsert-to-searchable, and sharded against single."""
+    from bench.recall import RecallBenchConfig, run_recall_bench
+
+    config = RecallBenchConfig(items=items, dim=dim, shards=shards, kinds=tuple(k for k in kinds.split(",") if k),
+                               queries=queries, single_seconds=seconds, target_recall=target_recall, seed=seed)
+    report = run_recall_bench(config, progress=(lambda _: None) if as_json else console.log)
+    print_report(report, as_json, RECALL_HEADLINE, f"recall over {items:,} items")

@@ -1,0 +1,88 @@
+"""The figures measurement writes: the training curve (NDCG@10 against wall-clock seconds) and
+latency under load (over time, and its distribution)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+from bench.harness import LoadResult
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+
+PLAIN_NUMBERS = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 5, 10, 50 ms rather than 2 × 10^0
+
+RECBOLE_SASREC_TEST_NDCG10 = 0.0636  # PEERS.md: RecBole 1.2.1 SASRec, 20 epochs, same split
+
+
+def plot_training_curve(curve: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Validation and test NDCG@10 after every epoch of both phases, against seconds since start."""
+    figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for stage, name, marker in ((0.0, "query encoder (recall)", "o"), (1.0, "ranker (funnel)", "s")):
+        points = [p for p in curve if p["stage"] == stage]
+        if points:
+            seconds = [p["seconds"] for p in points]
+            if all("test_ndcg@10" in p for p in points):
+                axis.plot(seconds, [p["test_ndcg@10"] for p in points], marker=marker, label=f"{name}, test")
+            axis.plot(seconds, [p["ndcg@10"] for p in points], marker=marker, linestyle="--", alpha=0.6,
+                      label=f"{name}, validation")
+    axis.axhline(RECBOLE_SASREC_TEST_NDCG10, color="grey", linestyle=":",
+                 label="RecBole SASRec test (35 min here)")
+    axis.set_xlabel("wall-clock seconds on this machine")
+    axis.set_ylabel("NDCG@10, full ranking")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_latency(result: LoadResult, path: Path, title: str) -> Path:
+    """Latency over time (every request, and p50/p99 per second) and the latency distribution."""
+    ok = [s for s in result.samples if s.status == "OK"]
+    failed = [s for s in result.samples if s.status != "OK"]
+    figure, (over_time, distribution) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110,
+                                                     gridspec_kw={"width_ratios": [2, 1]})
+    over_time.scatter([s.sent_s for s in ok], [s.latency_ms for s in ok], s=2, alpha=0.25, color="tab:blue",
+                      label="request")
+    if failed:
+        over_time.scatter([s.sent_s for s in failed], [s.latency_ms for s in failed], s=10, color="tab:red",
+                          marker="x", label="error")
+    seconds = np.floor([s.sent_s for s in ok]).astype(int)
+    latencies = np.asarray([s.latency_ms for s in ok])
+    if len(ok):
+        buckets = np.unique(seconds)
+        for quantile, style in ((50, "-"), (99, "--")):
+            over_time.plot(buckets + 0.5, [np.percentile(latencies[seconds == b], quantile) for b in buckets],
+                           style, color="black", linewidth=1, label=f"p{quantile} per second")
+    over_time.set_yscale("log")
+    over_time.yaxis.set_major_formatter(PLAIN_NUMBERS)
+    over_time.yaxis.set_minor_formatter(NullFormatter())
+    over_time.set_xlabel("seconds since start (scheduled send time)")
+    over_time.set_ylabel("latency, ms (log)")
+    over_time.legend(fontsize=8, loc="upper right")
+    over_time.grid(alpha=0.3)
+    if len(ok):
+        ordered = np.sort(latencies)
+        distribution.plot(ordered, np.arange(1, len(ordered) + 1) / len(ordered), color="tab:blue")
+        for row, q in enumerate((50, 99, 99.9)):
+            value = float(np.percentile(latencies, q))
+            distribution.axvline(value, color="grey", linestyle=":", linewidth=1)
+            distribution.text(value, 0.05 + 0.12 * row, f" p{q:g} {value:.1f} ms", fontsize=7)
+        distribution.set_xscale("log")
+        distribution.xaxis.set_major_formatter(PLAIN_NUMBERS)
+        distribution.xaxis.set_minor_formatter(NullFormatter())
+    distribution.set_xlabel("latency, ms (log)")
+    distribution.set_ylabel("share of requests at most this slow")
+    distribution.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path

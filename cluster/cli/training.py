@@ -1,0 +1,139 @@
+"""`recfunnel` commands that make and judge models: `train`, `evaluate`, and `synth` for
+synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cluster.cli.options import (
+    DataFormat,
+    DatasetOption,
+    FormatOption,
+    InteractionsOption,
+    ItemColumnOption,
+    ItemsOption,
+    console,
+    load_data,
+)
+
+group = typer.Typer()
+
+
+@group.command("train")
+def train_command(
+    out: Annotated[Path, typer.Option(help="folder to write the bundle to")],
+    dataset: DatasetOption = "ml-100k",
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    item_column: ItemColumnOption = None,
+    fmt: FormatOption = DataFormat.pairs,
+    epochs: Annotated[int, typer.Option(min=1, help="most query-encoder epochs (early stopping ends sooner)")] = 60,
+    seconds: Annotated[float, typer.Option(help="time budget of the query-encoder phase")] = 600.0,
+    ranker_seconds: Annotated[float, typer.Option(help="time budget of the ranker phase")] = 300.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    curve: Annotated[Path | None, typer.Option(help="write NDCG@10 against seconds to this PNG")] = None,
+    workers: Annotated[int, typer.Option(min=0, max=256, help="Ray Train data-parallel replicas (0 = in this "
+                                                                "process, no Ray)")] = 0,
+    storage: Annotated[Path, typer.Option(help="Ray Train checkpoints (with --workers)")] = Path("ray-train"),
+    address: Annotated[str | None, typer.Option(help="Ray cluster for --workers (default: a local one)")] = None,
+    gpu: Annotated[bool, typer.Option(help="one GPU per Ray Train worker, which trains on it (with --workers)")
+                   ] = False,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for training in this process "
+                                                    "(default: CUDA when present)")] = None,
+) -> None:
+    """Train the item/query encoders and the ranker; write a bundle and print its metrics as JSON."""
+    from ranking.config import TrainConfig
+    from ranking.train import train
+
+    if workers and device is not None:
+        raise typer.BadParameter("Ray Train workers train where Ray places them: use --gpu, not --device",
+                                 param_hint="--device")
+    if device is not None:
+        from ranking.devices import resolve_device
+
+        try:
+            resolve_device(device)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--device") from error
+    data = load_data(dataset, interactions, items, fmt, item_column)
+    config = TrainConfig(epochs=epochs, time_budget_s=seconds, ranker_time_budget_s=ranker_seconds, seed=seed,
+                         track_test=curve is not None, device=device)
+
+    def report(stage: str, values: dict[str, float]) -> None:
+        console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "
+                    f"val NDCG@10 {values['ndcg@10']:.4f}, HR@10 {values['hr@10']:.4f}")
+
+    if workers:
+        import os
+
+        import ray
+
+        from cluster.train_ray import RayTrainConfig, train_on_ray
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        try:
+            result = train_on_ray(data, config, out, RayTrainConfig(workers=workers, storage=storage, use_gpu=gpu))
+        finally:
+            ray.shutdown()
+    else:
+        result = train(data, config, out, progress=report)
+    if curve is not None:
+        from bench.plots import plot_training_curve
+
+        plot_training_curve(result.curve, curve, f"recfunnel training on {data.name}")
+    typer.echo(json.dumps({"bundle": str(out), "version": result.version, "metrics": result.metrics,
+                           "curve": result.curve}, indent=2))
+
+
+@group.command()
+def evaluate(
+    bundle: Annotated[Path, typer.Option(help="bundle folder written by `recfunnel train`")],
+    dataset: DatasetOption = "ml-100k",
+    interactions: InteractionsOption = None,
+    items: ItemsOption = None,
+    item_column: ItemColumnOption = None,
+    fmt: FormatOption = DataFormat.pairs,
+    seconds_per_model: Annotated[float, typer.Option(help="training budget of each baseline/ablation")] = 100.0,
+    baselines: Annotated[bool, typer.Option(help="train SASRec-BCE, the no-text and cold-start models")] = True,
+    cold_draws: Annotated[int, typer.Option(min=1, max=20, help="seeded draws of cold items, cases pooled")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for every model "
+                                                    "(default: CUDA where torch sees one)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
+) -> None:
+    """Full-ranking and sampled metrics of the funnel against baselines trained in the same run."""
+    from ranking.quality import EvaluateConfig
+    from ranking.quality import evaluate as run_evaluation
+
+    try:
+        config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed,
+                                cold_draws=cold_draws, device=device)
+    except ValueError as error:  # the message names the option's field
+        raise typer.BadParameter(str(error)) from error
+    data = load_data(dataset, interactions, items, fmt, item_column)
+    report = run_evaluation(bundle, data, config, report=None if as_json else console.log)
+    typer.echo(json.dumps(report, indent=None if as_json else 2))
+
+
+@group.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="folder for interactions.txt (pairs) and items.csv")],
+    users: Annotated[int, typer.Option(min=1, help="users")] = 20_000,
+    items: Annotated[int, typer.Option(min=1, help="catalogue items")] = 20_000,
+    mean_length: Annotated[int, typer.Option(min=2, help="mean interactions per user")] = 15,
+    topics: Annotated[int, typer.Option(min=1, help="latent topics")] = 50,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Write a synthetic data set in the pairs format plus its item file, for scale runs."""
+    from recdata.synthetic import SyntheticConfig, generate, write_pairs
+
+    data = generate(SyntheticConfig(num_users=users, num_items=items, num_topics=topics,
+                                    mean_length=mean_length, min_length=min(5, mean_length), seed=seed))
+    pairs, item_file = write_pairs(data, out)
+    typer.echo(json.dumps({"interactions": str(pairs), "items": str(item_file), "users": data.num_users,
+                           "catalogue": data.num_items, "pairs": data.num_interactions}))

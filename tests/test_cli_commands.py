@@ -1,0 +1,53 @@
+"""What the command line shows a person: `status` at 80 columns, and a refused item file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.cli.operations import status_lines
+
+VERSION = "ml-100k-20261201213000-a1b2c3"
+
+
+def cluster_report(shards: int = 3) -> dict:  # type: ignore[type-arg]
+    names = ([f"recfunnel-recall-{n}" for n in range(shards)] + ["recfunnel-ranking-0", "recfunnel-gateway-0",
+                                                                   "recfunnel-gateway-1"])
+    services = [{"name": name, "role": name.split("-")[1], "state": "ALIVE", "address": f"127.0.0.1:{50061 + n}",
+                 "model_version": VERSION, "restarts": n % 2, "rss_bytes": (300 + 10 * n) * 2**20,
+                 "node_id": "5d12e8b0fb0b7b193076fe3c31fc24bdd0b1832d8e7bc7701553963d", "pid": 1000 + n}
+                for n, name in enumerate(names)]
+    return {"gateway": "127.0.0.1:50051", "gateways": ["127.0.0.1:50051"], "model_version": VERSION,
+            "services": services, "loop": {"running": True, "pending": 12, "rounds": 1,
+                                           "last_round": {"decision": "rolled out", "version": VERSION}}}
+
+
+def test_status_shows_every_name_address_and_version_whole_in_80_columns() -> None:
+    report = cluster_report()
+    console = Console(width=80, record=True, color_system=None)
+    for line in status_lines(report):
+        console.print(line, highlight=False, markup=False)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for service in report["services"]:
+        assert service["name"] in text and service["address"] in text
+    assert text.count(VERSION) == len(report["services"]) + 2  # each actor's, the header's, the loop's
+    assert "…" not in text
+    assert "1 restarts" in text and "300 MB" in text and "12 events pending" in text
+
+
+def test_status_lines_fit_80_columns_without_rich_wrapping_them() -> None:
+    assert max(len(line) for line in status_lines(cluster_report(shards=12))) <= 80
+
+
+def test_train_refuses_an_item_file_without_its_columns_and_says_what_it_found(tmp_path: Path) -> None:
+    (tmp_path / "pairs.txt").write_text("u1 7\nu1 8\n")
+    (tmp_path / "items.csv").write_text("movieId,title\n7,Toy Story\n")
+    result = CliRunner().invoke(app, ["train", "--interactions", str(tmp_path / "pairs.txt"), "--items",
+                                      str(tmp_path / "items.csv"), "--out", str(tmp_path / "out")],
+                                terminal_width=200)
+    assert result.exit_code == 2
+    assert "found: movieId, title" in " ".join(result.output.split())

@@ -62,6 +62,8 @@ class TrainConfig:
     use_text: bool = True      # False: ID-only items (no LM text, no tags, no semantic channel)
     recent_popularity: bool = True  # False: the popular channel ranks by all-time interactions only
     track_test: bool = False   # also measure test NDCG@10 after every epoch (for the training curve)
+    validation_users: int = 10_000  # early stopping ranks this seeded sample of users against the whole
+                                    # catalogue after every epoch (0 = every user): O(sample x items)
     device: str | None = None  # "cpu" / "cuda[:N]"; None = CUDA when present
 
     def __post_init__(self) -> None:
@@ -69,9 +71,28 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives={self.num_negatives} must be >= 1")
+        if self.validation_users < 0:
+            raise ValueError(f"validation_users={self.validation_users} must be >= 0 (0 = every user)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides: Any) -> TrainConfig:
+        """A training config file (TOML): training fields at the top level, model fields in a
+        `[model]` table, e.g. `epochs = 20`, `[model] dim = 128`. `overrides` (the command
+        line's explicit options) win over the file; an unknown name is refused."""
+        import tomllib
+
+        values = tomllib.loads(path.read_text("utf-8"))
+        model = values.pop("model", {})
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__)) + sorted(
+            f"model.{k}" for k in set(model) - set(ModelConfig.__dataclass_fields__))
+        if unknown:
+            allowed = sorted(set(cls.__dataclass_fields__) - {"model"}) + sorted(
+                f"model.{k}" for k in ModelConfig.__dataclass_fields__)
+            raise ValueError(f"{path}: unknown settings {unknown}; allowed: {', '.join(allowed)}")
+        return cls.from_dict({**values, "model": {**ModelConfig().to_dict(), **model}, **overrides})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

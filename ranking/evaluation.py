@@ -236,6 +236,18 @@ class FunnelScorer:
         return self.rank(histories, users, semantic, items, item_flags)
 
 
+CASES_PER_BATCH = 256
+SCORES_PER_BATCH = 1 << 22  # 16 MiB of float32 scores a batch; its masks and comparisons add a few times that
+
+
+def user_sample(num_users: int, most: int, seed: int) -> np.ndarray | None:
+    """Positions of a fixed, seeded sample of `most` users, in order; None (all of them) when
+    there are no more than that, or `most` is 0."""
+    if most <= 0 or num_users <= most:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(num_users, most, replace=False))
+
+
 class Evaluation:
     """One set of cases (validation or test, optionally a subset) under both protocols."""
 
@@ -262,7 +274,11 @@ class Evaluation:
     def __len__(self) -> int:
         return len(self.histories)
 
-    def batches(self, size: int = 256):  # type: ignore[no-untyped-def]
+    def batches(self, size: int = 0):  # type: ignore[no-untyped-def]
+        """Slices of the cases, `size` at a time; by default as many as keep one batch's
+        (cases, items) score matrix under SCORES_PER_BATCH, so memory stays flat whatever
+        the catalogue's size."""
+        size = size or max(1, min(CASES_PER_BATCH, SCORES_PER_BATCH // max(self.num_items, 1)))
         for start in range(0, len(self.histories), size):
             yield slice(start, min(start + size, len(self.histories)))
 

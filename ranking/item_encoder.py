@@ -49,10 +49,16 @@ class ItemEncoder(nn.Module):
         vectors = self.fuse(id_part, self.text_vectors[items], self.tag_index[items])
         return vectors * (items != 0).unsqueeze(-1)
 
+    def content_of(self, items: torch.Tensor) -> torch.Tensor:
+        """items: (N,) padded indexes -> (N, dim) vectors from text and tags alone, as a cold
+        item is encoded (zeros for padding)."""
+        text, tags = self.text_vectors[items], self.tag_index[items]
+        vectors = self.fuse(torch.zeros(len(items), self.config.dim, device=text.device), text, tags)
+        return vectors * (items != 0).unsqueeze(-1)
+
     def content_only(self) -> torch.Tensor:
-        """(num_items, dim) vectors from text and tags alone, as a cold item is encoded."""
-        text, tags = self.text_vectors[1:], self.tag_index[1:]
-        return self.fuse(torch.zeros(len(text), self.config.dim, device=text.device), text, tags)
+        """(num_items, dim) content vectors of the whole catalogue, unpadded order."""
+        return self.content_of(torch.arange(1, self.text_vectors.shape[0], device=self.text_vectors.device))
 
     def all_items(self) -> torch.Tensor:
         """(num_items, dim) vectors of the whole catalogue, unpadded order."""

@@ -15,7 +15,7 @@ import numpy as np
 from ranking.baselines import SASRecTrainer, popularity_scorer
 from ranking.config import ModelConfig, TrainConfig
 from ranking.devices import resolve_device
-from ranking.evaluation import Evaluation, FunnelScorer, items_from_full
+from ranking.evaluation import Evaluation, FunnelScorer, items_from_full, user_sample
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer, fit
 from recdata.bundle import load_bundle
@@ -40,6 +40,7 @@ class EvaluateConfig:
     seed: int = 0
     baselines: bool = True            # train SASRec-BCE, the no-text ablation and the cold-start models
     device: str | None = None         # where every model scores and trains; None: CUDA where present
+    users: int = 0                    # test and validation on this seeded sample of users; 0 = all
 
     def __post_init__(self) -> None:
         if not 0 < self.cold_share < 1:
@@ -48,6 +49,8 @@ class EvaluateConfig:
             raise ValueError(f"cold_draws={self.cold_draws} must be >= 1")
         if self.seconds_per_model <= 0:
             raise ValueError(f"seconds_per_model={self.seconds_per_model} must be > 0")
+        if self.users < 0:
+            raise ValueError(f"users={self.users} must be >= 0 (0 = every user)")
         resolve_device(self.device)  # a device this machine lacks is refused before any work
 
 
@@ -76,14 +79,17 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
     budgets = dict(bundle.manifest.get("candidates_per_channel") or TrainConfig().candidates_per_channel)
     split = leave_last_two(dataset)
     num_items = dataset.num_items
-    test = Evaluation(split, num_items, validation=False, seed=config.seed)
-    valid = Evaluation(split, num_items, validation=True, seed=config.seed)
+    sample = user_sample(len(split.users), config.users, config.seed)
+    test = Evaluation(split, num_items, validation=False, positions=sample, seed=config.seed)
+    valid = Evaluation(split, num_items, validation=True, positions=sample, seed=config.seed)
     scorer = FunnelScorer.from_bundle(bundle_dir, budgets, config.device)
 
     # Funnel scores are -inf off the candidates: "found" is the recall hit rate at the budget.
     funnel_ranks, found, lists = test.full_report(scorer.funnel_scores)
     result: dict[str, Any] = {
         "dataset": dataset.name, "users": dataset.num_users, "items": num_items, "cases": len(test),
+        # Which users the figures are over: all of them, or a seeded sample (and its seed).
+        "evaluated_users": {"sample": sample is not None, "count": len(test), "seed": config.seed},
         "model_version": bundle.version,
         "funnel": {"full": ranking_metrics(funnel_ranks.tolist()),
                    "sampled100": test.sampled(scorer.funnel_item_scores)},

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from ranking.config import TrainConfig
 from ranking.devices import resolve_device
-from ranking.evaluation import Evaluation, FunnelScorer, seen_mask
+from ranking.evaluation import Evaluation, FunnelScorer, seen_mask, user_sample
 from ranking.item_encoder import ItemEncoder, tag_matrix
 from ranking.losses import sampled_softmax
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
-from ranking.text_encoder import TextEncoder
+from ranking.text_encoder import TextEncoder, default_disk_cache
 from recdata.bundle import Bundle, load_weights, new_version_id
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, popular_scores
 from recdata.dataset import Dataset
@@ -107,6 +107,29 @@ def keep_freed_memory() -> None:
             log.warning("mallopt(%d) refused; training keeps glibc's default allocation", parameter)
 
 
+def stop_report(phase: str, curve: list[dict[str, float]], budget_s: float, seconds: float, epochs: int,
+                max_epochs: int, stale: int, patience: int) -> dict[str, Any]:
+    """Why a phase ended, and whether validation was still rising when a time budget ended it:
+    the last epoch beat every earlier one. Such a stop is logged as a warning with the figures."""
+    scores = [p["ndcg@10"] for p in curve]
+    still_improving = len(scores) >= 2 and scores[-1] > max(scores[:-1])
+    if epochs >= max_epochs:
+        reason = "epochs"
+    elif stale >= patience:
+        reason = "patience"
+    elif seconds > budget_s:
+        reason = "time budget"
+    else:
+        reason = "other replica"  # data-parallel replicas stop together when any one would
+    report = {"reason": reason, "epochs": epochs, "seconds": round(seconds, 1),
+              "still_improving": bool(still_improving and reason == "time budget")}
+    if report["still_improving"]:
+        log.warning("the %s phase was stopped by its %.0f s time budget after %d epochs while validation "
+                    "NDCG@10 still improved (%.4f after %.4f): raise its budget to train it further",
+                    phase, budget_s, epochs, scores[-1], max(scores[:-1]))
+    return report
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -150,6 +173,7 @@ class Trainer:
         self.parallel = parallel
         self.resume = resume
         self.encoder_curve: list[dict[str, float]] = []  # the finished encoder phase's epochs
+        self.stops: dict[str, dict[str, Any]] = {}  # per finished phase, why it ended (`stop_report`)
         self.config = config
         self.progress = progress or (lambda stage, values: None)
         keep_freed_memory()
@@ -163,7 +187,10 @@ class Trainer:
             self.split = Split([s[~cold[s]] for s in self.split.train], self.split.users,
                                self.split.valid_targets, self.split.test_targets)
         if config.use_text:
-            self.text_encoder: TextEncoder | None = text_encoder or TextEncoder(device=str(self.device))
+            # Vectors are kept on disk by text hash: a second run over the same catalogue (another
+            # config, the loop's next round, evaluate's baselines) encodes nothing again.
+            self.text_encoder: TextEncoder | None = text_encoder or TextEncoder(
+                device=str(self.device), disk_cache=default_disk_cache())
             self.text_vectors = (self.text_encoder.encode(dataset.item_texts) if text_vectors is None
                                  else text_vectors)
             tags, self.tag_vocabulary = tag_matrix(dataset.item_tags)
@@ -190,7 +217,8 @@ class Trainer:
         self.recent_popularity = (recent_popularity(self.split.train, dataset.num_items, dataset.timestamps)
                                   if config.recent_popularity else self.popularity * RECENT_SHARE)
         self.neighbour_ids, self.neighbour_scores = cooccurrence_neighbours(self.split.train, dataset.num_items)
-        self.valid = Evaluation(self.split, dataset.num_items, validation=True, seed=config.seed)
+        self.valid = Evaluation(self.split, dataset.num_items, validation=True, seed=config.seed,
+                                positions=user_sample(len(self.split.users), config.validation_users, config.seed))
         self.test = Evaluation(self.split, dataset.num_items, validation=False, seed=config.seed)
         self.started = time.perf_counter()
 
@@ -201,26 +229,77 @@ class Trainer:
             module.load_state_dict(weights)
 
     # ---- phase 1: item + query encoder -------------------------------------------------
-    def sampled_softmax_loss(self, users: torch.Tensor, targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """users (N, d), targets (N,) catalogue indexes, items (I, d) -> mean loss."""
-        tau = self.config.model.temperature
+    @property
+    def exact_softmax(self) -> bool:
+        """The sample would be every known item: score them all instead."""
+        return self.config.num_negatives >= len(self.known_items)
+
+    def draw_negatives(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Negatives for a batch's (N,) target catalogue indexes: `num_negatives` uniform over
+        the known items, plus the batch's distinct targets. Returns their catalogue indexes and
+        the log of each one's sampling share, for the logQ correction."""
         known = self.known_items
-        if self.config.num_negatives >= len(known):  # the sample is every known item
-            logits = torch.full((len(users), items.shape[0]), -math.inf, device=users.device)
-            logits[:, known] = users @ items[known].T / tau
-            return F.cross_entropy(logits, targets)
-        users = users / tau
         uniform = known[torch.randint(len(known), (self.config.num_negatives,), device=CPU).to(self.device)]
         # In-batch negatives: distinct targets of the batch, drawn in proportion to popularity,
         # hence the logQ correction; at most num_negatives of them keeps the logits small.
         others = targets.unique()
         if len(others) > self.config.num_negatives:
             others = others[torch.randperm(len(others), device=CPU)[: self.config.num_negatives].to(self.device)]
-        negatives = torch.cat([uniform, others])
         log_q = torch.cat([torch.full((len(uniform),), math.log(self.config.num_negatives / len(known)),
                                       device=self.device),
                            self.log_q[others] + math.log(len(targets))])
-        return sampled_softmax(users, items[targets], items[negatives], log_q, negatives[None, :] == targets[:, None])
+        return torch.cat([uniform, others]), log_q
+
+    def _sampled_softmax(self, users: torch.Tensor, targets: torch.Tensor, positives: torch.Tensor,
+                         negatives: torch.Tensor, log_q: torch.Tensor, negative_vectors: torch.Tensor) -> torch.Tensor:
+        """users (N, d), targets (N,) and negatives (S,) catalogue indexes with their vectors
+        (N, d) and (S, d), log_q (S,) -> mean loss, accidental hits masked."""
+        tau = self.config.model.temperature
+        return sampled_softmax(users / tau, positives, negative_vectors, log_q, negatives[None, :] == targets[:, None])
+
+    def sampled_softmax_loss(self, users: torch.Tensor, targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """users (N, d), targets (N,) catalogue indexes, items (I, d) -> mean loss."""
+        if self.exact_softmax:
+            known = self.known_items
+            logits = torch.full((len(users), items.shape[0]), -math.inf, device=users.device)
+            logits[:, known] = users @ items[known].T / self.config.model.temperature
+            return F.cross_entropy(logits, targets)
+        negatives, log_q = self.draw_negatives(targets)
+        return self._sampled_softmax(users, targets, items[targets], negatives, log_q, items[negatives])
+
+    def encoder_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The encoder phase's loss on (B, T) windows of padded item indexes (targets are the
+        inputs shifted by one). Item vectors are computed only for the items the step reads:
+        its histories, its targets and its sampled negatives, so a step's cost follows the
+        batch and the sample, not the catalogue. Only the exact softmax reads every item."""
+        cfg = self.config
+        valid = (targets != 0) & (inputs != 0)
+        wanted = targets[valid] - 1                                              # (N,) catalogue indexes
+        with_content = cfg.content_loss_weight > 0 and cfg.use_text
+        if self.exact_softmax:
+            table = self.item_table()
+            users = self.model.encoder(table[inputs], inputs == 0)[valid]        # (N, d)
+            loss = self.sampled_softmax_loss(users, wanted, table[1:])
+            if with_content:
+                loss = loss + cfg.content_loss_weight * self.sampled_softmax_loss(
+                    users, wanted, self.model.items.content_only())
+            return loss
+        draws = [self.draw_negatives(wanted) for _ in range(2 if with_content else 1)]
+        # Every item the step reads, once, as a padded index; `rows` maps each read to its vector.
+        reads = [inputs.reshape(-1), wanted + 1, *(negatives + 1 for negatives, _ in draws)]
+        touched, rows = torch.unique(torch.cat(reads), return_inverse=True)
+        history_rows, target_rows, *negative_rows = rows.split([len(r) for r in reads])
+        vectors = self.model.items(touched)                                       # (U, d)
+        users = self.model.encoder(vectors[history_rows].view(*inputs.shape, -1), inputs == 0)[valid]
+        (negatives, log_q), *content_draw = draws
+        loss = self._sampled_softmax(users, wanted, vectors[target_rows], negatives, log_q,
+                                     vectors[negative_rows[0]])
+        if with_content:
+            content = self.model.items.content_of(touched)                        # (U, d)
+            (negatives, log_q), = content_draw
+            loss = loss + cfg.content_loss_weight * self._sampled_softmax(
+                users, wanted, content[target_rows], negatives, log_q, content[negative_rows[1]])
+        return loss
 
     def item_table(self) -> torch.Tensor:
         """(I + 1, d) item vectors with the padding row, as the encoder reads them."""
@@ -315,15 +394,7 @@ class Trainer:
             total = 0.0
             for start in range(0, len(order), batch_size):
                 batch = windows[order[start : start + batch_size]].to(self.device)
-                inputs, targets = batch[:, :-1], batch[:, 1:]
-                table = self.item_table()
-                users = self.model.encoder(table[inputs], inputs == 0)              # (B, T, d)
-                valid = (targets != 0) & (inputs != 0)
-                loss = self.sampled_softmax_loss(users[valid], targets[valid] - 1, table[1:])
-                if cfg.content_loss_weight > 0 and cfg.use_text:
-                    content = self.model.items.content_only()
-                    loss = loss + cfg.content_loss_weight * self.sampled_softmax_loss(
-                        users[valid], targets[valid] - 1, content)
+                loss = self.encoder_loss(batch[:, :-1], batch[:, 1:])
                 optimiser.zero_grad()
                 loss.backward()
                 self._step(params, optimiser)
@@ -343,6 +414,10 @@ class Trainer:
         if state.best_state is not None:
             self.model.load_state_dict(state.best_state)
         self.encoder_curve = list(state.curve)
+        phase_curve = [p for p in state.curve if p["stage"] == 0.0]
+        self.stops["encoder"] = stop_report("encoder", phase_curve, cfg.time_budget_s,
+                                            phase_curve[-1]["seconds"] if phase_curve else 0.0, state.epoch,
+                                            cfg.epochs, state.stale, cfg.patience)
         return state.curve
 
     # ---- phase 2: ranker ------------------------------------------------------------------
@@ -415,6 +490,10 @@ class Trainer:
             state.rng = {"numpy": rng.bit_generator.state, **self._random_streams()}
             if self._end_of_epoch(state, optimiser, time.perf_counter() - phase_started > cfg.ranker_time_budget_s):
                 break
+        ranker_curve = [p for p in state.curve if p["stage"] == 1.0]
+        self.stops["ranker"] = stop_report("ranker", ranker_curve, cfg.ranker_time_budget_s,
+                                           time.perf_counter() - phase_started, state.epoch, cfg.ranker_epochs,
+                                           0, cfg.ranker_epochs + 1)
         if state.best_state is not None:
             self.model.ranker.load_state_dict(state.best_state)
         return [p for p in state.curve if p["stage"] == 1.0]
@@ -477,6 +556,8 @@ def fit(trainer: Trainer) -> tuple[dict[str, Any], list[dict[str, float]]]:
     curve = trainer.train_encoder() + trainer.train_ranker()
     metrics = {
         "train_seconds": time.perf_counter() - trainer.started,
+        "validation_users": len(trainer.valid),
+        "stops": trainer.stops,
         "valid": {"recall": trainer.evaluate(True, False), "funnel": trainer.evaluate(True, True)},
         "test": {"recall": trainer.evaluate(False, False), "funnel": trainer.evaluate(False, True)},
     }

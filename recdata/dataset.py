@@ -6,9 +6,12 @@ import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from recdata.reader import EventColumns
 
 InteractionFormat = Literal["pairs", "csv", "parquet"]
 
@@ -80,33 +83,42 @@ def from_events(
 ) -> Dataset:
     """Build a Dataset from parallel event columns; order within a user follows `timestamps`
     (stable, so ties keep file order) or file order when there are none."""
+    import pyarrow as pa
+
+    from recdata.reader import EventColumns
+
     if len(users) != len(items):
         raise ValueError(f"{len(users)} users but {len(items)} items in the event columns")
-    if not users:
+    events = EventColumns()
+    events.add(pa.array(users, pa.string()), pa.array(items, pa.string()),
+               None if timestamps is None else pa.array(np.asarray(timestamps, dtype=np.float64)))
+    return from_columns(name, events, item_texts, item_tags)
+
+
+def from_columns(name: str, events: EventColumns, item_texts: dict[str, str] | None = None,
+                 item_tags: dict[str, tuple[str, ...]] | None = None) -> Dataset:
+    """Build a Dataset from dense event columns: one sort of the events by user, then time."""
+    u, i, times = events.arrays()
+    if not len(u):
         raise ValueError(f"data set {name!r} has no interactions")
-    user_index: dict[str, int] = {}
-    item_index: dict[str, int] = {}
-    u = np.fromiter((user_index.setdefault(x, len(user_index)) for x in users), np.int64, len(users))
-    i = np.fromiter((item_index.setdefault(x, len(item_index)) for x in items), np.int64, len(items))
     # Items that have text but no interactions still belong to the catalogue (cold start).
     for item_id in item_texts or {}:
-        item_index.setdefault(item_id, len(item_index))
-    t = np.arange(len(users)) if timestamps is None else np.asarray(timestamps, dtype=np.float64)
+        events.items.index.setdefault(item_id, len(events.items.index))
+    t = np.arange(len(u), dtype=np.float64) if times is None else times
     order = np.lexsort((t, u))  # by user, then time; lexsort is stable
     u, i, t = u[order], i[order], t[order]
     bounds = np.flatnonzero(np.diff(u)) + 1
-    sequences = np.split(i, bounds)
-    item_ids = list(item_index)
+    item_ids = events.items.ids
     texts = item_texts or {}
     tags = item_tags or {}
     return Dataset(
         name=name,
-        user_ids=list(user_index),
+        user_ids=events.users.ids,
         item_ids=item_ids,
-        sequences=[s.copy() for s in sequences],
+        sequences=np.split(i, bounds),
         item_texts=[texts.get(x, "") for x in item_ids],
         item_tags=[tuple(tags.get(x, ())) for x in item_ids],
-        timestamps=None if timestamps is None else [s.copy() for s in np.split(t, bounds)],
+        timestamps=None if times is None else np.split(t, bounds),
     )
 
 
@@ -156,30 +168,7 @@ def read_interactions(
     - `pairs`: whitespace `user item` one pair a line, already in time order per user.
     - `csv` / `parquet`: columns `user,item[,timestamp]`; other columns are ignored.
     """
-    texts, tags = read_item_file(items_path, item_column) if items_path else ({}, {})
-    timestamps: np.ndarray | None = None
-    if fmt == "pairs":
-        users, items = [], []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) < 2:
-                    raise ValueError(f"{path}:{line_no}: expected `user item`, got {line!r}")
-                users.append(parts[0])
-                items.append(parts[1])
-    elif fmt in ("csv", "parquet"):
-        import pandas as pd
+    from recdata.reader import read_event_columns
 
-        frame = pd.read_csv(path, dtype=str) if fmt == "csv" else pd.read_parquet(path)
-        missing = {"user", "item"} - set(frame.columns)
-        if missing:
-            raise ValueError(f"{path}: missing columns {sorted(missing)}; need user,item[,timestamp]")
-        users = frame["user"].astype(str).tolist()
-        items = frame["item"].astype(str).tolist()
-        if "timestamp" in frame.columns:
-            timestamps = pd.to_numeric(frame["timestamp"]).to_numpy()
-    else:
-        raise ValueError(f"unknown interaction format {fmt!r}; use pairs, csv or parquet")
-    return from_events(path.stem, users, items, timestamps, texts, tags)
+    texts, tags = read_item_file(items_path, item_column) if items_path else ({}, {})
+    return from_columns(path.stem, read_event_columns(path, fmt), texts, tags)

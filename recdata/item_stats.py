@@ -12,6 +12,7 @@ import numpy as np
 COOCCURRENCE_WINDOW = 5    # items up to this many positions apart in a history co-occur
 NEIGHBOURS = 50            # neighbours kept per item
 RECENT_SHARE = 0.1         # "recent" = the latest tenth of the training interactions
+PAIRS_PER_CHUNK = 1 << 22  # co-occurrences summed at a time: ~100 MB of temporaries
 
 
 def cooccurrence_neighbours(sequences: list[np.ndarray], num_items: int, window: int = COOCCURRENCE_WINDOW,
@@ -23,24 +24,14 @@ def cooccurrence_neighbours(sequences: list[np.ndarray], num_items: int, window:
     divided by sqrt(count_a * count_b), so a neighbour must co-occur more than its own
     popularity alone explains; otherwise the most popular items would be everyone's neighbours.
     """
-    firsts, seconds, weights = [], [], []
-    for distance in range(1, window + 1):
-        for seq in sequences:
-            if len(seq) > distance:
-                firsts.append(seq[:-distance])
-                seconds.append(seq[distance:])
-                weights.append(np.full(len(seq) - distance, 1.0 / distance))
     ids = np.full((num_items, neighbours), -1, dtype=np.int32)
     scores = np.zeros((num_items, neighbours), dtype=np.float32)
-    if not firsts:
+    pairs, weight = pair_weights(sequences, num_items, window)
+    if not len(pairs):
         return ids, scores
-    a, b, w = np.concatenate(firsts), np.concatenate(seconds), np.concatenate(weights)
-    a, b, w = np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([w, w])
-    keep = a != b
-    pairs, inverse = np.unique(a[keep] * num_items + b[keep], return_inverse=True)
     rows, cols = pairs // num_items, pairs % num_items
     counts = np.bincount(np.concatenate(sequences), minlength=num_items).astype(np.float64)
-    strength = np.bincount(inverse, weights=w[keep]) / np.sqrt(counts[rows] * counts[cols])
+    strength = weight / np.sqrt(counts[rows] * counts[cols])
     order = np.lexsort((-strength, rows))          # by item, strongest first
     rows, cols, strength = rows[order], cols[order], strength[order]
     starts = np.searchsorted(rows, np.arange(num_items))
@@ -49,6 +40,39 @@ def cooccurrence_neighbours(sequences: list[np.ndarray], num_items: int, window:
     ids[rows[top], rank[top]] = cols[top]
     scores[rows[top], rank[top]] = strength[top]
     return ids, scores
+
+
+def pair_weights(sequences: list[np.ndarray], num_items: int, window: int = COOCCURRENCE_WINDOW,
+                 pairs_per_chunk: int = PAIRS_PER_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Every co-occurring (a, b) pair, both ways, as sorted keys a * num_items + b with their
+    summed weights 1/distance: one pass over the sequences a chunk of users at a time, each
+    chunk's pairs summed at once and merged into the running sums. Memory follows the distinct
+    pairs (a sparse matrix), not the events times the window, nor items squared."""
+    keys: np.ndarray = np.zeros(0, np.int64)
+    sums: np.ndarray = np.zeros(0, np.float64)
+    chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    size = 0
+
+    def merge() -> None:
+        nonlocal keys, sums, chunk, size
+        a, b, w = (np.concatenate(parts) for parts in zip(*chunk, strict=True))
+        keep = a != b
+        a, b, w = a[keep], b[keep], w[keep]
+        merged, inverse = np.unique(np.concatenate([keys, a * num_items + b, b * num_items + a]),
+                                    return_inverse=True)
+        sums = np.bincount(inverse, weights=np.concatenate([sums, w, w]), minlength=len(merged))
+        keys, chunk, size = merged, [], 0
+
+    for seq in sequences:
+        for distance in range(1, min(window, len(seq) - 1) + 1):
+            chunk.append((seq[:-distance].astype(np.int64), seq[distance:].astype(np.int64),
+                          np.full(len(seq) - distance, 1.0 / distance)))
+            size += len(seq) - distance
+        if size >= pairs_per_chunk:
+            merge()
+    if chunk:
+        merge()
+    return keys, sums
 
 
 def recent_popularity(sequences: list[np.ndarray], num_items: int, timestamps: list[np.ndarray] | None,

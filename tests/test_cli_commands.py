@@ -51,3 +51,30 @@ def test_train_refuses_an_item_file_without_its_columns_and_says_what_it_found(t
                                 terminal_width=200)
     assert result.exit_code == 2
     assert "found: movieId, title" in " ".join(result.output.split())
+
+
+def test_train_takes_its_settings_from_a_config_file_and_records_them(tmp_path: Path) -> None:
+    import json
+
+    from recdata.bundle import load_bundle
+    from recdata.synthetic import SyntheticConfig, generate
+
+    data = generate(SyntheticConfig(num_users=60, num_items=40, num_topics=3, mean_length=8, seed=2))
+    pairs = tmp_path / "events.txt"
+    pairs.write_text("".join(f"{data.user_ids[u]} {data.item_ids[i]}\n"
+                             for u, seq in enumerate(data.sequences) for i in seq))
+    settings = tmp_path / "train.toml"
+    settings.write_text("epochs = 5\nranker_epochs = 1\nnum_negatives = 16\n[model]\ndim = 24\nheads = 3\n")
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(app, ["train", "--interactions", str(pairs), "--out", str(out), "--config",
+                                      str(settings), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{\n"):])
+    assert report["config"]["epochs"] == 2 and report["config"]["model"]["dim"] == 24  # the flag wins
+    assert report["metrics"]["stops"]["encoder"]["epochs"] <= 2
+    manifest = load_bundle(out).manifest
+    assert manifest["model"]["dim"] == 24 and manifest["training"]["num_negatives"] == 16
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nwidth = 3\n")
+    refused = CliRunner().invoke(app, ["train", "--interactions", str(pairs), "--out", str(out), "--config", str(bad)])
+    assert refused.exit_code == 2 and "model.width" in refused.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ import torch
 from bench.in_process import in_process_funnel
 from gateway.funnel import RecommendQuery
 from ranking.baselines import SASRecTrainer, popularity_scorer
+from ranking.config import TrainConfig
 from ranking.evaluation import Evaluation, FunnelScorer
 from ranking.inference import with_new_item_slot
 from ranking.quality import EvaluateConfig, beyond_accuracy, evaluate
+from ranking.text_encoder import TextEncoder
 from recdata.bundle import load_bundle, load_weights
 from recdata.dataset import Dataset
 from recdata.split import leave_last_two
@@ -170,3 +173,37 @@ def test_served_and_evaluated_lists_keep_the_same_place_for_new_items(tiny_bundl
         assert any(tiny_dataset.item_ids.index(i) in new_items for i in evaluated)
         slots_used += not any(i in new_items for i in plain)
     assert slots_used > 0  # the place was really given, not only already taken by relevance
+
+
+def test_user_sample_is_seeded_fixed_and_all_when_small() -> None:
+    from ranking.evaluation import user_sample
+
+    assert user_sample(943, 10_000, 0) is None and user_sample(943, 0, 0) is None
+    sample = user_sample(10_000, 500, 3)
+    assert sample is not None and len(sample) == len(set(sample.tolist())) == 500
+    assert (np.diff(sample) > 0).all() and sample.max() < 10_000
+    assert (sample == user_sample(10_000, 500, 3)).all() and not (sample == user_sample(10_000, 500, 4)).all()
+
+
+def test_full_ranking_in_catalogue_sized_batches_equals_one_case_at_a_time(tiny_bundle: Path, tiny_dataset,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import ranking.evaluation as evaluation
+
+    split = leave_last_two(tiny_dataset)
+    cases = Evaluation(split, tiny_dataset.num_items, validation=False)
+    scorer = FunnelScorer.from_bundle(tiny_bundle, dict(TrainConfig().candidates_per_channel), "cpu")
+    monkeypatch.setattr(evaluation, "SCORES_PER_BATCH", 7 * tiny_dataset.num_items)  # as for a big catalogue
+    assert max(s.stop - s.start for s in cases.batches()) == 7
+    batched = cases.full_report(scorer.recall_scores)
+    monkeypatch.setattr(evaluation, "SCORES_PER_BATCH", 1)  # one case a batch
+    assert max(s.stop - s.start for s in cases.batches()) == 1
+    for a, b in zip(batched, cases.full_report(scorer.recall_scores), strict=True):
+        assert (a == b).all()
+
+
+def test_evaluate_on_a_user_sample_says_so(tiny_bundle: Path, tiny_dataset, text_encoder: TextEncoder) -> None:
+    report = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(baselines=False, users=40), text_encoder)
+    assert report["cases"] == 40
+    assert report["evaluated_users"] == {"sample": True, "count": 40, "seed": 0}
+    whole = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(baselines=False), text_encoder)
+    assert whole["evaluated_users"]["sample"] is False and whole["cases"] == tiny_dataset.num_users

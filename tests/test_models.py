@@ -167,3 +167,48 @@ def test_model_config_rejects_bad_values() -> None:
         ModelConfig(dim=10, heads=3)
     with pytest.raises(ValueError, match="temperature"):
         ModelConfig(temperature=0)
+
+
+def full_table_encoder_loss(trainer: Trainer, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The encoder phase's loss computed over the whole catalogue's item vectors, as a
+    reference for the per-step subset."""
+    table = trainer.item_table()
+    valid = (targets != 0) & (inputs != 0)
+    users = trainer.model.encoder(table[inputs], inputs == 0)[valid]
+    loss = trainer.sampled_softmax_loss(users, targets[valid] - 1, table[1:])
+    return loss + trainer.config.content_loss_weight * trainer.sampled_softmax_loss(
+        users, targets[valid] - 1, trainer.model.items.content_only())
+
+
+@pytest.mark.parametrize("num_negatives", [16, 10_000])  # sampled, and exact (the sample is the catalogue)
+def test_a_step_over_the_items_it_touches_equals_the_full_table(tiny_dataset, text_encoder: TextEncoder,
+                                                                 num_negatives: int) -> None:
+    trainer = Trainer(tiny_dataset, TrainConfig(model=CONFIG, num_negatives=num_negatives), text_encoder)
+    trainer.model.eval()  # no dropout: both sides see the same vectors
+    windows = torch.from_numpy(training_windows(trainer.split.train, CONFIG.max_len))[:6]
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    parameters = list(trainer.model.items.parameters()) + list(trainer.model.encoder.parameters())
+    torch.manual_seed(3)
+    loss = trainer.encoder_loss(inputs, targets)
+    got = torch.autograd.grad(loss, parameters, allow_unused=True)
+    torch.manual_seed(3)  # the same negatives
+    expected = full_table_encoder_loss(trainer, inputs, targets)
+    torch.testing.assert_close(loss, expected)
+    for a, b in zip(got, torch.autograd.grad(expected, parameters, allow_unused=True), strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b)
+
+
+def test_a_step_encodes_only_the_items_it_touches(text_encoder: TextEncoder) -> None:
+    from recdata.synthetic import SyntheticConfig, generate
+
+    data = generate(SyntheticConfig(num_users=400, num_items=3000, num_topics=10, mean_length=10, seed=1))
+    trainer = Trainer(data, TrainConfig(model=CONFIG, num_negatives=32), text_encoder)
+    encoded: list[int] = []
+    trainer.model.items.register_forward_hook(lambda _module, args, _out: encoded.append(args[0].numel()))
+    windows = torch.from_numpy(training_windows(trainer.split.train, CONFIG.max_len))[:4]
+    trainer.encoder_loss(windows[:, :-1], windows[:, 1:]).backward()
+    # One call over the step's histories, targets and both negative samples: 4 x 8 + 4 x 8 + 2 x (32 + 32).
+    assert len(encoded) == 1 and encoded[0] <= 4 * 8 * 2 + 2 * 64 < data.num_items

@@ -28,3 +28,24 @@ def test_empty_text_has_no_signal_and_repeats_hit_the_cache(text_encoder: TextEn
 def test_a_folder_without_a_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config.json"):
         TextEncoder(tmp_path)
+
+
+def test_vectors_kept_on_disk_are_not_encoded_again(tmp_path: Path, text_encoder: TextEncoder) -> None:
+    class CountingEncoder(TextEncoder):
+        embedded = 0
+
+        def _embed(self, texts: list[str]) -> np.ndarray:
+            type(self).embedded += len(texts)
+            return super()._embed(texts)
+
+    texts = ["a quiet garden", "a golden engine", "", "a quiet garden"]
+    first = CountingEncoder(disk_cache=tmp_path, batch_size=1)
+    seen: list[tuple[int, int]] = []
+    vectors = first.encode(texts, progress=lambda done, total: seen.append((done, total)))
+    assert CountingEncoder.embedded == 2 and seen == [(1, 2), (2, 2)]  # each distinct text once
+    np.testing.assert_allclose(vectors[:2], text_encoder.encode(texts[:2]), atol=1e-6)
+    CountingEncoder.embedded = 0
+    again = CountingEncoder(disk_cache=tmp_path).encode(texts + ["a new text"])
+    assert CountingEncoder.embedded == 1  # only the new text; the rest came from disk
+    np.testing.assert_array_equal(again[:4], vectors)
+    assert len(list(tmp_path.glob("*.sqlite"))) == 1

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from ranking.config import ModelConfig, TrainConfig
 from ranking.inference import RankingModel
-from ranking.train import TrainResult
+from ranking.text_encoder import TextEncoder
+from ranking.train import Trainer, TrainResult, stop_report
 from recdata.bundle import load_bundle, load_weights
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, channel_mask
+from recdata.dataset import Dataset
 
 
 def test_bundle_has_manifest_arrays_and_weights(tiny_training: TrainResult) -> None:
@@ -73,3 +78,39 @@ def test_same_seed_gives_the_same_bundle(tiny_dataset, text_encoder, tmp_path) -
     # Equal up to the order of multi-threaded float sums.
     np.testing.assert_allclose(load_bundle(a.folder).arrays[SEQUENTIAL], load_bundle(b.folder).arrays[SEQUENTIAL],
                                atol=1e-5)
+
+
+def test_early_stopping_validates_on_a_seeded_user_sample(tiny_dataset: Dataset, text_encoder: TextEncoder) -> None:
+    sampled = Trainer(tiny_dataset, TrainConfig(validation_users=50), text_encoder)
+    assert len(sampled.valid) == 50 and len(sampled.test) == tiny_dataset.num_users
+    assert len(Trainer(tiny_dataset, TrainConfig(validation_users=0), text_encoder).valid) == tiny_dataset.num_users
+    with pytest.raises(ValueError, match="validation_users=-1 must be >= 0"):
+        TrainConfig(validation_users=-1)
+
+
+def test_a_config_file_sets_the_model_and_training_and_the_command_line_wins(tmp_path: Path) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text("epochs = 7\nnum_negatives = 64\nbatch_size = 32\n[model]\ndim = 96\nheads = 3\n")
+    config = TrainConfig.from_file(path, epochs=3)
+    assert (config.epochs, config.num_negatives, config.batch_size) == (3, 64, 32)
+    assert (config.model.dim, config.model.heads, config.model.layers) == (96, 3, ModelConfig().layers)
+    path.write_text("epoch = 7\n[model]\nwidth = 3\n")
+    with pytest.raises(ValueError, match=r"unknown settings \['epoch', 'model.width'\]; allowed: .*batch_size"):
+        TrainConfig.from_file(path)
+
+
+def test_the_example_config_file_parses() -> None:
+    config = TrainConfig.from_file(Path(__file__).resolve().parent.parent / "deploy" / "train.toml")
+    assert config == TrainConfig()  # it spells out the defaults
+
+
+def test_a_stop_by_the_time_budget_while_improving_is_reported_and_warned(caplog: pytest.LogCaptureFixture) -> None:
+    rising = [{"ndcg@10": v} for v in (0.05, 0.06, 0.07)]
+    with caplog.at_level("WARNING"):
+        report = stop_report("encoder", rising, 600.0, 612.0, 3, 60, 0, 5)
+    assert report == {"reason": "time budget", "epochs": 3, "seconds": 612.0, "still_improving": True}
+    assert "stopped by its 600 s time budget after 3 epochs while validation NDCG@10 still improved" in caplog.text
+    flat = [{"ndcg@10": v} for v in (0.05, 0.07, 0.06)]
+    assert stop_report("encoder", flat, 600.0, 612.0, 3, 60, 1, 5)["still_improving"] is False
+    assert stop_report("encoder", rising, 600.0, 100.0, 60, 60, 0, 5)["reason"] == "epochs"
+    assert stop_report("encoder", flat, 600.0, 100.0, 10, 60, 5, 5)["reason"] == "patience"

@@ -31,10 +31,16 @@ def train_command(
     items: ItemsOption = None,
     item_column: ItemColumnOption = None,
     fmt: FormatOption = DataFormat.pairs,
-    epochs: Annotated[int, typer.Option(min=1, help="most query-encoder epochs (early stopping ends sooner)")] = 60,
-    seconds: Annotated[float, typer.Option(help="time budget of the query-encoder phase")] = 600.0,
-    ranker_seconds: Annotated[float, typer.Option(help="time budget of the ranker phase")] = 300.0,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    config_file: Annotated[Path | None, typer.Option("--config", help="training settings (TOML): model size, "
+                                                                      "negatives, batch, lr, epochs, budgets")
+                           ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="most query-encoder epochs (early stopping ends "
+                                                           "sooner) [default: 60]")] = None,
+    seconds: Annotated[float | None, typer.Option(help="time budget of the query-encoder phase [default: 600]")
+                       ] = None,
+    ranker_seconds: Annotated[float | None, typer.Option(help="time budget of the ranker phase [default: 300]")
+                              ] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed [default: 0]")] = None,
     curve: Annotated[Path | None, typer.Option(help="write NDCG@10 against seconds to this PNG")] = None,
     workers: Annotated[int, typer.Option(min=0, max=256, help="Ray Train data-parallel replicas (0 = in this "
                                                                 "process, no Ray)")] = 0,
@@ -59,9 +65,16 @@ def train_command(
             resolve_device(device)
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--device") from error
+    # Options given on the command line win over the config file, which wins over the defaults.
+    given = {"epochs": epochs, "time_budget_s": seconds, "ranker_time_budget_s": ranker_seconds, "seed": seed,
+             "device": device}
+    overrides = {k: v for k, v in given.items() if v is not None} | {"track_test": curve is not None}
+    try:
+        config = (TrainConfig.from_file(config_file, **overrides) if config_file
+                  else TrainConfig.from_dict(overrides))
+    except (ValueError, TypeError, OSError) as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from error
     data = load_data(dataset, interactions, items, fmt, item_column)
-    config = TrainConfig(epochs=epochs, time_budget_s=seconds, ranker_time_budget_s=ranker_seconds, seed=seed,
-                         track_test=curve is not None, device=device)
 
     def report(stage: str, values: dict[str, float]) -> None:
         console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "
@@ -86,8 +99,8 @@ def train_command(
         from bench.plots import plot_training_curve
 
         plot_training_curve(result.curve, curve, f"recfunnel training on {data.name}")
-    typer.echo(json.dumps({"bundle": str(out), "version": result.version, "metrics": result.metrics,
-                           "curve": result.curve}, indent=2))
+    typer.echo(json.dumps({"bundle": str(out), "version": result.version, "config": config.to_dict(),
+                           "metrics": result.metrics, "curve": result.curve}, indent=2, default=str))
 
 
 @group.command()
@@ -104,6 +117,8 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for every model "
                                                     "(default: CUDA where torch sees one)")] = None,
+    users: Annotated[int, typer.Option(min=0, help="evaluate a seeded sample of this many users "
+                                                  "(0 = every user)")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
 ) -> None:
     """Full-ranking and sampled metrics of the funnel against baselines trained in the same run."""
@@ -112,7 +127,7 @@ def evaluate(
 
     try:
         config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed,
-                                cold_draws=cold_draws, device=device)
+                                cold_draws=cold_draws, device=device, users=users)
     except ValueError as error:  # the message names the option's field
         raise typer.BadParameter(str(error)) from error
     data = load_data(dataset, interactions, items, fmt, item_column)
@@ -122,18 +137,33 @@ def evaluate(
 
 @group.command()
 def synth(
-    out: Annotated[Path, typer.Option(help="folder for interactions.txt (pairs) and items.csv")],
+    out: Annotated[Path, typer.Option(help="folder for interactions.parquet (or .txt with --format pairs) "
+                                           "and items.csv")],
     users: Annotated[int, typer.Option(min=1, help="users")] = 20_000,
     items: Annotated[int, typer.Option(min=1, help="catalogue items")] = 20_000,
     mean_length: Annotated[int, typer.Option(min=2, help="mean interactions per user")] = 15,
     topics: Annotated[int, typer.Option(min=1, help="latent topics")] = 50,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    fmt: Annotated[DataFormat, typer.Option("--format", help="parquet (user,item,timestamp; vectorised, for "
+                                                             "millions of events) or pairs")] = DataFormat.parquet,
 ) -> None:
-    """Write a synthetic data set in the pairs format plus its item file, for scale runs."""
-    from recdata.synthetic import SyntheticConfig, generate, write_pairs
+    """Write a synthetic data set (interactions plus an item file with text), for scale runs."""
+    from rich.progress import Progress
 
-    data = generate(SyntheticConfig(num_users=users, num_items=items, num_topics=topics,
-                                    mean_length=mean_length, min_length=min(5, mean_length), seed=seed))
-    pairs, item_file = write_pairs(data, out)
-    typer.echo(json.dumps({"interactions": str(pairs), "items": str(item_file), "users": data.num_users,
-                           "catalogue": data.num_items, "pairs": data.num_interactions}))
+    from recdata.synthetic import SyntheticConfig, generate, write_pairs, write_parquet
+
+    if fmt == DataFormat.csv:
+        raise typer.BadParameter("synth writes parquet or pairs", param_hint="--format")
+    config = SyntheticConfig(num_users=users, num_items=items, num_topics=min(topics, items),
+                             mean_length=mean_length, min_length=min(5, mean_length), seed=seed)
+    if fmt == DataFormat.pairs:
+        data = generate(config)
+        interactions, item_file = write_pairs(data, out)
+        count = data.num_interactions
+    else:
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("writing synthetic interactions", total=users)
+            interactions, item_file, count = write_parquet(
+                config, out, lambda done, _total: progress.update(task, completed=done))
+    typer.echo(json.dumps({"interactions": str(interactions), "items": str(item_file), "format": fmt.value,
+                           "users": users, "catalogue": items, "pairs": count}))

@@ -53,6 +53,7 @@ TRANSPORT_HEADLINE = [("grpc.aio idle p50 ms", "grpc_aio.idle_p50_ms"),
                       ("grpc.aio back to back p50 ms", "grpc_aio.back_to_back_p50_ms"),
                       ("asyncio socket idle p50 ms", "asyncio_tcp.idle_p50_ms"),
                       ("gRPC's extra over the socket, ms", "grpc_extra_over_asyncio_idle_ms")]
+SCALE_HEADLINE = [("step time, largest catalogue vs smallest", "step_ratio_largest_vs_smallest")]
 RECALL_HEADLINE = [("exact QPS, one query a call", "exact.qps_single"), ("exact QPS, batched", "exact.qps_batch"),
                    ("hnsw recall@100", "indexes.hnsw.recall_at_100"), ("ivf recall@100", "indexes.ivf.recall_at_100"),
                    ("ivfpq recall@100", "indexes.ivfpq.recall_at_100"),
@@ -308,3 +309,33 @@ def bench_recall(
                                queries=queries, single_seconds=seconds, target_recall=target_recall, seed=seed)
     report = run_recall_bench(config, progress=(lambda _: None) if as_json else console.log)
     print_report(report, as_json, RECALL_HEADLINE, f"recall over {items:,} items")
+
+
+@bench.command("scale")
+def bench_scale(
+    sizes: Annotated[str, typer.Option(help="interactions per data set, comma-separated (1e5,1e6,1e7)")] = "1e5,1e6",
+    step_items: Annotated[str, typer.Option(help="catalogue sizes of the step-time comparison")] = "1e4,1e5,1e6",
+    serving_seconds: Annotated[float, typer.Option(min=0, max=3600, help="seconds of load on each bundle "
+                                                                         "(0 = no serving)")] = 20.0,
+    rate: Annotated[float, typer.Option(min=1, max=10_000, help="requests/s of the serving load")] = 100.0,
+    plot: Annotated[Path | None, typer.Option(help="each phase's seconds against size, log-log, to this PNG")
+                    ] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """How each phase's time and memory grow with the data: synthetic sets of growing size from
+    reading to serving, and a training step against the catalogue's size."""
+    from bench.scale import ScaleBenchConfig, run_scale_bench, with_sizes
+
+    try:
+        config = with_sizes(ScaleBenchConfig(step_items=tuple(int(float(n)) for n in step_items.split(",")),
+                                             serving_rate=rate, serving_seconds=serving_seconds, seed=seed), sizes)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    report = run_scale_bench(config, progress=(lambda _: None) if as_json else console.log)
+    if plot is not None:
+        from bench.plots import plot_scale
+
+        plot_scale(report, plot, "recfunnel bench scale: each phase against the data's size")
+        report["plot"] = str(plot)
+    print_report(report, as_json, SCALE_HEADLINE, "scale")

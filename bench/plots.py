@@ -4,6 +4,7 @@ latency under load (over time, and its distribution)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -82,6 +83,32 @@ def plot_latency(result: LoadResult, path: Path, title: str) -> Path:
     distribution.set_ylabel("share of requests at most this slow")
     distribution.grid(alpha=0.3)
     figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def plot_scale(report: dict[str, Any], path: Path, title: str) -> Path:
+    """Each phase's seconds against the data's size, log-log, with a line of slope 1 for
+    reference (linear growth)."""
+    runs = [r for r in report["sizes"] if "phases" in r]
+    figure, axis = plt.subplots(figsize=(8, 5), dpi=110)
+    for name in sorted({n for r in runs for n in r["phases"]}):
+        points = [(r["interactions"], r["phases"][name]["seconds"]) for r in runs if name in r["phases"]]
+        axis.plot(*zip(*points, strict=True), marker="o", label=name)
+    if runs:
+        sizes = np.asarray([r["interactions"] for r in runs], dtype=float)
+        axis.plot(sizes, sizes / sizes[0], color="grey", linestyle=":", label="linear (from 1 s)")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.xaxis.set_major_formatter(PLAIN_NUMBERS)
+    axis.yaxis.set_major_formatter(PLAIN_NUMBERS)
+    axis.set_xlabel("interactions")
+    axis.set_ylabel("seconds (log)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

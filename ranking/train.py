@@ -39,6 +39,9 @@ from retrieval.index import build_index
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict[str, float]], None]
+# (phase, done, total): how far a long phase is, for a progress bar; phases are "text encoding"
+# (texts), "encoder epoch N" and "ranker epoch N" (steps), "bundle" (0 or 1 of 1).
+PhaseProgress = Callable[[str, int, int], None]
 # Where the trainer's random draws (negatives, shuffles, cold candidates) are made, whatever
 # device it computes on: the CPU generator's stream is what seeds and checkpoints pin down.
 CPU = torch.device("cpu")
@@ -161,7 +164,8 @@ class Trainer:
     def __init__(self, dataset: Dataset, config: TrainConfig, text_encoder: TextEncoder | None = None,
                  progress: Progress | None = None, cold_items: np.ndarray | None = None,
                  text_vectors: np.ndarray | None = None, parallel: DataParallel | None = None,
-                 resume: PhaseState | None = None, warm_start: Path | None = None):
+                 resume: PhaseState | None = None, warm_start: Path | None = None,
+                 phase_progress: PhaseProgress | None = None):
         """`cold_items`: catalogue indexes whose training interactions are all removed (the
         cold-start protocol); they stay in the catalogue and in evaluation. `text_vectors`:
         the items' LM vectors when already computed (a bundle's), to skip encoding them.
@@ -176,6 +180,7 @@ class Trainer:
         self.stops: dict[str, dict[str, Any]] = {}  # per finished phase, why it ended (`stop_report`)
         self.config = config
         self.progress = progress or (lambda stage, values: None)
+        self.phase_progress = phase_progress or (lambda phase, done, total: None)
         keep_freed_memory()
         seed_everything(config.seed)
         torch.set_num_threads(config.threads)
@@ -191,8 +196,9 @@ class Trainer:
             # config, the loop's next round, evaluate's baselines) encodes nothing again.
             self.text_encoder: TextEncoder | None = text_encoder or TextEncoder(
                 device=str(self.device), disk_cache=default_disk_cache())
-            self.text_vectors = (self.text_encoder.encode(dataset.item_texts) if text_vectors is None
-                                 else text_vectors)
+            self.text_vectors = (self.text_encoder.encode(
+                dataset.item_texts, progress=lambda done, total: self.phase_progress("text encoding", done, total))
+                if text_vectors is None else text_vectors)
             tags, self.tag_vocabulary = tag_matrix(dataset.item_tags)
             self.budgets = dict(config.candidates_per_channel)
         else:
@@ -392,13 +398,15 @@ class Trainer:
             self.model.train()
             order = self._share(torch.randperm(len(windows), generator=generator, device=CPU))
             total = 0.0
-            for start in range(0, len(order), batch_size):
+            steps = -(-len(order) // batch_size)
+            for step, start in enumerate(range(0, len(order), batch_size), 1):
                 batch = windows[order[start : start + batch_size]].to(self.device)
                 loss = self.encoder_loss(batch[:, :-1], batch[:, 1:])
                 optimiser.zero_grad()
                 loss.backward()
                 self._step(params, optimiser)
                 total += loss.item()
+                self.phase_progress(f"encoder epoch {epoch + 1}", step, steps)
             point = self._point("encoder", epoch + 1, total, with_ranker=False)
             state.curve.append(point)
             state.epoch = epoch + 1
@@ -454,7 +462,9 @@ class Trainer:
         for epoch in range(state.epoch, cfg.ranker_epochs):
             order = self._share(rng.permutation(len(examples))[: cfg.ranker_examples_per_epoch])
             total = 0.0
-            for start in range(0, len(order), batch_size):
+            steps = -(-len(order) // batch_size)
+            for step, start in enumerate(range(0, len(order), batch_size), 1):
+                self.phase_progress(f"ranker epoch {epoch + 1}", step, steps)
                 chosen = [examples[i] for i in order[start : start + batch_size]]
                 histories = [h for h, _ in chosen]
                 targets = torch.tensor([t for _, t in chosen], device=self.device)
@@ -565,10 +575,12 @@ def fit(trainer: Trainer) -> tuple[dict[str, Any], list[dict[str, float]]]:
 
 
 def train(dataset: Dataset, config: TrainConfig, out: Path, text_encoder: TextEncoder | None = None,
-          progress: Progress | None = None) -> TrainResult:
+          progress: Progress | None = None, phase_progress: PhaseProgress | None = None) -> TrainResult:
     """Train every model of the funnel on `dataset` and write the bundle to `out`."""
-    trainer = Trainer(dataset, config, text_encoder, progress)
+    trainer = Trainer(dataset, config, text_encoder, progress, phase_progress=phase_progress)
     metrics, curve = fit(trainer)
+    trainer.phase_progress("bundle", 0, 1)
     bundle = trainer.export(out, metrics)
+    trainer.phase_progress("bundle", 1, 1)
     log.info("bundle %s written to %s", bundle.version, out)
     return TrainResult(out, bundle.version, metrics, curve)

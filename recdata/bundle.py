@@ -70,15 +70,46 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_bundle(folder: Path) -> Bundle:
-    """Read a bundle's manifest, id map and arrays (weights load with `load_weights`)."""
+# safetensors' dtype names -> numpy's, for the dtypes bundles hold.
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                      "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def map_arrays(path: Path) -> dict[str, np.ndarray]:
+    """A safetensors file's tensors as read-only arrays mapped from the file, not read into
+    memory: a recall shard touches only the rows it owns, and the processes of one machine
+    share the pages. Written by hand because safetensors' numpy loader copies every tensor;
+    the format is an 8-byte little-endian header length, a JSON header of dtype, shape and
+    byte offsets, then the data."""
+    with path.open("rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_length))
+    start = 8 + header_length
+    arrays: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        if end == begin:  # numpy cannot map zero bytes
+            arrays[name] = np.zeros(shape, dtype=dtype)
+            continue
+        arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+    return arrays
+
+
+def load_bundle(folder: Path, mapped: bool = False) -> Bundle:
+    """Read a bundle's manifest, id map and arrays (weights load with `load_weights`).
+    `mapped`: map the arrays read-only from the file (see `map_arrays`) instead of reading
+    them; for readers that copy out what they keep, like a recall shard its own rows."""
     manifest = read_manifest(folder)
     items = json.loads((folder / ITEMS).read_text("utf-8"))
     return Bundle(
         version=manifest["version"],
         item_ids=items["item_ids"],
         item_texts=items["item_texts"],
-        arrays=load_file(folder / ARRAYS),
+        arrays=map_arrays(folder / ARRAYS) if mapped else load_file(folder / ARRAYS),
         manifest=manifest,
     )
 

@@ -37,7 +37,7 @@ async def start(config: RecallConfig) -> RecallService:
     """Build the shard's indexes from the bundle and start serving them."""
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(config.search_threads, thread_name_prefix="recall")
-    shard = await loop.run_in_executor(executor, lambda: RecallShard(load_bundle(config.bundle), config))
+    shard = await loop.run_in_executor(executor, lambda: RecallShard(load_bundle(config.bundle, mapped=True), config))
     freeze_loaded_objects()
     servicer = RecallServicer(shard, executor)
     handle = await start_server(

@@ -112,7 +112,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         async with self._loading:
             try:  # built off the event loop: searches of the serving version go on meanwhile
                 shard = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, lambda: RecallShard(load_bundle(folder), config))
+                    self.executor, lambda: RecallShard(load_bundle(folder, mapped=True), config))
             except (ValueError, KeyError) as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {str(folder)!r}: {error}")
             version = self.versions.add(shard)

@@ -12,7 +12,7 @@ import torch
 from ranking.config import ModelConfig, TrainConfig
 from ranking.inference import RankingModel
 from ranking.text_encoder import TextEncoder
-from ranking.train import Trainer, TrainResult, stop_report
+from ranking.train import Trainer, TrainResult, stop_report, train
 from recdata.bundle import load_bundle, load_weights
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, channel_mask
 from recdata.dataset import Dataset
@@ -114,3 +114,17 @@ def test_a_stop_by_the_time_budget_while_improving_is_reported_and_warned(caplog
     assert stop_report("encoder", flat, 600.0, 612.0, 3, 60, 1, 5)["still_improving"] is False
     assert stop_report("encoder", rising, 600.0, 100.0, 60, 60, 0, 5)["reason"] == "epochs"
     assert stop_report("encoder", flat, 600.0, 100.0, 10, 60, 5, 5)["reason"] == "patience"
+
+
+def test_every_long_phase_reports_its_progress(tmp_path: Path) -> None:
+    from recdata.synthetic import SyntheticConfig, generate
+
+    data = generate(SyntheticConfig(num_users=60, num_items=40, num_topics=3, mean_length=8, seed=5))
+    calls: dict[str, list[tuple[int, int]]] = {}
+    train(data, TrainConfig(epochs=2, ranker_epochs=1, num_negatives=16), tmp_path / "bundle",
+          TextEncoder(), phase_progress=lambda phase, done, total: calls.setdefault(phase, []).append((done, total)))
+    assert {"text encoding", "encoder epoch 1", "encoder epoch 2", "ranker epoch 1", "bundle"} <= set(calls)
+    for phase, seen in calls.items():
+        done, total = seen[-1]
+        assert done == total > 0, phase  # each ends complete
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen), phase  # and only moves forward

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -94,7 +94,28 @@ def train_command(
         finally:
             ray.shutdown()
     else:
-        result = train(data, config, out, progress=report)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        # One bar per long phase, with its estimate of the time left; on stderr beside the log.
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("left"), TimeRemainingColumn(), console=console, transient=True) as bars:
+            tasks: dict[str, Any] = {}
+
+            def phase(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    for earlier in tasks.values():  # one phase at a time: finished bars go away
+                        bars.update(earlier, visible=False)
+                    tasks[name] = bars.add_task(name, total=total)
+                bars.update(tasks[name], completed=done, total=total)
+
+            result = train(data, config, out, progress=report, phase_progress=phase)
     if curve is not None:
         from bench.plots import plot_training_curve
 

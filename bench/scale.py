@@ -111,7 +111,7 @@ def step_seconds(num_items: int, config: ScaleBenchConfig) -> float:
     trainer = Trainer(data, TrainConfig(device="cpu", validation_users=100), text_vectors=text)
     windows = torch.from_numpy(training_windows(trainer.split.train, trainer.config.model.max_len))
     params = list(trainer.model.items.parameters()) + list(trainer.model.encoder.parameters())
-    optimiser = torch.optim.AdamW(params, lr=trainer.config.lr)
+    optimiser = trainer.encoder_optimiser(params)
     trainer.model.train()
     times = []
     for step in range(config.steps + 3):  # the first steps warm allocators and caches

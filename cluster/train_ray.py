@@ -79,7 +79,9 @@ class RayReplicas:
 
         if self.world == 1:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        # A sparse gradient (the ID table's rows) is averaged dense: replicas touched different rows.
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.to_dense() if p.grad.is_sparse else p.grad
+                 for p in parameters]
         flat = torch.cat([g.reshape(-1) for g in grads])  # one all-reduce per step, not one per tensor
         dist.all_reduce(flat)
         flat /= self.world

@@ -24,7 +24,8 @@ class ItemEncoder(nn.Module):
         super().__init__()
         num_items, text_dim = text_vectors.shape
         self.config = config
-        self.id_embedding = nn.Embedding(num_items + 1, config.dim, padding_idx=0)
+        # Sparse gradients: a step updates the rows it read (see `ranking.optim.LazyAdamW`).
+        self.id_embedding = nn.Embedding(num_items + 1, config.dim, padding_idx=0, sparse=True)
         nn.init.normal_(self.id_embedding.weight, std=0.02)
         self.text_projection = nn.Linear(text_dim, config.dim, bias=False)
         self.tag_embedding = nn.Embedding(num_tags + 1, config.dim, padding_idx=0)

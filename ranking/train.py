@@ -26,6 +26,7 @@ from ranking.devices import resolve_device
 from ranking.evaluation import Evaluation, FunnelScorer, seen_mask, user_sample
 from ranking.item_encoder import ItemEncoder, tag_matrix
 from ranking.losses import sampled_softmax
+from ranking.optim import LazyAdamW
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
 from ranking.text_encoder import TextEncoder, default_disk_cache
@@ -373,6 +374,10 @@ class Trainer:
         self.parallel.epoch_done(self, state, optimiser)
         return self.parallel.any(stop)
 
+    def encoder_optimiser(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """AdamW whose sparse ID-table rows update only when a step touches them."""
+        return LazyAdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+
     def train_encoder(self) -> list[dict[str, float]]:
         cfg = self.config
         if self.resume is not None and self.resume.phase == "ranker":  # done before the checkpoint
@@ -382,7 +387,7 @@ class Trainer:
         seed_everything(cfg.seed)
         windows = torch.from_numpy(training_windows(self.split.train, cfg.model.max_len))
         params = list(self.model.items.parameters()) + list(self.model.encoder.parameters())
-        optimiser = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimiser = self.encoder_optimiser(params)
         generator = torch.Generator().manual_seed(cfg.seed)
         state = PhaseState("encoder")
         if self.warm_start is not None:  # the starting weights are the ones to beat

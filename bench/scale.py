@@ -207,7 +207,10 @@ def serve_bundle(bundle: Path, data: Any, workdir: Path, config: ScaleBenchConfi
         cluster = start_cluster(ClusterConfig(bundle=bundle.resolve(), db_path=db, gateway_port=0))
         try:
             mix = Mix(tuple(data.user_ids), tuple(data.item_ids))
-            test = LoadTest(cluster.gateway_address, config.serving_rate, config.serving_seconds, seed=config.seed)
+            # Ten seconds of unmeasured load first: the services' first calls on a new bundle
+            # fill caches and allocator arenas, which is start-up, not steady serving.
+            test = LoadTest(cluster.gateway_address, config.serving_rate, config.serving_seconds, warmup_s=10.0,
+                            seed=config.seed)
             result = asyncio.run(run_load(test, mix))
             services = {s["name"]: round(s["rss_bytes"] / GIB, 3) for s in ray.get(
                 cluster.controller.status.remote(), timeout=60)["services"]}

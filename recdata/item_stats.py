@@ -45,23 +45,29 @@ def cooccurrence_neighbours(sequences: list[np.ndarray], num_items: int, window:
 def pair_weights(sequences: list[np.ndarray], num_items: int, window: int = COOCCURRENCE_WINDOW,
                  pairs_per_chunk: int = PAIRS_PER_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Every co-occurring (a, b) pair, both ways, as sorted keys a * num_items + b with their
-    summed weights 1/distance: one pass over the sequences a chunk of users at a time, each
-    chunk's pairs summed at once and merged into the running sums. Memory follows the distinct
-    pairs (a sparse matrix), not the events times the window, nor items squared."""
-    keys: np.ndarray = np.zeros(0, np.int64)
-    sums: np.ndarray = np.zeros(0, np.float64)
+    summed weights 1/distance: one pass over the sequences a chunk of users at a time. Each
+    chunk's pairs are summed at once; the sums are merged like a log-structured tree (a run
+    merges with the one below it when it has grown as large), so every pair is re-sorted
+    O(log chunks) times. Memory follows the distinct pairs (a sparse matrix), not the events
+    times the window, nor items squared."""
+    runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, sums), larger runs first
     chunk: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     size = 0
 
-    def merge() -> None:
-        nonlocal keys, sums, chunk, size
+    def summed(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        return distinct, np.bincount(inverse, weights=weights, minlength=len(distinct))
+
+    def close_chunk() -> None:
+        nonlocal chunk, size
         a, b, w = (np.concatenate(parts) for parts in zip(*chunk, strict=True))
         keep = a != b
         a, b, w = a[keep], b[keep], w[keep]
-        merged, inverse = np.unique(np.concatenate([keys, a * num_items + b, b * num_items + a]),
-                                    return_inverse=True)
-        sums = np.bincount(inverse, weights=np.concatenate([sums, w, w]), minlength=len(merged))
-        keys, chunk, size = merged, [], 0
+        runs.append(summed(np.concatenate([a * num_items + b, b * num_items + a]), np.concatenate([w, w])))
+        chunk, size = [], 0
+        while len(runs) > 1 and len(runs[-1][0]) >= len(runs[-2][0]):
+            (k1, s1), (k2, s2) = runs.pop(), runs.pop()
+            runs.append(summed(np.concatenate([k2, k1]), np.concatenate([s2, s1])))
 
     for seq in sequences:
         for distance in range(1, min(window, len(seq) - 1) + 1):
@@ -69,10 +75,15 @@ def pair_weights(sequences: list[np.ndarray], num_items: int, window: int = COOC
                           np.full(len(seq) - distance, 1.0 / distance)))
             size += len(seq) - distance
         if size >= pairs_per_chunk:
-            merge()
+            close_chunk()
     if chunk:
-        merge()
-    return keys, sums
+        close_chunk()
+    if not runs:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    while len(runs) > 1:
+        (k1, s1), (k2, s2) = runs.pop(), runs.pop()
+        runs.append(summed(np.concatenate([k2, k1]), np.concatenate([s2, s1])))
+    return runs[0]
 
 
 def recent_popularity(sequences: list[np.ndarray], num_items: int, timestamps: list[np.ndarray] | None,

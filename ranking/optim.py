@@ -38,7 +38,8 @@ class LazyAdamW(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    # A counter: on the CPU wherever the parameter is, as torch's own Adam keeps it.
+                    state["step"] = torch.zeros((), dtype=torch.float32, device="cpu")
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1

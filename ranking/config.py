@@ -92,7 +92,7 @@ class TrainConfig:
             allowed = sorted(set(cls.__dataclass_fields__) - {"model"}) + sorted(
                 f"model.{k}" for k in ModelConfig.__dataclass_fields__)
             raise ValueError(f"{path}: unknown settings {unknown}; allowed: {', '.join(allowed)}")
-        return cls.from_dict({**values, "model": {**ModelConfig().to_dict(), **model}, **overrides})
+        return cls.from_dict({**values, "model": model, **overrides})  # unset model fields keep their defaults
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

@@ -29,7 +29,7 @@ from ranking.losses import sampled_softmax
 from ranking.optim import LazyAdamW
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
-from ranking.text_encoder import TextEncoder, default_disk_cache
+from ranking.text_encoder import TextEncoder, default_disk_cache, default_model_dir
 from recdata.bundle import Bundle, load_weights, new_version_id
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, popular_scores
 from recdata.dataset import Dataset
@@ -112,14 +112,14 @@ def keep_freed_memory() -> None:
 
 
 def stop_report(phase: str, curve: list[dict[str, float]], budget_s: float, seconds: float, epochs: int,
-                max_epochs: int, stale: int, patience: int) -> dict[str, Any]:
+                max_epochs: int, out_of_patience: bool = False) -> dict[str, Any]:
     """Why a phase ended, and whether validation was still rising when a time budget ended it:
     the last epoch beat every earlier one. Such a stop is logged as a warning with the figures."""
     scores = [p["ndcg@10"] for p in curve]
     still_improving = len(scores) >= 2 and scores[-1] > max(scores[:-1])
     if epochs >= max_epochs:
         reason = "epochs"
-    elif stale >= patience:
+    elif out_of_patience:
         reason = "patience"
     elif seconds > budget_s:
         reason = "time budget"
@@ -193,17 +193,20 @@ class Trainer:
             self.split = Split([s[~cold[s]] for s in self.split.train], self.split.users,
                                self.split.valid_targets, self.split.test_targets)
         if config.use_text:
-            # Vectors are kept on disk by text hash: a second run over the same catalogue (another
-            # config, the loop's next round, evaluate's baselines) encodes nothing again.
-            self.text_encoder: TextEncoder | None = text_encoder or TextEncoder(
-                device=str(self.device), disk_cache=default_disk_cache())
-            self.text_vectors = (self.text_encoder.encode(
-                dataset.item_texts, progress=lambda done, total: self.phase_progress("text encoding", done, total))
-                if text_vectors is None else text_vectors)
+            if text_vectors is None:
+                # Vectors are kept on disk by text hash: a second run over the same catalogue
+                # (another config, the loop's next round, evaluate's baselines) encodes nothing again.
+                text_encoder = text_encoder or TextEncoder(device=str(self.device), disk_cache=default_disk_cache())
+                text_vectors = text_encoder.encode(
+                    dataset.item_texts, progress=lambda done, total: self.phase_progress("text encoding", done, total))
+            self.text_vectors = text_vectors
+            # Given vectors come from the default model unless an encoder says otherwise; no
+            # language model is loaded just to name it.
+            self.text_model: str | None = (text_encoder.model_dir if text_encoder else default_model_dir()).name
             tags, self.tag_vocabulary = tag_matrix(dataset.item_tags)
             self.budgets = dict(config.candidates_per_channel)
         else:
-            self.text_encoder = None
+            self.text_model = None
             self.text_vectors = np.zeros((dataset.num_items, 1), np.float32)
             tags, self.tag_vocabulary = tag_matrix([() for _ in dataset.item_ids])
             self.budgets = {c: k for c, k in config.candidates_per_channel if c != SEMANTIC}
@@ -430,7 +433,7 @@ class Trainer:
         phase_curve = [p for p in state.curve if p["stage"] == 0.0]
         self.stops["encoder"] = stop_report("encoder", phase_curve, cfg.time_budget_s,
                                             phase_curve[-1]["seconds"] if phase_curve else 0.0, state.epoch,
-                                            cfg.epochs, state.stale, cfg.patience)
+                                            cfg.epochs, state.stale >= cfg.patience)
         return state.curve
 
     # ---- phase 2: ranker ------------------------------------------------------------------
@@ -507,8 +510,7 @@ class Trainer:
                 break
         ranker_curve = [p for p in state.curve if p["stage"] == 1.0]
         self.stops["ranker"] = stop_report("ranker", ranker_curve, cfg.ranker_time_budget_s,
-                                           time.perf_counter() - phase_started, state.epoch, cfg.ranker_epochs,
-                                           0, cfg.ranker_epochs + 1)
+                                           time.perf_counter() - phase_started, state.epoch, cfg.ranker_epochs)
         if state.best_state is not None:
             self.model.ranker.load_state_dict(state.best_state)
         return [p for p in state.curve if p["stage"] == 1.0]
@@ -540,7 +542,7 @@ class Trainer:
                 "dataset": self.dataset.name,
                 "model": self.config.model.to_dict(),
                 "training": {k: v for k, v in self.config.to_dict().items() if k != "model"},
-                "text_model": self.text_encoder.model_dir.name if self.text_encoder else None,
+                "text_model": self.text_model,
                 "tag_vocabulary": self.tag_vocabulary,
                 "candidates_per_channel": self.budgets,
                 "recent_share": RECENT_SHARE,

@@ -107,13 +107,13 @@ def test_the_example_config_file_parses() -> None:
 def test_a_stop_by_the_time_budget_while_improving_is_reported_and_warned(caplog: pytest.LogCaptureFixture) -> None:
     rising = [{"ndcg@10": v} for v in (0.05, 0.06, 0.07)]
     with caplog.at_level("WARNING"):
-        report = stop_report("encoder", rising, 600.0, 612.0, 3, 60, 0, 5)
+        report = stop_report("encoder", rising, 600.0, 612.0, 3, 60)
     assert report == {"reason": "time budget", "epochs": 3, "seconds": 612.0, "still_improving": True}
     assert "stopped by its 600 s time budget after 3 epochs while validation NDCG@10 still improved" in caplog.text
     flat = [{"ndcg@10": v} for v in (0.05, 0.07, 0.06)]
-    assert stop_report("encoder", flat, 600.0, 612.0, 3, 60, 1, 5)["still_improving"] is False
-    assert stop_report("encoder", rising, 600.0, 100.0, 60, 60, 0, 5)["reason"] == "epochs"
-    assert stop_report("encoder", flat, 600.0, 100.0, 10, 60, 5, 5)["reason"] == "patience"
+    assert stop_report("encoder", flat, 600.0, 612.0, 3, 60)["still_improving"] is False
+    assert stop_report("encoder", rising, 600.0, 100.0, 60, 60)["reason"] == "epochs"
+    assert stop_report("encoder", flat, 600.0, 100.0, 10, 60, out_of_patience=True)["reason"] == "patience"
 
 
 def test_every_long_phase_reports_its_progress(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,10 @@ from ranking.devices import resolve_device
 log = logging.getLogger(__name__)
 
 DISK_LOOKUP = 500  # keys a disk-cache query asks for at once (SQLite's variable limit is higher)
+
+# Embeds a list of texts somewhere, yielding (positions in the list, (n, dim) vectors) as each
+# part is done, in any order: `TextEncoder.local_batches` here, `cluster.text_on_ray` on Ray.
+Embedder = Callable[[list[str]], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
 def default_model_dir() -> Path:
@@ -78,7 +82,8 @@ class TextEncoder:
         return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
     @torch.inference_mode()
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(N, dim) vectors of non-empty `texts`, in one batch, uncached."""
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
                                return_tensors="pt").to(self.device)
         hidden = self.model(**batch).last_hidden_state  # (B, L, H)
@@ -97,29 +102,40 @@ class TextEncoder:
             for key, blob in rows:
                 self._cache[key] = np.frombuffer(blob, dtype=np.float32).copy()
 
-    def encode(self, texts: list[str], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """(N, dim) float32 unit vectors; empty texts give zero vectors (no text signal). Each
-        distinct text is encoded once, in batches; `progress(encoded, to encode)` after each."""
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        keys = [self._key(text) if text else "" for text in texts]
+    def local_batches(self, texts: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The `Embedder` of this process: `batch_size` texts at a time, in order."""
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start : start + self.batch_size]
+            yield np.arange(start, start + len(chunk)), self.embed(chunk)
+
+    def missing(self, texts: list[str]) -> list[str]:
+        """The distinct non-empty texts whose vectors neither cache holds yet."""
         todo: dict[str, str] = {}
-        for key, text in zip(keys, texts, strict=True):
-            if text and key not in self._cache:
+        for text in texts:
+            if text and (key := self._key(text)) not in self._cache:
                 todo[key] = text
         self._from_disk(list(todo))
-        pending = [(k, t) for k, t in todo.items() if k not in self._cache]
-        for start in range(0, len(pending), self.batch_size):
-            chunk = pending[start : start + self.batch_size]
-            vectors = self._embed([t for _, t in chunk])
-            for (key, _), vec in zip(chunk, vectors, strict=True):
-                self._cache[key] = vec
+        return [text for key, text in todo.items() if key not in self._cache]
+
+    def encode(self, texts: list[str], progress: Callable[[int, int], None] | None = None,
+               embedder: Embedder | None = None) -> np.ndarray:
+        """(N, dim) float32 unit vectors; empty texts give zero vectors (no text signal). Each
+        distinct text is encoded once, by `embedder` (default: `local_batches`) and kept in the
+        caches as it comes; `progress(encoded, to encode)` after each part."""
+        pending = self.missing(texts)
+        done = 0
+        for positions, vectors in (embedder or self.local_batches)(pending):
+            keys = [self._key(pending[int(i)]) for i in positions]
+            self._cache.update(zip(keys, vectors, strict=True))
             if self._disk is not None:
                 with self._disk:
                     self._disk.executemany("INSERT OR IGNORE INTO vectors VALUES (?, ?)",
-                                           [(key, vec.tobytes()) for (key, _), vec in zip(chunk, vectors, strict=True)])
+                                           [(key, vec.tobytes()) for key, vec in zip(keys, vectors, strict=True)])
+            done += len(keys)
             if progress is not None:
-                progress(start + len(chunk), len(pending))
-        for row, key in enumerate(keys):
-            if key:
-                out[row] = self._cache[key]
+                progress(done, len(pending))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            if text:
+                out[row] = self._cache[self._key(text)]
         return out

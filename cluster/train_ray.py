@@ -1,7 +1,10 @@
 """`recfunnel train --workers N`: the same training, data-parallel on Ray Train.
 
-A `TorchTrainer` runs N replicas of `ranking.train.Trainer`. Each takes its share of every
-epoch's batches and averages gradients with the others before each step (torch.distributed
+A `TorchTrainer` runs N replicas of `ranking.train.Trainer`. The encoder's training windows
+are a Ray Dataset (`datasets={"train": …}`): each replica streams its own disjoint shard of
+every epoch from `ray.train.get_dataset_shard("train")`, so none holds the whole table; the
+data set itself (for statistics and validation) travels once through the object store, one
+copy per node. Every replica averages gradients with the others before each step (torch.distributed
 over the process group Ray Train sets up: gloo on CPU workers, NCCL on GPU workers, each of
 which trains on the GPU Ray gave it), so the replicas hold the same model and take the same
 early-stopping decisions. After every epoch each replica reports its metrics and the
@@ -20,7 +23,7 @@ import json
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ranking.config import TrainConfig
-from ranking.train import PhaseState, Trainer, TrainResult, fit
+from ranking.train import PhaseProgress, PhaseState, Trainer, TrainResult, encoder_windows, fit
 from recdata.bundle import read_manifest
 from recdata.dataset import Dataset
 
@@ -38,6 +41,14 @@ from recdata.dataset import Dataset
 # (at most 64 MiB, trimmed eagerly), too small to keep a step's large tensors: one arena
 # for the process lets `ranking.train.keep_freed_memory` keep them, as in the plain loop.
 WORKER_ENV = {"MALLOC_ARENA_MAX": "1"}
+
+# Rows per block of the windows Dataset, the unit Ray hands to a shard: large enough to keep
+# per-block overhead low; at least MIN_BLOCKS blocks, so that a small data set's shards still
+# come out even (a shard takes whole blocks).
+WINDOW_BLOCK_ROWS = 4096
+MIN_BLOCKS = 64
+# Windows the local shuffle mixes at once, on top of the blocks' randomised order.
+SHUFFLE_ROWS = 16_384
 
 MODEL, BEST, OPTIMISER, RANDOM, STATE = ("model.safetensors", "best.safetensors", "optimiser.safetensors",
                                          "random.safetensors", "state.json")
@@ -54,10 +65,67 @@ class RayTrainConfig:
     use_gpu: bool = False
     max_failures: int = 3               # worker-group restarts before the run fails
     cpus_per_worker: float = 1.0
+    # "PACK" keeps the replicas on as few nodes as possible; "SPREAD" puts them on different
+    # nodes when they can be (each then streams its shard from the blocks near it).
+    placement: str = "PACK"
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 256:
             raise ValueError(f"workers={self.workers} must be in 1..256")
+        if self.placement not in ("PACK", "SPREAD"):
+            raise ValueError(f"placement={self.placement!r} must be PACK or SPREAD")
+
+
+def windows_dataset(windows: np.ndarray) -> Any:
+    """The training windows as a Ray Dataset of one int32 tensor column "data": each row is a
+    window's number, then its max_len + 1 padded item indexes."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    numbered = np.hstack([np.arange(len(windows), dtype=np.int32)[:, None], windows.astype(np.int32)])
+    parts = np.array_split(numbered, max(MIN_BLOCKS, -(-len(numbered) // WINDOW_BLOCK_ROWS)))
+    # `from_blocks` reads each block's metadata here; `from_numpy` and `from_arrow` run a task
+    # per block for it, which never starts where serving actors hold every CPU (the feedback
+    # loop fine-tunes beside them).
+    return ray.data.from_blocks([pa.table({"data": ArrowTensorArray.from_numpy(part)}) for part in parts])
+
+
+def sharded_windows() -> Any:
+    """How Ray Train splits the windows Dataset: `streaming_split(equal=False)`, unlike the
+    default `DataConfig`, whose equal split drops the rows past the last whole share. Every
+    window is trained on each epoch; `Trainer` lets a replica with one batch fewer step along."""
+    from ray.train import DataConfig
+
+    class WholeShards(DataConfig):
+        def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any,
+                      worker_node_ids: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            hints = worker_node_ids if self._enable_shard_locality else None
+            shards: list[dict[str, Any]] = [{} for _ in range(world_size)]
+            for name, dataset in datasets.items():
+                for rank, split in enumerate(dataset.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    shards[rank][name] = split
+            return shards
+
+    return WholeShards()
+
+
+class RayWindowShard:
+    """`ranking.train.WindowShard` over this worker's `get_dataset_shard("train")`."""
+
+    def __init__(self, shard: Any, rows: int, seed: int):
+        self.shard, self.rows, self.seed = shard, rows, seed
+
+    def numbered(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """(B, 1 + max_len + 1) batches: each window's number, then the window."""
+        for batch in self.shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.int64,
+                                                   local_shuffle_buffer_size=max(SHUFFLE_ROWS, 4 * batch_size),
+                                                   local_shuffle_seed=self.seed + epoch):
+            yield batch["data"]
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
+        for batch in self.numbered(epoch, batch_size):
+            yield batch[:, 1:]
 
 
 class RayReplicas:
@@ -159,8 +227,12 @@ def _worker_loop(settings: dict[str, Any]) -> None:
     config: TrainConfig = replace(settings["config"], device=str(device))
     replicas = RayReplicas(config, device)
     warm_start = Path(settings["warm_start"]) if settings["warm_start"] else None
-    trainer = Trainer(settings["dataset"], config, text_vectors=settings["text_vectors"], parallel=replicas,
-                      warm_start=warm_start)
+    shard = RayWindowShard(ray.train.get_dataset_shard("train"), settings["windows"] // replicas.world, config.seed)
+    # Both arrive as object references: numpy arrays are read from the node's object store in
+    # place, so the replicas on one node share one copy.
+    text_vectors = ray.get(settings["text_vectors"]) if settings["text_vectors"] is not None else None
+    trainer = Trainer(ray.get(settings["dataset"]), config, text_vectors=text_vectors,
+                      parallel=replicas, warm_start=warm_start, shard=shard)
     checkpoint = ray.train.get_checkpoint()
     resumed_at = 0
     if checkpoint is not None:
@@ -179,9 +251,9 @@ def _worker_loop(settings: dict[str, Any]) -> None:
 
 
 def torch_trainer(ray_config: RayTrainConfig, settings: dict[str, Any],
-                  loop: Callable[[dict[str, Any]], None] | None = None) -> Any:
+                  loop: Callable[[dict[str, Any]], None] | None = None, windows: Any = None) -> Any:
     """The `TorchTrainer` running `loop` (by default `_worker_loop`) on every worker, with these
-    `settings` (see `train_on_ray`)."""
+    `settings` (see `train_on_ray`) and the `windows` Dataset (`windows_dataset`) to shard."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -190,8 +262,11 @@ def torch_trainer(ray_config: RayTrainConfig, settings: dict[str, Any],
     return TorchTrainer(
         loop or _worker_loop,
         train_loop_config={**settings, "config": replica, "use_gpu": ray_config.use_gpu},
+        datasets=None if windows is None else {"train": windows},
+        dataset_config=sharded_windows(),
         scaling_config=ScalingConfig(num_workers=ray_config.workers, use_gpu=ray_config.use_gpu,
-                                     resources_per_worker={"CPU": ray_config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": ray_config.cpus_per_worker},
+                                     placement_strategy=ray_config.placement),
         # The gradients the replicas average live where they train: NCCL carries CUDA tensors
         # between GPU workers, gloo CPU tensors.
         torch_config=TorchConfig(backend="nccl" if ray_config.use_gpu else "gloo"),
@@ -205,20 +280,31 @@ def torch_trainer(ray_config: RayTrainConfig, settings: dict[str, Any],
 
 def train_on_ray(dataset: Dataset, config: TrainConfig, out: Path, ray_config: RayTrainConfig,
                  text_vectors: np.ndarray | None = None, warm_start: Path | None = None,
-                 metrics: dict[str, Any] | None = None) -> TrainResult:
+                 metrics: dict[str, Any] | None = None, phase_progress: PhaseProgress | None = None) -> TrainResult:
     """Train on the connected Ray cluster with `ray_config.workers` replicas; write the bundle to `out`.
 
     `warm_start`: fine-tune from this bundle's weights (see `Trainer`); `metrics`: more
-    entries for the bundle's manifest."""
-    from cluster.metrics import TrainingMetrics
-    from ranking.text_encoder import TextEncoder
+    entries for the bundle's manifest; `phase_progress`: how far the driver's own phases are."""
+    import ray
 
+    from cluster.metrics import TrainingMetrics
+    from cluster.text_on_ray import encode_texts
+    from ranking.text_encoder import TextEncoder, default_disk_cache
+
+    show = phase_progress or (lambda phase, done, total: None)
     if text_vectors is None and config.use_text:  # once here, not once per replica
-        text_vectors = TextEncoder().encode(dataset.item_texts)
-    trainer = torch_trainer(ray_config, {"config": config, "dataset": dataset, "text_vectors": text_vectors,
-                                         "out": str(out.resolve()),
+        text_vectors = encode_texts(dataset.item_texts, TextEncoder(disk_cache=default_disk_cache()),
+                                    actors=ray_config.workers, use_gpu=ray_config.use_gpu,
+                                    progress=lambda done, total: show("text encoding", done, total))
+    show("training windows", 0, 1)
+    windows = encoder_windows(dataset, config)
+    show("training windows", 1, 1)
+    trainer = torch_trainer(ray_config, {"config": config, "dataset": ray.put(dataset),
+                                         "text_vectors": None if text_vectors is None else ray.put(text_vectors),
+                                         "windows": len(windows), "out": str(out.resolve()),
                                          "warm_start": str(warm_start.resolve()) if warm_start else "",
-                                         "metrics": metrics or {}})
+                                         "metrics": metrics or {}},
+                            windows=windows_dataset(windows))
     trainer.fit()
     manifest = read_manifest(out)
     metrics = dict(manifest["metrics"])

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,6 +86,18 @@ class DataParallel(Protocol):
     def epoch_done(self, trainer: Trainer, state: PhaseState, optimiser: torch.optim.Optimizer) -> None: ...
 
 
+class WindowShard(Protocol):
+    """This replica's share of the encoder's training windows, streamed from elsewhere (a Ray
+    Dataset shard in `cluster.train_ray`), so that no replica holds the whole table. Shards are
+    disjoint and together cover every window each epoch; their lengths may differ by a batch."""
+
+    rows: int  # about how many windows each epoch brings this replica, for progress
+
+    def epoch(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """The epoch's (B, max_len + 1) windows in a seeded order, batch by batch."""
+        ...
+
+
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_FREED_BYTES = 1 << 30
@@ -140,6 +152,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def encoder_windows(dataset: Dataset, config: TrainConfig) -> np.ndarray:
+    """The encoder phase's training table for `dataset`, as a `Trainer` would build it."""
+    return training_windows(leave_last_two(dataset).train, config.model.max_len)
+
+
 def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
     """(N, max_len + 1) left-padded windows (item index + 1) covering every position once."""
     windows = []
@@ -166,16 +183,21 @@ class Trainer:
                  progress: Progress | None = None, cold_items: np.ndarray | None = None,
                  text_vectors: np.ndarray | None = None, parallel: DataParallel | None = None,
                  resume: PhaseState | None = None, warm_start: Path | None = None,
-                 phase_progress: PhaseProgress | None = None):
+                 phase_progress: PhaseProgress | None = None, shard: WindowShard | None = None):
         """`cold_items`: catalogue indexes whose training interactions are all removed (the
         cold-start protocol); they stay in the catalogue and in evaluation. `text_vectors`:
         the items' LM vectors when already computed (a bundle's), to skip encoding them.
         `parallel`: this process is one replica of data-parallel training; `resume`: go on
         from a checkpoint's phase state (its model weights already loaded into `model`).
         `warm_start`: a bundle over the same catalogue and model config whose weights training
-        starts from (fine-tuning); each phase then keeps them unless it beats them on validation."""
+        starts from (fine-tuning); each phase then keeps them unless it beats them on validation.
+        `shard`: with `parallel`, this replica's training windows come from it instead of
+        being built here from the whole data set."""
+        if shard is not None and parallel is None:
+            raise ValueError("a window shard is one replica's share: it needs `parallel`")
         self.dataset = dataset
         self.parallel = parallel
+        self.shard = shard
         self.resume = resume
         self.encoder_curve: list[dict[str, float]] = []  # the finished encoder phase's epochs
         self.stops: dict[str, dict[str, Any]] = {}  # per finished phase, why it ended (`stop_report`)
@@ -377,6 +399,24 @@ class Trainer:
         self.parallel.epoch_done(self, state, optimiser)
         return self.parallel.any(stop)
 
+    def _encoder_batches(self, windows: torch.Tensor, generator: torch.Generator, epoch: int,
+                         batch_size: int) -> Iterator[torch.Tensor | None]:
+        """One epoch of this replica's training windows, batch by batch. From a shard, the
+        replicas go on together until every shard is done (one replica may have a batch more
+        than another); a replica whose shard is done meanwhile gets None."""
+        if self.shard is None:
+            order = self._share(torch.randperm(len(windows), generator=generator, device=CPU))
+            for start in range(0, len(order), batch_size):
+                yield windows[order[start : start + batch_size]]
+            return
+        assert self.parallel is not None
+        own = self.shard.epoch(epoch, batch_size)
+        while True:
+            batch = next(own, None)
+            if not self.parallel.any(batch is not None):
+                return
+            yield batch
+
     def encoder_optimiser(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """AdamW whose sparse ID-table rows update only when a step touches them."""
         return LazyAdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
@@ -388,7 +428,8 @@ class Trainer:
         # Each phase draws from its own seeded stream, so its result does not depend on how
         # many random numbers another model's initialisation used.
         seed_everything(cfg.seed)
-        windows = torch.from_numpy(training_windows(self.split.train, cfg.model.max_len))
+        windows = (torch.zeros((0, cfg.model.max_len + 1), dtype=torch.int64) if self.shard is not None
+                   else torch.from_numpy(training_windows(self.split.train, cfg.model.max_len)))
         params = list(self.model.items.parameters()) + list(self.model.encoder.parameters())
         optimiser = self.encoder_optimiser(params)
         generator = torch.Generator().manual_seed(cfg.seed)
@@ -404,17 +445,17 @@ class Trainer:
         batch_size = self._batch_size()
         for epoch in range(state.epoch, cfg.epochs):
             self.model.train()
-            order = self._share(torch.randperm(len(windows), generator=generator, device=CPU))
             total = 0.0
-            steps = -(-len(order) // batch_size)
-            for step, start in enumerate(range(0, len(order), batch_size), 1):
-                batch = windows[order[start : start + batch_size]].to(self.device)
-                loss = self.encoder_loss(batch[:, :-1], batch[:, 1:])
+            steps = -(-(self.shard.rows if self.shard else len(self._share(windows))) // batch_size)
+            for step, batch in enumerate(self._encoder_batches(windows, generator, epoch, batch_size), 1):
                 optimiser.zero_grad()
-                loss.backward()
-                self._step(params, optimiser)
-                total += loss.item()
-                self.phase_progress(f"encoder epoch {epoch + 1}", step, steps)
+                if batch is not None:
+                    batch = batch.to(self.device)
+                    loss = self.encoder_loss(batch[:, :-1], batch[:, 1:])
+                    loss.backward()
+                    total += loss.item()
+                self._step(params, optimiser)  # a replica with no batch left adds zeros to the average
+                self.phase_progress(f"encoder epoch {epoch + 1}", min(step, steps), steps)
             point = self._point("encoder", epoch + 1, total, with_ranker=False)
             state.curve.append(point)
             state.epoch = epoch + 1

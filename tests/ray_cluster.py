@@ -7,8 +7,10 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ray
+from ray.cluster_utils import Cluster
 
 from cluster.config import ClusterConfig
 from cluster.demo import seed_history
@@ -33,6 +35,21 @@ def local_cluster(config: ClusterConfig, history: Dataset, metrics_port: int | N
         running.stop()
     finally:
         ray.shutdown()
+
+
+def two_nodes() -> tuple[Cluster, Any]:
+    """A head and a second node, 2 CPUs each. Ray waits a fixed 30 s for a raylet to register,
+    which a busy 2-core machine can miss; one more try is then made before failing."""
+    for attempt in range(2):
+        nodes = Cluster(initialize_head=False)
+        try:
+            nodes.add_node(num_cpus=2)
+            return nodes, nodes.add_node(num_cpus=2)
+        except Exception:  # noqa: BLE001 - "timed out during startup": start afresh once
+            nodes.shutdown()
+            if attempt == 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def scrape(port: int, wanted: list[str], within_s: float = 60.0) -> dict[str, float]:

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from cluster.config import ClusterConfig
 from cluster.launch import start_cluster
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 from recdata.dataset import Dataset
+from tests.ray_cluster import two_nodes
 
 pytestmark = pytest.mark.fault
 
@@ -38,24 +37,9 @@ async def _answers_until(address: str, users: list[str], recovered, seconds: flo
     return replies
 
 
-def _two_nodes() -> tuple[Cluster, Any]:
-    """A head and a second node, 2 CPUs each. Ray waits a fixed 30 s for a raylet to register,
-    which a busy 2-core machine can miss; one more try is then made before failing."""
-    for attempt in range(2):
-        nodes = Cluster(initialize_head=False)
-        try:
-            nodes.add_node(num_cpus=2)
-            return nodes, nodes.add_node(num_cpus=2)
-        except Exception:  # noqa: BLE001 - "timed out during startup": start afresh once
-            nodes.shutdown()
-            if attempt == 1:
-                raise
-    raise AssertionError("unreachable")
-
-
 def test_services_spread_over_two_nodes_and_survive_losing_one(tiny_bundle: Path, tiny_dataset: Dataset,
                                                                tmp_path: Path) -> None:
-    nodes, second = _two_nodes()
+    nodes, second = two_nodes()
     ray.init(address=nodes.address, log_to_driver=False, configure_logging=False)
     try:
         running = start_cluster(ClusterConfig(bundle=tiny_bundle, db_path=tmp_path / "events.sqlite",

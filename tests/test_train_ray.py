@@ -1,6 +1,7 @@
 """Ray Train: checkpoints hold everything a replica needs to go on, a run resumed from one
 ends exactly where an uninterrupted run does, a run whose worker is killed goes on from its
-last checkpoint, and two workers train a bundle of the same quality as one process."""
+last checkpoint, two workers train a bundle of the same quality as one process, and workers
+on two nodes stream disjoint shards of the training windows that cover all of them."""
 
 from __future__ import annotations
 
@@ -17,11 +18,20 @@ import pytest
 import ray
 import torch
 
-from cluster.train_ray import RayTrainConfig, read_checkpoint, torch_trainer, train_on_ray, write_checkpoint
-from ranking.train import PhaseState, Trainer, TrainResult, fit
+from cluster.train_ray import (
+    RayTrainConfig,
+    RayWindowShard,
+    read_checkpoint,
+    torch_trainer,
+    train_on_ray,
+    windows_dataset,
+    write_checkpoint,
+)
+from ranking.train import PhaseState, Trainer, TrainResult, encoder_windows, fit
 from recdata.bundle import read_manifest
 from recdata.dataset import Dataset
 from tests.conftest import TINY_TRAINING
+from tests.ray_cluster import two_nodes
 
 
 def test_a_checkpoint_restores_weights_optimiser_and_random_streams(tiny_dataset: Dataset, text_encoder,
@@ -185,3 +195,45 @@ def test_a_run_whose_worker_is_killed_goes_on_from_the_last_checkpoint(
     assert len(result.curve) == 12 + TINY_TRAINING.ranker_epochs  # every epoch, once, across the kill
     assert [p["epoch"] for p in result.curve[:12]] == list(range(1, 13))
     assert result.metrics["test"]["funnel"]["ndcg@10"] >= 0.8 * tiny_training.metrics["test"]["funnel"]["ndcg@10"]
+
+
+def _record_shard(settings: dict) -> None:
+    """A Ray Train worker loop that streams its shard of the windows for two epochs, as a
+    replica does, and writes down its node and every (number, window) it was given."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    shard = RayWindowShard(ray.train.get_dataset_shard("train"), rows=0, seed=0)
+    epochs = [torch.cat(list(shard.numbered(epoch, batch_size=16))).tolist() for epoch in range(2)]
+    Path(settings["out"], f"{rank}.json").write_text(json.dumps(
+        {"node": ray.get_runtime_context().get_node_id(), "epochs": epochs}), "utf-8")
+
+
+@pytest.mark.fault
+def test_workers_on_two_nodes_stream_disjoint_shards_that_cover_every_window(
+        tiny_dataset: Dataset, text_encoder, tiny_training: TrainResult, tmp_path: Path) -> None:
+    windows = encoder_windows(tiny_dataset, TINY_TRAINING)
+    nodes, _ = two_nodes()
+    ray.init(address=nodes.address, log_to_driver=False, configure_logging=False)
+    try:
+        spread = RayTrainConfig(workers=2, storage=tmp_path / "checkpoints", placement="SPREAD")
+        torch_trainer(spread, {"config": TINY_TRAINING, "out": str(tmp_path)}, loop=_record_shard,
+                      windows=windows_dataset(windows)).fit()
+        result = train_on_ray(tiny_dataset, TINY_TRAINING, tmp_path / "bundle", spread,
+                              text_vectors=text_encoder.encode(tiny_dataset.item_texts))
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+    shards = [json.loads((tmp_path / f"{rank}.json").read_text("utf-8")) for rank in range(2)]
+    assert shards[0]["node"] != shards[1]["node"]  # one worker on each node
+    for epoch in range(2):
+        numbers = [[row[0] for row in shard["epochs"][epoch]] for shard in shards]
+        assert not set(numbers[0]) & set(numbers[1])  # disjoint
+        assert sorted(numbers[0] + numbers[1]) == list(range(len(windows)))  # every window, once
+        for shard in shards:
+            for row in shard["epochs"][epoch]:
+                assert row[1:] == windows[row[0]].tolist()  # the window itself, unchanged
+    assert [row[0] for row in shards[0]["epochs"][0]] != [row[0] for row in shards[0]["epochs"][1]]  # reshuffled
+    assert result.metrics["workers"] == 2
+    single = tiny_training.metrics["test"]["funnel"]["ndcg@10"]
+    assert result.metrics["test"]["funnel"]["ndcg@10"] >= 0.8 * single  # the same quality within noise

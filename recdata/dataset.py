@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -161,14 +162,17 @@ def read_item_file(path: Path, item_column: str | None = None
 
 
 def read_interactions(
-    path: Path, fmt: InteractionFormat = "pairs", items_path: Path | None = None, item_column: str | None = None
+    path: Path, fmt: InteractionFormat = "pairs", items_path: Path | None = None, item_column: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Dataset:
     """Read interactions in one of the common formats.
 
     - `pairs`: whitespace `user item` one pair a line, already in time order per user.
     - `csv` / `parquet`: columns `user,item[,timestamp]`; other columns are ignored.
+
+    `progress(done, total)` follows the interactions file (see `recdata.reader`).
     """
     from recdata.reader import read_event_columns
 
     texts, tags = read_item_file(items_path, item_column) if items_path else ({}, {})
-    return from_columns(path.stem, read_event_columns(path, fmt), texts, tags)
+    return from_columns(path.stem, read_event_columns(path, fmt, progress), texts, tags)

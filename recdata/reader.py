@@ -8,7 +8,7 @@ string per distinct id, never a Python object per event.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,15 +66,25 @@ class EventColumns:
                 None if self.times is None else np.concatenate(self.times))
 
 
-def _table_chunks(path: Path, fmt: str) -> Iterator[pa.RecordBatch]:
+CSV_BLOCK_BYTES = 64 << 20
+
+# (done, total) of a read, in rows for Parquet (its footer knows them), in bytes for text files.
+ReadProgress = Callable[[int, int], None]
+
+
+def _table_chunks(path: Path, fmt: str, progress: ReadProgress) -> Iterator[pa.RecordBatch]:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
         _check_columns(path, names)
-        yield from parquet.iter_batches(batch_size=CHUNK_ROWS,
-                                        columns=[c for c in ("user", "item", "timestamp") if c in names])
+        rows, total = 0, parquet.metadata.num_rows
+        for batch in parquet.iter_batches(batch_size=CHUNK_ROWS,
+                                          columns=[c for c in ("user", "item", "timestamp") if c in names]):
+            yield batch
+            rows += batch.num_rows
+            progress(rows, total)
         return
     import csv
 
@@ -84,10 +94,15 @@ def _table_chunks(path: Path, fmt: str) -> Iterator[pa.RecordBatch]:
         names = next(csv.reader(f), [])
     _check_columns(path, names)
     # Ids stay strings (a zero-padded "007" is not 7); other columns are skipped unread.
-    yield from pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=64 << 20),
-                             convert_options=pcsv.ConvertOptions(
-                                 column_types={"user": pa.string(), "item": pa.string()},
-                                 include_columns=[c for c in ("user", "item", "timestamp") if c in names]))
+    size = path.stat().st_size
+    reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                           convert_options=pcsv.ConvertOptions(
+                               column_types={"user": pa.string(), "item": pa.string()},
+                               include_columns=[c for c in ("user", "item", "timestamp") if c in names]))
+    for blocks, batch in enumerate(reader, 1):
+        yield batch
+        progress(min(blocks * CSV_BLOCK_BYTES, size), size)  # a batch is a block of the file
+    progress(size, size)
 
 
 def _check_columns(path: Path, names: list[str]) -> None:
@@ -97,13 +112,15 @@ def _check_columns(path: Path, names: list[str]) -> None:
                          f"found: {', '.join(names)}")
 
 
-def _pair_chunks(path: Path) -> Iterator[tuple[list[str], list[str]]]:
+def _pair_chunks(path: Path, progress: ReadProgress) -> Iterator[tuple[list[str], list[str]]]:
     # Whitespace-separated pairs (tabs and runs of spaces alike) are split here, a chunk of
     # lines at a time, since pyarrow's CSV reader takes one fixed delimiter.
     users: list[str] = []
     items: list[str] = []
+    size, read = path.stat().st_size, 0
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
+            read += len(line)  # characters: bytes for the ASCII ids files mostly hold
             parts = line.split()
             if not parts:
                 continue
@@ -114,18 +131,22 @@ def _pair_chunks(path: Path) -> Iterator[tuple[list[str], list[str]]]:
             if len(users) == CHUNK_ROWS:
                 yield users, items
                 users, items = [], []
+                progress(min(read, size), size)
     if users:
         yield users, items
+    progress(size, size)
 
 
-def read_event_columns(path: Path, fmt: str) -> EventColumns:
-    """Every event of an interactions file (`pairs`, `csv` or `parquet`), read in chunks."""
+def read_event_columns(path: Path, fmt: str, progress: ReadProgress | None = None) -> EventColumns:
+    """Every event of an interactions file (`pairs`, `csv` or `parquet`), read in chunks;
+    `progress(done, total)` after each."""
     events = EventColumns()
+    progress = progress or (lambda done, total: None)
     if fmt == "pairs":
-        for users, items in _pair_chunks(path):
+        for users, items in _pair_chunks(path, progress):
             events.add(pa.array(users, pa.string()), pa.array(items, pa.string()), None)
     elif fmt in ("csv", "parquet"):
-        for batch in _table_chunks(path, fmt):
+        for batch in _table_chunks(path, fmt, progress):
             has_time = "timestamp" in batch.schema.names
             events.add(batch.column("user"), batch.column("item"), batch.column("timestamp") if has_time else None)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,10 @@ class DataSource:
         if self.format not in ("pairs", "csv", "parquet"):
             raise ValueError(f"unknown interaction format {self.format!r}; use pairs, csv or parquet")
 
-    def load(self) -> Dataset:
+    def load(self, progress: Callable[[int, int], None] | None = None) -> Dataset:
+        """The data set; `progress(done, total)` follows the reading of an interactions file."""
         if self.interactions is not None:
-            return read_interactions(self.interactions, self.format, self.items, self.item_column)
+            return read_interactions(self.interactions, self.format, self.items, self.item_column, progress)
         from recdata.movielens import load_ml100k
 
         return load_ml100k()

@@ -40,8 +40,13 @@ def test_reading_in_chunks_equals_reading_whole(synthetic: tuple[Path, Path], tm
         path.write_text("".join(f"{u}\t{i}\n" for u, i in zip(ordered["user"], ordered["item"], strict=True)))
     whole = read_interactions(path, fmt, items)
     monkeypatch.setattr(reader, "CHUNK_ROWS", 97)  # many chunks, and ids first seen in later ones
-    chunked = read_interactions(path, fmt, items)
+    monkeypatch.setattr(reader, "CSV_BLOCK_BYTES", 4096)
+    shown: list[tuple[int, int]] = []
+    chunked = read_interactions(path, fmt, items, progress=lambda done, total: shown.append((done, total)))
     assert chunked.fingerprint() == whole.fingerprint()
+    # Progress after every chunk, rising to the whole file (rows of Parquet, bytes of text).
+    assert len(shown) > 3 and shown == sorted(shown) and shown[-1][0] == shown[-1][1]
+    assert shown[-1][1] == (len(frame) if fmt == "parquet" else path.stat().st_size)
     assert whole.user_ids[:3] == list(dict.fromkeys(frame["user"] if fmt != "pairs" else ordered["user"]))[:3]
     assert whole.num_interactions == len(frame)
 

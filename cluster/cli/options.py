@@ -3,6 +3,7 @@ reach, and JSON output."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -49,11 +50,11 @@ def data_source(dataset: str | None, interactions: Path | None, items: Path | No
 
 
 def load_data(dataset: str | None, interactions: Path | None, items: Path | None, fmt: DataFormat,
-              item_column: str | None = None) -> Dataset:
+              item_column: str | None = None, progress: Callable[[int, int], None] | None = None) -> Dataset:
     """The named data set, or interactions read from a file; a file that cannot be read as its
     format is a usage error whose message names the file and what was found."""
     source = data_source(dataset, interactions, items, fmt, item_column)
     try:
-        return source.load()
+        return source.load(progress)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error

@@ -3,7 +3,10 @@ synthetic data."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,6 +24,39 @@ from cluster.cli.options import (
 )
 
 group = typer.Typer()
+
+
+@contextlib.contextmanager
+def phase_bars() -> Iterator[Callable[[str, int, int], None]]:
+    """A `ranking.train.PhaseProgress` drawing one rich bar per long phase, with its estimate
+    of the time left, on stderr beside the log; a finished phase's bar goes away."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("left"), TimeRemainingColumn(), console=console, transient=True) as bars:
+        tasks: dict[str, Any] = {}
+        started: dict[str, float] = {}
+
+        def phase(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                for earlier in tasks.values():  # one phase at a time
+                    bars.update(earlier, visible=False)
+                tasks[name] = bars.add_task(name, total=total)
+                started[name] = time.monotonic()
+                if not console.is_terminal:  # a log file or CI draws no bar: a line instead
+                    console.log(f"{name}: {total:,} to do")
+            bars.update(tasks[name], completed=done, total=total)
+            if done >= total and name in started:
+                console.log(f"{name}: {total:,} done in {time.monotonic() - started.pop(name):.1f} s")
+
+        yield phase
 
 
 @group.command("train")
@@ -74,47 +110,29 @@ def train_command(
                   else TrainConfig.from_dict(overrides))
     except (ValueError, TypeError, OSError) as error:
         raise typer.BadParameter(str(error), param_hint="--config") from error
-    data = load_data(dataset, interactions, items, fmt, item_column)
 
     def report(stage: str, values: dict[str, float]) -> None:
         console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "
                     f"val NDCG@10 {values['ndcg@10']:.4f}, HR@10 {values['hr@10']:.4f}")
 
-    if workers:
-        import os
+    with phase_bars() as phase:
+        data = load_data(dataset, interactions, items, fmt, item_column,
+                         progress=lambda done, total: phase("reading", done, total))
+        if workers:
+            import os
 
-        import ray
+            import ray
 
-        from cluster.train_ray import RayTrainConfig, train_on_ray
+            from cluster.train_ray import RayTrainConfig, train_on_ray
 
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        try:
-            result = train_on_ray(data, config, out, RayTrainConfig(workers=workers, storage=storage, use_gpu=gpu))
-        finally:
-            ray.shutdown()
-    else:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        # One bar per long phase, with its estimate of the time left; on stderr beside the log.
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("left"), TimeRemainingColumn(), console=console, transient=True) as bars:
-            tasks: dict[str, Any] = {}
-
-            def phase(name: str, done: int, total: int) -> None:
-                if name not in tasks:
-                    for earlier in tasks.values():  # one phase at a time: finished bars go away
-                        bars.update(earlier, visible=False)
-                    tasks[name] = bars.add_task(name, total=total)
-                bars.update(tasks[name], completed=done, total=total)
-
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            try:
+                result = train_on_ray(data, config, out, RayTrainConfig(workers=workers, storage=storage, use_gpu=gpu),
+                                      phase_progress=phase)
+            finally:
+                ray.shutdown()
+        else:
             result = train(data, config, out, progress=report, phase_progress=phase)
     if curve is not None:
         from bench.plots import plot_training_curve

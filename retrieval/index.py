@@ -1,6 +1,8 @@
 """FAISS indexes over unit vectors (inner product = cosine), chosen by size, tuned for recall.
 
-Exact search up to `exact_below` items; beyond, IVF-Flat (or HNSW on request) with its
+Exact search while a query scans at most `exact_scan_bytes` of vectors (items x dim x 4:
+a 384-d text channel turns approximate at a sixth of the items a 64-d one does, since a
+flat search's cost is that scan); beyond, IVF-Flat (or HNSW on request) with its
 search breadth (nprobe / efSearch) raised step by step until recall@k against exact search
 reaches the target on held-out queries; IVF-PQ when memory matters more than recall (very
 large shards, or asked for). Every build returns an `IndexReport`: kind, parameters,
@@ -17,7 +19,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from retrieval.config import IndexKind
+from retrieval.config import EXACT_SCAN_BYTES, IndexKind
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,10 @@ class IndexReport:
         return asdict(self)
 
 
-def choose_kind(n: int, kind: IndexKind, exact_below: int, pq_above: int) -> str:
+def choose_kind(n: int, dim: int, kind: IndexKind, exact_scan_bytes: int, pq_above: int) -> str:
     if kind != "auto":
         return kind
-    if n < exact_below:
+    if n * dim * 4 <= exact_scan_bytes:
         return "flat"
     return "ivf" if n < pq_above else "ivfpq"
 
@@ -113,7 +115,8 @@ def tune_queries(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     return (picks / np.linalg.norm(picks, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
-def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind = "auto", exact_below: int = 200_000,
+def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind = "auto",
+                exact_scan_bytes: int = EXACT_SCAN_BYTES,
                 use_gpu: bool = True, target_recall: float = 0.95, pq_above: int = 20_000_000,
                 queries: np.ndarray | None = None, seed: int = 0, measure_bytes: bool = True
                 ) -> tuple[faiss.IndexIDMap2, IndexReport]:
@@ -127,7 +130,7 @@ def build_index(vectors: np.ndarray, ids: np.ndarray, kind: IndexKind = "auto", 
     started = time.perf_counter()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    chosen = choose_kind(n, kind, exact_below, pq_above)
+    chosen = choose_kind(n, dim, kind, exact_scan_bytes, pq_above)
     if chosen != "flat" and n < 2 * TUNE_K:
         chosen = "flat"  # too few items for anything but exact search
     if chosen == "ivfpq" and n < PQ_MIN_ITEMS:

@@ -45,7 +45,7 @@ class RecallShard:
         # Labels an index kind could not remove (graph indexes); filtered out of every search.
         self.tombstones: set[int] = set()
         built = {
-            channel: build_index(bundle.arrays[channel][owned], owned, config.index_kind, config.exact_below,
+            channel: build_index(bundle.arrays[channel][owned], owned, config.index_kind, config.exact_scan_bytes,
                                  config.use_gpu, config.target_recall, config.pq_above, measure_bytes=False)
             for channel in VECTOR_CHANNELS
         }

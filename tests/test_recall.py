@@ -180,10 +180,14 @@ def test_searches_during_upserts_and_deletes_never_fail(tiny_bundle: Path) -> No
 def test_auto_index_is_exact_when_small_and_tuned_ann_when_large() -> None:
     vectors, topic = clustered_catalogue(20_000, 32, 100, seed=0)
     ids = np.arange(len(vectors))
-    small, small_report = build_index(vectors[:500], ids[:500], "auto", exact_below=1000, use_gpu=False)
-    assert small_report.kind == "flat" and small_report.recall_at_k == 1.0 and small.ntotal == 500
+    budget = 1000 * 32 * 4  # a thousand 32-d vectors
+    small, small_report = build_index(vectors[:1000], ids[:1000], "auto", exact_scan_bytes=budget, use_gpu=False)
+    assert small_report.kind == "flat" and small_report.recall_at_k == 1.0 and small.ntotal == 1000
+    # The same items at twice the width scan twice the bytes: approximate.
+    wide = np.hstack([vectors[:1000], vectors[:1000]]) / np.sqrt(2)
+    assert build_index(wide, ids[:1000], "auto", exact_scan_bytes=budget, use_gpu=False)[1].kind == "ivf"
 
-    index, report = build_index(vectors, ids, "auto", exact_below=1000, use_gpu=False, target_recall=0.95)
+    index, report = build_index(vectors, ids, "auto", exact_scan_bytes=budget, use_gpu=False, target_recall=0.95)
     assert report.kind == "ivf" and report.recall_at_k >= 0.95 and report.bytes > 0
     assert 1 <= report.params["nprobe"] <= report.params["nlist"]
     # Held-out queries of the same kind reach about the tuned recall too.

@@ -44,8 +44,14 @@ def _ray_cli() -> str:
 def head_command() -> list[str]:
     """`ray start` for the local head: the dashboard on loopback only (an SSH tunnel or the
     operator's own proxy reaches it; it has no authentication of its own)."""
-    return [_ray_cli(), "start", "--head", f"--dashboard-host={DASHBOARD_HOST}",
+    # `--port=0`: Ray's default head port is 6379, Redis's, taken on any machine that runs one;
+    # Ray picks a free port instead, and `address="auto"` finds it.
+    return [_ray_cli(), "start", "--head", "--port=0", f"--dashboard-host={DASHBOARD_HOST}",
             f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", f"--num-cpus={os.cpu_count() or 2}"]
+
+
+class HeadStartFailed(RuntimeError):
+    """`ray start --head` exited with an error; the message ends with what Ray printed."""
 
 
 def _connect(address: str) -> None:
@@ -60,7 +66,11 @@ def up(config: ClusterConfig, address: str | None) -> dict[str, Any]:
     config = replace(config, bundle=config.bundle.resolve(), db_path=config.db_path.resolve(), tls=tls)
     started_head = False
     if address is None:
-        subprocess.run(head_command(), check=True, capture_output=True)
+        started = subprocess.run(head_command(), capture_output=True, text=True)
+        if started.returncode != 0:
+            said = (started.stderr or started.stdout).strip().splitlines()[-6:]
+            raise HeadStartFailed(f"`{' '.join(head_command()[1:])}` failed (exit {started.returncode}):\n"
+                                  + "\n".join(said))
         started_head, address = True, "auto"
     _connect(address)
     try:

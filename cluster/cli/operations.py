@@ -53,6 +53,7 @@ def up(
     Clients need a bearer token: `tokens_file` in the config, or $RECFUNNEL_TOKENS.
     """
     from cluster.config import ClusterConfig
+    from cluster.ops import HeadStartFailed
     from cluster.ops import up as start
     from protos.auth import CLIENT_TOKENS_ENV, client_tokens
 
@@ -67,7 +68,11 @@ def up(
         raise typer.BadParameter(f"clients need tokens: set tokens_file in the config or ${CLIENT_TOKENS_ENV}, "
                                  "or pass --no-auth", param_hint="--config")
     settings = replace(settings, tokens=tokens)
-    endpoints = start(settings, address)
+    try:
+        endpoints = start(settings, address)
+    except HeadStartFailed as error:
+        console.print(f"[red]could not start a local Ray head[/]: {error}")
+        raise typer.Exit(1) from error
     console.print(f"gateway on [bold]{endpoints['gateway']}[/], serving {endpoints['model_version']}"
                   + (f"; Ray dashboard on {endpoints['dashboard']}" if endpoints["dashboard"] else ""))
 

@@ -19,9 +19,9 @@ from cluster.cli.options import (
     InteractionsOption,
     ItemColumnOption,
     ItemsOption,
-    console,
     data_source,
     load_data,
+    progress_console,
 )
 
 group = typer.Typer()
@@ -87,7 +87,7 @@ def loadtest(
     except (ValueError, TypeError, OSError) as error:
         raise typer.BadParameter(str(error)) from error
     if not as_json:
-        console.log(f"{qps:g} requests/s for {duration:g} s on {target}")
+        progress_console.log(f"{qps:g} requests/s for {duration:g} s on {target}")
     result = asyncio.run(run_load(test, request_mix))
     summary = report(test, result)
     if plot is not None:
@@ -232,7 +232,7 @@ def bench_ablations(
         metrics, _ = fit(trainer)
         rows[f"{name}/recall"] = metrics["test"]["recall"]
         rows[f"{name}/funnel"] = metrics["test"]["funnel"]
-        console.log(f"{name}: recall NDCG@10 {rows[f'{name}/recall']['ndcg@10']:.4f}, "
+        progress_console.log(f"{name}: recall NDCG@10 {rows[f'{name}/recall']['ndcg@10']:.4f}, "
                     f"funnel {rows[f'{name}/funnel']['ndcg@10']:.4f}")
     if "sasrec_bce" in chosen:
         trainer = Trainer(data, base)
@@ -266,12 +266,12 @@ def bench_serving(
     logging.basicConfig(level=logging.WARNING)
     data = load_ml100k()
     if bundle is None:
-        bundle = demo_bundle(data, cache_dir() / "demo", DEMO_TRAIN_SECONDS, console)
+        bundle = demo_bundle(data, cache_dir() / "demo", DEMO_TRAIN_SECONDS, progress_console)
     config = ServingBenchConfig(bundle=bundle, rates=tuple(float(r) for r in rates.split(",")),
                                 seconds_per_rate=seconds, low_rate=low_rate, concurrency=concurrency,
                                 batching_threads=ranker_threads, diversity_users=diversity_users,
                                 num_shards=shards)
-    report = run_serving_bench(data, config, progress=(lambda _: None) if as_json else console.log)
+    report = run_serving_bench(data, config, progress=(lambda _: None) if as_json else progress_console.log)
     print_report(report, as_json, SERVING_HEADLINE, "serving")
 
 
@@ -307,7 +307,7 @@ def bench_recall(
 
     config = RecallBenchConfig(items=items, dim=dim, shards=shards, kinds=tuple(k for k in kinds.split(",") if k),
                                queries=queries, single_seconds=seconds, target_recall=target_recall, seed=seed)
-    report = run_recall_bench(config, progress=(lambda _: None) if as_json else console.log)
+    report = run_recall_bench(config, progress=(lambda _: None) if as_json else progress_console.log)
     print_report(report, as_json, RECALL_HEADLINE, f"recall over {items:,} items")
 
 
@@ -332,7 +332,7 @@ def bench_scale(
                                              serving_rate=rate, serving_seconds=serving_seconds, seed=seed), sizes)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    report = run_scale_bench(config, progress=(lambda _: None) if as_json else console.log)
+    report = run_scale_bench(config, progress=(lambda _: None) if as_json else progress_console.log)
     if plot is not None:
         from bench.plots import plot_scale
 

@@ -80,6 +80,7 @@ def _table_chunks(path: Path, fmt: str, progress: ReadProgress) -> Iterator[pa.R
         names = parquet.schema_arrow.names
         _check_columns(path, names)
         rows, total = 0, parquet.metadata.num_rows
+        progress(0, total)
         for batch in parquet.iter_batches(batch_size=CHUNK_ROWS,
                                           columns=[c for c in ("user", "item", "timestamp") if c in names]):
             yield batch
@@ -95,6 +96,7 @@ def _table_chunks(path: Path, fmt: str, progress: ReadProgress) -> Iterator[pa.R
     _check_columns(path, names)
     # Ids stay strings (a zero-padded "007" is not 7); other columns are skipped unread.
     size = path.stat().st_size
+    progress(0, size)
     reader = pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                            convert_options=pcsv.ConvertOptions(
                                column_types={"user": pa.string(), "item": pa.string()},
@@ -118,6 +120,7 @@ def _pair_chunks(path: Path, progress: ReadProgress) -> Iterator[tuple[list[str]
     users: list[str] = []
     items: list[str] = []
     size, read = path.stat().st_size, 0
+    progress(0, size)
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             read += len(line)  # characters: bytes for the ASCII ids files mostly hold

@@ -29,8 +29,9 @@ def test_train_on_a_pairs_file_writes_a_bundle(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--interactions", str(pairs), "--format", "pairs", "--out", str(out),
                                  "--epochs", "2"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output[result.output.index("{"):])
+    report = json.loads(result.stdout)  # the JSON alone: progress and log lines go to stderr
     assert report["version"] == load_bundle(out).version
+    assert "encoder epoch 1" in result.stderr
     assert 0 <= report["metrics"]["test"]["funnel"]["hr@10"] <= 1
 
 

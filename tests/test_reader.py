@@ -45,7 +45,7 @@ def test_reading_in_chunks_equals_reading_whole(synthetic: tuple[Path, Path], tm
     chunked = read_interactions(path, fmt, items, progress=lambda done, total: shown.append((done, total)))
     assert chunked.fingerprint() == whole.fingerprint()
     # Progress after every chunk, rising to the whole file (rows of Parquet, bytes of text).
-    assert len(shown) > 3 and shown == sorted(shown) and shown[-1][0] == shown[-1][1]
+    assert len(shown) > 3 and shown == sorted(shown) and shown[0][0] == 0 and shown[-1][0] == shown[-1][1]
     assert shown[-1][1] == (len(frame) if fmt == "parquet" else path.stat().st_size)
     assert whole.user_ids[:3] == list(dict.fromkeys(frame["user"] if fmt != "pairs" else ordered["user"]))[:3]
     assert whole.num_interactions == len(frame)

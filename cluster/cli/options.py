@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from recdata.dataset import Dataset
     from recdata.sources import DataSource
 
-console = Console()
+console = Console()  # what a command answers
+# Progress bars and log lines: on stderr, so that a command's JSON on stdout stays alone.
+progress_console = Console(stderr=True)
 
 
 class DataFormat(str, Enum):

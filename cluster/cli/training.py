@@ -19,8 +19,8 @@ from cluster.cli.options import (
     InteractionsOption,
     ItemColumnOption,
     ItemsOption,
-    console,
     load_data,
+    progress_console,
 )
 
 group = typer.Typer()
@@ -40,7 +40,7 @@ def phase_bars() -> Iterator[Callable[[str, int, int], None]]:
     )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("left"), TimeRemainingColumn(), console=console, transient=True) as bars:
+                  TextColumn("left"), TimeRemainingColumn(), console=progress_console, transient=True) as bars:
         tasks: dict[str, Any] = {}
         started: dict[str, float] = {}
 
@@ -50,11 +50,11 @@ def phase_bars() -> Iterator[Callable[[str, int, int], None]]:
                     bars.update(earlier, visible=False)
                 tasks[name] = bars.add_task(name, total=total)
                 started[name] = time.monotonic()
-                if not console.is_terminal:  # a log file or CI draws no bar: a line instead
-                    console.log(f"{name}: {total:,} to do")
+                if not progress_console.is_terminal:  # a log file or CI draws no bar: a line instead
+                    progress_console.log(f"{name}: {total:,} to do")
             bars.update(tasks[name], completed=done, total=total)
             if done >= total and name in started:
-                console.log(f"{name}: {total:,} done in {time.monotonic() - started.pop(name):.1f} s")
+                progress_console.log(f"{name}: {total:,} done in {time.monotonic() - started.pop(name):.1f} s")
 
         yield phase
 
@@ -112,7 +112,7 @@ def train_command(
         raise typer.BadParameter(str(error), param_hint="--config") from error
 
     def report(stage: str, values: dict[str, float]) -> None:
-        console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "
+        progress_console.log(f"{stage} epoch {values['epoch']:.0f}: loss {values['loss']:.2f}, "
                     f"val NDCG@10 {values['ndcg@10']:.4f}, HR@10 {values['hr@10']:.4f}")
 
     with phase_bars() as phase:
@@ -170,7 +170,7 @@ def evaluate(
     except ValueError as error:  # the message names the option's field
         raise typer.BadParameter(str(error)) from error
     data = load_data(dataset, interactions, items, fmt, item_column)
-    report = run_evaluation(bundle, data, config, report=None if as_json else console.log)
+    report = run_evaluation(bundle, data, config, report=None if as_json else progress_console.log)
     typer.echo(json.dumps(report, indent=None if as_json else 2))
 
 
@@ -200,7 +200,7 @@ def synth(
         interactions, item_file = write_pairs(data, out)
         count = data.num_interactions
     else:
-        with Progress(console=console, transient=True) as progress:
+        with Progress(console=progress_console, transient=True) as progress:
             task = progress.add_task("writing synthetic interactions", total=users)
             interactions, item_file, count = write_parquet(
                 config, out, lambda done, _total: progress.update(task, completed=done))

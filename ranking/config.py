@@ -64,6 +64,8 @@ class TrainConfig:
     track_test: bool = False   # also measure test NDCG@10 after every epoch (for the training curve)
     validation_users: int = 10_000  # early stopping ranks this seeded sample of users against the whole
                                     # catalogue after every epoch (0 = every user): O(sample x items)
+    test_users: int = 100_000  # the final test metrics rank this seeded sample (0 = every user); ranking
+                               # every one of 10^6 users against 10^6 items would outlast training
     device: str | None = None  # "cpu" / "cuda[:N]"; None = CUDA when present
 
     def __post_init__(self) -> None:
@@ -73,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"num_negatives={self.num_negatives} must be >= 1")
         if self.validation_users < 0:
             raise ValueError(f"validation_users={self.validation_users} must be >= 0 (0 = every user)")
+        if self.test_users < 0:
+            raise ValueError(f"test_users={self.test_users} must be >= 0 (0 = every user)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

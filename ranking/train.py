@@ -251,7 +251,9 @@ class Trainer:
         self.neighbour_ids, self.neighbour_scores = cooccurrence_neighbours(self.split.train, dataset.num_items)
         self.valid = Evaluation(self.split, dataset.num_items, validation=True, seed=config.seed,
                                 positions=user_sample(len(self.split.users), config.validation_users, config.seed))
-        self.test = Evaluation(self.split, dataset.num_items, validation=False, seed=config.seed)
+        # Its own seeded draw, so the test users are not only the validation sample's.
+        self.test = Evaluation(self.split, dataset.num_items, validation=False, seed=config.seed,
+                               positions=user_sample(len(self.split.users), config.test_users, config.seed + 1))
         self.started = time.perf_counter()
 
     def _load_weights(self, bundle: Path) -> None:
@@ -615,6 +617,7 @@ def fit(trainer: Trainer) -> tuple[dict[str, Any], list[dict[str, float]]]:
     metrics = {
         "train_seconds": time.perf_counter() - trainer.started,
         "validation_users": len(trainer.valid),
+        "test_users": len(trainer.test),
         "stops": trainer.stops,
         "valid": {"recall": trainer.evaluate(True, False), "funnel": trainer.evaluate(True, True)},
         "test": {"recall": trainer.evaluate(False, False), "funnel": trainer.evaluate(False, True)},

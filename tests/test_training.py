@@ -82,10 +82,15 @@ def test_same_seed_gives_the_same_bundle(tiny_dataset, text_encoder, tmp_path) -
 
 def test_early_stopping_validates_on_a_seeded_user_sample(tiny_dataset: Dataset, text_encoder: TextEncoder) -> None:
     sampled = Trainer(tiny_dataset, TrainConfig(validation_users=50), text_encoder)
-    assert len(sampled.valid) == 50 and len(sampled.test) == tiny_dataset.num_users
+    assert len(sampled.valid) == 50 and len(sampled.test) == tiny_dataset.num_users  # fewer than test_users
+    tested = Trainer(tiny_dataset, TrainConfig(validation_users=50, test_users=40), text_encoder)
+    assert len(tested.test) == 40 and len(tested.valid) == 50
+    assert len(Trainer(tiny_dataset, TrainConfig(test_users=0), text_encoder).test) == tiny_dataset.num_users
     assert len(Trainer(tiny_dataset, TrainConfig(validation_users=0), text_encoder).valid) == tiny_dataset.num_users
     with pytest.raises(ValueError, match="validation_users=-1 must be >= 0"):
         TrainConfig(validation_users=-1)
+    with pytest.raises(ValueError, match="test_users=-1 must be >= 0"):
+        TrainConfig(test_users=-1)
 
 
 def test_a_config_file_sets_the_model_and_training_and_the_command_line_wins(tmp_path: Path) -> None:

@@ -42,12 +42,11 @@ def ray_embedder(encoder: TextEncoder, actors: int, use_gpu: bool = False) -> Em
         raise ValueError(f"actors={actors} must be at least 1")
 
     def embed(texts: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        import pyarrow as pa
         import ray.data
 
         if not texts:
             return
-        import pyarrow as pa
-
         # The texts go into the object store once, a block per task's worth.
         blocks = [pa.table({"position": np.arange(start, min(start + TEXTS_PER_TASK, len(texts))),
                             "text": texts[start : start + TEXTS_PER_TASK]})

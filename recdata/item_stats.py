@@ -58,6 +58,10 @@ def pair_weights(sequences: list[np.ndarray], num_items: int, window: int = COOC
         distinct, inverse = np.unique(keys, return_inverse=True)
         return distinct, np.bincount(inverse, weights=weights, minlength=len(distinct))
 
+    def merge_last_two() -> None:
+        (k1, s1), (k2, s2) = runs.pop(), runs.pop()
+        runs.append(summed(np.concatenate([k2, k1]), np.concatenate([s2, s1])))
+
     def close_chunk() -> None:
         nonlocal chunk, size
         a, b, w = (np.concatenate(parts) for parts in zip(*chunk, strict=True))
@@ -66,8 +70,7 @@ def pair_weights(sequences: list[np.ndarray], num_items: int, window: int = COOC
         runs.append(summed(np.concatenate([a * num_items + b, b * num_items + a]), np.concatenate([w, w])))
         chunk, size = [], 0
         while len(runs) > 1 and len(runs[-1][0]) >= len(runs[-2][0]):
-            (k1, s1), (k2, s2) = runs.pop(), runs.pop()
-            runs.append(summed(np.concatenate([k2, k1]), np.concatenate([s2, s1])))
+            merge_last_two()
 
     for seq in sequences:
         for distance in range(1, min(window, len(seq) - 1) + 1):
@@ -81,8 +84,7 @@ def pair_weights(sequences: list[np.ndarray], num_items: int, window: int = COOC
     if not runs:
         return np.zeros(0, np.int64), np.zeros(0, np.float64)
     while len(runs) > 1:
-        (k1, s1), (k2, s2) = runs.pop(), runs.pop()
-        runs.append(summed(np.concatenate([k2, k1]), np.concatenate([s2, s1])))
+        merge_last_two()
     return runs[0]
 
 

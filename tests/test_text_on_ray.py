@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import ray
 
+from cluster import text_on_ray
 from cluster.text_on_ray import encode_texts, ray_embedder
 from ranking.text_encoder import TextEncoder
 
@@ -34,7 +35,20 @@ def test_actors_encode_what_one_process_does_and_fill_the_disk_cache(local_ray, 
     assert again.missing(texts) == []  # everything reached the disk cache
 
 
-def test_few_missing_texts_are_encoded_without_starting_actors(text_encoder: TextEncoder) -> None:
-    # No Ray is running: a pool would fail to start, so this passes only if none is asked for.
-    vectors = encode_texts(["a quiet garden", "a golden engine"], text_encoder, actors=4)
-    assert vectors.shape == (2, 384)
+def test_a_pool_starts_only_when_enough_texts_are_missing(text_encoder: TextEncoder,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    pools: list[int] = []
+
+    def recording_pool(encoder: TextEncoder, actors: int, use_gpu: bool = False):  # type: ignore[no-untyped-def]
+        pools.append(actors)
+        return encoder.local_batches  # the same vectors, without starting Ray
+
+    monkeypatch.setattr(text_on_ray, "ray_embedder", recording_pool)
+    monkeypatch.setattr(text_on_ray, "RAY_TEXTS_AT_LEAST", 3)
+    vectors = encode_texts(["pool test: a garden", "pool test: an engine"], text_encoder, actors=4)
+    assert vectors.shape == (2, 384) and pools == []  # two missing texts: encoded here
+    encode_texts(["pool test: a garden", "pool test: an engine", "pool test: a kite", "pool test: a river"],
+                 text_encoder, actors=4)
+    assert pools == []  # two cached; the two missing are still fewer than 3
+    encode_texts(["pool test: one", "pool test: two", "pool test: three"], text_encoder, actors=4)
+    assert pools == [4]

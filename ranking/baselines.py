@@ -20,13 +20,15 @@ from ranking.devices import resolve_device
 from ranking.evaluation import Evaluation
 from ranking.inference import pad_left
 from ranking.query_encoder import QueryEncoder
+from ranking.scores import DenseScores
 from ranking.train import CPU, seed_everything, training_windows
 from recdata.split import Split
 
 
-def popularity_scorer(split: Split, num_items: int) -> Callable[[list[np.ndarray]], torch.Tensor]:
+def popularity_scorer(split: Split, num_items: int) -> Callable[[list[np.ndarray]], DenseScores]:
     counts = torch.from_numpy(np.bincount(np.concatenate(split.train), minlength=num_items).astype(np.float32))
-    return lambda histories: counts.expand(len(histories), -1)
+    return lambda histories: DenseScores(lambda a, b: counts[a:b].expand(len(histories), -1).clone(),
+                                         lambda items: counts[items], num_items, counts.device)
 
 
 class SASRec(nn.Module):
@@ -52,10 +54,12 @@ class SASRecTrainer:
         self.model = SASRec(config.model, num_items).to(self.device)
 
     @torch.no_grad()
-    def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
+    def scores(self, histories: list[np.ndarray]) -> DenseScores:
         self.model.eval()
         padded, _ = pad_left(histories, self.config.model.max_len)
-        return self.model.users(padded.to(self.device))[:, -1] @ self.model.items.weight[1:].T
+        users, table = self.model.users(padded.to(self.device))[:, -1], self.model.items.weight
+        return DenseScores(lambda a, b: users @ table[1 + a : 1 + b].T,
+                           lambda items: (users.unsqueeze(1) * table[1 + items]).sum(-1), self.num_items, self.device)
 
     def train(self) -> float:
         """Train with early stopping on validation NDCG@10; returns the seconds it took."""

@@ -21,6 +21,7 @@ from ranking.devices import resolve_device
 from ranking.inference import NEW_ITEM_SLOT_MIN_K, candidate_features, pad_left, semantic_queries
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
+from ranking.scores import BatchScores, ChunkScores, DenseScores, ProposedScores, SeenItems, top_unseen
 from recdata.bundle import load_bundle, load_weights
 from recdata.channels import (
     CHANNELS,
@@ -35,22 +36,12 @@ from recdata.channels import (
 from recdata.metrics import ranking_metrics, sample_unseen
 from recdata.split import Split
 
-# histories -> (B, num_items) scores; -inf where a model never proposes the item.
-FullScorer = Callable[[list[np.ndarray]], torch.Tensor]
+# histories -> the batch's scores of every item; -inf where a model never proposes the item.
+FullScorer = Callable[[list[np.ndarray]], BatchScores]
 # histories, (B, n) items -> (B, n) scores.
 ItemScorer = Callable[[list[np.ndarray], torch.Tensor], torch.Tensor]
-
-
-def seen_mask(histories: list[np.ndarray], num_items: int, device: torch.device | None = None) -> torch.Tensor:
-    """(B, num_items) True where the user has interacted with the item (on `device`, default CPU).
-
-    Filled with one indexed write: on a GPU, one per history would be one copy and one kernel each."""
-    mask = torch.zeros(len(histories), num_items, dtype=torch.bool, device=device)
-    if histories:
-        rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
-        columns = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories])
-        mask[torch.from_numpy(rows).to(mask.device), torch.from_numpy(columns).to(mask.device)] = True
-    return mask
+# (batches done, batches in all) of one evaluation.
+BatchProgress = Callable[[int, int], None]
 
 
 @dataclass
@@ -112,8 +103,10 @@ class FunnelScorer:
         users = self.encoder(self.item_table[padded], padding, last_only=True)[:, -1]
         return users, torch.from_numpy(semantic_queries(self.text_vectors, histories)).to(self.device)
 
-    def item2item(self, histories: list[np.ndarray]) -> torch.Tensor:
-        """(B, I) co-occurrence scores of the recent history items' neighbours, -inf for the rest."""
+    def item2item(self, histories: list[np.ndarray]) -> ChunkScores:
+        """Co-occurrence scores of the recent history items' neighbours, -inf for the rest,
+        an item chunk at a time: the (B, R·M) neighbour entries sorted by item, so that a
+        chunk's entries are one slice."""
         B, recent = len(histories), ITEM2ITEM_RECENT
         recent_rows = np.zeros((B, recent), dtype=np.int64)  # built on the host, sent in one copy
         recent_weights = np.zeros((B, recent), dtype=np.float32)
@@ -124,36 +117,43 @@ class FunnelScorer:
                 recent_weights[b, recent - len(tail):] = recency_weights(len(tail))
         rows = torch.from_numpy(recent_rows).to(self.device)
         weights = torch.from_numpy(recent_weights).to(self.device)
-        ids = self.neighbour_ids[rows]                                            # (B, R, M)
-        contributions = self.neighbour_scores[rows] * weights.unsqueeze(-1)
-        # Missing neighbours (-1) land in an extra column that is cut off afterwards.
-        slots = torch.where(ids >= 0, ids, self.num_items).reshape(B, -1)
-        scores = torch.zeros(B, self.num_items + 1, device=self.device)
-        scores.scatter_add_(1, slots, contributions.reshape(B, -1))
-        scores = scores[:, : self.num_items]
-        return scores.masked_fill(scores <= 0, -math.inf)
+        ids = self.neighbour_ids[rows].reshape(B, -1)                              # (B, R·M)
+        contributions = (self.neighbour_scores[rows] * weights.unsqueeze(-1)).reshape(B, -1)
+        users = torch.arange(B, device=self.device).unsqueeze(1).expand_as(ids)
+        real = ids >= 0  # -1: no neighbour
+        ids, order = ids[real].sort()
+        users, contributions = users[real][order], contributions[real][order]
+        bounds = ids.cpu().numpy()
+
+        def chunk(start: int, stop: int) -> torch.Tensor:
+            low, high = np.searchsorted(bounds, [start, stop])
+            scores = torch.zeros(B, stop - start, device=self.device)
+            scores.index_put_((users[low:high], ids[low:high] - start), contributions[low:high], accumulate=True)
+            return scores.masked_fill(scores <= 0, -math.inf)
+
+        return chunk
 
     def recall(self, histories: list[np.ndarray], users: torch.Tensor, semantic: torch.Tensor,
-               seen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               seen: SeenItems) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every channel's top-k of unseen items, merged as the gateway merges them.
 
         Returns candidates (B, W), proposed-by flags (B, W, n_channels) and a (B, W) mask that
         keeps each item's first occurrence only, and only items a channel really proposed
         (item2item proposes fewer than k when the history has few neighbours).
         """
-        per_channel = {
-            SEQUENTIAL: lambda: users @ self.item_table[1:].T,
-            SEMANTIC: lambda: semantic @ self.text_t.T,
+        per_channel: dict[str, Callable[[], ChunkScores]] = {
+            SEQUENTIAL: lambda: lambda a, b: users @ self.item_table[1 + a : 1 + b].T,
+            SEMANTIC: lambda: lambda a, b: semantic @ self.text_t[a:b].T,
             ITEM2ITEM: lambda: self.item2item(histories),
-            POPULAR: lambda: self.popular.expand(len(users), -1),
+            POPULAR: lambda: lambda a, b: self.popular[a:b].expand(len(users), -1).clone(),
         }
         found, proposed, channel_of = [], [], []
         for c, channel in enumerate(CHANNELS):
             k = min(self.budgets.get(channel, 0), self.num_items)
             if k:
-                top = per_channel[channel]().masked_fill(seen, -math.inf).topk(k, dim=1)
-                found.append(top.indices)
-                proposed.append(torch.isfinite(top.values))
+                values, indices = top_unseen(per_channel[channel](), self.num_items, seen, k)
+                found.append(indices)
+                proposed.append(torch.isfinite(values))
                 channel_of += [c] * k
         candidates = torch.cat(found, dim=1)                                     # (B, W)
         real = torch.cat(proposed, dim=1)                                        # (B, W)
@@ -185,16 +185,17 @@ class FunnelScorer:
     def funnel(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ranker scores of the merged candidates: (B, W) scores (-inf off the mask), candidates, mask."""
         users, semantic = self.queries(histories)
-        candidates, flags, mask = self.recall(histories, users, semantic,
-                                              seen_mask(histories, self.num_items, self.device))
+        candidates, flags, mask = self.recall(histories, users, semantic, SeenItems(histories, self.device))
         scores = self.rank(histories, users, semantic, candidates, flags)
         return scores.masked_fill(~mask, -math.inf), candidates, mask
 
     # ---- scorers for the protocols ------------------------------------------------------------
     @torch.no_grad()
-    def recall_scores(self, histories: list[np.ndarray]) -> torch.Tensor:
+    def recall_scores(self, histories: list[np.ndarray]) -> DenseScores:
         users, _ = self.queries(histories)
-        return users @ self.item_table[1:].T
+        return DenseScores(lambda a, b: users @ self.item_table[1 + a : 1 + b].T,
+                           lambda items: (users.unsqueeze(1) * self.item_table[1 + items]).sum(-1),
+                           self.num_items, self.device)
 
     def with_new_item_slot(self, scores: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor
                            ) -> torch.Tensor:
@@ -214,33 +215,29 @@ class FunnelScorer:
         return lifted
 
     @torch.no_grad()
-    def funnel_scores(self, histories: list[np.ndarray]) -> torch.Tensor:
-        """(B, I) full-catalogue scores of the served path: ranker scores on recall's
-        candidates, -inf for every item recall did not propose."""
+    def funnel_scores(self, histories: list[np.ndarray]) -> ProposedScores:
+        """Full-catalogue scores of the served path: ranker scores on recall's candidates,
+        -inf for every item recall did not propose."""
         scores, candidates, mask = self.funnel(histories)
         if self.new_item_slot:
             scores = self.with_new_item_slot(scores, candidates, mask)
-        full = torch.full((len(histories), self.num_items), -math.inf, device=self.device)
-        # A repeated candidate carries -inf after its first occurrence, so the maximum is its score.
-        return full.scatter_reduce(1, candidates, scores, reduce="amax")
+        return ProposedScores(candidates, scores, self.num_items)
 
     @torch.no_grad()
     def funnel_item_scores(self, histories: list[np.ndarray], items: torch.Tensor) -> torch.Tensor:
         """Ranker scores of arbitrary items, flagged with the channels that would propose them."""
         users, semantic = self.queries(histories)
-        candidates, flags, mask = self.recall(histories, users, semantic,
-                                              seen_mask(histories, self.num_items, self.device))
+        candidates, flags, mask = self.recall(histories, users, semantic, SeenItems(histories, self.device))
         items = items.to(self.device)
         hit = (items.unsqueeze(2) == candidates.unsqueeze(1)) & mask.unsqueeze(1)  # (B, n, W)
         item_flags = (hit.float() @ flags).clamp(max=1.0)                          # (B, n, channels)
         return self.rank(histories, users, semantic, items, item_flags)
 
 
+# Users scored together: enough to amortise the query encoder's forward pass; the scores
+# themselves are read an item chunk at a time (ranking/scores.py), so memory does not grow
+# with the catalogue.
 CASES_PER_BATCH = 256
-# Scores a batch of full ranking holds: 4 MiB of float32, with masks and comparisons beside
-# it. Batches of 16 MiB left the allocator's arenas holding 2-3 GiB after a validation of a
-# 50,000-item catalogue (freed blocks too scattered to give back); 4 MiB ones hold none.
-SCORES_PER_BATCH = 1 << 20
 
 
 def user_sample(num_users: int, most: int, seed: int) -> np.ndarray | None:
@@ -277,34 +274,34 @@ class Evaluation:
     def __len__(self) -> int:
         return len(self.histories)
 
-    def batches(self, size: int = 0):  # type: ignore[no-untyped-def]
-        """Slices of the cases, `size` at a time; by default as many as keep one batch's
-        (cases, items) score matrix under SCORES_PER_BATCH, so memory stays flat whatever
-        the catalogue's size."""
-        size = size or max(1, min(CASES_PER_BATCH, SCORES_PER_BATCH // max(self.num_items, 1)))
+    def batches(self, size: int = CASES_PER_BATCH):  # type: ignore[no-untyped-def]
+        """Slices of the cases, `size` at a time."""
         for start in range(0, len(self.histories), size):
             yield slice(start, min(start + size, len(self.histories)))
 
     @torch.no_grad()
-    def full_report(self, scorer: FullScorer, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def full_report(self, scorer: FullScorer, k: int = 10, progress: BatchProgress | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per case: the target's 0-based rank among all items its user has not interacted
         with (ties count against the target, so an item a model never proposes is a miss),
         whether the model gave the target a finite score, and the model's top-k unseen items."""
         ranks, found, lists = [], [], []
-        for part in self.batches():
+        parts = list(self.batches())
+        for done, part in enumerate(parts):
+            if progress:
+                progress(done, len(parts))
             histories = self.histories[part]
-            scores = scorer(histories).float()  # on the scorer's device; only the results come back
-            targets = self.targets[part].to(scores.device)
-            seen = seen_mask(histories, self.num_items, scores.device)
-            lists.append(scores.masked_fill(seen, -math.inf).topk(min(k, self.num_items), dim=1).indices.cpu().numpy())
-            seen[torch.arange(len(targets), device=scores.device), targets] = False  # the target is never excluded
-            target_scores = scores.gather(1, targets[:, None])
-            ranks.append((((scores >= target_scores) & ~seen).sum(1) - 1).cpu().numpy())
-            found.append(torch.isfinite(target_scores[:, 0]).cpu().numpy())
+            scores = scorer(histories)  # on the scorer's device; only the results come back
+            above, finite, top = scores.report(self.targets[part], SeenItems(histories, scores.device), k)
+            ranks.append(above.cpu().numpy())
+            found.append(finite.cpu().numpy())
+            lists.append(top.cpu().numpy())
+        if progress:
+            progress(len(parts), len(parts))
         return np.concatenate(ranks), np.concatenate(found), np.concatenate(lists)
 
-    def full_ranks(self, scorer: FullScorer) -> np.ndarray:
-        return self.full_report(scorer)[0]
+    def full_ranks(self, scorer: FullScorer, progress: BatchProgress | None = None) -> np.ndarray:
+        return self.full_report(scorer, progress=progress)[0]
 
     @torch.no_grad()
     def sampled_ranks(self, scorer: ItemScorer) -> np.ndarray:
@@ -317,8 +314,8 @@ class Evaluation:
             ranks.append((scores[:, 1:] >= scores[:, :1]).sum(1).cpu().numpy())
         return np.concatenate(ranks)
 
-    def full(self, scorer: FullScorer) -> dict[str, float]:
-        return ranking_metrics(self.full_ranks(scorer).tolist())
+    def full(self, scorer: FullScorer, progress: BatchProgress | None = None) -> dict[str, float]:
+        return ranking_metrics(self.full_ranks(scorer, progress).tolist())
 
     def sampled(self, scorer: ItemScorer) -> dict[str, float]:
         metrics = ranking_metrics(self.sampled_ranks(scorer).tolist(), ks=(10,))
@@ -328,7 +325,6 @@ class Evaluation:
 def items_from_full(scorer: FullScorer) -> ItemScorer:
     """An ItemScorer that reads a FullScorer's scores of the asked items."""
     def item_scores(histories: list[np.ndarray], items: torch.Tensor) -> torch.Tensor:
-        scores = scorer(histories)
-        return scores.gather(1, items.to(scores.device))
+        return scorer(histories).of(items)
 
     return item_scores

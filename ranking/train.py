@@ -23,15 +23,16 @@ import torch.nn.functional as F
 
 from ranking.config import TrainConfig
 from ranking.devices import resolve_device
-from ranking.evaluation import Evaluation, FunnelScorer, seen_mask, user_sample
+from ranking.evaluation import Evaluation, FunnelScorer, user_sample
 from ranking.item_encoder import ItemEncoder, tag_matrix
 from ranking.losses import sampled_softmax
 from ranking.optim import LazyAdamW
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
+from ranking.scores import SeenItems
 from ranking.text_encoder import TextEncoder, default_disk_cache, default_model_dir
 from recdata.bundle import Bundle, load_weights, new_version_id
-from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, popular_scores
+from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, popular_scores, tuning_queries_name
 from recdata.dataset import Dataset
 from recdata.item_stats import RECENT_SHARE, cooccurrence_neighbours, recent_popularity
 from recdata.split import Split, leave_last_two
@@ -350,17 +351,21 @@ class Trainer:
                             torch.from_numpy(popular), torch.from_numpy(self.neighbour_ids.astype(np.int64)),
                             torch.from_numpy(self.neighbour_scores), self.budgets)
 
-    def evaluate(self, validation: bool, with_ranker: bool) -> dict[str, float]:
-        """Full-ranking metrics of recall alone (two-tower) or of the whole funnel."""
+    def evaluate(self, validation: bool, with_ranker: bool, when: str = "") -> dict[str, float]:
+        """Full-ranking metrics of recall alone (two-tower) or of the whole funnel; its
+        progress is the phase "validation of recall after encoder epoch 3" and the like."""
         scorer = self.scorer()
         cases = self.valid if validation else self.test
-        return cases.full(scorer.funnel_scores if with_ranker else scorer.recall_scores)
+        name = " ".join(filter(None, ["validation" if validation else "test",
+                                      "of the funnel" if with_ranker else "of recall", when]))
+        return cases.full(scorer.funnel_scores if with_ranker else scorer.recall_scores,
+                          lambda done, total: self.phase_progress(name, done, total))
 
     def _point(self, stage: str, epoch: int, loss: float, with_ranker: bool) -> dict[str, float]:
-        valid = self.evaluate(True, with_ranker)
+        valid = self.evaluate(True, with_ranker, f"after {stage} epoch {epoch}")
         point = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - self.started, **valid}
         if self.config.track_test:
-            point["test_ndcg@10"] = self.evaluate(False, with_ranker)["ndcg@10"]
+            point["test_ndcg@10"] = self.evaluate(False, with_ranker, f"after {stage} epoch {epoch}")["ndcg@10"]
         self.progress(stage, point)
         return {"stage": 0.0 if stage == "encoder" else 1.0, **point}
 
@@ -437,7 +442,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed)
         state = PhaseState("encoder")
         if self.warm_start is not None:  # the starting weights are the ones to beat
-            state = PhaseState("encoder", best=self.evaluate(validation=True, with_ranker=False)["ndcg@10"],
+            state = PhaseState("encoder", best=self.evaluate(True, False, "before training")["ndcg@10"],
                                best_state={k: v.detach().clone() for k, v in self.model.state_dict().items()})
         if self.resume is not None:
             state = self.resume
@@ -502,7 +507,7 @@ class Trainer:
             rng.bit_generator.state = state.rng["numpy"]
             self._restore_random_streams(state.rng)
         else:
-            state = PhaseState("ranker", best=self.evaluate(validation=True, with_ranker=True)["ndcg@10"],
+            state = PhaseState("ranker", best=self.evaluate(True, True, "before ranker training")["ndcg@10"],
                                best_state={k: v.clone() for k, v in self.model.ranker.state_dict().items()},
                                curve=earlier)
         scorer = self.scorer()  # item tables are fixed from here on
@@ -521,8 +526,8 @@ class Trainer:
                 targets = torch.tensor([t for _, t in chosen], device=self.device)
                 with torch.no_grad():
                     users, semantic = scorer.queries(histories)
-                    candidates, flags, mask = scorer.recall(
-                        histories, users, semantic, seen_mask(histories, self.dataset.num_items, self.device))
+                    candidates, flags, mask = scorer.recall(histories, users, semantic,
+                                                            SeenItems(histories, self.device))
                 hit = (candidates == targets[:, None]) & mask
                 keep = hit.any(1)  # learn only where recall found the target
                 optimiser.zero_grad()
@@ -559,14 +564,16 @@ class Trainer:
         return [p for p in state.curve if p["stage"] == 1.0]
 
     # ---- export -----------------------------------------------------------------------------
-    def index_reports(self, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    def index_reports(self, arrays: dict[str, np.ndarray], queries: dict[str, np.ndarray]
+                      ) -> dict[str, dict[str, Any]]:
         """What the default recall index of each channel would be over the whole catalogue, with
         its recall@100 against exact search on real queries, as recall shards build it."""
-        queries = _index_queries(self)
         reports = {}
-        for channel, vectors in arrays.items():
+        for done, (channel, vectors) in enumerate(arrays.items()):
+            self.phase_progress("index build", done, len(arrays))
             _, report = build_index(vectors, np.arange(len(vectors)), use_gpu=False, queries=queries[channel])
             reports[channel] = report.to_dict()
+        self.phase_progress("index build", len(arrays), len(arrays))
         return reports
 
     def export(self, folder: Path, metrics: dict[str, Any]) -> Bundle:
@@ -575,12 +582,17 @@ class Trainer:
             table = self.item_table()
         state = self.model.state_dict()
         arrays = {SEQUENTIAL: table[1:].cpu().numpy().astype(np.float32), SEMANTIC: self.text_vectors}
+        # Real query vectors travel with the bundle: recall shards tune their indexes' search
+        # breadth on them. Query-like mixes of items are a poor stand-in where trained user
+        # vectors crowd into a few lists (nprobe 384 instead of 8 at the same recall, 10^6 items).
+        queries = _index_queries(self)
         bundle = Bundle(
             version=new_version_id(self.dataset.name),
             item_ids=self.dataset.item_ids,
             item_texts=self.dataset.item_texts,
             arrays={**arrays, "popularity": self.popularity, "recent_popularity": self.recent_popularity,
-                    "item2item_ids": self.neighbour_ids, "item2item_scores": self.neighbour_scores},
+                    "item2item_ids": self.neighbour_ids, "item2item_scores": self.neighbour_scores,
+                    **{tuning_queries_name(channel): q for channel, q in queries.items()}},
             manifest={
                 "dataset": self.dataset.name,
                 "model": self.config.model.to_dict(),
@@ -590,7 +602,7 @@ class Trainer:
                 "candidates_per_channel": self.budgets,
                 "recent_share": RECENT_SHARE,
                 "metrics": metrics,
-                "indexes": self.index_reports(arrays),
+                "indexes": self.index_reports(arrays, queries),
                 "created_unix": time.time(),
             },
         )
@@ -599,7 +611,9 @@ class Trainer:
                    if k.startswith(f"{prefix}.")}
             for name, prefix in (("query_encoder", "encoder"), ("ranker", "ranker"), ("item_encoder", "items"))
         }
+        self.phase_progress("bundle write", 0, 1)
         bundle.save(folder, weights)
+        self.phase_progress("bundle write", 1, 1)
         return bundle
 
 
@@ -619,8 +633,10 @@ def fit(trainer: Trainer) -> tuple[dict[str, Any], list[dict[str, float]]]:
         "validation_users": len(trainer.valid),
         "test_users": len(trainer.test),
         "stops": trainer.stops,
-        "valid": {"recall": trainer.evaluate(True, False), "funnel": trainer.evaluate(True, True)},
-        "test": {"recall": trainer.evaluate(False, False), "funnel": trainer.evaluate(False, True)},
+        "valid": {"recall": trainer.evaluate(True, False, "for the report"),
+                  "funnel": trainer.evaluate(True, True, "for the report")},
+        "test": {"recall": trainer.evaluate(False, False, "for the report"),
+                 "funnel": trainer.evaluate(False, True, "for the report")},
     }
     return metrics, curve
 
@@ -630,8 +646,6 @@ def train(dataset: Dataset, config: TrainConfig, out: Path, text_encoder: TextEn
     """Train every model of the funnel on `dataset` and write the bundle to `out`."""
     trainer = Trainer(dataset, config, text_encoder, progress, phase_progress=phase_progress)
     metrics, curve = fit(trainer)
-    trainer.phase_progress("bundle", 0, 1)
     bundle = trainer.export(out, metrics)
-    trainer.phase_progress("bundle", 1, 1)
     log.info("bundle %s written to %s", bundle.version, out)
     return TrainResult(out, bundle.version, metrics, curve)

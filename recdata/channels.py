@@ -16,6 +16,11 @@ POPULAR = "popular"        # global and recent popularity; answers users without
 VECTOR_CHANNELS = (SEQUENTIAL, SEMANTIC)
 CHANNELS = (SEQUENTIAL, SEMANTIC, ITEM2ITEM, POPULAR)
 
+
+def tuning_queries_name(channel: str) -> str:
+    """The bundle array of real query vectors a vector channel's index is tuned on."""
+    return f"tuning_queries.{channel}"
+
 # The channels that proposed a candidate, as bits (CHANNELS order) on the gateway -> ranker wire.
 CHANNEL_BITS = {channel: 1 << n for n, channel in enumerate(CHANNELS)}
 ALL_CHANNEL_BITS = (1 << len(CHANNELS)) - 1

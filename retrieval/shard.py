@@ -21,6 +21,7 @@ from recdata.channels import (
     popular_scores,
     recency_weights,
     shard_of,
+    tuning_queries_name,
 )
 from retrieval.config import MAX_K, MAX_RECENT_ITEMS, RecallConfig
 from retrieval.index import build_index
@@ -46,7 +47,8 @@ class RecallShard:
         self.tombstones: set[int] = set()
         built = {
             channel: build_index(bundle.arrays[channel][owned], owned, config.index_kind, config.exact_scan_bytes,
-                                 config.use_gpu, config.target_recall, config.pq_above, measure_bytes=False)
+                                 config.use_gpu, config.target_recall, config.pq_above,
+                                 queries=bundle.arrays.get(tuning_queries_name(channel)), measure_bytes=False)
             for channel in VECTOR_CHANNELS
         }
         self.indexes = {channel: index for channel, (index, _) in built.items()}

@@ -39,3 +39,23 @@ def test_unknown_dataset_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "--dataset", "nope", "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "unknown dataset" in result.output
+
+
+def test_phase_lines_name_every_run_of_a_phase(monkeypatch) -> None:
+    """Without a terminal each phase logs a start and an end line: a phase that runs again
+    (a validation) logs both again, and a phase done in its first report logs both at once."""
+    from rich.console import Console
+
+    from cluster.cli import training
+
+    console = Console(record=True, force_terminal=False, width=200)
+    monkeypatch.setattr(training, "progress_console", console)
+    with training.phase_bars() as phase:
+        for done in (0, 1, 2):
+            phase("validation", done, 2)
+        for done in (0, 2):
+            phase("validation", done, 2)
+        phase("encoder epoch 1", 1, 1)
+    text = console.export_text()
+    assert text.count("validation: 2 to do") == 2 and text.count("validation: 2 done in") == 2
+    assert "encoder epoch 1: 1 to do" in text and "encoder epoch 1: 1 done in" in text

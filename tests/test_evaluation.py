@@ -18,6 +18,7 @@ from ranking.config import TrainConfig
 from ranking.evaluation import Evaluation, FunnelScorer
 from ranking.inference import with_new_item_slot
 from ranking.quality import EvaluateConfig, beyond_accuracy, evaluate
+from ranking.scores import DenseScores, SeenItems, seen_mask, top_unseen
 from ranking.text_encoder import TextEncoder
 from recdata.bundle import load_bundle, load_weights
 from recdata.dataset import Dataset
@@ -39,7 +40,7 @@ def test_full_ranking_excludes_seen_items_and_never_the_target() -> None:
         for b, history in enumerate(histories):
             scores[b, torch.from_numpy(np.asarray(history))] = 10.0
         scores[:, 7] = 5.0  # one unseen item above every target
-        return scores
+        return DenseScores.of_matrix(scores)
 
     ranks = cases.full_ranks(scorer)
     # a: target 3, seen {0,1,2}; unseen above it: item 7 only; ties (4, 5, 6 at 0) count against it.
@@ -66,7 +67,7 @@ def test_batched_funnel_scores_match_the_served_path(tiny_bundle, tiny_dataset) 
     split = leave_last_two(tiny_dataset)
     for position in range(0, 40, 4):
         history = split.test_history(position)
-        batched = scorer.funnel_scores([history])[0]
+        batched = scorer.funnel_scores([history]).dense()[0]
         expected = [tiny_dataset.item_ids[i] for i in batched.topk(10).indices.tolist()]
         answer = asyncio.run(served.recommend(
             RecommendQuery("u", 10, [tiny_dataset.item_ids[i] for i in history]), time.monotonic() + 5))
@@ -165,8 +166,10 @@ def test_served_and_evaluated_lists_keep_the_same_place_for_new_items(tiny_bundl
     slots_used = 0
     for position in range(0, 60, 3):
         history = split.test_history(position)
-        evaluated = [tiny_dataset.item_ids[i] for i in scorer.funnel_scores([history])[0].topk(10).indices.tolist()]
-        plain = replace(scorer, new_item_slot=False).funnel_scores([history])[0].topk(10).indices.tolist()
+        top = scorer.funnel_scores([history]).dense()[0].topk(10).indices
+        evaluated = [tiny_dataset.item_ids[i] for i in top.tolist()]
+        plain_scores = replace(scorer, new_item_slot=False).funnel_scores([history]).dense()[0]
+        plain = plain_scores.topk(10).indices.tolist()
         answer = asyncio.run(served.recommend(
             RecommendQuery("u", 10, [tiny_dataset.item_ids[i] for i in history]), time.monotonic() + 5))
         assert [r.item_id for r in answer.items] == evaluated
@@ -185,20 +188,49 @@ def test_user_sample_is_seeded_fixed_and_all_when_small() -> None:
     assert (sample == user_sample(10_000, 500, 3)).all() and not (sample == user_sample(10_000, 500, 4)).all()
 
 
-def test_full_ranking_in_catalogue_sized_batches_equals_one_case_at_a_time(tiny_bundle: Path, tiny_dataset,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import ranking.evaluation as evaluation
+def dense_report(histories: list[np.ndarray], targets: torch.Tensor, scores: torch.Tensor,
+                 k: int = 10) -> tuple[np.ndarray, ...]:
+    """Full ranking the plain way, from one (cases, items) matrix of scores."""
+    seen = seen_mask(histories, scores.shape[1])
+    top = scores.masked_fill(seen, -float("inf")).topk(k, dim=1).indices
+    rows = torch.arange(len(histories))
+    seen[rows, targets] = False
+    target_scores = scores[rows, targets][:, None]
+    ranks = ((scores >= target_scores) & ~seen).sum(1) - 1
+    return ranks.numpy(), torch.isfinite(target_scores[:, 0]).numpy(), top.numpy()
+
+
+@pytest.mark.parametrize("scores_per_chunk", [7 * 256, 256 * 256])
+def test_full_ranking_read_in_item_chunks_equals_the_whole_matrix(
+        tiny_bundle: Path, tiny_dataset, monkeypatch: pytest.MonkeyPatch, scores_per_chunk: int) -> None:
+    """Ranks, hits and top-10 lists do not depend on how many items a chunk holds: recall's
+    dense scores, the funnel's proposed ones, and every channel's top-k inside the funnel
+    (the same scores; which of two exactly tied items is kept may differ)."""
+    import ranking.scores as scores
 
     split = leave_last_two(tiny_dataset)
     cases = Evaluation(split, tiny_dataset.num_items, validation=False)
     scorer = FunnelScorer.from_bundle(tiny_bundle, dict(TrainConfig().candidates_per_channel), "cpu")
-    monkeypatch.setattr(evaluation, "SCORES_PER_BATCH", 7 * tiny_dataset.num_items)  # as for a big catalogue
-    assert max(s.stop - s.start for s in cases.batches()) == 7
-    batched = cases.full_report(scorer.recall_scores)
-    monkeypatch.setattr(evaluation, "SCORES_PER_BATCH", 1)  # one case a batch
-    assert max(s.stop - s.start for s in cases.batches()) == 1
-    for a, b in zip(batched, cases.full_report(scorer.recall_scores), strict=True):
-        assert (a == b).all()
+    recall_expected = dense_report(cases.histories, cases.targets, scorer.recall_scores(cases.histories).dense())
+    proposed = scorer.funnel_scores(cases.histories)
+    funnel_expected = dense_report(cases.histories, cases.targets, proposed.dense())
+    users, semantic = scorer.queries(cases.histories)
+    channels = {"sequential": lambda a, b: users @ scorer.item_table[1 + a : 1 + b].T,
+                "semantic": lambda a, b: semantic @ scorer.text_t[a:b].T,
+                "item2item": scorer.item2item(cases.histories)}
+    whole = {name: top_unseen(chunk, tiny_dataset.num_items, SeenItems(cases.histories), 20)[0]
+             for name, chunk in channels.items()}
+
+    monkeypatch.setattr(scores, "SCORES_PER_CHUNK", scores_per_chunk)  # 7 items a chunk at the smallest
+    for got, want in zip(cases.full_report(scorer.recall_scores), recall_expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(proposed.report(cases.targets, SeenItems(cases.histories), 10), funnel_expected,
+                         strict=True):
+        np.testing.assert_array_equal(got.numpy(), want)
+    for name, chunk in channels.items():
+        values, _ = top_unseen(chunk, tiny_dataset.num_items, SeenItems(cases.histories), 20)
+        # The same scores up to the rounding of a differently blocked matrix product.
+        torch.testing.assert_close(values, whole[name], msg=name)
 
 
 def test_evaluate_on_a_user_sample_says_so(tiny_bundle: Path, tiny_dataset, text_encoder: TextEncoder) -> None:

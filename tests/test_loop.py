@@ -25,7 +25,8 @@ from cluster.demo import seed_history
 from cluster.loop import LOOP_NAME, FeedbackLoop, LoopConfig, fine_tune_config, judge
 from gateway.client import RecommenderClient
 from gateway.events import Event, EventLog, LoggedEvent
-from ranking.evaluation import FunnelScorer, seen_mask
+from ranking.evaluation import FunnelScorer
+from ranking.scores import seen_mask
 from recdata.bundle import read_manifest
 from recdata.dataset import Dataset
 from recdata.feedback import align_to_catalogue, recent_positions, with_feedback
@@ -242,7 +243,7 @@ def test_a_worse_candidate_or_too_few_recent_events_keep_the_serving_version(
     budgets = dict(TINY_TRAINING.candidates_per_channel)
     histories = list(tiny_dataset.sequences[:40])
     with torch.no_grad():
-        scores = FunnelScorer.from_bundle(tiny_bundle, budgets).funnel_scores(histories)
+        scores = FunnelScorer.from_bundle(tiny_bundle, budgets).funnel_scores(histories).dense()
     scores = scores.masked_fill(seen_mask(histories, tiny_dataset.num_items), -math.inf)
     events = [logged(u + 1, tiny_dataset.user_ids[u], tiny_dataset.item_ids[int(best)])
               for u, best in enumerate(scores.argmax(1))]

@@ -254,3 +254,27 @@ def test_popular_channel_blends_all_time_and_recent_popularity(tiny_bundle: Path
     top = [i for i, _ in shard.search([ChannelQuery(POPULAR, 10)])[POPULAR]]
     assert top == [bundle.item_ids[n] for n in np.argsort(-blended, kind="stable")[:10]]
     assert bundle.arrays["recent_popularity"].sum() > 0
+
+
+def test_shards_tune_their_indexes_on_the_bundles_real_queries(tiny_bundle: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training writes real query vectors into the bundle; each shard's approximate index is
+    tuned on them, not on query-like mixes of its items."""
+    import retrieval.shard as shard_module
+    from recdata.channels import tuning_queries_name
+
+    bundle = load_bundle(tiny_bundle)
+    for channel in (SEQUENTIAL, SEMANTIC):
+        queries = bundle.arrays[tuning_queries_name(channel)]
+        assert queries.shape[0] > 0 and queries.shape[1] == bundle.arrays[channel].shape[1]
+    tuned_on: dict[int, np.ndarray | None] = {}
+
+    def recording_build(vectors: np.ndarray, ids: np.ndarray, *args, queries=None, **kwargs):  # type: ignore[no-untyped-def]
+        tuned_on[vectors.shape[1]] = queries
+        return build_index(vectors, ids, *args, queries=queries, **kwargs)
+
+    monkeypatch.setattr(shard_module, "build_index", recording_build)
+    RecallShard(bundle, RecallConfig(bundle=tiny_bundle, shard_id=0, num_shards=2, index_kind="ivf"))
+    for channel in (SEQUENTIAL, SEMANTIC):
+        np.testing.assert_array_equal(tuned_on[bundle.arrays[channel].shape[1]],
+                                      bundle.arrays[tuning_queries_name(channel)])

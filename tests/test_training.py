@@ -128,7 +128,9 @@ def test_every_long_phase_reports_its_progress(tmp_path: Path) -> None:
     calls: dict[str, list[tuple[int, int]]] = {}
     train(data, TrainConfig(epochs=2, ranker_epochs=1, num_negatives=16), tmp_path / "bundle",
           TextEncoder(), phase_progress=lambda phase, done, total: calls.setdefault(phase, []).append((done, total)))
-    assert {"text encoding", "encoder epoch 1", "encoder epoch 2", "ranker epoch 1", "bundle"} <= set(calls)
+    assert {"text encoding", "encoder epoch 1", "validation of recall after encoder epoch 1", "encoder epoch 2",
+            "ranker epoch 1", "validation of the funnel after ranker epoch 1", "test of the funnel for the report",
+            "index build", "bundle write"} <= set(calls)
     for phase, seen in calls.items():
         done, total = seen[-1]
         assert done == total > 0, phase  # each ends complete

@@ -45,10 +45,13 @@ def phase_bars() -> Iterator[Callable[[str, int, int], None]]:
         started: dict[str, float] = {}
 
         def phase(name: str, done: int, total: int) -> None:
-            if name not in tasks:
+            if name not in tasks or (name not in started and done < total):  # starts, or runs again
                 for earlier in tasks.values():  # one phase at a time
                     bars.update(earlier, visible=False)
-                tasks[name] = bars.add_task(name, total=total)
+                if name in tasks:
+                    bars.reset(tasks[name], total=total, visible=True)
+                else:
+                    tasks[name] = bars.add_task(name, total=total)
                 started[name] = time.monotonic()
                 if not progress_console.is_terminal:  # a log file or CI draws no bar: a line instead
                     progress_console.log(f"{name}: {total:,} to do")

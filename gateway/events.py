@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -42,6 +43,8 @@ CREATE TABLE IF NOT EXISTS item_changes (
 """
 # After the column exists (added by migration in logs written before it).
 EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (event_id) WHERE event_id IS NOT NULL"
+# PRAGMA user_version of a log: 1 before events had idempotency keys, 2 with them.
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,31 @@ class LoggedEvent:
     timestamp_ms: int
 
 
+class EventStore(Protocol):
+    """What the gateways, the controller and the feedback loop need of the event store:
+    `EventLog` (SQLite, embedded) and `gateway.postgres_events.PostgresEventLog` implement it."""
+
+    def append(self, events: Iterable[Event]) -> tuple[int, int]: ...
+    def recent_items(self, user_id: str, limit: int) -> list[str]: ...
+    def record_item_changes(self, changes: Iterable[ItemChange]) -> None: ...
+    def item_changes(self) -> list[ItemChange]: ...
+    def last_seq(self) -> int: ...
+    def events_between(self, after_seq: int, through_seq: int) -> list[LoggedEvent]: ...
+    def setting(self, key: str) -> str | None: ...
+    def set_setting(self, key: str, value: str) -> None: ...
+    def count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+def open_event_store(location: str | Path) -> EventStore:
+    """A `postgresql://` URL opens the store on that server; anything else is a SQLite file."""
+    from gateway.postgres_events import PostgresEventLog, is_postgres_url
+
+    if isinstance(location, str) and is_postgres_url(location):
+        return PostgresEventLog(location)
+    return EventLog(Path(location))
+
+
 class EventLog:
     """Append-only interaction events with per-user recent-history reads."""
 
@@ -86,9 +114,10 @@ class EventLog:
         self._db.execute("PRAGMA synchronous=FULL")  # acknowledged means on disk
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
-        if "event_id" not in columns:  # a log written before events had ids
+        if "event_id" not in columns:  # a log written before events had ids (version 1)
             self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
         self._db.execute(EVENT_ID_INDEX)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # History reads have a connection of their own: in WAL mode a read never waits for a
         # write's commit (and its fsync), so the gateway reads on its event loop, not a thread.
         self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
@@ -170,6 +199,11 @@ class EventLog:
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     def close(self) -> None:
         with self._read_lock:

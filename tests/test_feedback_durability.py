@@ -1,5 +1,6 @@
-"""No acknowledged event is lost and none is written twice: idempotency keys, the migration of
-older logs, and a gateway process killed with SIGKILL in the middle of a Feedback stream."""
+"""No acknowledged event is lost and none is written twice through the gateway: retried calls
+and a gateway process killed with SIGKILL in the middle of a Feedback stream (the store's own
+contract, idempotency keys and migrations included, is tests/test_event_store.py)."""
 
 from __future__ import annotations
 
@@ -15,36 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway.events import Event, EventLog
 from protos.recfunnel.v1 import recommender_pb2
 from protos.recfunnel.v1 import recommender_pb2_grpc as rpc
 from tests.grpc_checks import free_port, serving_stack
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def test_an_event_id_is_written_once_however_often_it_is_sent(tmp_path: Path) -> None:
-    log = EventLog(tmp_path / "events.sqlite")
-    first = [Event("u", "a", event_id="e1"), Event("u", "b", event_id="e2"), Event("u", "c")]
-    assert log.append(first) == (3, 0)
-    assert log.append(first) == (3, 2)  # the two keyed events are already there; the unkeyed one is new
-    assert log.append([Event("u", "d", event_id="e3"), Event("u", "d", event_id="e3")]) == (2, 1)
-    assert log.count() == 5
-    assert log.recent_items("u", 10) == ["a", "b", "c", "c", "d"]
-
-
-def test_a_log_written_before_event_ids_is_migrated_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite"
-    old = sqlite3.connect(path)
-    old.executescript("""
-        CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
-                             event_type TEXT NOT NULL, value REAL NOT NULL DEFAULT 0, timestamp_ms INTEGER NOT NULL);
-        INSERT INTO events (user_id, item_id, event_type, timestamp_ms) VALUES ('u', 'a', 'click', 1);
-    """)
-    old.close()
-    log = EventLog(path)
-    assert log.append([Event("u", "b", timestamp_ms=2, event_id="k")] * 2) == (2, 1)
-    assert log.recent_items("u", 10) == ["a", "b"]
 
 
 async def test_a_retried_feedback_call_is_acknowledged_and_not_duplicated(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -181,17 +181,6 @@ def test_validation_names_the_field_and_range(args, message) -> None:
         check_recommend(*args, Limits())
 
 
-def test_event_log_is_durable_and_gives_recent_history_in_order(tmp_path: Path) -> None:
-    log = EventLog(tmp_path / "e.sqlite")
-    log.append([Event("u", "a", timestamp_ms=1), Event("u", "b", timestamp_ms=3), Event("v", "c", timestamp_ms=2)])
-    log.append([Event("u", "c")])  # now: newer than anything before
-    assert log.recent_items("u", 10) == ["a", "b", "c"]
-    assert log.recent_items("u", 2) == ["b", "c"]
-    log.close()
-    reopened = EventLog(tmp_path / "e.sqlite")
-    assert reopened.count() == 4 and reopened.recent_items("v", 5) == ["c"]
-
-
 def test_history_reads_do_not_wait_for_a_write_in_progress(tmp_path: Path) -> None:
     """The gateway reads histories on its event loop: a read must never wait for a write's
     commit, and must see only what is committed."""

@@ -1,0 +1,174 @@
+"""The event store on a PostgreSQL server: the same log, settings and catalogue changes as the
+embedded SQLite store (`gateway.events.EventLog`), for gateways on many nodes.
+
+psycopg 3, with a connection pool. Measured against asyncpg on this store's operations in
+one run (2 cores, loopback server): single-event durable appends 2,062 against 1,835
+events/s, batches of 100 from 4 streams 46,332 against 42,157, history reads p50 0.11 against
+0.14 ms. Neither is faster by much; psycopg 3 has both a blocking and an asyncio API over the
+same pool code, and the controller, the feedback loop and the CLI are blocking code.
+
+Sequence numbers must commit in order: the feedback loop reads "every event up to the newest
+seq", and an event whose seq was drawn before that read but committed after it would be
+skipped for good. Appends therefore take one transaction-scoped advisory lock, so seqs are
+drawn and committed one transaction at a time (a batch of 100 events is one transaction).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from gateway.events import Event, ItemChange, LoggedEvent
+
+# Schema versions, applied in order on start; `recfunnel_schema` holds the newest applied.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        seq BIGSERIAL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        value DOUBLE PRECISION NOT NULL DEFAULT 0,
+        timestamp_ms BIGINT NOT NULL,
+        event_id TEXT  -- the client's idempotency key; NULL = none
+    );
+    CREATE INDEX events_by_user ON events (user_id, timestamp_ms, seq);
+    CREATE UNIQUE INDEX events_by_id ON events (event_id) WHERE event_id IS NOT NULL;
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE item_changes (
+        seq BIGSERIAL PRIMARY KEY,
+        op TEXT NOT NULL CHECK (op IN ('upsert', 'delete')),
+        item_id TEXT NOT NULL,
+        text TEXT NOT NULL DEFAULT '',
+        tags TEXT NOT NULL DEFAULT '[]'  -- JSON list
+    );
+    """,
+)
+# Keys of the advisory locks (any 64-bit numbers, the same in every process).
+MIGRATION_LOCK = 0x7265_6366_0001
+APPEND_LOCK = 0x7265_6366_0002
+
+
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PostgresEventLog:
+    """Append-only interaction events with per-user recent-history reads, on PostgreSQL.
+
+    Credentials come from the URL, `$PGPASSWORD` or a passfile, as libpq finds them."""
+
+    def __init__(self, url: str, pool_size: int = 4, connect_timeout_s: float = 5.0):
+        self.url = url
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout_s,
+                                    kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout_s))})
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout_s)
+        except psycopg.OperationalError as error:  # a pool timeout is one too
+            self._pool.close()
+            raise ConnectionError(f"cannot reach the event store at {redacted(url)}: {error}") from None
+        self.migrate()
+
+    @property
+    def schema_version(self) -> int:
+        with self._pool.connection() as db:
+            row = db.execute("SELECT COALESCE(MAX(version), 0) FROM recfunnel_schema").fetchone()
+        return int(row[0]) if row else 0
+
+    def migrate(self) -> None:
+        """Apply the migrations this database lacks, one transaction, one process at a time."""
+        with self._pool.connection() as db, db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS recfunnel_schema (version INTEGER PRIMARY KEY, "
+                       "applied_unix DOUBLE PRECISION NOT NULL)")
+            row = db.execute("SELECT COALESCE(MAX(version), 0) FROM recfunnel_schema").fetchone()
+            applied = int(row[0]) if row else 0
+            for version, script in enumerate(MIGRATIONS[applied:], start=applied + 1):
+                db.execute(script)
+                db.execute("INSERT INTO recfunnel_schema (version, applied_unix) VALUES (%s, %s)",
+                           (version, time.time()))
+
+    def append(self, events: Iterable[Event]) -> tuple[int, int]:
+        """Write events in one transaction; returns (acknowledged, duplicates) once durable.
+
+        An event whose id is already logged (by an earlier call, or earlier in this one) is
+        acknowledged but not written again: retrying a call is safe."""
+        now = int(time.time() * 1000)
+        rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None)
+                for e in events]
+        if not rows:
+            return 0, 0
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        with self._pool.connection() as db, db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+            cursor = db.execute(
+                "INSERT INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
+                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[], %s::text[]) "
+                "ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING", columns)
+            written = cursor.rowcount
+        return len(rows), len(rows) - written
+
+    def recent_items(self, user_id: str, limit: int) -> list[str]:
+        """The user's last `limit` item ids, oldest first: every event acknowledged so far."""
+        with self._pool.connection() as db:
+            rows = db.execute("SELECT item_id FROM events WHERE user_id = %s "
+                              "ORDER BY timestamp_ms DESC, seq DESC LIMIT %s", (user_id, limit)).fetchall()
+        return [r[0] for r in reversed(rows)]
+
+    def record_item_changes(self, changes: Iterable[ItemChange]) -> None:
+        """Append catalogue changes in one durable transaction."""
+        rows = [(c.op, c.item_id, c.text, json.dumps(list(c.tags))) for c in changes]
+        with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+            cursor.executemany("INSERT INTO item_changes (op, item_id, text, tags) VALUES (%s, %s, %s, %s)", rows)
+
+    def item_changes(self) -> list[ItemChange]:
+        """Every recorded catalogue change, oldest first."""
+        with self._pool.connection() as db:
+            rows = db.execute("SELECT op, item_id, text, tags FROM item_changes ORDER BY seq").fetchall()
+        return [ItemChange(op, item_id, text, tuple(json.loads(tags))) for op, item_id, text, tags in rows]
+
+    def last_seq(self) -> int:
+        """The sequence number of the newest event; 0 for an empty log."""
+        with self._pool.connection() as db:
+            row = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
+        return int(row[0]) if row else 0
+
+    def events_between(self, after_seq: int, through_seq: int) -> list[LoggedEvent]:
+        """Events with after_seq < seq <= through_seq, in log order."""
+        with self._pool.connection() as db:
+            rows = db.execute("SELECT seq, user_id, item_id, event_type, timestamp_ms FROM events "
+                              "WHERE seq > %s AND seq <= %s ORDER BY seq", (after_seq, through_seq)).fetchall()
+        return [LoggedEvent(*row) for row in rows]
+
+    def setting(self, key: str) -> str | None:
+        with self._pool.connection() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = %s", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._pool.connection() as db:
+            db.execute("INSERT INTO settings (key, value) VALUES (%s, %s) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def count(self) -> int:
+        with self._pool.connection() as db:
+            row = db.execute("SELECT COUNT(*) FROM events").fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,172 @@
+"""The event store's contract, run against the embedded SQLite log and a real PostgreSQL server.
+
+PostgreSQL tests need `RECFUNNEL_TEST_PG` (e.g. postgresql://postgres@127.0.0.1/test); each
+test works in a schema of its own and drops it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from gateway.events import Event, EventLog, EventStore, ItemChange, open_event_store
+
+PG_URL = os.environ.get("RECFUNNEL_TEST_PG", "")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="set RECFUNNEL_TEST_PG=postgresql://postgres@127.0.0.1/test "
+                                                 "to run the PostgreSQL store's tests")
+
+
+def in_schema(url: str, schema: str) -> str:
+    """The URL with libpq's options setting the search path to `schema`."""
+    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={schema}')}"
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh schema on the test server: the URL that works in it."""
+    import psycopg
+
+    schema = f"recfunnel_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield in_schema(PG_URL, schema)
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=needs_pg)])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "events.sqlite")
+    return str(request.getfixturevalue("pg_schema"))
+
+
+@pytest.fixture
+def store(location: str) -> Iterator[EventStore]:
+    opened = open_event_store(location)
+    yield opened
+    opened.close()
+
+
+def test_history_is_durable_and_in_order(location: str) -> None:
+    store = open_event_store(location)
+    store.append([Event("u", "a", timestamp_ms=1), Event("u", "b", timestamp_ms=3), Event("v", "c", timestamp_ms=2)])
+    store.append([Event("u", "c")])  # now: newer than anything before
+    assert store.recent_items("u", 10) == ["a", "b", "c"] and store.recent_items("u", 2) == ["b", "c"]
+    store.close()
+    reopened = open_event_store(location)
+    assert reopened.count() == 4 and reopened.recent_items("v", 5) == ["c"] and reopened.recent_items("w", 5) == []
+    reopened.close()
+
+
+def test_an_event_id_is_written_once_however_often_it_is_sent(store: EventStore) -> None:
+    first = [Event("u", "a", event_id="e1"), Event("u", "b", event_id="e2"), Event("u", "c")]
+    assert store.append(first) == (3, 0)
+    assert store.append(first) == (3, 2)  # the keyed events are there already; the unkeyed one is new
+    assert store.append([Event("u", "d", event_id="e3"), Event("u", "d", event_id="e3")]) == (2, 1)
+    assert store.count() == 5
+    assert store.recent_items("u", 10) == ["a", "b", "c", "c", "d"]
+
+
+def test_events_since_a_mark_come_in_log_order(store: EventStore) -> None:
+    assert store.last_seq() == 0 and store.events_between(0, 10) == []
+    store.append([Event("u", f"i{n}", "click", timestamp_ms=100 - n) for n in range(5)])
+    mark = store.last_seq()
+    store.append([Event("v", "j", "view", timestamp_ms=7)])
+    later = store.events_between(mark, store.last_seq())
+    assert [(e.user_id, e.item_id, e.event_type, e.timestamp_ms) for e in later] == [("v", "j", "view", 7)]
+    everything = store.events_between(0, store.last_seq())
+    assert [e.item_id for e in everything] == ["i0", "i1", "i2", "i3", "i4", "j"]
+    assert [e.seq for e in everything] == sorted(e.seq for e in everything)
+
+
+def test_settings_and_catalogue_changes_persist(location: str) -> None:
+    store = open_event_store(location)
+    assert store.setting("loop.since_seq") is None
+    store.set_setting("loop.since_seq", "3")
+    store.set_setting("loop.since_seq", "4")  # overwritten, not added
+    store.record_item_changes([ItemChange("upsert", "x", "a text", ("t1", "t2")), ItemChange("delete", "y")])
+    store.record_item_changes([ItemChange("upsert", "y", "back")])
+    store.close()
+    reopened = open_event_store(location)
+    assert reopened.setting("loop.since_seq") == "4"
+    assert reopened.item_changes() == [ItemChange("upsert", "x", "a text", ("t1", "t2")), ItemChange("delete", "y"),
+                                       ItemChange("upsert", "y", "back")]
+    reopened.close()
+
+
+def test_concurrent_appends_are_each_logged_once_with_increasing_seqs(store: EventStore) -> None:
+    """Four writers at once, each event keyed and sent twice: every event is there once, and
+    the log order (seq) agrees with each writer's own order."""
+    def writer(w: int) -> None:
+        for n in range(25):
+            batch = [Event(f"u{w}", f"i{n}", event_id=f"{w}/{n}")]
+            store.append(batch)
+            store.append(batch)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    logged = store.events_between(0, store.last_seq())
+    assert store.count() == len(logged) == 100
+    for w in range(4):
+        assert [e.item_id for e in logged if e.user_id == f"u{w}"] == [f"i{n}" for n in range(25)]
+
+
+def test_the_store_says_its_schema_version(store: EventStore) -> None:
+    assert store.schema_version >= 1  # type: ignore[attr-defined]
+
+
+def test_a_sqlite_log_of_the_first_schema_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id TEXT NOT NULL, item_id TEXT NOT NULL,
+                             event_type TEXT NOT NULL, value REAL NOT NULL DEFAULT 0, timestamp_ms INTEGER NOT NULL);
+        INSERT INTO events (user_id, item_id, event_type, timestamp_ms) VALUES ('u', 'a', 'click', 1);
+    """)
+    old.close()
+    log = EventLog(path)
+    assert log.schema_version == 2
+    assert log.append([Event("u", "b", timestamp_ms=2, event_id="k")] * 2) == (2, 1)
+    assert log.recent_items("u", 10) == ["a", "b"]
+
+
+@needs_pg
+def test_gateways_starting_together_migrate_the_database_once(pg_schema: str) -> None:
+    import psycopg
+
+    from gateway.postgres_events import MIGRATIONS, PostgresEventLog
+
+    opened: list[PostgresEventLog] = []
+    threads = [threading.Thread(target=lambda: opened.append(PostgresEventLog(pg_schema))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(opened) == 3 and {s.schema_version for s in opened} == {len(MIGRATIONS)}
+    with psycopg.connect(pg_schema) as db:
+        assert db.execute("SELECT COUNT(*) FROM recfunnel_schema").fetchone() == (len(MIGRATIONS),)
+    for s in opened:
+        s.close()
+
+
+def test_an_unreachable_server_is_named_without_its_password() -> None:
+    from gateway.postgres_events import PostgresEventLog, redacted
+
+    url = "postgresql://app:s3cret@127.0.0.1:1/events"
+    assert redacted(url) == "postgresql://app:***@127.0.0.1:1/events"
+    with pytest.raises(ConnectionError, match=r"app:\*\*\*@127\.0\.0\.1:1") as caught:
+        PostgresEventLog(url, connect_timeout_s=1)
+    assert "s3cret" not in str(caught.value)

@@ -33,10 +33,13 @@ class ActorResources:
 @dataclass(frozen=True)
 class ClusterConfig:
     bundle: Path
-    db_path: Path
+    db_path: Path = Path("recfunnel.sqlite")      # the embedded SQLite event store, on the head node
+    db_url: str = field(default="", repr=False)   # postgresql://…: the store on that server instead
     num_shards: int = 2
     ranker_replicas: int = 1   # ranking services holding the same versions; gateways spread calls over them
     gateways: int = 1          # gateway processes on the head node, sharing the public port and the event log
+    # With a database server store (db_url): this many gateways on every node instead (0 = off).
+    gateways_per_node: int = 0
     host: str = "127.0.0.1"
     gateway_port: int = DEFAULT_PORT
     shard_resources: ActorResources = field(default_factory=ActorResources)
@@ -57,6 +60,11 @@ class ClusterConfig:
             raise ValueError(f"num_shards={self.num_shards} must be in 1..256")
         if not 1 <= self.ranker_replicas <= 64 or not 1 <= self.gateways <= 64:
             raise ValueError(f"ranker_replicas={self.ranker_replicas} and gateways={self.gateways} must be in 1..64")
+        if not 0 <= self.gateways_per_node <= 64:
+            raise ValueError(f"gateways_per_node={self.gateways_per_node} must be in 0..64")
+        if self.gateways_per_node and not self.db_url:
+            raise ValueError("gateways_per_node needs the event store on a database server (db_url): "
+                             "the SQLite file is on the head node's disk, where the gateways stay")
 
     @classmethod
     def from_file(cls, path: Path | None, **overrides: Any) -> ClusterConfig:
@@ -90,10 +98,14 @@ class ClusterConfig:
             if key in values:
                 values[key] = Path(values[key])
         values.update({k: v for k, v in overrides.items() if v is not None})
-        missing = {"bundle", "db_path"} - set(values)
-        if missing:
-            raise ValueError(f"settings {sorted(missing)} are needed (config file or options)")
+        if "bundle" not in values:
+            raise ValueError("setting 'bundle' is needed (config file or options)")
+        if not {"db_path", "db_url"} & set(values):
+            raise ValueError("an event store is needed: db_path or db_url (config file or --db)")
         return cls(**values)
+
+    def store_location(self) -> str | Path:
+        return self.db_url or self.db_path
 
     def with_gpus(self, available: float) -> ClusterConfig:
         """Give the ranker a GPU when the Ray cluster has one and the config asked for none."""

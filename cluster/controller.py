@@ -25,7 +25,7 @@ from cluster.config import ActorResources, ClusterConfig
 from cluster.loop import LOOP_NAME, LoopHost, mark_feedback_start
 from gateway.backends import GrpcRanking, GrpcRecall
 from gateway.config import GatewayConfig
-from gateway.events import EventLog
+from gateway.events import open_event_store
 from ranking.config import RankingConfig
 from recdata.bundle import read_manifest
 from retrieval.config import RecallConfig
@@ -67,14 +67,16 @@ def service_actor(host: type, name: str, resources: ActorResources, config: obje
                                     get_if_exists=True, lifetime="detached", **resources.options()).remote(config)
 
 
-def on_node(node_id: str) -> NodeAffinitySchedulingStrategy:
-    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+def on_node(node_id: str, soft: bool = False) -> NodeAffinitySchedulingStrategy:
+    """`soft`: placed there while the node lives, elsewhere when Ray restarts it after a loss."""
+    return NodeAffinitySchedulingStrategy(node_id=node_id, soft=soft)
 
 
 class Controller:
     def __init__(self, config: ClusterConfig, poll_s: float = 1.0):
         """Runs on the head node (see `cluster.launch`). Recall shards and rankers spread over
-        the nodes; the gateways stay on the head node, whose disk holds the SQLite event log.
+        the nodes; the gateways stay on the head node, whose disk holds the SQLite event log,
+        unless the store is on a database server and `gateways_per_node` puts them everywhere.
 
         Ray restarts a controller that dies. The new one reads what was serving from the event
         log's file, adopts the running services by name (`start` is idempotent) and watches
@@ -104,7 +106,7 @@ class Controller:
             ray.get_runtime_context().current_actor.start.remote()
 
     def _saved_state(self) -> dict[str, Any] | None:
-        events = EventLog(self.config.db_path)
+        events = open_event_store(self.config.store_location())
         try:
             saved = events.setting(CONTROLLER_STATE)
         finally:
@@ -113,7 +115,7 @@ class Controller:
 
     def _save_state(self) -> None:
         """What a restarted controller needs: the serving bundle and version, the history."""
-        events = EventLog(self.config.db_path)
+        events = open_event_store(self.config.store_location())
         try:
             events.set_setting(CONTROLLER_STATE, json.dumps({
                 "serving_bundle": self.serving_bundle, "serving_version": self.serving_version,
@@ -135,7 +137,7 @@ class Controller:
         config = self.config
         # What the log holds now is what the serving version learnt from; the feedback loop
         # (started now or later, by `up` or `recfunnel loop`) learns from what comes after.
-        events = EventLog(config.db_path)
+        events = open_event_store(config.store_location())
         try:
             mark_feedback_start(events)
         finally:
@@ -156,17 +158,19 @@ class Controller:
         await asyncio.gather(*(asyncio.wait_for(r.actor.start.remote(), START_TIMEOUT_S) for r in backends))
         for record in backends:
             await self._describe(record)
-        # Every gateway on this node, where the SQLite event log they share is. With a fixed
-        # port they all listen on it (gRPC sets SO_REUSEPORT) and the kernel spreads clients'
-        # connections over them: the gateway's Python work scales by processes.
+        # Every gateway on the head node, where the SQLite event log they share is, or on every
+        # node with a database server store. With a fixed port the gateways of a node all listen
+        # on it (gRPC sets SO_REUSEPORT) and the kernel spreads clients' connections over them:
+        # the gateway's Python work scales by processes.
+        spread = bool(config.db_url and config.gateways_per_node)
         gateway = GatewayConfig(recall_addresses=tuple(self.shard_addresses()),
                                 ranking_addresses=tuple(self.ranking_addresses()), db_path=config.db_path,
-                                host=config.host, port=config.gateway_port, tokens=config.tokens,
+                                db_url=config.db_url, host=config.host, port=config.gateway_port, tokens=config.tokens,
                                 internal_token=config.internal_token, tls=config.tls)
-        for n in range(config.gateways):
+        for n, node in enumerate(self.gateway_nodes()):
             name = f"recfunnel-gateway-{n}"
             self.records[name] = ServiceRecord(name, "gateway", service_actor(
-                GatewayHost, name, config.gateway_resources, gateway, on_node(self.head_node)))
+                GatewayHost, name, config.gateway_resources, gateway, on_node(node, soft=spread)))
         for record in self.gateways():
             await asyncio.wait_for(record.actor.start.remote(), START_TIMEOUT_S)
             await self._describe(record)
@@ -175,7 +179,8 @@ class Controller:
             self.loop = ray.remote(LoopHost).options(
                 name=LOOP_NAME, namespace=NAMESPACE, num_cpus=0, max_restarts=-1, max_concurrency=4, get_if_exists=True,
                 lifetime="detached",
-                scheduling_strategy=on_node(self.head_node)).remote(config.loop.resolved(), config.db_path,
+                scheduling_strategy=on_node(self.head_node)).remote(config.loop.resolved(),
+                                                                    config.store_location(),
                                                                     CONTROLLER_NAME, NAMESPACE)
         if self.adopting:  # services may have restarted while no controller watched them
             for record in self.records.values():
@@ -212,6 +217,16 @@ class Controller:
     def ranking_addresses(self) -> list[str]:
         return [r.address for r in self.records.values() if r.role == "ranking"]
 
+    def gateway_nodes(self) -> list[str]:
+        """The node of each gateway: with the store on a database server, `gateways_per_node`
+        on every live node, the head node's first; with the SQLite file, `gateways` on the
+        head node, whose disk holds it."""
+        config = self.config
+        if not (config.db_url and config.gateways_per_node):
+            return [self.head_node] * config.gateways
+        others = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != self.head_node)
+        return [node for node in [self.head_node, *others] for _ in range(config.gateways_per_node)]
+
     def gateways(self) -> list[ServiceRecord]:
         return [r for r in self.records.values() if r.role == "gateway"]
 
@@ -219,7 +234,7 @@ class Controller:
         gateways = [g.address for g in self.gateways()]
         return {"gateway": gateways[0] if gateways else "", "gateways": gateways, "recall": self.shard_addresses(),
                 "ranking": self.ranking_addresses(), "model_version": self.serving_version,
-                "bundle": self.serving_bundle, "db_path": str(self.config.db_path)}
+                "bundle": self.serving_bundle, "db": str(self.config.store_location())}
 
     async def status(self) -> dict[str, Any]:
         if self._adopted is not None:

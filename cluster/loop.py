@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.events import EventLog
+from gateway.events import EventStore, open_event_store
 from ranking.config import TrainConfig
 from recdata.bundle import MANIFEST, load_bundle, read_manifest
 from recdata.channels import SEMANTIC
@@ -96,7 +96,7 @@ class LoopConfig:
         return replace(self, source=source, output=self.output.resolve(), storage=self.storage.resolve())
 
 
-def mark_feedback_start(events: EventLog) -> int:
+def mark_feedback_start(events: EventStore) -> int:
     """Record, once per event log, that the events after the current last one are feedback
     the base data set lacks; returns that mark."""
     if events.setting(SINCE_SEQ) is None:
@@ -164,7 +164,7 @@ def judge(fed: WithFeedback, serving: Path, candidate: Path, budgets: dict[str, 
 class FeedbackLoop:
     """Rounds of fine-tune, judge and roll out; `run` starts one whenever one is due."""
 
-    def __init__(self, config: LoopConfig, events: EventLog, serving: Serving, base: Dataset | None = None,
+    def __init__(self, config: LoopConfig, events: EventStore, serving: Serving, base: Dataset | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None):
         self.config = config
         self.on_round = on_round or (lambda report: None)
@@ -273,7 +273,7 @@ class LoopHost:
     """The loop as a Ray actor beside the controller (`recfunnel up` with a `[loop]` table):
     it runs rounds in a thread and answers `describe` and `run_round` meanwhile."""
 
-    def __init__(self, config: LoopConfig, db_path: Path, controller_name: str, namespace: str):
+    def __init__(self, config: LoopConfig, store: str | Path, controller_name: str, namespace: str):
         import ray
 
         from cluster.metrics import LoopMetrics
@@ -281,7 +281,7 @@ class LoopHost:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         controller = ray.get_actor(controller_name, namespace=namespace)
         self.metrics = LoopMetrics()
-        self.loop = FeedbackLoop(config, EventLog(db_path), ControllerServing(controller),
+        self.loop = FeedbackLoop(config, open_event_store(store), ControllerServing(controller),
                                  on_round=lambda report: self.metrics.round(report["decision"]))
         self._exported = 0.0
         self._stop = threading.Event()

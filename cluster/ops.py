@@ -24,7 +24,7 @@ from cluster.config import ClusterConfig
 from cluster.controller import NAMESPACE
 from cluster.launch import find_cluster, start_cluster
 from cluster.loop import LOOP_NAME, ControllerServing, FeedbackLoop, LoopConfig
-from gateway.events import EventLog
+from gateway.events import open_event_store
 from protos.auth import TlsFiles
 from recdata.movielens import cache_dir
 
@@ -154,8 +154,8 @@ def feedback_loop(config: LoopConfig, address: str | None = None, once: bool = F
             say(report)
             return
         running = find_cluster()
-        db_path = Path(ray.get(running.controller.endpoints.remote(), timeout=30)["db_path"])
-        loop = FeedbackLoop(config, EventLog(db_path), ControllerServing(running.controller), on_round=say)
+        store = ray.get(running.controller.endpoints.remote(), timeout=30)["db"]  # the cluster's own
+        loop = FeedbackLoop(config, open_event_store(store), ControllerServing(running.controller), on_round=say)
         if once:
             loop.run_round()
         else:

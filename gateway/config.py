@@ -32,6 +32,7 @@ class GatewayConfig:
     recall_addresses: tuple[str, ...]
     ranking_addresses: tuple[str, ...]  # replicas of the ranking service, same versions
     db_path: Path = Path("recfunnel.sqlite")
+    db_url: str = field(default="", repr=False)  # postgresql://…: the store on that server, not db_path
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     # Candidates asked of every shard per channel; the merged funnel keeps each channel's
@@ -48,6 +49,9 @@ class GatewayConfig:
     tokens: tuple[str, ...] = field(default=(), repr=False)
     internal_token: str | None = field(default=None, repr=False)  # sent to recall and ranking
     tls: TlsFiles | None = None  # certificate and key of the public port; None = plaintext
+
+    def store_location(self) -> str | Path:
+        return self.db_url or self.db_path
 
     def __post_init__(self) -> None:
         if not self.recall_addresses:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -91,6 +91,9 @@ class EventStore(Protocol):
     def count(self) -> int: ...
     def close(self) -> None: ...
 
+    # True where a read is a local file read (SQLite): the gateway does it on its event loop.
+    reads_locally: bool
+
 
 def open_event_store(location: str | Path) -> EventStore:
     """A `postgresql://` URL opens the store on that server; anything else is a SQLite file."""
@@ -101,8 +104,24 @@ def open_event_store(location: str | Path) -> EventStore:
     return EventLog(Path(location))
 
 
+def store_settings(db: str | None) -> dict[str, Any]:
+    """A `--db` option as config fields: `db_url` for a server URL, `db_path` for a file (and
+    no URL: the option wins over a config file's store)."""
+    from gateway.postgres_events import is_postgres_url
+
+    if db is None:
+        return {}
+    return {"db_url": db} if is_postgres_url(db) else {"db_path": Path(db), "db_url": ""}
+
+
+class StoreUnavailable(ConnectionError):
+    """The event store's server cannot be reached now; nothing of the call was written."""
+
+
 class EventLog:
     """Append-only interaction events with per-user recent-history reads."""
+
+    reads_locally = True
 
     def __init__(self, path: Path):
         self.path = path

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from gateway.events import Event, ItemChange, LoggedEvent
+from gateway.events import Event, ItemChange, LoggedEvent, StoreUnavailable
 
 # Schema versions, applied in order on start; `recfunnel_schema` holds the newest applied.
 MIGRATIONS: tuple[str, ...] = (
@@ -71,11 +72,17 @@ def redacted(url: str) -> str:
 class PostgresEventLog:
     """Append-only interaction events with per-user recent-history reads, on PostgreSQL.
 
-    Credentials come from the URL, `$PGPASSWORD` or a passfile, as libpq finds them."""
+    Credentials come from the URL, `$PGPASSWORD` or a passfile, as libpq finds them. While the
+    server cannot be reached every call raises StoreUnavailable; the pool replaces broken
+    connections, so calls succeed again once it is back."""
 
-    def __init__(self, url: str, pool_size: int = 4, connect_timeout_s: float = 5.0):
+    reads_locally = False
+
+    def __init__(self, url: str, pool_size: int = 4, connect_timeout_s: float = 5.0, wait_s: float = 1.0):
+        """`wait_s`: how long a call waits for a pooled connection (the server being down, all
+        of them broken) before it is StoreUnavailable; within a client's usual deadline."""
         self.url = url
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout_s,
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=wait_s,
                                     kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout_s))})
         try:
             self._pool.open(wait=True, timeout=connect_timeout_s)
@@ -84,15 +91,25 @@ class PostgresEventLog:
             raise ConnectionError(f"cannot reach the event store at {redacted(url)}: {error}") from None
         self.migrate()
 
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection; a lost or unreachable server is StoreUnavailable. A transaction
+        that fails so is rolled back by the server: nothing of the call was written."""
+        try:
+            with self._pool.connection() as db:
+                yield db
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            raise StoreUnavailable(f"event store at {redacted(self.url)} unavailable: {error}") from None
+
     @property
     def schema_version(self) -> int:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute("SELECT COALESCE(MAX(version), 0) FROM recfunnel_schema").fetchone()
         return int(row[0]) if row else 0
 
     def migrate(self) -> None:
         """Apply the migrations this database lacks, one transaction, one process at a time."""
-        with self._pool.connection() as db, db.transaction():
+        with self._connection() as db, db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             db.execute("CREATE TABLE IF NOT EXISTS recfunnel_schema (version INTEGER PRIMARY KEY, "
                        "applied_unix DOUBLE PRECISION NOT NULL)")
@@ -114,7 +131,7 @@ class PostgresEventLog:
         if not rows:
             return 0, 0
         columns = [list(column) for column in zip(*rows, strict=True)]
-        with self._pool.connection() as db, db.transaction():
+        with self._connection() as db, db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
             cursor = db.execute(
                 "INSERT INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
@@ -125,7 +142,7 @@ class PostgresEventLog:
 
     def recent_items(self, user_id: str, limit: int) -> list[str]:
         """The user's last `limit` item ids, oldest first: every event acknowledged so far."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute("SELECT item_id FROM events WHERE user_id = %s "
                               "ORDER BY timestamp_ms DESC, seq DESC LIMIT %s", (user_id, limit)).fetchall()
         return [r[0] for r in reversed(rows)]
@@ -133,40 +150,40 @@ class PostgresEventLog:
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None:
         """Append catalogue changes in one durable transaction."""
         rows = [(c.op, c.item_id, c.text, json.dumps(list(c.tags))) for c in changes]
-        with self._pool.connection() as db, db.transaction(), db.cursor() as cursor:
+        with self._connection() as db, db.transaction(), db.cursor() as cursor:
             cursor.executemany("INSERT INTO item_changes (op, item_id, text, tags) VALUES (%s, %s, %s, %s)", rows)
 
     def item_changes(self) -> list[ItemChange]:
         """Every recorded catalogue change, oldest first."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute("SELECT op, item_id, text, tags FROM item_changes ORDER BY seq").fetchall()
         return [ItemChange(op, item_id, text, tuple(json.loads(tags))) for op, item_id, text, tags in rows]
 
     def last_seq(self) -> int:
         """The sequence number of the newest event; 0 for an empty log."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
         return int(row[0]) if row else 0
 
     def events_between(self, after_seq: int, through_seq: int) -> list[LoggedEvent]:
         """Events with after_seq < seq <= through_seq, in log order."""
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute("SELECT seq, user_id, item_id, event_type, timestamp_ms FROM events "
                               "WHERE seq > %s AND seq <= %s ORDER BY seq", (after_seq, through_seq)).fetchall()
         return [LoggedEvent(*row) for row in rows]
 
     def setting(self, key: str) -> str | None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute("SELECT value FROM settings WHERE key = %s", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_setting(self, key: str, value: str) -> None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             db.execute("INSERT INTO settings (key, value) VALUES (%s, %s) "
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
 
     def count(self) -> int:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute("SELECT COUNT(*) FROM events").fetchone()
         return int(row[0]) if row else 0
 

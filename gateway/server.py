@@ -12,7 +12,7 @@ from pathlib import Path
 from gateway.backends import GrpcRanking, GrpcRecall, RankingReplicas
 from gateway.catalogue import Catalogue
 from gateway.config import DEFAULT_PORT, GatewayConfig
-from gateway.events import EventLog
+from gateway.events import EventStore, open_event_store, store_settings
 from gateway.funnel import Funnel
 from gateway.observe import GatewayObserver, ObservingInterceptor
 from gateway.rollout import Rollout
@@ -36,7 +36,7 @@ ROLLOUT_SERVICE_NAME = versions_pb2.DESCRIPTOR.services_by_name["Rollout"].full_
 @dataclass
 class Gateway:
     handle: ServerHandle
-    events: EventLog
+    events: EventStore
     shards: list[GrpcRecall]
     ranking: RankingReplicas
     funnel: Funnel
@@ -74,7 +74,7 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
     shards = [GrpcRecall(address, config.internal_token) for address in config.recall_addresses]
     ranking = RankingReplicas([GrpcRanking(address, config.internal_token) for address in config.ranking_addresses])
     funnel = Funnel(shards, ranking, dict(config.channel_budgets), config.explain_top)
-    events = EventLog(config.db_path)
+    events = open_event_store(config.store_location())
     catalogue = Catalogue(shards, ranking, events)
     servicer = RecommenderServicer(funnel, catalogue, events, config,
                                    ThreadPoolExecutor(4, thread_name_prefix="gateway"))
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recall", action="append", required=True, help="recall shard address (repeat)")
     parser.add_argument("--ranking", action="append", required=True,
                         help="ranking service address (repeat for replicas)")
-    parser.add_argument("--db", type=Path, default=Path("recfunnel.sqlite"))
+    parser.add_argument("--db", default="recfunnel.sqlite",
+                        help="event store: a SQLite file, or a postgresql://user@host/db URL")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--tokens-file", type=Path, default=None,
@@ -124,6 +125,6 @@ def main(argv: list[str] | None = None) -> None:
                      f"internal token (--internal-token-file or ${INTERNAL_TOKEN_ENV}), or --no-auth")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     asyncio.run(serve(GatewayConfig(
-        recall_addresses=tuple(args.recall), ranking_addresses=tuple(args.ranking), db_path=args.db, host=args.host,
-        port=args.port, tokens=() if args.no_auth else tokens, internal_token=internal,
+        recall_addresses=tuple(args.recall), ranking_addresses=tuple(args.ranking), **store_settings(args.db),
+        host=args.host, port=args.port, tokens=() if args.no_auth else tokens, internal_token=internal,
         tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None)))

@@ -13,7 +13,7 @@ import grpc
 
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
-from gateway.events import Event, EventLog, ItemChange
+from gateway.events import Event, EventStore, ItemChange, StoreUnavailable
 from gateway.funnel import Funnel, RecommendQuery, StageFailed
 from gateway.rollout import Rollout
 from gateway.validation import (
@@ -39,7 +39,7 @@ def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> R
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
-    def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventLog, config: GatewayConfig,
+    def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventStore, config: GatewayConfig,
                  executor: ThreadPoolExecutor):
         self.funnel = funnel
         self.catalogue = catalogue
@@ -70,15 +70,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         deadline = self._deadline(context)
-        # Inline: an indexed read of its own connection, tens of microseconds, never behind a write.
-        history = self.events.recent_items(request.user_id, self.config.history_length)
+        try:
+            if self.events.reads_locally:
+                # Inline: an indexed read of its own connection, tens of microseconds, never behind a write.
+                history = self.events.recent_items(request.user_id, self.config.history_length)
+            else:  # a round trip to the database server: off the event loop
+                history = await self._run(self.events.recent_items, request.user_id, self.config.history_length)
+            store_down = False
+        except StoreUnavailable:
+            # Still an answer: from the request's context items and popularity, marked degraded.
+            history, store_down = [], True
         query = query_of(request, history)
         answer = await self.funnel.recommend(query, deadline)
         if request_log.isEnabledFor(logging.INFO):  # the line's JSON costs time even when dropped
             request_log.info(json.dumps({
                 "request_id": request_id, "user_id": request.user_id, "k": request.k,
                 "history": len(query.history), "returned": len(answer.items),
-                "degraded": answer.degraded, "coverage": answer.recall_coverage,
+                "degraded": answer.degraded or store_down, "coverage": answer.recall_coverage,
                 "model_version": answer.model_version,
                 "ms": round((time.monotonic() - started) * 1000, 2),
                 "stages_ms": {k: round(v, 2) for k, v in answer.stages_ms.items()},
@@ -90,7 +98,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 for r in answer.items
             ],
             model_version=answer.model_version,
-            degraded=answer.degraded,
+            degraded=answer.degraded or store_down,
             recall_coverage=answer.recall_coverage,
             request_id=request_id,
         )
@@ -108,7 +116,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         events = [Event(e.user_id, e.item_id, e.event_type or "interaction", e.value, e.timestamp_ms, e.event_id)
                   for e in request.events]
-        accepted, duplicates = await self._run(self.events.append, events)  # returns only once committed
+        try:
+            accepted, duplicates = await self._run(self.events.append, events)  # returns only once committed
+        except StoreUnavailable as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"nothing acknowledged; retry with the same event ids: "
+                                f"{error}")
         return recommender_pb2.FeedbackResponse(accepted=accepted, duplicates=duplicates)
 
     async def UpsertItems(self, request: recommender_pb2.UpsertItemsRequest,
@@ -128,7 +140,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         items = [ItemChange("upsert", i.item_id, i.text, tuple(i.tags)) for i in request.items]
         try:
             count, version = await self.catalogue.upsert(items, self._budget(context), self.funnel.model_version)
-        except StageFailed as error:
+        except (StageFailed, StoreUnavailable) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"upsert did not complete, retry is safe: {error}")
         return recommender_pb2.UpsertItemsResponse(upserted=count, model_version=version)
 
@@ -144,7 +156,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         try:
             deleted = await self.catalogue.delete(list(request.item_ids), self._budget(context))
-        except StageFailed as error:
+        except (StageFailed, StoreUnavailable) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"delete did not complete, retry is safe: {error}")
         return recommender_pb2.DeleteItemsResponse(deleted=deleted)
 

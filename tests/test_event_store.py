@@ -170,3 +170,23 @@ def test_an_unreachable_server_is_named_without_its_password() -> None:
     with pytest.raises(ConnectionError, match=r"app:\*\*\*@127\.0\.0\.1:1") as caught:
         PostgresEventLog(url, connect_timeout_s=1)
     assert "s3cret" not in str(caught.value)
+
+
+def test_the_db_option_and_config_choose_the_store(tmp_path: Path) -> None:
+    from cluster.config import ClusterConfig
+    from gateway.events import store_settings
+
+    url = "postgresql://app@db.internal/events"
+    assert store_settings(url) == {"db_url": url}
+    assert store_settings("e.sqlite") == {"db_path": Path("e.sqlite"), "db_url": ""}
+    assert store_settings(None) == {}
+    toml = tmp_path / "cluster.toml"
+    toml.write_text(f'bundle = "b"\ndb_url = "{url}"\n', "utf-8")
+    on_server = ClusterConfig.from_file(toml)
+    assert on_server.store_location() == url and url not in repr(on_server)  # a URL may carry a password
+    file_store = ClusterConfig.from_file(toml, **store_settings("e.sqlite"))
+    assert file_store.store_location() == Path("e.sqlite")  # the command line wins over the file
+    toml.write_text('bundle = "b"\n', "utf-8")
+    with pytest.raises(ValueError, match="db_path or db_url"):
+        ClusterConfig.from_file(toml)
+    assert ClusterConfig.from_file(toml, **store_settings("e.sqlite")).store_location() == Path("e.sqlite")

@@ -42,7 +42,8 @@ def up(
     config: Annotated[Path | None, typer.Option(help="cluster settings (TOML), e.g. deploy/cluster.toml")] = None,
     address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting a local one")] = None,
     bundle: Annotated[Path | None, typer.Option(help="the bundle to serve")] = None,
-    db: Annotated[Path | None, typer.Option(help="event log (SQLite)")] = None,
+    db: Annotated[str | None, typer.Option(help="event store: a SQLite file, or a postgresql://user@host/db URL")
+                  ] = None,
     shards: Annotated[int | None, typer.Option(min=1, max=256, help="recall shards")] = None,
     port: Annotated[int | None, typer.Option(help="gateway port")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="let clients in without a token (loopback only)")
@@ -55,10 +56,12 @@ def up(
     from cluster.config import ClusterConfig
     from cluster.ops import HeadStartFailed
     from cluster.ops import up as start
+    from gateway.events import store_settings
     from protos.auth import CLIENT_TOKENS_ENV, client_tokens
 
     try:
-        settings = ClusterConfig.from_file(config, bundle=bundle, db_path=db, num_shards=shards, gateway_port=port)
+        settings = ClusterConfig.from_file(config, bundle=bundle, num_shards=shards, gateway_port=port,
+                                           **store_settings(db))
         tokens = settings.tokens or client_tokens(None)
     except (ValueError, TypeError, OSError) as error:
         raise typer.BadParameter(str(error)) from error

@@ -53,6 +53,13 @@ TRANSPORT_HEADLINE = [("grpc.aio idle p50 ms", "grpc_aio.idle_p50_ms"),
                       ("grpc.aio back to back p50 ms", "grpc_aio.back_to_back_p50_ms"),
                       ("asyncio socket idle p50 ms", "asyncio_tcp.idle_p50_ms"),
                       ("gRPC's extra over the socket, ms", "grpc_extra_over_asyncio_idle_ms")]
+STORE_HEADLINE = [
+    (f"{store} {figure}", f"stores.{store}.{path}") for store in ("sqlite", "postgresql") for figure, path in (
+        ("Feedback events/s, batches of 100", "feedback.batch 100, 1 gateway(s).events_per_s"),
+        ("Feedback events/s, single events", "feedback.batch 1, 1 gateway(s).events_per_s"),
+        ("history read p99 ms at 100/s", "history_reads.100/s.p99_ms"),
+        ("Recommend p99 ms", "serving.Recommend.p99_ms"))] + [
+    ("Recommend p99, PostgreSQL vs SQLite", "recommend_p99_postgresql_over_sqlite")]
 SCALE_HEADLINE = [("step time, largest catalogue vs smallest", "step_ratio_largest_vs_smallest")]
 RECALL_HEADLINE = [("exact QPS, one query a call", "exact.qps_single"), ("exact QPS, batched", "exact.qps_batch"),
                    ("hnsw recall@100", "indexes.hnsw.recall_at_100"), ("ivf recall@100", "indexes.ivf.recall_at_100"),
@@ -339,3 +346,38 @@ def bench_scale(
         plot_scale(report, plot, "recfunnel bench scale: each phase against the data's size")
         report["plot"] = str(plot)
     print_report(report, as_json, SCALE_HEADLINE, "scale")
+
+
+@bench.command("store")
+def bench_store(
+    pg: Annotated[str, typer.Option(help="PostgreSQL server to measure beside SQLite (a schema is made and "
+                                         "dropped); '' = SQLite alone")] = "postgresql://postgres@127.0.0.1/test",
+    events: Annotated[int, typer.Option(min=1000, help="events logged before the history reads")] = 1_000_000,
+    read_rates: Annotated[str, typer.Option(help="history reads/s, comma-separated")] = "100,500",
+    read_seconds: Annotated[float, typer.Option(min=1, help="seconds per read rate")] = 10.0,
+    feedback_seconds: Annotated[float, typer.Option(min=1, help="seconds per Feedback measurement")] = 8.0,
+    serving_seconds: Annotated[float, typer.Option(min=0, help="seconds of Recommend load per store (0 = none)")
+                               ] = 20.0,
+    rate: Annotated[float, typer.Option(min=1, max=10_000, help="requests/s of the Recommend load")] = 100.0,
+    bundle: Annotated[Path | None, typer.Option(help="ML-100K bundle; default: the demo one")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The event store on SQLite and PostgreSQL in one run: Feedback events/s through 1 and 2
+    gateway processes, history reads at fixed rates over a large log, Recommend p99."""
+    from bench.store import StoreBenchConfig, run_store_bench
+    from cluster.demo import DEMO_TRAIN_SECONDS, demo_bundle
+    from recdata.movielens import cache_dir, load_ml100k
+
+    logging.basicConfig(level=logging.WARNING)
+    data = load_ml100k()
+    if bundle is None:
+        bundle = demo_bundle(data, cache_dir() / "demo", DEMO_TRAIN_SECONDS, progress_console)
+    try:
+        config = StoreBenchConfig(bundle=bundle, pg_url=pg, events=events,
+                                  read_rates=tuple(float(r) for r in read_rates.split(",")),
+                                  read_seconds=read_seconds, feedback_seconds=feedback_seconds,
+                                  serving_rate=rate, serving_seconds=serving_seconds)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    report = run_store_bench(data, config, progress=(lambda _: None) if as_json else progress_console.log)
+    print_report(report, as_json, STORE_HEADLINE, "event store")

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import resource
+import socket
 import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -114,6 +115,13 @@ def percentiles_ms(latencies_ms: Iterable[float], quantiles: Sequence[float] = L
         return {f"p{q:g}_ms": float("nan") for q in quantiles}
     return {f"p{q:g}_ms": round(float(v), 3) for q, v in zip(quantiles, np.percentile(values, quantiles),
                                                                strict=True)}
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def start_local_ray(cores: int | None = None) -> None:

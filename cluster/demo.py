@@ -24,7 +24,7 @@ from rich.table import Table
 from cluster.config import ClusterConfig
 from cluster.launch import RunningCluster, start_cluster
 from gateway.client import RecommenderClient
-from gateway.events import Event, EventLog
+from gateway.events import Event, EventLog, EventStore
 from protos.recfunnel.v1 import recommender_pb2
 from ranking.config import TrainConfig
 from ranking.train import train
@@ -47,7 +47,7 @@ class DemoOptions:
     retrain: bool = False          # train even when the cached demo bundle fits
 
 
-def seed_history(events: EventLog, dataset: Dataset) -> int:
+def seed_history(events: EventStore, dataset: Dataset) -> int:
     """Load every user's interactions into the event log, oldest first, so the gateway's
     history store starts where the data set ends."""
     rows = [

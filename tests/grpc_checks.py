@@ -4,7 +4,6 @@ the real services started together for tests that call them over gRPC."""
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from bench.harness import free_port  # noqa: F401 - the tests' helper lives with the benches'
 from gateway import server as gateway_server
 from gateway.config import GatewayConfig
 from gateway.observe import GatewayObserver
@@ -24,13 +24,6 @@ from ranking.config import RankingConfig
 from ranking.server import RankingService
 from retrieval import server as recall_server
 from retrieval.config import RecallConfig
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def assert_health_and_reflection(address: str, service_name: str, token: str | None = None) -> None:

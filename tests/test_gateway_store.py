@@ -112,3 +112,78 @@ def test_gateways_on_two_nodes_share_one_postgres_store(tiny_bundle: Path, pg_sc
     finally:
         ray.shutdown()
         nodes.shutdown()
+
+
+def restart_command() -> list[str] | None:
+    """The command that restarts this machine's PostgreSQL cluster, where there is one."""
+    import shutil
+
+    clusters = sorted(Path("/etc/postgresql").glob("*/main"))
+    if not shutil.which("pg_ctlcluster") or not clusters:
+        return None
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", clusters[-1].parent.name, "main", "restart"]
+
+
+@pytest.mark.fault
+async def test_feedback_streams_across_a_database_restart_lose_and_repeat_nothing(
+        tiny_bundle: Path, tmp_path: Path, pg_schema: str) -> None:  # noqa: F811
+    """Four streams of keyed Feedback calls while the server restarts; a refused call is sent
+    again with the same ids. Every event is then logged exactly once, and no answer was
+    INTERNAL."""
+    import subprocess
+
+    import psycopg
+
+    command = restart_command()
+    if command is None:
+        pytest.skip("needs pg_ctlcluster and a cluster under /etc/postgresql to restart the server")
+    refusals: list[grpc.StatusCode] = []
+    calls, per_call = 30, 5
+
+    async def stream(stub: rpc.RecommenderStub, s: int) -> None:
+        for c in range(calls):
+            request = recommender_pb2.FeedbackRequest(events=[recommender_pb2.Event(
+                user_id=f"s{s}", item_id=f"i{n}", event_type="click", event_id=f"{s}/{c}/{n}")
+                for n in range(per_call)])
+            for _ in range(200):  # until acknowledged: the same ids every time
+                try:
+                    reply = await stub.Feedback(request, timeout=5)
+                    assert reply.accepted == per_call
+                    break
+                except grpc.aio.AioRpcError as error:
+                    refusals.append(error.code())
+                    await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"stream {s} call {c} never acknowledged")
+            await asyncio.sleep(0.02)
+
+    async with serving_stack(tiny_bundle, tmp_path / "unused.sqlite", db_url=pg_schema) as (gw, _, _), \
+            grpc.aio.insecure_channel(gw.address) as channel:
+        stub = rpc.RecommenderStub(channel)
+        streams = [asyncio.create_task(stream(stub, s)) for s in range(4)]
+        await asyncio.sleep(0.5)
+        restarted = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, timeout=120)
+        assert restarted.returncode == 0, restarted.stderr
+        await asyncio.gather(*streams)
+    with psycopg.connect(pg_schema) as db:
+        counts = db.execute("SELECT COUNT(*), COUNT(DISTINCT event_id) FROM events").fetchone()
+    assert counts == (4 * calls * per_call, 4 * calls * per_call)  # every event, each once
+    assert set(refusals) <= {grpc.StatusCode.UNAVAILABLE}, refusals
+    assert refusals, "the restart refused no call: it did not happen while the streams ran"
+
+
+def test_the_store_bench_reports_every_figure_for_both_stores(tiny_bundle: Path, tiny_dataset) -> None:
+    from bench.store import StoreBenchConfig, run_store_bench
+    from tests.test_event_store import PG_URL
+
+    report = run_store_bench(tiny_dataset, StoreBenchConfig(
+        bundle=tiny_bundle, pg_url=PG_URL, events=8_000, read_rates=(50.0,), read_seconds=1.0, feedback_seconds=1.0,
+        feedback_callers=2, serving_rate=20.0, serving_seconds=1.0))
+    assert set(report["stores"]) == {"sqlite", "postgresql"}
+    for store in report["stores"].values():
+        assert store["events_logged"] == 8_000 and store["history_reads"]["50/s"]["requests"] > 0
+        assert store["history_reads"]["50/s"]["errors"] == {}
+        assert set(store["feedback"]) == {f"batch {b}, {g} gateway(s)" for b in (1, 100) for g in (1, 2)}
+        assert all(f["events_per_s"] > 0 and f["failed_calls"] == 0 for f in store["feedback"].values())
+        assert store["serving"]["Recommend"]["errors"] == {}
+    assert report["recommend_p99_postgresql_over_sqlite"] > 0

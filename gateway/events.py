@@ -81,6 +81,7 @@ class EventStore(Protocol):
     `EventLog` (SQLite, embedded) and `gateway.postgres_events.PostgresEventLog` implement it."""
 
     def append(self, events: Iterable[Event]) -> tuple[int, int]: ...
+    def append_calls(self, calls: list[list[Event]]) -> list[tuple[int, int]]: ...
     def recent_items(self, user_id: str, limit: int) -> list[str]: ...
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None: ...
     def item_changes(self) -> list[ItemChange]: ...
@@ -148,22 +149,29 @@ class EventLog:
         An event whose id is already logged (by an earlier call, or earlier in this one) is
         acknowledged but not written again: retrying a call is safe.
         """
+        return self.append_calls([list(events)])[0]
+
+    def append_calls(self, calls: list[list[Event]]) -> list[tuple[int, int]]:
+        """Several calls' events in one transaction, one commit for all: each call's own
+        (acknowledged, duplicates), as `append` would give them one call after another."""
         now = int(time.time() * 1000)
-        rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None)
-                for e in events]
+        counts = []
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", rows)
-                written = self._db.total_changes - before
+                for events in calls:
+                    rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None)
+                            for e in events]
+                    before = self._db.total_changes
+                    self._db.executemany(
+                        "INSERT OR IGNORE INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
+                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    counts.append((len(rows), len(rows) - (self._db.total_changes - before)))
                 self._db.execute("COMMIT")
             except sqlite3.Error:
                 self._db.execute("ROLLBACK")
                 raise
-        return len(rows), len(rows) - written
+        return counts
 
     def recent_items(self, user_id: str, limit: int) -> list[str]:
         """The user's last `limit` item ids, oldest first: every event acknowledged so far."""

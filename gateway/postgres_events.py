@@ -125,20 +125,28 @@ class PostgresEventLog:
 
         An event whose id is already logged (by an earlier call, or earlier in this one) is
         acknowledged but not written again: retrying a call is safe."""
+        return self.append_calls([list(events)])[0]
+
+    def append_calls(self, calls: list[list[Event]]) -> list[tuple[int, int]]:
+        """Several calls' events in one transaction, one commit for all: each call's own
+        (acknowledged, duplicates), as `append` would give them one call after another."""
         now = int(time.time() * 1000)
-        rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None)
-                for e in events]
-        if not rows:
-            return 0, 0
-        columns = [list(column) for column in zip(*rows, strict=True)]
+        counts = []
         with self._connection() as db, db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-            cursor = db.execute(
-                "INSERT INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
-                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[], %s::text[]) "
-                "ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING", columns)
-            written = cursor.rowcount
-        return len(rows), len(rows) - written
+            for events in calls:
+                rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None)
+                        for e in events]
+                if not rows:
+                    counts.append((0, 0))
+                    continue
+                columns = [list(column) for column in zip(*rows, strict=True)]
+                cursor = db.execute(
+                    "INSERT INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
+                    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[], "
+                    "%s::text[]) ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING", columns)
+                counts.append((len(rows), len(rows) - cursor.rowcount))
+        return counts
 
     def recent_items(self, user_id: str, limit: int) -> list[str]:
         """The user's last `limit` item ids, oldest first: every event acknowledged so far."""

@@ -14,6 +14,7 @@ from gateway.catalogue import Catalogue
 from gateway.config import DEFAULT_PORT, GatewayConfig
 from gateway.events import EventStore, open_event_store, store_settings
 from gateway.funnel import Funnel
+from gateway.group_commit import GroupCommit
 from gateway.observe import GatewayObserver, ObservingInterceptor
 from gateway.rollout import Rollout
 from gateway.servicer import RecommenderServicer, RolloutServicer
@@ -41,6 +42,7 @@ class Gateway:
     ranking: RankingReplicas
     funnel: Funnel
     rollout: Rollout
+    appender: GroupCommit
 
     @property
     def address(self) -> str:
@@ -66,6 +68,7 @@ class Gateway:
         for shard in self.shards:
             await shard.close()
         await self.ranking.close()
+        self.appender.close()
         self.events.close()
 
 
@@ -76,8 +79,9 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
     funnel = Funnel(shards, ranking, dict(config.channel_budgets), config.explain_top)
     events = open_event_store(config.store_location())
     catalogue = Catalogue(shards, ranking, events)
+    appender = GroupCommit(events)
     servicer = RecommenderServicer(funnel, catalogue, events, config,
-                                   ThreadPoolExecutor(4, thread_name_prefix="gateway"))
+                                   ThreadPoolExecutor(4, thread_name_prefix="gateway"), appender)
     rollout = Rollout(funnel, catalogue, ranking, shards, config.swap_drain_s)
     freeze_loaded_objects()
     handle = await start_server(
@@ -88,7 +92,7 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
         tokens=config.tokens, tls=config.tls,
         interceptors=[ObservingInterceptor(observer)] if observer is not None else (),
     )
-    return Gateway(handle, events, shards, ranking, funnel, rollout)
+    return Gateway(handle, events, shards, ranking, funnel, rollout, appender)
 
 
 async def serve(config: GatewayConfig) -> None:

@@ -15,6 +15,7 @@ from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
 from gateway.events import Event, EventStore, ItemChange, StoreUnavailable
 from gateway.funnel import Funnel, RecommendQuery, StageFailed
+from gateway.group_commit import GroupCommit
 from gateway.rollout import Rollout
 from gateway.validation import (
     InvalidRequest,
@@ -40,10 +41,11 @@ def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> R
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventStore, config: GatewayConfig,
-                 executor: ThreadPoolExecutor):
+                 executor: ThreadPoolExecutor, appender: GroupCommit | None = None):
         self.funnel = funnel
         self.catalogue = catalogue
         self.events = events
+        self.appender = appender or GroupCommit(events)  # Feedback's writes: calls that meet share a commit
         self.config = config
         self.executor = executor
 
@@ -117,7 +119,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         events = [Event(e.user_id, e.item_id, e.event_type or "interaction", e.value, e.timestamp_ms, e.event_id)
                   for e in request.events]
         try:
-            accepted, duplicates = await self._run(self.events.append, events)  # returns only once committed
+            accepted, duplicates = await self.appender.append(events)  # returns only once committed
         except StoreUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"nothing acknowledged; retry with the same event ids: "
                                 f"{error}")

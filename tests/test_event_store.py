@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from gateway.events import Event, EventLog, EventStore, ItemChange, open_event_store
+from gateway.events import Event, EventLog, EventStore, ItemChange, StoreUnavailable, open_event_store
 
 PG_URL = os.environ.get("RECFUNNEL_TEST_PG", "")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="set RECFUNNEL_TEST_PG=postgresql://postgres@127.0.0.1/test "
@@ -190,3 +190,39 @@ def test_the_db_option_and_config_choose_the_store(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="db_path or db_url"):
         ClusterConfig.from_file(toml)
     assert ClusterConfig.from_file(toml, **store_settings("e.sqlite")).store_location() == Path("e.sqlite")
+
+
+def test_calls_written_in_one_transaction_keep_their_own_counts(store: EventStore) -> None:
+    counts = store.append_calls([[Event("u", "a", event_id="k1"), Event("u", "b")],
+                                 [Event("u", "a", event_id="k1")],         # the first call's id again
+                                 [],
+                                 [Event("v", "c", event_id="k2")] * 2])
+    assert counts == [(2, 0), (1, 1), (0, 0), (2, 1)]
+    assert store.count() == 3 and store.recent_items("u", 5) == ["a", "b"]
+
+
+async def test_feedback_calls_that_meet_share_a_commit_and_each_hears_its_own_outcome(tmp_path: Path) -> None:
+    import asyncio
+
+    from gateway.group_commit import GroupCommit
+
+    store = EventLog(tmp_path / "events.sqlite")
+    commits: list[int] = []
+    plain = store.append_calls
+
+    def counted(calls: list[list[Event]]) -> list[tuple[int, int]]:
+        commits.append(len(calls))
+        if any(e.item_id == "poison" for events in calls for e in events):
+            raise StoreUnavailable("the store went away mid-commit")
+        return plain(calls)
+
+    store.append_calls = counted  # type: ignore[method-assign]
+    group = GroupCommit(store)
+    outcomes = await asyncio.gather(*(group.append([Event(f"u{n}", "i", event_id=f"e{n % 50}")]) for n in range(100)))
+    assert sorted(outcomes) == [(1, 0)] * 50 + [(1, 1)] * 50  # each call's own duplicates
+    assert store.count() == 50 and len(commits) < 100  # fewer commits than calls
+    with pytest.raises(StoreUnavailable):
+        await group.append([Event("u", "poison")])
+    assert (await group.append([Event("u", "after")])) == (1, 0)  # the writer goes on
+    group.close()
+    store.close()

@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 
 from bench.harness import free_port, open_loop
-from gateway.events import Event, EventStore, open_event_store
+from gateway.events import Event, EventStore, open_event_store, read_recent
 from recdata.dataset import Dataset
 
 FILL_BATCH = 10_000
@@ -61,18 +61,10 @@ def fresh_store(kind: str, config: StoreBenchConfig, workdir: Path) -> Iterator[
     if kind == "sqlite":
         yield str(workdir / f"events-{uuid.uuid4().hex[:8]}.sqlite")
         return
-    from urllib.parse import quote
+    from gateway.postgres_events import scratch_schema
 
-    import psycopg
-
-    schema = f"recfunnel_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(config.pg_url, autocommit=True) as db:
-        db.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{config.pg_url}{'&' if '?' in config.pg_url else '?'}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        with psycopg.connect(config.pg_url, autocommit=True) as db:
-            db.execute(f"DROP SCHEMA {schema} CASCADE")
+    with scratch_schema(config.pg_url, "recfunnel_bench") as url:
+        yield url
 
 
 def fill(store: EventStore, dataset: Dataset, total: int, seed: int) -> tuple[list[str], float]:
@@ -99,10 +91,7 @@ async def history_reads(store: EventStore, users: list[str], rate: float, second
                         ) -> dict[str, Any]:
     """Open-loop history reads of 200 items, as the gateway reads them."""
     async def read(user: str) -> bool:
-        if store.reads_locally:
-            store.recent_items(user, 200)
-        else:
-            await asyncio.to_thread(store.recent_items, user, 200)
+        await read_recent(store, user, 200)
         return False
 
     result = await open_loop(read, users, rate, seconds, seed, kind_of=lambda _: "history")

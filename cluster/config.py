@@ -107,6 +107,11 @@ class ClusterConfig:
     def store_location(self) -> str | Path:
         return self.db_url or self.db_path
 
+    @property
+    def gateways_everywhere(self) -> bool:
+        """Gateways on every node: only a database server store allows it."""
+        return bool(self.db_url and self.gateways_per_node)
+
     def with_gpus(self, available: float) -> ClusterConfig:
         """Give the ranker a GPU when the Ray cluster has one and the config asked for none."""
         if available >= 1 and self.ranker_resources.num_gpus == 0:

@@ -162,7 +162,6 @@ class Controller:
         # node with a database server store. With a fixed port the gateways of a node all listen
         # on it (gRPC sets SO_REUSEPORT) and the kernel spreads clients' connections over them:
         # the gateway's Python work scales by processes.
-        spread = bool(config.db_url and config.gateways_per_node)
         gateway = GatewayConfig(recall_addresses=tuple(self.shard_addresses()),
                                 ranking_addresses=tuple(self.ranking_addresses()), db_path=config.db_path,
                                 db_url=config.db_url, host=config.host, port=config.gateway_port, tokens=config.tokens,
@@ -170,7 +169,7 @@ class Controller:
         for n, node in enumerate(self.gateway_nodes()):
             name = f"recfunnel-gateway-{n}"
             self.records[name] = ServiceRecord(name, "gateway", service_actor(
-                GatewayHost, name, config.gateway_resources, gateway, on_node(node, soft=spread)))
+                GatewayHost, name, config.gateway_resources, gateway, on_node(node, soft=config.gateways_everywhere)))
         for record in self.gateways():
             await asyncio.wait_for(record.actor.start.remote(), START_TIMEOUT_S)
             await self._describe(record)
@@ -222,7 +221,7 @@ class Controller:
         on every live node, the head node's first; with the SQLite file, `gateways` on the
         head node, whose disk holds it."""
         config = self.config
-        if not (config.db_url and config.gateways_per_node):
+        if not config.gateways_everywhere:
             return [self.head_node] * config.gateways
         others = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != self.head_node)
         return [node for node in [self.head_node, *others] for _ in range(config.gateways_per_node)]

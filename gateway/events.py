@@ -9,11 +9,13 @@ version can be brought to the live catalogue before it serves.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -96,20 +98,30 @@ class EventStore(Protocol):
     reads_locally: bool
 
 
+def is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
 def open_event_store(location: str | Path) -> EventStore:
     """A `postgresql://` URL opens the store on that server; anything else is a SQLite file."""
-    from gateway.postgres_events import PostgresEventLog, is_postgres_url
-
     if isinstance(location, str) and is_postgres_url(location):
+        from gateway.postgres_events import PostgresEventLog  # psycopg loads only for a server store
+
         return PostgresEventLog(location)
     return EventLog(Path(location))
+
+
+async def read_recent(store: EventStore, user_id: str, limit: int, executor: Executor | None = None) -> list[str]:
+    """`store.recent_items` as a gateway reads it: a local file read on the event loop (tens
+    of microseconds, never behind a write), a database server's round trip on `executor`."""
+    if store.reads_locally:
+        return store.recent_items(user_id, limit)
+    return await asyncio.get_running_loop().run_in_executor(executor, store.recent_items, user_id, limit)
 
 
 def store_settings(db: str | None) -> dict[str, Any]:
     """A `--db` option as config fields: `db_url` for a server URL, `db_path` for a file (and
     no URL: the option wins over a config file's store)."""
-    from gateway.postgres_events import is_postgres_url
-
     if db is None:
         return {}
     return {"db_url": db} if is_postgres_url(db) else {"db_path": Path(db), "db_url": ""}

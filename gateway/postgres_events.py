@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -55,8 +56,23 @@ MIGRATION_LOCK = 0x7265_6366_0001
 APPEND_LOCK = 0x7265_6366_0002
 
 
-def is_postgres_url(location: str) -> bool:
-    return location.startswith(("postgresql://", "postgres://"))
+def in_schema(url: str, schema: str) -> str:
+    """The URL with libpq's options setting the search path to `schema`."""
+    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={schema}')}"
+
+
+@contextmanager
+def scratch_schema(url: str, prefix: str = "recfunnel_scratch") -> Iterator[str]:
+    """A new, empty schema on the server at `url`, dropped afterwards: the URL that works in it
+    (each test or bench run gets its own store)."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield in_schema(url, schema)
+    finally:
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def redacted(url: str) -> str:

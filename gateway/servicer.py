@@ -13,7 +13,7 @@ import grpc
 
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
-from gateway.events import Event, EventStore, ItemChange, StoreUnavailable
+from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, read_recent
 from gateway.funnel import Funnel, RecommendQuery, StageFailed
 from gateway.group_commit import GroupCommit
 from gateway.rollout import Rollout
@@ -41,11 +41,11 @@ def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> R
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventStore, config: GatewayConfig,
-                 executor: ThreadPoolExecutor, appender: GroupCommit | None = None):
+                 executor: ThreadPoolExecutor, appender: GroupCommit):
         self.funnel = funnel
         self.catalogue = catalogue
         self.events = events
-        self.appender = appender or GroupCommit(events)  # Feedback's writes: calls that meet share a commit
+        self.appender = appender  # Feedback's writes: calls that meet share a commit
         self.config = config
         self.executor = executor
 
@@ -73,11 +73,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         deadline = self._deadline(context)
         try:
-            if self.events.reads_locally:
-                # Inline: an indexed read of its own connection, tens of microseconds, never behind a write.
-                history = self.events.recent_items(request.user_id, self.config.history_length)
-            else:  # a round trip to the database server: off the event loop
-                history = await self._run(self.events.recent_items, request.user_id, self.config.history_length)
+            history = await read_recent(self.events, request.user_id, self.config.history_length, self.executor)
             store_down = False
         except StoreUnavailable:
             # Still an answer: from the request's context items and popularity, marked degraded.

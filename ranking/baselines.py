@@ -57,9 +57,7 @@ class SASRecTrainer:
     def scores(self, histories: list[np.ndarray]) -> DenseScores:
         self.model.eval()
         padded, _ = pad_left(histories, self.config.model.max_len)
-        users, table = self.model.users(padded.to(self.device))[:, -1], self.model.items.weight
-        return DenseScores(lambda a, b: users @ table[1 + a : 1 + b].T,
-                           lambda items: (users.unsqueeze(1) * table[1 + items]).sum(-1), self.num_items, self.device)
+        return DenseScores.inner_products(self.model.users(padded.to(self.device))[:, -1], self.model.items.weight)
 
     def train(self) -> float:
         """Train with early stopping on validation NDCG@10; returns the seconds it took."""

@@ -141,17 +141,20 @@ class FunnelScorer:
         keeps each item's first occurrence only, and only items a channel really proposed
         (item2item proposes fewer than k when the history has few neighbours).
         """
-        per_channel: dict[str, Callable[[], ChunkScores]] = {
-            SEQUENTIAL: lambda: lambda a, b: users @ self.item_table[1 + a : 1 + b].T,
-            SEMANTIC: lambda: lambda a, b: semantic @ self.text_t[a:b].T,
-            ITEM2ITEM: lambda: self.item2item(histories),
-            POPULAR: lambda: lambda a, b: self.popular[a:b].expand(len(users), -1).clone(),
-        }
+        def channel_scores(channel: str) -> ChunkScores:
+            if channel == ITEM2ITEM:
+                return self.item2item(histories)
+            if channel == POPULAR:
+                return lambda a, b: self.popular[a:b].expand(len(users), -1).clone()
+            if channel == SEMANTIC:
+                return lambda a, b: semantic @ self.text_t[a:b].T
+            return DenseScores.inner_products(users, self.item_table).chunk
+
         found, proposed, channel_of = [], [], []
         for c, channel in enumerate(CHANNELS):
             k = min(self.budgets.get(channel, 0), self.num_items)
             if k:
-                values, indices = top_unseen(per_channel[channel](), self.num_items, seen, k)
+                values, indices = top_unseen(channel_scores(channel), self.num_items, seen, k)
                 found.append(indices)
                 proposed.append(torch.isfinite(values))
                 channel_of += [c] * k
@@ -193,9 +196,7 @@ class FunnelScorer:
     @torch.no_grad()
     def recall_scores(self, histories: list[np.ndarray]) -> DenseScores:
         users, _ = self.queries(histories)
-        return DenseScores(lambda a, b: users @ self.item_table[1 + a : 1 + b].T,
-                           lambda items: (users.unsqueeze(1) * self.item_table[1 + items]).sum(-1),
-                           self.num_items, self.device)
+        return DenseScores.inner_products(users, self.item_table)
 
     def with_new_item_slot(self, scores: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor
                            ) -> torch.Tensor:

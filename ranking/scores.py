@@ -137,6 +137,13 @@ class DenseScores:
         self.chunk, self._of, self.num_items, self.device = chunk, of, num_items, device
 
     @classmethod
+    def inner_products(cls, queries: torch.Tensor, table: torch.Tensor) -> DenseScores:
+        """(B, d) query vectors against the rows of a (num_items + 1, d) table whose row 0 is
+        padding: a two-tower model's scores."""
+        return cls(lambda a, b: queries @ table[1 + a : 1 + b].T,
+                   lambda items: (queries.unsqueeze(1) * table[1 + items]).sum(-1), table.shape[0] - 1, queries.device)
+
+    @classmethod
     def of_matrix(cls, scores: torch.Tensor) -> DenseScores:
         """Scores already held as one (B, num_items) matrix: a small catalogue's."""
         return cls(lambda a, b: scores[:, a:b].clone(), lambda items: scores.gather(1, items),

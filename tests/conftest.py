@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,21 @@ TINY_TRAINING = TrainConfig(
     candidates_per_channel=(("sequential", 40), ("semantic", 10), ("item2item", 10), ("popular", 5)),
     time_budget_s=120.0, threads=2,
 )
+
+
+# The PostgreSQL server the store's tests use; without it they skip, naming the variable.
+PG_URL = os.environ.get("RECFUNNEL_TEST_PG", "")
+needs_pg = pytest.mark.skipif(not PG_URL, reason="set RECFUNNEL_TEST_PG=postgresql://postgres@127.0.0.1/test "
+                                                 "to run the PostgreSQL store's tests")
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh schema on the test server, dropped afterwards: the URL that works in it."""
+    from gateway.postgres_events import scratch_schema
+
+    with scratch_schema(PG_URL, "recfunnel_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

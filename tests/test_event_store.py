@@ -6,41 +6,15 @@ test works in a schema of its own and drops it.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 
 from gateway.events import Event, EventLog, EventStore, ItemChange, StoreUnavailable, open_event_store
-
-PG_URL = os.environ.get("RECFUNNEL_TEST_PG", "")
-needs_pg = pytest.mark.skipif(not PG_URL, reason="set RECFUNNEL_TEST_PG=postgresql://postgres@127.0.0.1/test "
-                                                 "to run the PostgreSQL store's tests")
-
-
-def in_schema(url: str, schema: str) -> str:
-    """The URL with libpq's options setting the search path to `schema`."""
-    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={schema}')}"
-
-
-@pytest.fixture
-def pg_schema() -> Iterator[str]:
-    """A fresh schema on the test server: the URL that works in it."""
-    import psycopg
-
-    schema = f"recfunnel_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_URL, autocommit=True) as db:
-        db.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield in_schema(PG_URL, schema)
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as db:
-            db.execute(f"DROP SCHEMA {schema} CASCADE")
+from tests.conftest import needs_pg
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=needs_pg)])

@@ -12,9 +12,9 @@ import pytest
 
 from protos.recfunnel.v1 import recommender_pb2
 from protos.recfunnel.v1 import recommender_pb2_grpc as rpc
+from tests.conftest import PG_URL, needs_pg
 from tests.grpc_checks import serving_stack
 from tests.tcp_proxy import CuttableProxy
-from tests.test_event_store import needs_pg, pg_schema  # noqa: F401 - the fixture
 
 pytestmark = needs_pg
 
@@ -32,7 +32,7 @@ def feedback(*items: str, user: str = "u1") -> recommender_pb2.FeedbackRequest:
 
 
 async def test_a_gateway_on_postgres_logs_feedback_and_reads_it_back(tiny_bundle: Path, tmp_path: Path,
-                                                                     pg_schema: str) -> None:  # noqa: F811
+                                                                     pg_schema: str) -> None:
     async with serving_stack(tiny_bundle, tmp_path / "unused.sqlite", db_url=pg_schema) as (gw, _, _), \
             grpc.aio.insecure_channel(gw.address) as channel:
         stub = rpc.RecommenderStub(channel)
@@ -46,7 +46,7 @@ async def test_a_gateway_on_postgres_logs_feedback_and_reads_it_back(tiny_bundle
 
 
 async def test_while_the_database_is_away_feedback_is_unavailable_and_recommend_degraded(
-        tiny_bundle: Path, tmp_path: Path, pg_schema: str) -> None:  # noqa: F811
+        tiny_bundle: Path, tmp_path: Path, pg_schema: str) -> None:
     server = urlsplit(pg_schema)
     proxy = CuttableProxy((server.hostname or "127.0.0.1", server.port or 5432))
     async with serving_stack(tiny_bundle, tmp_path / "unused.sqlite",
@@ -78,7 +78,7 @@ async def test_while_the_database_is_away_feedback_is_unavailable_and_recommend_
 
 
 @pytest.mark.fault
-def test_gateways_on_two_nodes_share_one_postgres_store(tiny_bundle: Path, pg_schema: str) -> None:  # noqa: F811
+def test_gateways_on_two_nodes_share_one_postgres_store(tiny_bundle: Path, pg_schema: str) -> None:
     """With the store on the server, `gateways_per_node` puts gateways on both Ray nodes; an
     event logged through one is history for the other's next answer."""
     import ray
@@ -126,7 +126,7 @@ def restart_command() -> list[str] | None:
 
 @pytest.mark.fault
 async def test_feedback_streams_across_a_database_restart_lose_and_repeat_nothing(
-        tiny_bundle: Path, tmp_path: Path, pg_schema: str) -> None:  # noqa: F811
+        tiny_bundle: Path, tmp_path: Path, pg_schema: str) -> None:
     """Four streams of keyed Feedback calls while the server restarts; a refused call is sent
     again with the same ids. Every event is then logged exactly once, and no answer was
     INTERNAL."""
@@ -174,7 +174,6 @@ async def test_feedback_streams_across_a_database_restart_lose_and_repeat_nothin
 
 def test_the_store_bench_reports_every_figure_for_both_stores(tiny_bundle: Path, tiny_dataset) -> None:
     from bench.store import StoreBenchConfig, run_store_bench
-    from tests.test_event_store import PG_URL
 
     report = run_store_bench(tiny_dataset, StoreBenchConfig(
         bundle=tiny_bundle, pg_url=PG_URL, events=8_000, read_rates=(50.0,), read_seconds=1.0, feedback_seconds=1.0,

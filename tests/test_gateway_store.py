@@ -184,5 +184,7 @@ def test_the_store_bench_reports_every_figure_for_both_stores(tiny_bundle: Path,
         assert store["history_reads"]["50/s"]["errors"] == {}
         assert set(store["feedback"]) == {f"batch {b}, {g} gateway(s)" for b in (1, 100) for g in (1, 2)}
         assert all(f["events_per_s"] > 0 and f["failed_calls"] == 0 for f in store["feedback"].values())
+        # The concurrent callers' count is exact: what the log gained, event for event.
+        assert all(f["acknowledged"] == f["logged"] > 0 for f in store["feedback"].values())
         assert store["serving"]["Recommend"]["errors"] == {}
     assert report["recommend_p99_postgresql_over_sqlite"] > 0

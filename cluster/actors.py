@@ -92,10 +92,12 @@ class ServiceHost:
 class RecallShardHost(ServiceHost):
     async def _start(self) -> Running:
         from cluster.metrics import RecallMetrics
-        from retrieval.server import start
+        from retrieval.server import start, use_serving_threads
 
         self.metrics = RecallMetrics(self.config.shard_id)
-        return await start(self.config)
+        service = await start(self.config)
+        use_serving_threads(self.config)
+        return service
 
     def _export_metrics(self) -> None:
         self.metrics.export(self.running.servicer.versions.get())  # type: ignore[union-attr]

@@ -30,6 +30,12 @@ class RecallConfig:
     target_recall: float = 0.95   # recall@100 vs exact that approximate indexes are tuned to
     use_gpu: bool = True          # move indexes to a GPU when FAISS sees one
     search_threads: int = 2       # executor threads for FAISS calls, off the event loop
+    # OpenMP threads inside one FAISS call while serving. A search of one query gains nothing
+    # from more, and idle OpenMP workers spin for the CPU the other services need: with the
+    # default (one per core) Recommend p99 at 100 rps was 113-170 ms against 23-28 ms with 1
+    # (two shards, a ranker and a gateway as processes on 2 cores). Set once the first build
+    # is done, in a process that is the shard alone (`python -m retrieval`, the Ray actor).
+    omp_threads: int = 1
     # Shards up to this many items search on the serving thread: such a search takes well
     # under a millisecond, less than handing it to an executor thread and back.
     inline_search_max_items: int = 20_000

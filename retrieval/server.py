@@ -49,8 +49,17 @@ async def start(config: RecallConfig) -> RecallService:
     return RecallService(handle, servicer)
 
 
+def use_serving_threads(config: RecallConfig) -> None:
+    """In a process that is this shard alone: FAISS's OpenMP threads for serving, once the
+    first build is done (a process shared with other work keeps its own setting)."""
+    import faiss
+
+    faiss.omp_set_num_threads(config.omp_threads)
+
+
 async def serve(config: RecallConfig) -> None:
     service = await start(config)
+    use_serving_threads(config)
     try:
         await service.handle.server.wait_for_termination()
     finally:

@@ -4,7 +4,8 @@ Pure logic over two small interfaces, so the same code runs against gRPC clients
 gateway), in-process models (benchmarks) and fakes that fail on purpose (fault tests).
 Every stage may fail without failing the request: a missing shard gives partial
 candidates, a failed encoder or ranker falls back to popularity or recall order; each
-such answer is marked degraded.
+such answer is marked degraded. A stage the remaining budget cannot pay for (by what it has
+been taking) is skipped the same way, so that an answer under load is on time.
 """
 
 from __future__ import annotations
@@ -84,6 +85,25 @@ class Answer:
     degraded: bool
     recall_coverage: float
     stages_ms: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # stages left out: too little budget left for them
+
+
+class StageCosts:
+    """What each stage has been taking (a moving average of its recent successful runs), so
+    that a request with less budget left than a stage needs skips it rather than running it
+    late: a late answer is no answer to a client whose deadline has passed."""
+
+    def __init__(self, weight: float = 0.1):
+        self.weight = weight
+        self.seconds: dict[str, float] = {}
+
+    def observe(self, stage: str, seconds: float) -> None:
+        old = self.seconds.get(stage)
+        self.seconds[stage] = seconds if old is None else old + self.weight * (seconds - old)
+
+    def needed(self, *stages: str) -> float:
+        """Seconds the stages are expected to take one after another; 0 for one never run."""
+        return sum(self.seconds.get(stage, 0.0) for stage in stages)
 
 
 def merge_shards(answers: Sequence[ShardAnswer], budgets: dict[str, int]) -> ChannelHits:
@@ -123,6 +143,7 @@ class Funnel:
         self.ranking = ranking
         self.budgets = channel_budgets
         self.explain_top = explain_top
+        self.costs = StageCosts()
         # The version every stage of a request uses; "" until the first answer names one.
         # A swap replaces it in one assignment: a request reads it once, at its start.
         self.model_version = ""
@@ -143,16 +164,21 @@ class Funnel:
     async def recommend(self, query: RecommendQuery, deadline: float) -> Answer:
         """Answer one query before `deadline` (time.monotonic() seconds)."""
         stages: dict[str, float] = {}
+        skipped: list[str] = []
         started = time.monotonic()
         degraded = False
         seen = set(query.history) | set(query.exclude_item_ids)
         vectors: dict[str, np.ndarray] = {}
         version = self.model_version
-        if query.history:
+        if query.history and deadline - started < self.costs.needed("encode", "recall"):
+            skipped.append("encode")  # popularity, in time, rather than a personal answer too late
+            degraded = True
+        elif query.history:
             try:
                 budget = (deadline - time.monotonic()) * 0.3
                 vectors, version = await self.ranking.encode(query.history, max(budget, 0.001), version)
                 self.model_version = self.model_version or version
+                self.costs.observe("encode", time.monotonic() - started)
             except StageFailed as error:
                 log.warning("encode failed, answering from popularity: %s", error)
                 degraded = True
@@ -173,6 +199,8 @@ class Funnel:
         t = time.monotonic()
         recall_deadline = t + (deadline - t) * 0.6
         answers, coverage = await self._fan_out(queries, exclude, recall_deadline, version)
+        if coverage == 1.0:
+            self.costs.observe("recall", time.monotonic() - t)
         stages["recall"] = (time.monotonic() - t) * 1000
         degraded |= coverage < 1.0
         merged = merge_shards(answers, {q.channel: q.k for q in queries})
@@ -182,11 +210,15 @@ class Funnel:
 
         t = time.monotonic()
         ranked: list[tuple[str, float, list[str]]] | None = None
-        if vectors and candidates:
+        if vectors and candidates and deadline - t < self.costs.needed("rank"):
+            skipped.append("rank")  # recall order, in time
+            degraded = True
+        elif vectors and candidates:
             try:
                 ranked = await self.ranking.rank(
                     query.history, candidates, query.k, query.diversity, self.explain_top if query.explain else 0,
                     max(deadline - time.monotonic(), 0.001), version)
+                self.costs.observe("rank", time.monotonic() - t)
             except StageFailed as error:
                 log.warning("ranking failed, answering in recall order: %s", error)
                 degraded = True
@@ -200,4 +232,4 @@ class Funnel:
             # Recall order with a score that falls with rank, so clients can still sort by it.
             items = [Recommendation(i, float(n - rank) / max(n, 1), sorted(ch))
                      for rank, (i, ch) in enumerate(candidates[: query.k])]
-        return Answer(items, version, degraded, coverage, stages)
+        return Answer(items, version, degraded, coverage, stages, skipped)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 
 Request = TypeVar("Request")
 Result = TypeVar("Result")
+# A submitted request: its future and its deadline.
+Queued = tuple[Request, asyncio.Future[Result], float]
+
+
+class DeadlinePassed(Exception):
+    """The request's deadline passed while it waited for a batch: it was not scored."""
 
 
 @dataclass
@@ -37,6 +44,7 @@ class BatchStats:
     requests: int = 0
     largest: int = 0
     busy_s: float = 0.0  # seconds spent inside the model
+    expired: int = 0     # dropped unscored: their deadline passed in the queue
 
     @property
     def mean_batch_size(self) -> float:
@@ -44,7 +52,8 @@ class BatchStats:
 
     def to_dict(self) -> dict[str, float]:
         return {"batches": self.batches, "requests": self.requests, "largest": self.largest,
-                "mean_batch_size": round(self.mean_batch_size, 3), "busy_s": round(self.busy_s, 3)}
+                "mean_batch_size": round(self.mean_batch_size, 3), "busy_s": round(self.busy_s, 3),
+                "expired": self.expired}
 
 
 class MicroBatcher(Generic[Request, Result]):
@@ -60,19 +69,21 @@ class MicroBatcher(Generic[Request, Result]):
         self.max_wait_s = max_wait_s
         self.name = name
         self.stats = BatchStats()
-        self._queue: asyncio.Queue[tuple[Request, asyncio.Future[Result]]] | None = None
+        self._queue: asyncio.Queue[Queued[Request, Result]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._last_batch_end = float("-inf")
 
-    async def submit(self, request: Request) -> Result:
+    async def submit(self, request: Request, deadline: float = math.inf) -> Result:
+        """The result for `request`; DeadlinePassed if `deadline` (time.monotonic() seconds)
+        passes before its batch starts."""
         if self._queue is None:  # created on first use, inside the serving event loop
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._drain(self._queue))
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((request, future))
+        self._queue.put_nowait((request, future, deadline))
         return await future
 
-    async def _gather(self, queue: asyncio.Queue[tuple[Request, asyncio.Future[Result]]]
+    async def _gather(self, queue: asyncio.Queue[Queued[Request, Result]]
                       ) -> list[tuple[Request, asyncio.Future[Result]]]:
         batch = [await queue.get()]
         under_load = time.monotonic() - self._last_batch_end < self.max_wait_s
@@ -88,10 +99,22 @@ class MicroBatcher(Generic[Request, Result]):
                 batch.append(await asyncio.wait_for(queue.get(), left))
             except TimeoutError:
                 break
-        # A caller that gave up (deadline, cancellation) is not worth the model's time.
-        return [(request, future) for request, future in batch if not future.done()]
+        # A caller that gave up (cancellation) or whose deadline passed is not worth the
+        # model's time: under overload that time is what the calls still in time need.
+        now = time.monotonic()
+        live = []
+        for request, future, deadline in batch:
+            if future.done():
+                continue
+            if deadline <= now:
+                self.stats.expired += 1
+                future.set_exception(DeadlinePassed(f"{self.name}: deadline passed "
+                                                    f"{(now - deadline) * 1000:.1f} ms before scoring"))
+                continue
+            live.append((request, future))
+        return live
 
-    async def _drain(self, queue: asyncio.Queue[tuple[Request, asyncio.Future[Result]]]) -> None:
+    async def _drain(self, queue: asyncio.Queue[Queued[Request, Result]]) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._gather(queue)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -15,7 +16,7 @@ import numpy as np
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, tensor_pb2, versions_pb2
 from protos.serving import bundle_folder, freeze_loaded_objects, served_version, unload_version
 from protos.wire import to_tensor
-from ranking.batching import MicroBatcher
+from ranking.batching import DeadlinePassed, MicroBatcher
 from ranking.config import RankingConfig
 from ranking.inference import RankCall, RankingModel
 from recdata.channels import ALL_CHANNEL_BITS, CHANNELS
@@ -71,11 +72,23 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         await self.encode_batcher.close()
         await self.rank_batcher.close()
 
+    @staticmethod
+    async def _scored(batcher: MicroBatcher[Call, Out], call: Call, context: grpc.aio.ServicerContext) -> Out:
+        """The batcher's result for `call`, dropped unscored once the caller's deadline passed."""
+        remaining = context.time_remaining()
+        deadline = math.inf if remaining is None else time.monotonic() + remaining
+        try:
+            return await batcher.submit(call, deadline)
+        except DeadlinePassed as error:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
+            raise
+
     async def Encode(self, request: ranking_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> ranking_pb2.EncodeResponse:
         model = await served_version(self.versions, request.model_version, context)
         # Items older than max_history carry no weight in the encoder anyway.
-        vectors = await self.encode_batcher.submit((model, list(request.history_item_ids)[-self.config.max_history :]))
+        vectors = await self._scored(self.encode_batcher, (model, list(request.history_item_ids)[
+            -self.config.max_history :]), context)
         # No vectors when nothing in the history is known to this version: recall uses popularity.
         return ranking_pb2.EncodeResponse(
             vectors=[ranking_pb2.ChannelVector(channel=c, vector=to_tensor(v)) for c, v in vectors.items()],
@@ -105,9 +118,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"explain_top={request.explain_top} out of range 0..{MAX_EXPLAIN}")
         candidates = rank_candidates(request)
-        ranked = await self.rank_batcher.submit((model, RankCall(
+        ranked = await self._scored(self.rank_batcher, (model, RankCall(
             list(request.history_item_ids)[-self.config.max_history :], candidates,
-            request.k or len(candidates), request.diversity, request.explain_top, self.config.new_item_slot)))
+            request.k or len(candidates), request.diversity, request.explain_top, self.config.new_item_slot)), context)
         items = [ranking_pb2.ScoredItem(item_id=i, score=s, because_item_ids=b) for i, s, b in ranked]
         return ranking_pb2.RankResponse(items=items, model_version=model.version)
 

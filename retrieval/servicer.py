@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -29,6 +30,8 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         self.versions = LoadedVersions(shard, lambda s: s.version)
         self.executor = executor
         self._loading = asyncio.Lock()  # one LoadVersion at a time: index builds need the memory
+        self.search_s = 0.0  # what a Search has been taking (moving average)
+        self.expired = 0     # Searches dropped unrun: too little of their budget left
 
     async def Search(self, request: recall_pb2.SearchRequest,
                      context: grpc.aio.ServicerContext) -> recall_pb2.SearchResponse:
@@ -47,10 +50,19 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         except (BadTensor, InvalidQuery) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         exclude = list(request.exclude_item_ids)
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < self.search_s:
+            # Started late (queued behind others): an answer after the deadline is wasted work
+            # that the searches still in time would need.
+            self.expired += 1
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{remaining * 1000:.1f} ms left of the "
+                                f"deadline, a search takes {self.search_s * 1000:.1f} ms: not started")
+        started = time.monotonic()
         if shard.size <= shard.config.inline_search_max_items:
             results = shard.search(queries, exclude)
         else:  # FAISS releases the GIL: big searches run beside the event loop
             results = await asyncio.get_running_loop().run_in_executor(self.executor, shard.search, queries, exclude)
+        self.search_s += 0.1 * (time.monotonic() - started - self.search_s)
         return recall_pb2.SearchResponse(
             results=[
                 recall_pb2.ChannelResult(

@@ -147,3 +147,29 @@ def test_rank_reuses_the_query_vectors_encode_computed_for_the_same_history(tiny
                                     model.tables.popularity, model.device)
     model.rank_items(history, candidates, k=10)
     assert len(encoder_runs) == 3
+
+
+async def test_a_request_whose_deadline_passed_in_the_queue_is_dropped_unscored() -> None:
+    import time
+
+    from ranking.batching import DeadlinePassed
+
+    scored: list[int] = []
+
+    def slow(batch: Sequence[int]) -> list[int]:
+        scored.extend(batch)
+        time.sleep(0.05)  # the model is busy with the first batch on the loop's thread
+        return list(batch)
+
+    batcher = MicroBatcher(slow, None, max_batch_size=1, max_wait_s=0.0)
+    try:
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0)
+        late = asyncio.ensure_future(batcher.submit(2, deadline=time.monotonic() + 0.01))
+        in_time = asyncio.ensure_future(batcher.submit(3, deadline=time.monotonic() + 5))
+        assert await first == 1 and await in_time == 3
+        with pytest.raises(DeadlinePassed, match="before scoring"):
+            await late
+    finally:
+        await batcher.close()
+    assert scored == [1, 3] and batcher.stats.expired == 1

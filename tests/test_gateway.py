@@ -136,6 +136,26 @@ async def test_user_without_history_gets_popular_items_not_an_error() -> None:
     assert all(r.channels == ["popular"] for r in answer.items)
 
 
+async def test_a_stage_the_remaining_budget_cannot_pay_for_is_skipped() -> None:
+    class CountingRanking(FakeRanking):
+        ranked = 0
+
+        async def rank(self, *args):  # type: ignore[no-untyped-def]
+            CountingRanking.ranked += 1
+            return await super().rank(*args)
+
+    f = funnel([FakeShard([f"i{n}" for n in range(20)])], CountingRanking())
+    f.costs.seconds["rank"] = 0.5  # ranking has been taking 500 ms
+    answer = await f.recommend(RecommendQuery("u", 5, ["i1"]), deadline(0.2))
+    assert answer.skipped == ["rank"] and answer.degraded and len(answer.items) == 5
+    assert CountingRanking.ranked == 0
+    f.costs.seconds["encode"] = 0.5  # and encoding too: popularity alone fits
+    answer = await f.recommend(RecommendQuery("u", 5, ["i1"]), deadline(0.2))
+    assert answer.skipped == ["encode"] and answer.degraded and len(answer.items) == 5
+    answer = await f.recommend(RecommendQuery("u", 5, ["i1"]), deadline(2.0))  # budget enough for every stage
+    assert answer.skipped == [] and not answer.degraded and CountingRanking.ranked == 1
+
+
 def test_merge_keeps_each_item_once_with_its_best_score() -> None:
     a = ShardAnswer({"c": [("x", 0.9), ("y", 0.5)]}, "v")
     b = ShardAnswer({"c": [("y", 0.7), ("z", 0.1)]}, "v")

@@ -278,3 +278,20 @@ def test_shards_tune_their_indexes_on_the_bundles_real_queries(tiny_bundle: Path
     for channel in (SEQUENTIAL, SEMANTIC):
         np.testing.assert_array_equal(tuned_on[bundle.arrays[channel].shape[1]],
                                       bundle.arrays[tuning_queries_name(channel)])
+
+
+async def test_a_search_with_less_budget_left_than_it_takes_is_not_started(tiny_bundle: Path) -> None:
+    handle = await recall_server.start(RecallConfig(bundle=tiny_bundle, shard_id=0, num_shards=1))
+    client = GrpcRecall(handle.address)
+    try:
+        await client.search([ChannelQuery(POPULAR, 3)], [], 5.0, "")
+        handle.servicer.search_s = 10.0  # searches have been taking 10 s: a 1 s budget cannot pay
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.stub.Search(recall_pb2.SearchRequest(queries=[recall_pb2.ChannelQuery(
+                channel=POPULAR, k=3)]), timeout=1)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "not started" in caught.value.details()
+        assert handle.servicer.expired == 1
+    finally:
+        await client.close()
+        await handle.stop(0)

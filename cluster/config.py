@@ -10,6 +10,7 @@ from typing import Any
 import tomllib
 
 from cluster.loop import LoopConfig
+from gateway.admission import AdmissionConfig
 from gateway.config import DEFAULT_PORT
 from protos.auth import TlsFiles, tokens_from_file
 
@@ -54,6 +55,7 @@ class ClusterConfig:
     # nothing else; a fresh random one per cluster unless the config names one.
     internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     loop: LoopConfig | None = None  # the feedback loop actor; None = no loop
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # each gateway's, `[admission]`
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_shards <= 256:
@@ -71,7 +73,8 @@ class ClusterConfig:
         """A TOML file's settings (see deploy/cluster.toml), then the non-None `overrides`.
 
         Top-level keys are this class's fields; `[shard_resources]`, `[ranker_resources]`
-        and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts. Secrets are
+        and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts, `[admission]`
+        the gateways' admission control (`gateway.admission.AdmissionConfig`). Secrets are
         never in the file itself: `tokens_file` and `internal_token_file` name files holding
         them, and `tls_cert` / `tls_key` the gateway's PEM files.
         """
@@ -94,6 +97,8 @@ class ClusterConfig:
                 values[key] = ActorResources(**values[key])
         if "loop" in values:
             values["loop"] = LoopConfig.from_dict(values["loop"])
+        if "admission" in values:
+            values["admission"] = AdmissionConfig(**values["admission"])
         for key in ("bundle", "db_path"):
             if key in values:
                 values[key] = Path(values[key])

@@ -52,6 +52,7 @@ class ServiceRecord:
     state: str = "STARTING"   # STARTING, ALIVE, UNREACHABLE (dead or restarting)
     restarts: int = 0
     rss_bytes: int = 0        # resident memory of the actor's process at the last look
+    admission: dict[str, Any] = field(default_factory=dict)  # a gateway's admission control, at the last look
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "actor"}
@@ -165,7 +166,7 @@ class Controller:
         gateway = GatewayConfig(recall_addresses=tuple(self.shard_addresses()),
                                 ranking_addresses=tuple(self.ranking_addresses()), db_path=config.db_path,
                                 db_url=config.db_url, host=config.host, port=config.gateway_port, tokens=config.tokens,
-                                internal_token=config.internal_token, tls=config.tls)
+                                internal_token=config.internal_token, tls=config.tls, admission=config.admission)
         for n, node in enumerate(self.gateway_nodes()):
             name = f"recfunnel-gateway-{n}"
             self.records[name] = ServiceRecord(name, "gateway", service_actor(
@@ -306,6 +307,7 @@ class Controller:
         record.address, record.pid, record.node_id = info["address"], info["pid"], info["node_id"]
         record.model_version, record.loaded_versions = info["model_version"], info["loaded_versions"]
         record.rss_bytes = info["rss_bytes"]
+        record.admission = info.get("admission", {})
         record.state = "ALIVE" if record.address else "STARTING"
         return restarted
 

@@ -44,6 +44,32 @@ class RayGatewayMetrics:
             self.events.inc(duplicates, tags={"outcome": "duplicate"})
 
 
+class AdmissionMetrics:
+    """The gateway's admission control (`gateway.admission`), read from its counters every few
+    seconds: the concurrency limit, calls running and queued, calls shed, time spent queued."""
+
+    def __init__(self) -> None:
+        self.limit = Gauge("recfunnel_admission_limit", "Concurrent calls the gateway admits now")
+        self.in_flight = Gauge("recfunnel_admission_in_flight", "Calls running in the gateway")
+        self.queued = Gauge("recfunnel_admission_queued", "Calls waiting for a slot")
+        self.shed = Counter("recfunnel_shed_requests", "Calls refused RESOURCE_EXHAUSTED, not started")
+        self.queue_seconds = Counter("recfunnel_admission_queue_seconds", "Seconds admitted calls waited "
+                                     "for a slot, summed (divide by the admitted calls for the mean)")
+        self.admitted = Counter("recfunnel_admitted_requests", "Calls admitted")
+        self._seen: dict[str, float] = {}
+
+    def export(self, snapshot: dict[str, Any]) -> None:
+        self.limit.set(snapshot["limit"])
+        self.in_flight.set(snapshot["in_flight"])
+        self.queued.set(snapshot["queued"])
+        for name, counter in (("shed", self.shed), ("queue_wait_s", self.queue_seconds),
+                              ("admitted", self.admitted)):
+            new = snapshot[name] - self._seen.get(name, 0)
+            if new > 0:
+                counter.inc(new)
+            self._seen[name] = snapshot[name]
+
+
 class RankerMetrics:
     """Micro-batching of the ranking service, read from its counters every few seconds."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.admission import AdmissionConfig
 from protos.auth import TlsFiles
 
 DEFAULT_PORT = 50051
@@ -45,6 +46,7 @@ class GatewayConfig:
     # After a swap, how long the old version stays loaded for requests that started on it.
     swap_drain_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     # Bearer tokens clients must send; empty = open (the embedded demo on loopback only).
     tokens: tuple[str, ...] = field(default=(), repr=False)
     internal_token: str | None = field(default=None, repr=False)  # sent to recall and ranking

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.admission import Admission, AdmissionConfig
 from gateway.backends import GrpcRanking, GrpcRecall, RankingReplicas
 from gateway.catalogue import Catalogue
 from gateway.config import DEFAULT_PORT, GatewayConfig
@@ -43,6 +44,7 @@ class Gateway:
     funnel: Funnel
     rollout: Rollout
     appender: GroupCommit
+    admission: Admission
 
     @property
     def address(self) -> str:
@@ -68,6 +70,7 @@ class Gateway:
         for shard in self.shards:
             await shard.close()
         await self.ranking.close()
+        self.admission.close()
         self.appender.close()
         self.events.close()
 
@@ -80,8 +83,9 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
     events = open_event_store(config.store_location())
     catalogue = Catalogue(shards, ranking, events)
     appender = GroupCommit(events)
+    admission = Admission(config.admission)
     servicer = RecommenderServicer(funnel, catalogue, events, config,
-                                   ThreadPoolExecutor(4, thread_name_prefix="gateway"), appender)
+                                   ThreadPoolExecutor(4, thread_name_prefix="gateway"), appender, admission)
     rollout = Rollout(funnel, catalogue, ranking, shards, config.swap_drain_s)
     freeze_loaded_objects()
     handle = await start_server(
@@ -92,7 +96,7 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
         tokens=config.tokens, tls=config.tls,
         interceptors=[ObservingInterceptor(observer)] if observer is not None else (),
     )
-    return Gateway(handle, events, shards, ranking, funnel, rollout, appender)
+    return Gateway(handle, events, shards, ranking, funnel, rollout, appender, admission)
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"client bearer tokens, one per line (else ${CLIENT_TOKENS_ENV}, comma-separated)")
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain of the public port")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of the public port")
+    parser.add_argument("--no-admission", action="store_true",
+                        help="admit every call however loaded (admission control off: for comparisons)")
     add_internal_auth_arguments(parser)
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -131,4 +137,5 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(serve(GatewayConfig(
         recall_addresses=tuple(args.recall), ranking_addresses=tuple(args.ranking), **store_settings(args.db),
         host=args.host, port=args.port, tokens=() if args.no_auth else tokens, internal_token=internal,
-        tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None)))
+        tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        admission=AdmissionConfig(enabled=not args.no_admission))))

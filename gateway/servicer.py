@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 
 import grpc
 
+from gateway.admission import Admission, Overloaded, Priority
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
 from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, read_recent
@@ -30,6 +34,7 @@ from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_
 log = logging.getLogger(__name__)
 MAX_PATH_BYTES = 4096  # a bundle folder path, as Linux's PATH_MAX
 request_log = logging.getLogger("recfunnel.requests")
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a refusal: when a retry may succeed
 
 
 def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> RecommendQuery:
@@ -41,8 +46,9 @@ def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> R
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventStore, config: GatewayConfig,
-                 executor: ThreadPoolExecutor, appender: GroupCommit):
+                 executor: ThreadPoolExecutor, appender: GroupCommit, admission: Admission):
         self.funnel = funnel
+        self.admission = admission
         self.catalogue = catalogue
         self.events = events
         self.appender = appender  # Feedback's writes: calls that meet share a commit
@@ -61,6 +67,22 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         return time.monotonic() + self._budget(context)
 
+    @asynccontextmanager
+    async def _slot(self, priority: Priority, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """The body runs admitted, or the call is refused at once with RESOURCE_EXHAUSTED and a
+        retry hint (`retry-after-ms` in the trailing metadata): nothing of it was done."""
+        try:
+            ticket = await self.admission.acquire(priority, self._deadline(context))
+        except Overloaded as error:
+            retry_ms = max(1, math.ceil(error.retry_after_s * 1000))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, nothing done; retry after "
+                                f"{retry_ms} ms with backoff: {error}",
+                                trailing_metadata=((RETRY_AFTER_KEY, str(retry_ms)),))
+        try:
+            yield
+        finally:
+            self.admission.release(ticket)
+
     async def Recommend(self, request: recommender_pb2.RecommendRequest,
                         context: grpc.aio.ServicerContext) -> recommender_pb2.RecommendResponse:
         request_id = uuid.uuid4().hex
@@ -71,6 +93,11 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                             request.context_item_ids, request.diversity, self.config.limits)
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        async with self._slot(Priority.RECOMMEND, context):
+            return await self._recommend(request, context, request_id, started)
+
+    async def _recommend(self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext,
+                         request_id: str, started: float) -> recommender_pb2.RecommendResponse:
         deadline = self._deadline(context)
         try:
             history = await read_recent(self.events, request.user_id, self.config.history_length, self.executor)
@@ -87,7 +114,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 "degraded": answer.degraded or store_down, "coverage": answer.recall_coverage,
                 "model_version": answer.model_version,
                 "ms": round((time.monotonic() - started) * 1000, 2),
-                "stages_ms": {k: round(v, 2) for k, v in answer.stages_ms.items()},
+                "stages_ms": {k: round(v, 2) for k, v in answer.stages_ms.items()}, "skipped": answer.skipped,
             }))
         return recommender_pb2.RecommendResponse(
             items=[
@@ -115,7 +142,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         events = [Event(e.user_id, e.item_id, e.event_type or "interaction", e.value, e.timestamp_ms, e.event_id)
                   for e in request.events]
         try:
-            accepted, duplicates = await self.appender.append(events)  # returns only once committed
+            async with self._slot(Priority.WRITE, context):
+                accepted, duplicates = await self.appender.append(events)  # returns only once committed
         except StoreUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"nothing acknowledged; retry with the same event ids: "
                                 f"{error}")
@@ -137,7 +165,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         items = [ItemChange("upsert", i.item_id, i.text, tuple(i.tags)) for i in request.items]
         try:
-            count, version = await self.catalogue.upsert(items, self._budget(context), self.funnel.model_version)
+            async with self._slot(Priority.WRITE, context):
+                count, version = await self.catalogue.upsert(items, self._budget(context), self.funnel.model_version)
         except (StageFailed, StoreUnavailable) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"upsert did not complete, retry is safe: {error}")
         return recommender_pb2.UpsertItemsResponse(upserted=count, model_version=version)
@@ -153,7 +182,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         try:
-            deleted = await self.catalogue.delete(list(request.item_ids), self._budget(context))
+            async with self._slot(Priority.WRITE, context):
+                deleted = await self.catalogue.delete(list(request.item_ids), self._budget(context))
         except (StageFailed, StoreUnavailable) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"delete did not complete, retry is safe: {error}")
         return recommender_pb2.DeleteItemsResponse(deleted=deleted)

@@ -20,6 +20,10 @@ def cluster_report(shards: int = 3) -> dict:  # type: ignore[type-arg]
                  "model_version": VERSION, "restarts": n % 2, "rss_bytes": (300 + 10 * n) * 2**20,
                  "node_id": "5d12e8b0fb0b7b193076fe3c31fc24bdd0b1832d8e7bc7701553963d", "pid": 1000 + n}
                 for n, name in enumerate(names)]
+    for service in services:
+        if service["role"] == "gateway":  # the widest figures a busy gateway shows
+            service["admission"] = {"enabled": True, "limit": 512, "in_flight": 512, "queued": 32, "admitted": 10**9,
+                                    "shed": 123_456_789, "queue_wait_s": 1.5 * 10**6}
     return {"gateway": "127.0.0.1:50051", "gateways": ["127.0.0.1:50051"], "model_version": VERSION,
             "services": services, "loop": {"running": True, "pending": 12, "rounds": 1,
                                            "last_round": {"decision": "rolled out", "version": VERSION}}}
@@ -37,6 +41,7 @@ def test_status_shows_every_name_address_and_version_whole_in_80_columns() -> No
     assert text.count(VERSION) == len(report["services"]) + 2  # each actor's, the header's, the loop's
     assert "…" not in text
     assert "1 restarts" in text and "300 MB" in text and "12 events pending" in text
+    assert text.count("admission limit 512: 512 running, 32 queued; 11.0% shed, queue wait 1.50 ms") == 2
 
 
 def test_status_lines_fit_80_columns_without_rich_wrapping_them() -> None:

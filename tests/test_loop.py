@@ -146,6 +146,10 @@ def test_loop_settings_come_from_the_cluster_config(tmp_path: Path) -> None:
     # The example shipped in deploy/ parses: every key it names is one the config knows.
     shipped = ClusterConfig.from_file(Path(__file__).parents[1] / "deploy" / "cluster.toml")
     assert shipped.loop is not None and shipped.loop.workers == 1 and not shipped.loop.use_gpu
+    assert shipped.admission.enabled and shipped.admission.max_queue == 32
+    toml.write_text('bundle = "b"\ndb_path = "e.sqlite"\n[admission]\nmin_limit = 0\n', "utf-8")
+    with pytest.raises(ValueError, match="min_limit"):
+        ClusterConfig.from_file(toml)
 
 
 # ---- end to end ----------------------------------------------------------------------------
@@ -220,11 +224,16 @@ def test_feedback_with_a_new_taste_changes_recommendations_after_one_round_with_
     metrics = scrape(METRICS_PORT, ["ray_recfunnel_requests_total", "ray_recfunnel_feedback_events_total",
                                     "ray_recfunnel_ranker_batches_total", "ray_recfunnel_index_items",
                                     "ray_recfunnel_training_epochs_total", "ray_recfunnel_training_valid_ndcg",
-                                    "ray_recfunnel_loop_rounds_total", "ray_recfunnel_loop_pending_events"])
+                                    "ray_recfunnel_loop_rounds_total", "ray_recfunnel_loop_pending_events",
+                                    "ray_recfunnel_admission_limit", "ray_recfunnel_admitted_requests_total"])
     assert metrics["ray_recfunnel_requests_total"] >= served
     assert metrics["ray_recfunnel_feedback_events_total"] == len(fans)
     assert metrics["ray_recfunnel_training_epochs_total"] >= 2  # at least one epoch of each phase
     assert metrics["ray_recfunnel_loop_rounds_total"] == 1
+    # Read from the gateway's counters every few seconds: behind the requests, never absent.
+    assert metrics["ray_recfunnel_admitted_requests_total"] > 0 and metrics["ray_recfunnel_admission_limit"] >= 2
+    gateway = next(s for s in status["services"] if s["role"] == "gateway")
+    assert gateway["admission"]["enabled"] and gateway["admission"]["admitted"] > 0
 
 
 def scrambled_copy(bundle: Path, folder: Path) -> Path:

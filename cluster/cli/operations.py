@@ -108,6 +108,9 @@ def status_lines(report: dict[str, Any]) -> list[str]:
         lines.append("  ".join(value.rjust(w) if c >= 3 else value.ljust(w)
                                for c, (value, w) in enumerate(zip(row, widths, strict=True))).rstrip())
         lines.append(f"    version {service['model_version']}, node {service['node_id'][:16]}")
+        admission = service.get("admission") or {}
+        if admission:
+            lines.append(admission_line(admission))
     loop = report.get("loop")
     if loop is not None:
         last = loop.get("last_round") or {}
@@ -116,6 +119,16 @@ def status_lines(report: dict[str, Any]) -> list[str]:
         if last:
             lines.append(f"    last round: {last['decision']}, {last.get('version', last.get('error', ''))}")
     return lines
+def admission_line(admission: dict[str, Any]) -> str:
+    """A gateway's admission control in one line of at most 80 columns (counts are in --json)."""
+    if not admission["enabled"]:
+        return f"    admission: off, {admission['in_flight']} running"
+    shed, admitted = admission["shed"], admission["admitted"]
+    wait_ms = 1000 * admission["queue_wait_s"] / max(admitted, 1)
+    return (f"    admission limit {admission['limit']}: {admission['in_flight']} running, {admission['queued']} "
+            f"queued; {100 * shed / max(shed + admitted, 1):.1f}% shed, queue wait {wait_ms:.2f} ms")
+
+
 @group.command()
 def down(
     address: AddressOption = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -33,6 +33,23 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print only the JSON re
 LOAD_HEADLINE = [("offered rps", "offered_rps"), ("achieved rps", "achieved_rps"), ("p50 ms", "p50_ms"),
                  ("p99 ms", "p99_ms"), ("p99.9 ms", "p99.9_ms"), ("errors", "errors"),
                  ("degraded share", "degraded_share")]
+OVERLOAD_HEADLINE = [("capacity rps", "ramp.capacity_rps"), ("p99 at capacity ms", "ramp.p99_at_capacity_ms"),
+                     ("overload goodput / capacity", "overload.goodput_over_capacity"),
+                     ("overload shed share", "overload.overload.shed_share"),
+                     ("overload refusal p99 ms", "overload.overload.refusal.p99_ms"),
+                     ("p99 10 s after / before", "overload.p99_after_10s_over_before"),
+                     ("Feedback lost", "overload.feedback.lost")]
+BENCH_OVERLOAD_HEADLINE = [
+    ("capacity rps", "ramp.capacity_rps"), ("p99 at capacity ms", "ramp.p99_at_capacity_ms"),
+    ("p99 below capacity, on / off", "below_capacity.p99_on_over_off"),
+    ("goodput / capacity at 2x, on", "overload.admission on.goodput_over_capacity"),
+    ("goodput / capacity at 2x, off", "overload.admission off.goodput_over_capacity"),
+    ("admitted p99 / p99 at capacity, on", "overload.admission on.admitted_p99_over_capacity_p99"),
+    ("refusal p99 ms, on", "overload.admission on.overload.refusal.p99_ms"),
+    ("health check p99 ms during it, on", "overload.admission on.health_check_during_overload.p99_ms"),
+    ("p99 10 s after / before, on", "overload.admission on.p99_after_10s_over_before"),
+    ("p99 10 s after / before, off", "overload.admission off.p99_after_10s_over_before"),
+    ("Feedback lost, on", "overload.admission on.feedback.lost")]
 SOAK_HEADLINE = [("RSS growth, largest actor", "rss_growth_max"), ("RSS growth, all actors", "rss_growth_total")]
 LOOP_HEADLINE = [("decision", "round.decision"), ("round seconds", "round.seconds"),
                  ("taste in top 10 before", "taste.in_probe_top10_before"),
@@ -77,22 +94,58 @@ def loadtest(
     tls_ca: Annotated[Path | None, typer.Option(help="PEM of the CA (or self-signed cert): use TLS")] = None,
     timeout: Annotated[float, typer.Option(min=0.01, max=60, help="deadline of each call, seconds")] = 1.0,
     seed: Annotated[int, typer.Option(help="random seed of arrivals and mix")] = 0,
+    ramp: Annotated[str | None, typer.Option(help="FROM:TO:STEP requests/s: find the capacity, each step "
+                                                  "--step-seconds long (instead of --qps)")] = None,
+    overload: Annotated[bool, typer.Option("--overload", help="half the capacity, twice it, then half again: "
+                                                              "what is shed and how soon p99 recovers")] = False,
+    capacity: Annotated[float | None, typer.Option(min=1, max=100_000, help="capacity for --overload, "
+                                                   "requests/s (default: from --ramp)")] = None,
+    p99_bound_ms: Annotated[float, typer.Option(min=1, help="a ramp step is within capacity while its p99 "
+                                                           "stays under this")] = 100.0,
+    step_seconds: Annotated[float, typer.Option(min=1, max=3600, help="seconds per ramp step")] = 10.0,
+    phase_seconds: Annotated[float, typer.Option(min=1, max=3600, help="seconds before and during the "
+                                                 "overload")] = 20.0,
+    recovery_seconds: Annotated[float, typer.Option(min=10, max=3600, help="seconds measured after the "
+                                                    "overload")] = 30.0,
     as_json: JsonOption = False,
-    plot: Annotated[Path | None, typer.Option(help="write latency over time and its distribution to this PNG")
-                    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="write latency over time and its distribution (with --ramp: "
+                                                   "latency, goodput and refusals against offered load) to "
+                                                   "this PNG")] = None,
 ) -> None:
     """Open-loop load on a gateway: Poisson arrivals, latency from the scheduled send time."""
     import asyncio
 
     from bench.loadtest import LoadTest, Mix, report, run_load
-    from bench.plots import plot_latency
+    from bench.overload import Ramp, run_overload, run_ramp
+    from bench.plots import plot_latency, plot_overload, plot_ramp
 
     try:
         request_mix = Mix.from_file(mix) if mix else Mix.movielens()
         test = LoadTest(target=target, qps=qps, duration_s=duration, token=token, tls_ca=tls_ca,
                         timeout_s=timeout, seed=seed)
+        steps = Ramp.parse(ramp) if ramp else None
     except (ValueError, TypeError, OSError) as error:
         raise typer.BadParameter(str(error)) from error
+    if overload and steps is None and capacity is None:
+        raise typer.BadParameter("--overload needs --capacity or a --ramp to measure it")
+    log = (lambda _: None) if as_json else progress_console.log
+    if steps is not None or overload:
+        summary: dict[str, Any] = {"target": target}
+        if steps is not None:
+            summary["ramp"] = run_ramp(test, request_mix, steps, p99_bound_ms, step_seconds, log)
+            if plot is not None:
+                plot_ramp(summary["ramp"], plot, f"recfunnel loadtest --ramp {ramp} on {target}")
+                summary["plot"] = str(plot)
+        if overload:
+            found = capacity or summary["ramp"]["capacity_rps"]
+            at_capacity = summary["ramp"]["p99_at_capacity_ms"] if steps is not None and not capacity else None
+            summary["overload"] = run_overload(test, request_mix, found, phase_seconds, recovery_seconds,
+                                               at_capacity, log)
+            if plot is not None and steps is None:
+                plot_overload({target: summary["overload"]}, plot, f"recfunnel loadtest --overload on {target}")
+                summary["plot"] = str(plot)
+        print_report(summary, as_json, OVERLOAD_HEADLINE, f"capacity and overload on {target}")
+        return
     if not as_json:
         progress_console.log(f"{qps:g} requests/s for {duration:g} s on {target}")
     result = asyncio.run(run_load(test, request_mix))
@@ -346,6 +399,43 @@ def bench_scale(
         plot_scale(report, plot, "recfunnel bench scale: each phase against the data's size")
         report["plot"] = str(plot)
     print_report(report, as_json, SCALE_HEADLINE, "scale")
+
+
+@bench.command("overload")
+def bench_overload(
+    ramp: Annotated[str, typer.Option(help="FROM:TO:STEP requests/s of the capacity search")] = "50:500:50",
+    step_seconds: Annotated[float, typer.Option(min=1, help="seconds per ramp step")] = 10.0,
+    p99_bound_ms: Annotated[float, typer.Option(min=1, help="p99 bound of a step within capacity")] = 100.0,
+    phase_seconds: Annotated[float, typer.Option(min=1, help="seconds before and during each overload")] = 20.0,
+    recovery_seconds: Annotated[float, typer.Option(min=10, help="seconds measured after each overload")] = 30.0,
+    bundle: Annotated[Path | None, typer.Option(help="ML-100K bundle; default: the demo one")] = None,
+    as_json: JsonOption = False,
+    plot: Annotated[Path | None, typer.Option(help="write the ramp and the recoveries to this PNG "
+                                                   "(and NAME-recovery.png)")] = None,
+) -> None:
+    """Admission control on against off, in one run: the capacity, p99 below it, and what each
+    gateway does at twice the capacity and after it."""
+    from bench.overload import OverloadBenchConfig, Ramp, run_overload_bench
+    from bench.plots import plot_overload, plot_ramp
+    from cluster.demo import DEMO_TRAIN_SECONDS, demo_bundle
+    from recdata.movielens import cache_dir, load_ml100k
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        steps = Ramp.parse(ramp)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    if bundle is None:
+        bundle = demo_bundle(load_ml100k(), cache_dir() / "demo", DEMO_TRAIN_SECONDS, progress_console)
+    config = OverloadBenchConfig(bundle=bundle, ramp=steps, step_s=step_seconds, p99_bound_ms=p99_bound_ms,
+                                 phase_s=phase_seconds, recovery_s=recovery_seconds)
+    report = run_overload_bench(config, progress=(lambda _: None) if as_json else progress_console.log)
+    if plot is not None:
+        plot_ramp(report["ramp"], plot, "recfunnel bench overload: the capacity search, admission control on")
+        recovery = plot.with_name(f"{plot.stem}-recovery{plot.suffix}")
+        plot_overload(report["overload"], recovery, "recfunnel bench overload: p99 after twice the capacity")
+        report["plot"] = [str(plot), str(recovery)]
+    print_report(report, as_json, BENCH_OVERLOAD_HEADLINE, "overload")
 
 
 @bench.command("store")

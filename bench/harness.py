@@ -15,7 +15,9 @@ import json
 import os
 import resource
 import socket
+import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
@@ -168,3 +171,20 @@ def print_report(report: dict[str, Any], as_json: bool, headline: Sequence[tuple
         Console(stderr=True).print(headline_table(report, headline, title))
     sys.stdout.write(json.dumps(report, indent=None if as_json else 2) + "\n")
     sys.stdout.flush()
+
+
+def wait_for_health(address: str, processes: list[subprocess.Popen[bytes]], within_s: float = 60.0) -> None:
+    """Until the service processes started on `address` answer health checks; raises if one exits."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes):
+            raise RuntimeError(f"a service process exited while starting (code {[p.poll() for p in processes]})")
+        with grpc.insecure_channel(address) as channel:
+            try:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                # Every process listens once each has had time to bind; the port is shared.
+                time.sleep(1.0)
+                return
+            except grpc.RpcError:
+                time.sleep(0.3)
+    raise TimeoutError(f"nothing answered health on {address} within {within_s} s")

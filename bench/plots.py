@@ -20,6 +20,25 @@ PLAIN_NUMBERS = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 5, 10, 50 ms 
 RECBOLE_SASREC_TEST_NDCG10 = 0.0636  # PEERS.md: RecBole 1.2.1 SASRec, 20 epochs, same split
 
 
+def log_latency_axis(axis: Any, xlabel: str, ylabel: str) -> None:
+    """Latency on a log scale in plain numbers, labels, legend and grid."""
+    axis.set_yscale("log")
+    axis.yaxis.set_major_formatter(PLAIN_NUMBERS)
+    axis.yaxis.set_minor_formatter(PLAIN_NUMBERS if axis.get_ylim()[1] / axis.get_ylim()[0] < 10 else NullFormatter())
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+
+
+def finish(figure: Any, path: Path, title: str) -> Path:
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def plot_training_curve(curve: list[dict[str, float]], path: Path, title: str) -> Path:
     """Validation and test NDCG@10 after every epoch of both phases, against seconds since start."""
     figure, axis = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -82,11 +101,7 @@ def plot_latency(result: LoadResult, path: Path, title: str) -> Path:
     distribution.set_xlabel("latency, ms (log)")
     distribution.set_ylabel("share of requests at most this slow")
     distribution.grid(alpha=0.3)
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return finish(figure, path, title)
 
 
 def plot_scale(report: dict[str, Any], path: Path, title: str) -> Path:
@@ -113,3 +128,43 @@ def plot_scale(report: dict[str, Any], path: Path, title: str) -> Path:
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_ramp(report: dict[str, Any], path: Path, title: str) -> Path:
+    """Against offered load: p50/p99 of the answers, goodput, and the share refused."""
+    steps = report["steps"]
+    offered = [s["offered_rps"] for s in steps]
+    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    latency.plot(offered, [s["p50_ms"] for s in steps], "o-", label="p50")
+    latency.plot(offered, [s["p99_ms"] for s in steps], "s-", label="p99")
+    latency.axhline(report["p99_bound_ms"], color="grey", linestyle=":", label="p99 bound")
+    log_latency_axis(latency, "offered requests/s", "latency of answered calls, ms (log)")
+    throughput.plot(offered, offered, color="grey", linestyle=":", label="offered")
+    throughput.plot(offered, [s["goodput_rps"] for s in steps], "o-", label="goodput (OK, not degraded)")
+    if report["capacity_rps"]:
+        throughput.axvline(report["capacity_rps"], color="tab:green", linestyle="--",
+                           label=f"capacity {report['capacity_rps']:g}/s")
+    throughput.set_xlabel("offered requests/s")
+    throughput.set_ylabel("requests/s")
+    shed = throughput.twinx()
+    shed.plot(offered, [100 * s["shed_share"] for s in steps], "x--", color="tab:red", label="refused %")
+    shed.set_ylabel("refused (RESOURCE_EXHAUSTED), %")
+    shed.set_ylim(0, 100)
+    handles = throughput.get_legend_handles_labels()
+    extra = shed.get_legend_handles_labels()
+    throughput.legend(handles[0] + extra[0], handles[1] + extra[1], fontsize=8, loc="upper left")
+    throughput.grid(alpha=0.3)
+    return finish(figure, path, title)
+
+
+def plot_overload(runs: dict[str, dict[str, Any]], path: Path, title: str) -> Path:
+    """p99 per 5-second window after each run's overload, against its p99 before."""
+    figure, axis = plt.subplots(figsize=(8, 4.2), dpi=110)
+    for (name, run), color in zip(runs.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False):
+        windows = run["after_windows"]
+        axis.plot([w["from_s"] for w in windows], [w["p99_ms"] for w in windows], "o-", color=color,
+                  label=f"{name}: p99 after the overload")
+        axis.axhline(1.2 * run["before"]["p99_ms"], color=color, linestyle=":", label=f"{name}: 1.2 x p99 before")
+    axis.axvline(10, color="grey", linestyle="--", linewidth=1)
+    log_latency_axis(axis, "seconds after the overload ended (start of a 5 s window)", "p99, ms (log)")
+    return finish(figure, path, title)

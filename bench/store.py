@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.harness import free_port, open_loop
+from bench.harness import free_port, open_loop, wait_for_health
 from gateway.events import Event, EventStore, open_event_store, read_recent
 from protos.serving import freeze_loaded_objects
 from recdata.dataset import Dataset
@@ -116,24 +116,6 @@ def gateway_processes(count: int, port: int, recall: list[str], ranking: str, db
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
-
-
-def wait_for_health(address: str, processes: list[subprocess.Popen[bytes]], within_s: float = 60.0) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in processes):
-            raise RuntimeError(f"a gateway process exited while starting (code {[p.poll() for p in processes]})")
-        with grpc.insecure_channel(address) as channel:
-            try:
-                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                # Every process listens once each has had time to bind; the port is shared.
-                time.sleep(1.0)
-                return
-            except grpc.RpcError:
-                time.sleep(0.3)
-    raise TimeoutError(f"no gateway answered health on {address} within {within_s} s")
 
 
 async def feedback_rate(address: str, batch: int, callers: int, seconds: float) -> dict[str, Any]:

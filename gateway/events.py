@@ -85,6 +85,7 @@ class EventStore(Protocol):
     def append(self, events: Iterable[Event]) -> tuple[int, int]: ...
     def append_calls(self, calls: list[list[Event]]) -> list[tuple[int, int]]: ...
     def recent_items(self, user_id: str, limit: int) -> list[str]: ...
+    def erase_user(self, user_id: str) -> int: ...
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None: ...
     def item_changes(self) -> list[ItemChange]: ...
     def last_seq(self) -> int: ...
@@ -193,6 +194,19 @@ class EventLog:
                 (user_id, limit),
             ).fetchall()
         return [r[0] for r in reversed(rows)]
+
+    def erase_user(self, user_id: str) -> int:
+        """Delete every event of the user, durably; how many there were (0 the second time).
+        Their idempotency keys go too: an old call sent again after this is logged anew."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                removed = self._db.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(removed)
 
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None:
         """Append catalogue changes in one durable transaction."""

@@ -171,6 +171,13 @@ class PostgresEventLog:
                               "ORDER BY timestamp_ms DESC, seq DESC LIMIT %s", (user_id, limit)).fetchall()
         return [r[0] for r in reversed(rows)]
 
+    def erase_user(self, user_id: str) -> int:
+        """Delete every event of the user, durably; how many there were (0 the second time).
+        Their idempotency keys go too: an old call sent again after this is logged anew."""
+        with self._connection() as db:
+            cursor = db.execute("DELETE FROM events WHERE user_id = %s", (user_id,))
+        return max(0, cursor.rowcount)
+
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None:
         """Append catalogue changes in one durable transaction."""
         rows = [(c.op, c.item_id, c.text, json.dumps(list(c.tags))) for c in changes]

@@ -24,6 +24,7 @@ from gateway.rollout import Rollout
 from gateway.validation import (
     InvalidRequest,
     check_event,
+    check_id,
     check_id_list,
     check_item,
     check_recommend,
@@ -187,6 +188,22 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         except (StageFailed, StoreUnavailable) as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"delete did not complete, retry is safe: {error}")
         return recommender_pb2.DeleteItemsResponse(deleted=deleted)
+
+
+    async def DeleteUser(self, request: recommender_pb2.DeleteUserRequest,
+                         context: grpc.aio.ServicerContext) -> recommender_pb2.DeleteUserResponse:
+        try:
+            check_size("DeleteUser", request.ByteSize(), self.config.limits)
+            check_id("user_id", request.user_id, self.config.limits)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            async with self._slot(Priority.WRITE, context):
+                # The history is read from the log at every Recommend: nothing else holds it.
+                removed = await self._run(self.events.erase_user, request.user_id)
+        except StoreUnavailable as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"nothing erased; retry: {error}")
+        return recommender_pb2.DeleteUserResponse(events_removed=removed)
 
 
 class RolloutServicer(versions_pb2_grpc.RolloutServicer):

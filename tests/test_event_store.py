@@ -63,6 +63,20 @@ def test_events_since_a_mark_come_in_log_order(store: EventStore) -> None:
     assert [e.seq for e in everything] == sorted(e.seq for e in everything)
 
 
+def test_erasing_a_user_removes_their_events_and_only_theirs_for_good(location: str) -> None:
+    store = open_event_store(location)
+    store.append([Event("gone", "a", event_id="g1"), Event("kept", "b"), Event("gone", "c"), Event("kept", "d")])
+    mark = store.last_seq()
+    assert store.erase_user("gone") == 2
+    assert store.erase_user("gone") == 0 and store.erase_user("never-seen") == 0  # idempotent
+    assert store.recent_items("gone", 10) == [] and store.recent_items("kept", 10) == ["b", "d"]
+    assert [e.user_id for e in store.events_between(0, mark)] == ["kept", "kept"]  # what the loop reads
+    store.close()
+    reopened = open_event_store(location)
+    assert reopened.count() == 2 and reopened.recent_items("gone", 10) == []
+    reopened.close()
+
+
 def test_settings_and_catalogue_changes_persist(location: str) -> None:
     store = open_event_store(location)
     assert store.setting("loop.since_seq") is None

@@ -132,6 +132,20 @@ def test_delete_items(live, item_ids) -> None:
 
 
 @FUZZ
+@given(user_id=ids)
+def test_delete_user(live, user_id) -> None:
+    gateway, channel = live
+    before = gateway.events.count()
+    code, reply, details = _code(recommender_pb2_grpc.RecommenderStub(channel).DeleteUser,
+                                 recommender_pb2.DeleteUserRequest(user_id=user_id))
+    _check(code, details)
+    if code == grpc.StatusCode.OK:
+        assert reply.events_removed == before - gateway.events.count()
+    else:
+        assert gateway.events.count() == before  # a refused call erases nothing
+
+
+@FUZZ
 @given(bundle_path=st.one_of(ids, st.integers(4000, 5000).map(lambda n: "d/" * (n // 2)),
                              st.sampled_from(["/", "/tmp", "."])))
 def test_swap_version_to_something_that_is_no_bundle(live, bundle_path) -> None:

@@ -267,6 +267,24 @@ async def test_gateway_over_grpc(gateway) -> None:
         assert gw.events.count() == 8  # the rejected call wrote nothing
 
 
+async def test_delete_user_erases_the_history_answers_what_it_removed_and_is_idempotent(gateway) -> None:
+    gw, _, _ = gateway
+    async with grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        await stub.Feedback(recommender_pb2.FeedbackRequest(events=[
+            recommender_pb2.Event(user_id=user, item_id=f"i{n}") for n in range(3) for user in ("leaver", "stayer")]))
+        assert gw.events.recent_items("leaver", 10) == ["i0", "i1", "i2"]
+        first = await stub.DeleteUser(recommender_pb2.DeleteUserRequest(user_id="leaver"))
+        again = await stub.DeleteUser(recommender_pb2.DeleteUserRequest(user_id="leaver"))
+        assert (first.events_removed, again.events_removed) == (3, 0)
+        assert gw.events.recent_items("leaver", 10) == [] and len(gw.events.recent_items("stayer", 10)) == 3
+        reply = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="leaver", k=5))
+        assert len(reply.items) == 5  # served as a user without history
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.DeleteUser(recommender_pb2.DeleteUserRequest(user_id="x" * 257))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1..256" in (refused.value.details() or "")
+
+
 async def test_every_recommend_gets_a_request_id_and_one_structured_log_line(gateway, caplog) -> None:
     gw, _, _ = gateway
     gw.events.append([Event("alice", f"i{n}", timestamp_ms=n + 1) for n in range(3)])

@@ -124,6 +124,30 @@ def test_rounds_are_due_every_n_events_or_t_seconds_and_resume_where_they_were(
     assert again.since_seq == loop.since_seq and again.pending() == 3
 
 
+def test_a_round_after_a_user_is_erased_never_trains_on_their_events(
+        tiny_bundle: Path, tiny_dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cluster.loop as loop_module
+
+    log = EventLog(tmp_path / "events.sqlite")
+    config = LoopConfig(every_events=1, output=tmp_path / "loop", storage=tmp_path / "rt")
+    loop = FeedbackLoop(config, log, RecordingServing(tiny_bundle), base=tiny_dataset)
+    items = list(tiny_dataset.item_ids)
+    log.append([Event("erased-user", items[n]) for n in range(5)] + [Event("kept-user", items[n]) for n in range(3)])
+    assert log.erase_user("erased-user") == 5
+    trained_on: list[Dataset] = []
+
+    def fine_tune(dataset: Dataset, *args: Any, **kwargs: Any) -> Any:
+        trained_on.append(dataset)
+        raise RuntimeError("stop here: what the round would train on is known")
+
+    monkeypatch.setattr(loop_module, "_fine_tune", fine_tune)
+    report = loop.run_round()
+    assert "stop here" in report["error"]
+    (dataset,) = trained_on
+    assert "erased-user" not in dataset.user_ids
+    assert len(dataset.sequences[dataset.user_ids.index("kept-user")]) == 3
+
+
 def test_the_fine_tune_keeps_the_serving_versions_settings_with_the_loops_epochs(tiny_bundle: Path) -> None:
     manifest = read_manifest(tiny_bundle)
     tuned = fine_tune_config(manifest, LoopConfig(encoder_epochs=2, ranker_epochs=1, seed=5))

@@ -22,12 +22,13 @@ def test_public_contract_names_are_stable() -> None:
 
     service = pb.DESCRIPTOR.services_by_name["Recommender"]
     assert service.full_name == "recfunnel.v1.Recommender"
-    assert {m.name for m in service.methods} == {"Recommend", "Feedback", "UpsertItems", "DeleteItems"}
+    assert {m.name for m in service.methods} == {"Recommend", "Feedback", "UpsertItems", "DeleteItems", "DeleteUser"}
     fields = {f.name: f.number for f in pb.RecommendRequest.DESCRIPTOR.fields}
     assert fields == {"user_id": 1, "k": 2, "exclude_item_ids": 3, "context_item_ids": 4, "diversity": 5,
                       "explain": 6}
     fields = {f.name: f.number for f in pb.RecommendResponse.DESCRIPTOR.fields}
     assert fields == {"items": 1, "model_version": 2, "degraded": 3, "recall_coverage": 4, "request_id": 5}
+    assert {f.name: f.number for f in pb.DeleteUserResponse.DESCRIPTOR.fields} == {"events_removed": 1}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

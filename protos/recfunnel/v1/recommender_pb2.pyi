@@ -113,3 +113,15 @@ class DeleteItemsResponse(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class DeleteUserRequest(_message.Message):
+    __slots__ = ("user_id",)
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+
+class DeleteUserResponse(_message.Message):
+    __slots__ = ("events_removed",)
+    EVENTS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    events_removed: int
+    def __init__(self, events_removed: _Optional[int] = ...) -> None: ...

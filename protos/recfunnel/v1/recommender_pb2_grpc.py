@@ -54,6 +54,11 @@ class RecommenderStub:
                 request_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteItemsRequest.SerializeToString,
                 response_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteItemsResponse.FromString,
                 _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/recfunnel.v1.Recommender/DeleteUser',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -88,6 +93,13 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteUser(self, request, context):
+        """Erases every event logged for the user (and so their history); idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.DeleteItems,
                     request_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteItemsRequest.FromString,
                     response_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteItemsResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Recommender:
             '/recfunnel.v1.Recommender/DeleteItems',
             protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteItemsRequest.SerializeToString,
             protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Recommender/DeleteUser',
+            protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,8 +24,8 @@ import itertools
 import math
 import statistics
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -155,13 +155,26 @@ class Admission:
         self._queue: list[tuple[int, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
         self._lag_probe: asyncio.Task[None] | None = None
+        self._held = 0  # > 0 while planned work (a model swap's loading) slows every call
+
+    @contextmanager
+    def limit_held(self) -> Iterator[None]:
+        """The limit keeps its value meanwhile: a model swap's index builds and weight loads
+        are planned work whose slowdown says nothing of what the cluster serves otherwise,
+        and callers that were served before it must not be refused because of it."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
 
     async def _probe_loop_lag(self) -> None:
         """Sleep and see how late the loop wakes: the wait every new call has before it."""
         while True:
             asked = self.clock() + self.config.loop_probe_s
             await asyncio.sleep(self.config.loop_probe_s)
-            self.limiter.loop_lag(max(0.0, self.clock() - asked))
+            if not self._held:
+                self.limiter.loop_lag(max(0.0, self.clock() - asked))
 
     def close(self) -> None:
         if self._lag_probe is not None:
@@ -219,7 +232,7 @@ class Admission:
         if not ticket.limited:
             self.in_flight -= 1
             return
-        if ticket.priority is Priority.RECOMMEND:  # writes wait on the disk, not on the cluster's CPU
+        if ticket.priority is Priority.RECOMMEND and not self._held:  # writes wait on the disk, not the CPU
             self.limiter.observe(self.clock() - ticket.started, ticket.running_beside)
         self._release()
 

@@ -12,12 +12,14 @@ A request reads the version once, at its start, so it sees one version end to en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.admission import Admission
 from gateway.catalogue import Catalogue
 from gateway.funnel import Funnel, StageFailed
 
@@ -40,8 +42,10 @@ class SwapReport:
 
 class Rollout:
     def __init__(self, funnel: Funnel, catalogue: Catalogue, ranking: VersionHolder,
-                 shards: Sequence[VersionHolder], drain_s: float, load_timeout_s: float = 600.0):
+                 shards: Sequence[VersionHolder], drain_s: float, load_timeout_s: float = 600.0,
+                 admission: Admission | None = None):
         self.funnel = funnel
+        self.admission = admission
         self.catalogue = catalogue
         self.ranking = ranking
         self.shards = list(shards)
@@ -71,7 +75,8 @@ class Rollout:
     async def load(self, bundle_path: str) -> str:
         """Load a bundle on the ranker and every shard, beside what they serve; its version."""
         holders = [self.ranking, *self.shards]
-        loaded = await asyncio.gather(*(h.load_version(bundle_path, self.load_timeout_s) for h in holders))
+        with self.admission.limit_held() if self.admission else contextlib.nullcontext():
+            loaded = await asyncio.gather(*(h.load_version(bundle_path, self.load_timeout_s) for h in holders))
         if len(set(loaded)) != 1:
             raise StageFailed(f"services loaded different versions from {bundle_path}: {sorted(set(loaded))}")
         return loaded[0]

@@ -86,7 +86,7 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
     admission = Admission(config.admission)
     servicer = RecommenderServicer(funnel, catalogue, events, config,
                                    ThreadPoolExecutor(4, thread_name_prefix="gateway"), appender, admission)
-    rollout = Rollout(funnel, catalogue, ranking, shards, config.swap_drain_s)
+    rollout = Rollout(funnel, catalogue, ranking, shards, config.swap_drain_s, admission=admission)
     freeze_loaded_objects()
     handle = await start_server(
         config.host, config.port,

@@ -183,3 +183,22 @@ async def test_the_gateway_refuses_with_resource_exhausted_and_a_retry_hint(tiny
     assert dict(refused.value.trailing_metadata() or ())[RETRY_AFTER_KEY] == "300"
     assert refused_in < 0.1
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_model_swap_holds_the_limit_while_its_loading_slows_every_call() -> None:
+    clock = FakeClock()
+    admission = Admission(AdmissionConfig(initial_limit=8, window_min_samples=1), clock)
+
+    async def calls(count: int, latency_s: float) -> None:
+        for _ in range(count):
+            ticket = await admission.acquire(Priority.RECOMMEND, clock() + 1)
+            clock.now += latency_s
+            admission.release(ticket)
+            clock.now += admission.config.window_s
+
+    await calls(3, 0.01)  # the no-load latency is known
+    with admission.limit_held():
+        await calls(20, 0.3)  # 30 x slower while the new version loads
+    assert admission.limit == 8
+    await calls(3, 0.3)
+    assert admission.limit < 8

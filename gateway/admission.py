@@ -40,7 +40,9 @@ class Priority(IntEnum):
 class AdmissionConfig:
     enabled: bool = True
     initial_limit: int = 16         # concurrent calls before any latency is known
-    min_limit: int = 2
+    # Never fewer: a handful of calls at once is no overload, whatever latency does (a node
+    # lost, a model loading), and callers that only keep a few in flight are never refused.
+    min_limit: int = 8
     max_limit: int = 512
     max_queue: int = 32             # calls waiting for a slot, at most
     max_queue_wait_s: float = 0.010 # a call expected to wait longer is refused at once

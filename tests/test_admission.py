@@ -187,7 +187,7 @@ async def test_the_gateway_refuses_with_resource_exhausted_and_a_retry_hint(tiny
 
 async def test_a_model_swap_holds_the_limit_while_its_loading_slows_every_call() -> None:
     clock = FakeClock()
-    admission = Admission(AdmissionConfig(initial_limit=8, window_min_samples=1), clock)
+    admission = Admission(AdmissionConfig(initial_limit=16, window_min_samples=1), clock)
 
     async def calls(count: int, latency_s: float) -> None:
         for _ in range(count):
@@ -199,6 +199,6 @@ async def test_a_model_swap_holds_the_limit_while_its_loading_slows_every_call()
     await calls(3, 0.01)  # the no-load latency is known
     with admission.limit_held():
         await calls(20, 0.3)  # 30 x slower while the new version loads
-    assert admission.limit == 8
+    assert admission.limit == 16
     await calls(3, 0.3)
-    assert admission.limit < 8
+    assert admission.limit < 16

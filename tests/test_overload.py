@@ -79,7 +79,9 @@ def slow_gateway(tiny_bundle: Path, tmp_path: Path, request: pytest.FixtureReque
     thread.join(timeout=30)
 
 
-@pytest.mark.parametrize("slow_gateway", [AdmissionConfig()], indirect=True)
+# A tolerance of 1.5 x the no-load median (2 x by default) leaves a margin between the bound
+# below and the limit's own first windows, which admit a little more before it shrinks.
+@pytest.mark.parametrize("slow_gateway", [AdmissionConfig(tolerance=1.5)], indirect=True)
 def test_after_twice_its_capacity_the_gateway_recovers_at_once_and_loses_no_feedback(
         slow_gateway: str, tiny_dataset: Dataset) -> None:
     mix = Mix(tuple(tiny_dataset.user_ids), tuple(tiny_dataset.item_ids), k=5)
@@ -91,8 +93,8 @@ def test_after_twice_its_capacity_the_gateway_recovers_at_once_and_loses_no_feed
     assert overload["shed_share"] > 0.05  # the excess was refused
     assert set(overload["errors"]) <= {"RESOURCE_EXHAUSTED"}
     assert report["goodput_over_capacity"] >= 0.9
-    # What was admitted stayed fast: within the limiter's tolerance (2 x the no-load median)
-    # plus its tail, while the same overload without it queues to 4 x and more (below) ...
+    # What was admitted stayed fast: within the limiter's tolerance of the no-load median plus
+    # its tail, while the same overload without it queues to 4 x and more (below) ...
     assert overload["recommend_admitted"]["p99_ms"] < 3 * report["before"]["p99_ms"]
     # ... so nothing is left to drain once the overload ends: back within 1.2 x within 10 s.
     assert report["recovered_after_s"] is not None and report["recovered_after_s"] <= 10.0

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from bench.harness import LoadResult, open_loop
+from bench.harness import Call, LoadResult, open_loop
 from protos.auth import call_metadata, open_channel
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 from protos.serving import CHANNEL_OPTIONS
@@ -115,18 +115,28 @@ class LoadTest:
             raise ValueError(f"duration={self.duration_s} must be in (0, 86400] seconds")
 
 
+def mix_call(stub: recommender_pb2_grpc.RecommenderStub, test: LoadTest,
+             acknowledged: list[recommender_pb2.Event] | None = None) -> Call:
+    """Sends one request of a mix (Recommend or Feedback) with the test's deadline and token;
+    the acknowledged Feedback events go to `acknowledged` when given."""
+    metadata = call_metadata(test.token)
+
+    async def call(request: Any) -> bool:
+        if isinstance(request, recommender_pb2.FeedbackRequest):
+            await stub.Feedback(request, timeout=test.timeout_s, metadata=metadata)
+            if acknowledged is not None:
+                acknowledged.extend(request.events)
+            return False
+        reply = await stub.Recommend(request, timeout=test.timeout_s, metadata=metadata)
+        return bool(reply.degraded)
+
+    return call
+
+
 async def run_load(test: LoadTest, mix: Mix) -> LoadResult:
     """Warm up, then the measured open-loop run."""
-    metadata = call_metadata(test.token)
     async with open_channel(test.target, tls_ca=test.tls_ca, options=CHANNEL_OPTIONS) as channel:
-        stub = recommender_pb2_grpc.RecommenderStub(channel)
-
-        async def call(request: Any) -> bool:
-            if isinstance(request, recommender_pb2.FeedbackRequest):
-                await stub.Feedback(request, timeout=test.timeout_s, metadata=metadata)
-                return False
-            reply = await stub.Recommend(request, timeout=test.timeout_s, metadata=metadata)
-            return bool(reply.degraded)
+        call = mix_call(recommender_pb2_grpc.RecommenderStub(channel), test)
 
         if test.warmup_s > 0:
             await open_loop(call, mix.requests(max(1, int(test.qps * test.warmup_s)), test.seed + 1), test.qps,

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.harness import LoadResult, Sample, free_port, open_loop, percentiles_ms, wait_for_health
-from bench.loadtest import LoadTest, Mix
+from bench.loadtest import LoadTest, Mix, mix_call
 from protos.auth import call_metadata, open_channel
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
 from protos.serving import CHANNEL_OPTIONS, freeze_loaded_objects
@@ -65,13 +65,6 @@ class Ramp:
         return [float(r) for r in np.arange(self.start, self.stop + self.step / 2, self.step)]
 
 
-@dataclass
-class Acknowledged:
-    """Feedback events the gateway acknowledged during a run (for the loss check)."""
-
-    events: list[recommender_pb2.Event]
-
-
 async def health_round_trips(test: LoadTest, every_s: float, latencies_ms: list[float]) -> None:
     """Health checks one after another on a channel of their own, until cancelled: the least
     any answer of the gateway takes under the load beside it (they are never limited)."""
@@ -88,37 +81,22 @@ async def health_round_trips(test: LoadTest, every_s: float, latencies_ms: list[
 
 
 async def run_phase(test: LoadTest, mix: Mix, rate: float, seconds: float, seed: int,
-                    acknowledged: Acknowledged | None = None, health_ms: list[float] | None = None) -> LoadResult:
-    """Open-loop load at `rate` for `seconds` on one channel, no warm-up; with `health_ms`,
-    health-check round trips beside it are recorded there."""
-    metadata = call_metadata(test.token)
+                    acknowledged: list[recommender_pb2.Event] | None = None, health_ms: list[float] | None = None
+                    ) -> LoadResult:
+    """Open-loop load at `rate` for `seconds` on one channel, no warm-up; Feedback events
+    acknowledged go to `acknowledged`, health-check round trips beside it to `health_ms`."""
     prober = (asyncio.get_running_loop().create_task(health_round_trips(test, 0.02, health_ms))
               if health_ms is not None else None)
     try:
-        return await _phase_load(test, mix, rate, seconds, seed, metadata, acknowledged)
+        async with open_channel(test.target, tls_ca=test.tls_ca, options=CHANNEL_OPTIONS) as channel:
+            call = mix_call(recommender_pb2_grpc.RecommenderStub(channel), test, acknowledged)
+            count = min(int(rate * seconds * 1.2) + 10, 200_000)
+            return await open_loop(call, mix.requests(count, seed), rate, seconds, seed)
     finally:
         if prober is not None:
             prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await prober
-
-
-async def _phase_load(test: LoadTest, mix: Mix, rate: float, seconds: float, seed: int, metadata: Any,
-                      acknowledged: Acknowledged | None) -> LoadResult:
-    async with open_channel(test.target, tls_ca=test.tls_ca, options=CHANNEL_OPTIONS) as channel:
-        stub = recommender_pb2_grpc.RecommenderStub(channel)
-
-        async def call(request: Any) -> bool:
-            if isinstance(request, recommender_pb2.FeedbackRequest):
-                await stub.Feedback(request, timeout=test.timeout_s, metadata=metadata)
-                if acknowledged is not None:
-                    acknowledged.events.extend(request.events)
-                return False
-            reply = await stub.Recommend(request, timeout=test.timeout_s, metadata=metadata)
-            return bool(reply.degraded)
-
-        count = min(int(rate * seconds * 1.2) + 10, 200_000)
-        return await open_loop(call, mix.requests(count, seed), rate, seconds, seed)
 
 
 def phase_report(result: LoadResult) -> dict[str, Any]:
@@ -165,19 +143,18 @@ def windowed_p99(samples: list[Sample], start_s: float, end_s: float, window_s: 
     return out
 
 
-async def lost_feedback(test: LoadTest, acknowledged: Acknowledged) -> dict[str, int]:
+async def lost_feedback(test: LoadTest, acknowledged: list[recommender_pb2.Event]) -> dict[str, int]:
     """Send every acknowledged event again with its id: each must be a duplicate now."""
     metadata = call_metadata(test.token)
     resent = duplicates = 0
     async with open_channel(test.target, tls_ca=test.tls_ca, options=CHANNEL_OPTIONS) as channel:
         stub = recommender_pb2_grpc.RecommenderStub(channel)
-        events = acknowledged.events
-        for start in range(0, len(events), FEEDBACK_CHECK_BATCH):
-            batch = events[start:start + FEEDBACK_CHECK_BATCH]
+        for start in range(0, len(acknowledged), FEEDBACK_CHECK_BATCH):
+            batch = acknowledged[start:start + FEEDBACK_CHECK_BATCH]
             reply = await stub.Feedback(recommender_pb2.FeedbackRequest(events=batch), timeout=30, metadata=metadata)
             resent += len(batch)
             duplicates += reply.duplicates
-    return {"acknowledged": len(events), "found_again": duplicates, "lost": resent - duplicates}
+    return {"acknowledged": len(acknowledged), "found_again": duplicates, "lost": resent - duplicates}
 
 
 def run_overload(test: LoadTest, mix: Mix, capacity_rps: float, phase_s: float, recovery_s: float,
@@ -187,7 +164,7 @@ def run_overload(test: LoadTest, mix: Mix, capacity_rps: float, phase_s: float, 
     if capacity_rps <= 0:
         raise ValueError("overload needs a capacity above 0 (from --capacity or a ramp)")
     freeze_loaded_objects()
-    acknowledged = Acknowledged([])
+    acknowledged: list[recommender_pb2.Event] = []
     phases: dict[str, LoadResult] = {}
     health_ms: list[float] = []
     for name, factor, seconds in (("before", 0.5, phase_s), ("overload", 2.0, phase_s), ("after", 0.5, recovery_s)):

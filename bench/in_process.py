@@ -12,6 +12,7 @@ import numpy as np
 
 from gateway.funnel import Funnel, ShardAnswer
 from ranking.inference import RankingModel
+from recdata.attributes import NO_FILTER, ItemFilter
 from recdata.bundle import load_bundle
 from recdata.channels import ChannelQuery, channel_mask
 from retrieval.config import RecallConfig
@@ -25,8 +26,9 @@ class InProcessRecall:
         self.shard = shard
 
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
-                     model_version: str) -> ShardAnswer:
-        return ShardAnswer(self.shard.search(queries, exclude_item_ids), self.shard.version)
+                     model_version: str, item_filter: ItemFilter = NO_FILTER) -> ShardAnswer:
+        hits, passed = self.shard.search_filtered(queries, exclude_item_ids, item_filter)
+        return ShardAnswer(hits, self.shard.version, passed)
 
 
 class InProcessRanking:
@@ -47,6 +49,11 @@ class InProcessRanking:
                    ) -> list[tuple[str, float, list[str]]]:
         return self.model.rank_items(history, [(i, channel_mask(s)) for i, s in candidates], k, diversity,
                                      explain_top)
+
+    async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str
+                           ) -> tuple[dict[str, np.ndarray], str, list[str]]:
+        vectors, unknown = self.model.item_queries(item_ids)
+        return vectors, self.model.version, unknown
 
 
 def in_process_funnel(bundle: Path, num_shards: int = 2, channel_budgets: dict[str, int] | None = None,

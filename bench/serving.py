@@ -35,7 +35,7 @@ import torch
 from bench.harness import Call, LoadResult, open_loop, start_local_ray
 from bench.transport import health_check_caller, round_trips
 from gateway.backends import rank_request
-from gateway.events import EventLog
+from gateway.events import EventLog, UserView
 from gateway.funnel import Funnel, RecommendQuery
 from gateway.servicer import query_of
 from protos.recfunnel.v1 import ranking_pb2, ranking_pb2_grpc, recommender_pb2, recommender_pb2_grpc
@@ -97,8 +97,8 @@ def request_mix(dataset: Dataset, count: int, k: int, seed: int) -> list[recomme
 
 def in_process_call(funnel: Funnel, events: EventLog, history_length: int = 200) -> Call:
     async def call(request: recommender_pb2.RecommendRequest) -> bool:
-        history = events.recent_items(request.user_id, history_length)
-        answer = await funnel.recommend(query_of(request, history), time.monotonic() + DEADLINE_S)
+        user = UserView(events.recent_items(request.user_id, history_length), events.hidden_items(request.user_id))
+        answer = await funnel.recommend(query_of(request, user), time.monotonic() + DEADLINE_S)
         return answer.degraded
     return call
 
@@ -132,6 +132,12 @@ class RecordingRanking:
         ranked: list[tuple[str, float, list[str]]] = await self.inner.rank(
             history, candidates, k, diversity, explain_top, timeout, model_version)
         return ranked
+
+    async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str
+                           ) -> tuple[dict[str, np.ndarray], str, list[str]]:
+        found: tuple[dict[str, np.ndarray], str, list[str]] = await self.inner.item_vectors(item_ids, timeout,
+                                                                                          model_version)
+        return found
 
 
 def wire_costs(arguments: Sequence[tuple[Any, ...]]) -> dict[str, float]:

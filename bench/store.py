@@ -32,7 +32,7 @@ import grpc
 import numpy as np
 
 from bench.harness import free_port, open_loop, wait_for_health
-from gateway.events import Event, EventStore, open_event_store, read_recent
+from gateway.events import Event, EventStore, open_event_store, read_user
 from protos.serving import freeze_loaded_objects
 from recdata.dataset import Dataset
 
@@ -93,7 +93,7 @@ async def history_reads(store: EventStore, users: list[str], rate: float, second
                         ) -> dict[str, Any]:
     """Open-loop history reads of 200 items, as the gateway reads them."""
     async def read(user: str) -> bool:
-        await read_recent(store, user, 200)
+        await read_user(store, user, 200)
         return False
 
     result = await open_loop(read, users, rate, seconds, seed, kind_of=lambda _: "history")

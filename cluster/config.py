@@ -11,7 +11,7 @@ import tomllib
 
 from cluster.loop import LoopConfig
 from gateway.admission import AdmissionConfig
-from gateway.config import DEFAULT_PORT
+from gateway.config import DEFAULT_PORT, PagingConfig
 from protos.auth import TlsFiles, tokens_from_file
 
 NODE_IP = "node-ip"  # as `host`: each service binds its node's cluster address (multi-node)
@@ -56,6 +56,7 @@ class ClusterConfig:
     internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     loop: LoopConfig | None = None  # the feedback loop actor; None = no loop
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # each gateway's, `[admission]`
+    paging: PagingConfig = field(default_factory=PagingConfig)  # each gateway's page sessions, `[paging]`
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_shards <= 256:
@@ -74,7 +75,8 @@ class ClusterConfig:
 
         Top-level keys are this class's fields; `[shard_resources]`, `[ranker_resources]`
         and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts, `[admission]`
-        the gateways' admission control (`gateway.admission.AdmissionConfig`). Secrets are
+        the gateways' admission control (`gateway.admission.AdmissionConfig`), `[paging]` their
+        page sessions (`gateway.config.PagingConfig`). Secrets are
         never in the file itself: `tokens_file` and `internal_token_file` name files holding
         them, and `tls_cert` / `tls_key` the gateway's PEM files.
         """
@@ -99,6 +101,8 @@ class ClusterConfig:
             values["loop"] = LoopConfig.from_dict(values["loop"])
         if "admission" in values:
             values["admission"] = AdmissionConfig(**values["admission"])
+        if "paging" in values:
+            values["paging"] = PagingConfig(**values["paging"])
         for key in ("bundle", "db_path"):
             if key in values:
                 values[key] = Path(values[key])

@@ -18,6 +18,7 @@ import numpy as np
 
 from gateway.funnel import ShardAnswer, StageFailed
 from protos.auth import call_metadata
+from protos.filters import attributes_to_proto, filter_to_proto
 from protos.recfunnel.v1 import (
     ranking_pb2,
     ranking_pb2_grpc,
@@ -28,6 +29,7 @@ from protos.recfunnel.v1 import (
 )
 from protos.serving import CHANNEL_OPTIONS
 from protos.wire import from_tensor, to_tensor
+from recdata.attributes import NO_FILTER, ItemAttributes, ItemFilter
 from recdata.channels import ChannelQuery, channel_mask
 
 Reply = TypeVar("Reply")
@@ -85,20 +87,22 @@ class GrpcRecall(_Backend):
         return f"recall {self.address}"
 
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
-                     model_version: str) -> ShardAnswer:
+                     model_version: str, item_filter: ItemFilter = NO_FILTER) -> ShardAnswer:
         request = recall_pb2.SearchRequest(
             queries=[recall_pb2.ChannelQuery(channel=q.channel, k=q.k, item_ids=q.item_ids,
                                              vector=None if q.vector is None else to_tensor(q.vector))
                      for q in queries],
-            exclude_item_ids=exclude_item_ids, model_version=model_version)
+            exclude_item_ids=exclude_item_ids, model_version=model_version,
+            filter=None if item_filter.is_empty else filter_to_proto(item_filter))
         reply = await self._ask(self.stage, self.stub.Search, request, timeout)
         hits = {r.channel: [(c.item_id, c.score) for c in r.candidates] for r in reply.results}
-        return ShardAnswer(hits, reply.model_version)
+        return ShardAnswer(hits, reply.model_version, reply.filter_passed)
 
     async def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray], timeout: float,
-                        model_version: str = "") -> int:
+                        model_version: str = "", attributes: list[ItemAttributes] | None = None) -> int:
         request = recall_pb2.AddItemsRequest(item_ids=item_ids, model_version=model_version, vectors=[
-            tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()])
+            tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()],
+            attributes=[attributes_to_proto(a) for a in attributes or ()])
         return (await self._ask(self.stage, self.stub.AddItems, request, timeout)).added
 
     async def remove_items(self, item_ids: list[str], timeout: float) -> int:
@@ -133,6 +137,13 @@ class GrpcRanking(_Backend):
         request = rank_request(history, candidates, k, diversity, explain_top, model_version)
         reply = await self._ask("rank", self.stub.Rank, request, timeout)
         return [(i.item_id, i.score, list(i.because_item_ids)) for i in reply.items]
+
+    async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str = ""
+                           ) -> tuple[dict[str, np.ndarray], str, list[str]]:
+        request = ranking_pb2.EncodeRequest(history_item_ids=item_ids, model_version=model_version, items_alone=True)
+        reply = await self._ask("item vectors", self.stub.Encode, request, timeout)
+        return ({v.channel: from_tensor(v.vector) for v in reply.vectors}, reply.model_version,
+                list(reply.unknown_item_ids))
 
     async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
                           ) -> tuple[dict[str, np.ndarray], str]:
@@ -204,6 +215,10 @@ class RankingReplicas:
                    ) -> list[tuple[str, float, list[str]]]:
         return await self._any(
             lambda r, left: r.rank(history, candidates, k, diversity, explain_top, left, model_version), timeout)
+
+    async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str = ""
+                           ) -> tuple[dict[str, np.ndarray], str, list[str]]:
+        return await self._any(lambda r, left: r.item_vectors(item_ids, left, model_version), timeout)
 
     async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
                           ) -> tuple[dict[str, np.ndarray], str]:

@@ -17,12 +17,13 @@ from typing import Protocol
 import numpy as np
 
 from gateway.events import ItemChange
+from recdata.attributes import ItemAttributes
 from recdata.channels import shard_of
 
 
 class ShardWriter(Protocol):
     async def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray], timeout: float,
-                        model_version: str = "") -> int: ...
+                        model_version: str = "", attributes: list[ItemAttributes] | None = None) -> int: ...
 
     async def remove_items(self, item_ids: list[str], timeout: float) -> int: ...
 
@@ -57,7 +58,8 @@ class Catalogue:
             rows[shard_of(item.item_id, len(self.shards))].append(row)
         await asyncio.gather(*(
             self.shards[shard].add_items([items[r].item_id for r in picked],
-                                         {c: v[picked] for c, v in vectors.items()}, timeout, version)
+                                         {c: v[picked] for c, v in vectors.items()}, timeout, version,
+                                         [items[r].attributes for r in picked])
             for shard, picked in rows.items()
         ))
         return version

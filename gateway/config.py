@@ -22,10 +22,25 @@ class Limits:
     max_items: int = 1000           # per UpsertItems / DeleteItems call
     max_text_bytes: int = 16_384
     max_tags: int = 32
+    max_properties: int = 64        # per item
+    max_filter_tags: int = 32       # each of tags_any, tags_all, tags_none
+    max_filter_parts: int = 16      # ranges, and equals, per filter
+    max_filter_values: int = 100    # any_of values of one equals
+    max_similar_to: int = 100       # SimilarItems item_ids
+    max_page_size: int = 1000
     # Whole request; a full UpsertItems (max_items texts of max_text_bytes) fits. Larger
     # messages, up to the transport's cap, are refused by this check with INVALID_ARGUMENT;
     # beyond the cap gRPC itself answers RESOURCE_EXHAUSTED.
     max_message_bytes: int = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PagingConfig:
+    """Page sessions: the ranked list a page token continues, held by the gateway that issued it."""
+
+    ttl_s: float = 1800.0        # a token unused this long is forgotten
+    max_sessions: int = 100_000  # the least recently used go first beyond this
+    pages_ahead: int = 5         # pages ranked at once; the list is extended when they are used up
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,7 @@ class GatewayConfig:
     # After a swap, how long the old version stays loaded for requests that started on it.
     swap_drain_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    paging: PagingConfig = field(default_factory=PagingConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     # Bearer tokens clients must send; empty = open (the embedded demo on loopback only).
     tokens: tuple[str, ...] = field(default=(), repr=False)

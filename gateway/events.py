@@ -16,9 +16,12 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from recdata.attributes import ItemAttributes
+from recdata.feedback import HIDE
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -42,11 +45,15 @@ CREATE TABLE IF NOT EXISTS item_changes (
     text TEXT NOT NULL DEFAULT '',
     tags TEXT NOT NULL DEFAULT '[]'  -- JSON list
 );
+-- A user's hidden items, read at every Recommend: a small partial index, not a scan of their events.
+CREATE INDEX IF NOT EXISTS events_hidden ON events (user_id, item_id) WHERE event_type = 'hide';
 """
 # After the column exists (added by migration in logs written before it).
 EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (event_id) WHERE event_id IS NOT NULL"
-# PRAGMA user_version of a log: 1 before events had idempotency keys, 2 with them.
-SCHEMA_VERSION = 2
+# PRAGMA user_version of a log: 1 before events had idempotency keys, 2 with them, 3 with item
+# attributes in the catalogue changes.
+SCHEMA_VERSION = 3
+MAX_HIDDEN = 10_000  # hidden items read per user: the most recent ones
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,22 @@ class ItemChange:
     item_id: str
     text: str = ""
     tags: tuple[str, ...] = ()
+    properties: dict[str, float | str] = field(default_factory=dict)
+    created_ms: int = 0
+
+    @property
+    def attributes(self) -> ItemAttributes:
+        return ItemAttributes(self.tags, self.properties, self.created_ms)
+
+    def attributes_json(self) -> str:
+        """What the change log keeps beside text and tags."""
+        return json.dumps({"properties": self.properties, "created_ms": self.created_ms})
+
+    @classmethod
+    def from_row(cls, op: str, item_id: str, text: str, tags: str, attributes: str) -> ItemChange:
+        extra = json.loads(attributes or "{}")
+        return cls(op, item_id, text, tuple(json.loads(tags)), extra.get("properties", {}),
+                   int(extra.get("created_ms", 0)))
 
 
 @dataclass(frozen=True)
@@ -85,6 +108,7 @@ class EventStore(Protocol):
     def append(self, events: Iterable[Event]) -> tuple[int, int]: ...
     def append_calls(self, calls: list[list[Event]]) -> list[tuple[int, int]]: ...
     def recent_items(self, user_id: str, limit: int) -> list[str]: ...
+    def hidden_items(self, user_id: str) -> list[str]: ...
     def erase_user(self, user_id: str) -> int: ...
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None: ...
     def item_changes(self) -> list[ItemChange]: ...
@@ -120,6 +144,24 @@ async def read_recent(store: EventStore, user_id: str, limit: int, executor: Exe
     return await asyncio.get_running_loop().run_in_executor(executor, store.recent_items, user_id, limit)
 
 
+@dataclass(frozen=True)
+class UserView:
+    history: list[str]  # oldest first, hides left out
+    hidden: list[str]   # items the user hid: never in their answers
+
+
+def _user_view(store: EventStore, user_id: str, limit: int) -> UserView:
+    return UserView(store.recent_items(user_id, limit), store.hidden_items(user_id))
+
+
+async def read_user(store: EventStore, user_id: str, limit: int, executor: Executor | None = None) -> UserView:
+    """What a request reads of its user, as `read_recent` reads: both parts in one executor
+    call on a database server."""
+    if store.reads_locally:
+        return _user_view(store, user_id, limit)
+    return await asyncio.get_running_loop().run_in_executor(executor, _user_view, store, user_id, limit)
+
+
 def store_settings(db: str | None) -> dict[str, Any]:
     """A `--db` option as config fields: `db_url` for a server URL, `db_path` for a file (and
     no URL: the option wins over a config file's store)."""
@@ -149,6 +191,8 @@ class EventLog:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
         if "event_id" not in columns:  # a log written before events had ids (version 1)
             self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+        if "attributes" not in {row[1] for row in self._db.execute("PRAGMA table_info(item_changes)")}:
+            self._db.execute("ALTER TABLE item_changes ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")
         self._db.execute(EVENT_ID_INDEX)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         # History reads have a connection of their own: in WAL mode a read never waits for a
@@ -190,10 +234,17 @@ class EventLog:
         """The user's last `limit` item ids, oldest first: every event acknowledged so far."""
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT item_id FROM events WHERE user_id = ? ORDER BY timestamp_ms DESC, seq DESC LIMIT ?",
-                (user_id, limit),
+                "SELECT item_id FROM events WHERE user_id = ? AND event_type != ? "
+                "ORDER BY timestamp_ms DESC, seq DESC LIMIT ?", (user_id, HIDE, limit),
             ).fetchall()
         return [r[0] for r in reversed(rows)]
+
+    def hidden_items(self, user_id: str) -> list[str]:
+        """Items the user hid (a `hide` event), up to MAX_HIDDEN."""
+        with self._read_lock:  # the type as a literal: the partial index matches it only so
+            rows = self._reader.execute(f"SELECT DISTINCT item_id FROM events WHERE user_id = ? AND "
+                                        f"event_type = '{HIDE}' LIMIT ?", (user_id, MAX_HIDDEN)).fetchall()
+        return [r[0] for r in rows]
 
     def erase_user(self, user_id: str) -> int:
         """Delete every event of the user, durably; how many there were (0 the second time).
@@ -210,11 +261,12 @@ class EventLog:
 
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None:
         """Append catalogue changes in one durable transaction."""
-        rows = [(c.op, c.item_id, c.text, json.dumps(list(c.tags))) for c in changes]
+        rows = [(c.op, c.item_id, c.text, json.dumps(list(c.tags)), c.attributes_json()) for c in changes]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT INTO item_changes (op, item_id, text, tags) VALUES (?, ?, ?, ?)", rows)
+                self._db.executemany("INSERT INTO item_changes (op, item_id, text, tags, attributes) "
+                                     "VALUES (?, ?, ?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except sqlite3.Error:
                 self._db.execute("ROLLBACK")
@@ -223,8 +275,9 @@ class EventLog:
     def item_changes(self) -> list[ItemChange]:
         """Every recorded catalogue change, oldest first."""
         with self._lock:
-            rows = self._db.execute("SELECT op, item_id, text, tags FROM item_changes ORDER BY seq").fetchall()
-        return [ItemChange(op, item_id, text, tuple(json.loads(tags))) for op, item_id, text, tags in rows]
+            rows = self._db.execute("SELECT op, item_id, text, tags, attributes FROM item_changes ORDER BY seq"
+                                    ).fetchall()
+        return [ItemChange.from_row(*row) for row in rows]
 
     def last_seq(self) -> int:
         """The sequence number of the newest event; 0 for an empty log."""

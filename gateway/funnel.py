@@ -1,4 +1,5 @@
-"""The funnel one Recommend runs: history -> encode -> fan-out recall -> merge -> rank -> top-k.
+"""The funnel one Recommend runs: history -> encode -> fan-out recall -> merge -> rank -> top-k;
+and SimilarItems, the same from the given items' own vectors.
 
 Pure logic over two small interfaces, so the same code runs against gRPC clients (the
 gateway), in-process models (benchmarks) and fakes that fail on purpose (fault tests).
@@ -20,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from recdata.attributes import NO_FILTER, ItemFilter
 from recdata.channels import CHANNELS, ITEM2ITEM, ITEM2ITEM_RECENT, POPULAR, ChannelQuery
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ ChannelHits = dict[str, list[tuple[str, float]]]
 class ShardAnswer:
     hits: ChannelHits
     model_version: str
+    filter_passed: int = 0  # with a filter: the shard's items that pass it
 
 
 class StageFailed(Exception):
@@ -41,9 +44,17 @@ class StageFailed(Exception):
         self.status = status  # the stage's gRPC status name, when it answered with one
 
 
+class UnknownItems(ValueError):
+    """Items asked about that the serving version does not know."""
+
+    def __init__(self, item_ids: list[str]):
+        super().__init__(f"unknown item ids: {', '.join(item_ids[:10])}" + (" ..." if len(item_ids) > 10 else ""))
+        self.item_ids = item_ids
+
+
 class RecallBackend(Protocol):
     async def search(self, queries: list[ChannelQuery], exclude_item_ids: list[str], timeout: float,
-                     model_version: str) -> ShardAnswer: ...
+                     model_version: str, item_filter: ItemFilter = NO_FILTER) -> ShardAnswer: ...
 
 
 class RankingBackend(Protocol):
@@ -59,6 +70,12 @@ class RankingBackend(Protocol):
         diversity > 0)."""
         ...
 
+    async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str
+                           ) -> tuple[dict[str, np.ndarray], str, list[str]]:
+        """The items' own query vectors per channel (their mean), the version, and the ids it
+        does not know."""
+        ...
+
 
 @dataclass(frozen=True)
 class RecommendQuery:
@@ -68,6 +85,16 @@ class RecommendQuery:
     exclude_item_ids: list[str] = field(default_factory=list)
     explain: bool = False
     diversity: float = 0.0        # 0 = pure relevance .. 1 = most diverse (MMR)
+    item_filter: ItemFilter = NO_FILTER
+
+
+@dataclass(frozen=True)
+class SimilarQuery:
+    item_ids: list[str]           # the items the answer should be like, never returned
+    k: int
+    history: list[str] = field(default_factory=list)  # the user's, to personalise; [] = nobody's
+    exclude_item_ids: list[str] = field(default_factory=list)
+    item_filter: ItemFilter = NO_FILTER
 
 
 @dataclass
@@ -86,6 +113,7 @@ class Answer:
     recall_coverage: float
     stages_ms: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # stages left out: too little budget left for them
+    filter_passed: int = 0  # with a filter: catalogue items that pass it, over the shards that answered
 
 
 class StageCosts:
@@ -149,10 +177,10 @@ class Funnel:
         self.model_version = ""
 
     async def _fan_out(self, queries: list[ChannelQuery], exclude: list[str], deadline: float,
-                       version: str) -> tuple[list[ShardAnswer], float]:
+                       version: str, item_filter: ItemFilter) -> tuple[list[ShardAnswer], float]:
         timeout = max(deadline - time.monotonic(), 0.001)
         answers = await asyncio.gather(
-            *(shard.search(queries, exclude, timeout, version) for shard in self.shards),
+            *(shard.search(queries, exclude, timeout, version, item_filter=item_filter) for shard in self.shards),
             return_exceptions=True,
         )
         ok = [a for a in answers if not isinstance(a, BaseException)]
@@ -163,73 +191,122 @@ class Funnel:
 
     async def recommend(self, query: RecommendQuery, deadline: float) -> Answer:
         """Answer one query before `deadline` (time.monotonic() seconds)."""
-        stages: dict[str, float] = {}
-        skipped: list[str] = []
-        started = time.monotonic()
-        degraded = False
-        seen = set(query.history) | set(query.exclude_item_ids)
+        run = _Run(time.monotonic(), self.model_version)
         vectors: dict[str, np.ndarray] = {}
-        version = self.model_version
-        if query.history and deadline - started < self.costs.needed("encode", "recall"):
-            skipped.append("encode")  # popularity, in time, rather than a personal answer too late
-            degraded = True
+        if query.history and deadline - run.started < self.costs.needed("encode", "recall"):
+            run.skip("encode")  # popularity, in time, rather than a personal answer too late
         elif query.history:
             try:
                 budget = (deadline - time.monotonic()) * 0.3
-                vectors, version = await self.ranking.encode(query.history, max(budget, 0.001), version)
+                vectors, version = await self.ranking.encode(query.history, max(budget, 0.001), run.version)
+                run.version = run.version or version
                 self.model_version = self.model_version or version
-                self.costs.observe("encode", time.monotonic() - started)
+                self.costs.observe("encode", time.monotonic() - run.started)
             except StageFailed as error:
                 log.warning("encode failed, answering from popularity: %s", error)
-                degraded = True
-        stages["encode"] = (time.monotonic() - started) * 1000
+                run.degraded = True
+        run.stages["encode"] = (time.monotonic() - run.started) * 1000
+        seen = set(query.history) | set(query.exclude_item_ids)
+        # Without the user's vectors (encode failed or skipped) the answer is popularity's, in time.
+        recent = tuple(query.history[-ITEM2ITEM_RECENT:]) if vectors else ()
+        return await self._recall_and_rank(run, vectors, recent, query.history,
+                                           seen, query.k, query.diversity, query.explain, query.item_filter,
+                                           deadline)
 
+    async def similar(self, query: SimilarQuery, deadline: float) -> Answer:
+        """Items like `query.item_ids`, from their own vectors and co-occurrence neighbours,
+        ranked as if the items were the latest of the user's history (or the whole of it).
+        Raises UnknownItems when the serving version knows none of some given items."""
+        run = _Run(time.monotonic(), self.model_version)
+        vectors: dict[str, np.ndarray] = {}
+        try:
+            budget = (deadline - time.monotonic()) * 0.3
+            vectors, version, unknown = await self.ranking.item_vectors(query.item_ids, max(budget, 0.001),
+                                                                        run.version)
+            if unknown:
+                raise UnknownItems(unknown)
+            run.version = run.version or version
+        except StageFailed as error:  # neighbours and popularity still answer
+            log.warning("item vectors failed, answering from item2item and popularity: %s", error)
+            run.degraded = True
+        run.stages["encode"] = (time.monotonic() - run.started) * 1000
+        seen = set(query.item_ids) | set(query.history) | set(query.exclude_item_ids)
+        history = query.history + query.item_ids
+        return await self._recall_and_rank(run, vectors, tuple(query.item_ids[-MAX_SIMILAR_TO:]), history, seen,
+                                           query.k, 0.0, False, query.item_filter, deadline)
+
+    async def _recall_and_rank(self, run: _Run, vectors: dict[str, np.ndarray], recent: tuple[str, ...],
+                               history: list[str], seen: set[str], k: int, diversity: float, explain: bool,
+                               item_filter: ItemFilter, deadline: float) -> Answer:
+        """Fan out to the shards with the query vectors (popularity alone without), merge,
+        rank the candidates for `history` and cut the top k."""
         budgets = dict(self.budgets)
-        if not vectors:  # nobody to personalise for: popularity has to fill the whole answer
-            budgets = {POPULAR: max(budgets.get(POPULAR, 0), query.k)}
-        recent = tuple(query.history[-ITEM2ITEM_RECENT:])
+        if not vectors:  # nothing personal to search with: popularity has to be able to fill the answer
+            budgets = {c: b for c, b in budgets.items() if c == ITEM2ITEM and recent}
+            budgets[POPULAR] = max(self.budgets.get(POPULAR, 0), k)
+        if not item_filter.is_empty:
+            # A selective filter may leave the other channels short: popular items that pass it fill k.
+            budgets[POPULAR] = max(budgets.get(POPULAR, 0), k)
         queries = [
-            ChannelQuery(channel, k, vectors.get(channel), recent if channel == ITEM2ITEM else ())
-            for channel, k in budgets.items()
-            if k > 0 and (channel == POPULAR or channel in vectors or (channel == ITEM2ITEM and recent))
+            ChannelQuery(channel, budget, vectors.get(channel), recent if channel == ITEM2ITEM else ())
+            for channel, budget in budgets.items()
+            if budget > 0 and (channel == POPULAR or channel in vectors or (channel == ITEM2ITEM and recent))
         ]
         # Shards drop seen and excluded items before cutting their top-k, so each channel
         # still brings its full budget of new items.
         exclude = sorted(seen)
         t = time.monotonic()
         recall_deadline = t + (deadline - t) * 0.6
-        answers, coverage = await self._fan_out(queries, exclude, recall_deadline, version)
+        answers, coverage = await self._fan_out(queries, exclude, recall_deadline, run.version, item_filter)
         if coverage == 1.0:
             self.costs.observe("recall", time.monotonic() - t)
-        stages["recall"] = (time.monotonic() - t) * 1000
-        degraded |= coverage < 1.0
+        run.stages["recall"] = (time.monotonic() - t) * 1000
+        run.degraded |= coverage < 1.0
         merged = merge_shards(answers, {q.channel: q.k for q in queries})
-        version = version or next((a.model_version for a in answers), "")
+        version = run.version or next((a.model_version for a in answers), "")
         order = [c for c in CHANNELS if c in merged]
         candidates = [(i, s) for i, s in combine_channels(merged, order) if i not in seen]
 
         t = time.monotonic()
         ranked: list[tuple[str, float, list[str]]] | None = None
-        if vectors and candidates and deadline - t < self.costs.needed("rank"):
-            skipped.append("rank")  # recall order, in time
-            degraded = True
-        elif vectors and candidates:
+        rankable = bool(vectors) and bool(candidates) and bool(history)
+        if rankable and deadline - t < self.costs.needed("rank"):
+            run.skip("rank")  # recall order, in time
+        elif rankable:
             try:
-                ranked = await self.ranking.rank(
-                    query.history, candidates, query.k, query.diversity, self.explain_top if query.explain else 0,
-                    max(deadline - time.monotonic(), 0.001), version)
+                ranked = await self.ranking.rank(history, candidates, k, diversity, self.explain_top if explain else 0,
+                                                 max(deadline - time.monotonic(), 0.001), version)
                 self.costs.observe("rank", time.monotonic() - t)
             except StageFailed as error:
                 log.warning("ranking failed, answering in recall order: %s", error)
-                degraded = True
-        stages["rank"] = (time.monotonic() - t) * 1000
+                run.degraded = True
+        run.stages["rank"] = (time.monotonic() - t) * 1000
 
         channels_of = dict(candidates)
         if ranked is not None:  # already best first
-            items = [Recommendation(i, s, sorted(channels_of[i]), because) for i, s, because in ranked[: query.k]]
+            items = [Recommendation(i, s, sorted(channels_of[i]), because) for i, s, because in ranked[:k]]
         else:
             n = len(candidates)
             # Recall order with a score that falls with rank, so clients can still sort by it.
             items = [Recommendation(i, float(n - rank) / max(n, 1), sorted(ch))
-                     for rank, (i, ch) in enumerate(candidates[: query.k])]
-        return Answer(items, version, degraded, coverage, stages, skipped)
+                     for rank, (i, ch) in enumerate(candidates[:k])]
+        return Answer(items, version, run.degraded, coverage, run.stages, run.skipped,
+                      sum(a.filter_passed for a in answers))
+
+
+MAX_SIMILAR_TO = 100  # given items whose co-occurrence neighbours a SimilarItems collects
+
+
+@dataclass
+class _Run:
+    """What one request's stages have found so far."""
+
+    started: float
+    version: str  # the version every stage of the request uses; "" until one names it
+    degraded: bool = False
+    stages: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def skip(self, stage: str) -> None:
+        self.skipped.append(stage)
+        self.degraded = True

@@ -25,7 +25,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from gateway.events import Event, ItemChange, LoggedEvent, StoreUnavailable
+from gateway.events import MAX_HIDDEN, Event, ItemChange, LoggedEvent, StoreUnavailable
+from recdata.feedback import HIDE
 
 # Schema versions, applied in order on start; `recfunnel_schema` holds the newest applied.
 MIGRATIONS: tuple[str, ...] = (
@@ -49,6 +50,10 @@ MIGRATIONS: tuple[str, ...] = (
         text TEXT NOT NULL DEFAULT '',
         tags TEXT NOT NULL DEFAULT '[]'  -- JSON list
     );
+    """,
+    """
+    ALTER TABLE item_changes ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';  -- JSON: properties, created_ms
+    CREATE INDEX events_hidden ON events (user_id, item_id) WHERE event_type = 'hide';
     """,
 )
 # Keys of the advisory locks (any 64-bit numbers, the same in every process).
@@ -167,9 +172,16 @@ class PostgresEventLog:
     def recent_items(self, user_id: str, limit: int) -> list[str]:
         """The user's last `limit` item ids, oldest first: every event acknowledged so far."""
         with self._connection() as db:
-            rows = db.execute("SELECT item_id FROM events WHERE user_id = %s "
-                              "ORDER BY timestamp_ms DESC, seq DESC LIMIT %s", (user_id, limit)).fetchall()
+            rows = db.execute("SELECT item_id FROM events WHERE user_id = %s AND event_type != %s "
+                              "ORDER BY timestamp_ms DESC, seq DESC LIMIT %s", (user_id, HIDE, limit)).fetchall()
         return [r[0] for r in reversed(rows)]
+
+    def hidden_items(self, user_id: str) -> list[str]:
+        """Items the user hid (a `hide` event), up to MAX_HIDDEN."""
+        with self._connection() as db:  # the type as a literal: the partial index matches it only so
+            rows = db.execute(f"SELECT DISTINCT item_id FROM events WHERE user_id = %s AND event_type = '{HIDE}' "
+                              f"LIMIT %s", (user_id, MAX_HIDDEN)).fetchall()
+        return [r[0] for r in rows]
 
     def erase_user(self, user_id: str) -> int:
         """Delete every event of the user, durably; how many there were (0 the second time).
@@ -180,15 +192,16 @@ class PostgresEventLog:
 
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None:
         """Append catalogue changes in one durable transaction."""
-        rows = [(c.op, c.item_id, c.text, json.dumps(list(c.tags))) for c in changes]
+        rows = [(c.op, c.item_id, c.text, json.dumps(list(c.tags)), c.attributes_json()) for c in changes]
         with self._connection() as db, db.transaction(), db.cursor() as cursor:
-            cursor.executemany("INSERT INTO item_changes (op, item_id, text, tags) VALUES (%s, %s, %s, %s)", rows)
+            cursor.executemany("INSERT INTO item_changes (op, item_id, text, tags, attributes) "
+                               "VALUES (%s, %s, %s, %s, %s)", rows)
 
     def item_changes(self) -> list[ItemChange]:
         """Every recorded catalogue change, oldest first."""
         with self._connection() as db:
-            rows = db.execute("SELECT op, item_id, text, tags FROM item_changes ORDER BY seq").fetchall()
-        return [ItemChange(op, item_id, text, tuple(json.loads(tags))) for op, item_id, text, tags in rows]
+            rows = db.execute("SELECT op, item_id, text, tags, attributes FROM item_changes ORDER BY seq").fetchall()
+        return [ItemChange.from_row(*row) for row in rows]
 
     def last_seq(self) -> int:
         """The sequence number of the newest event; 0 for an empty log."""

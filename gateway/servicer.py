@@ -8,7 +8,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -17,19 +17,24 @@ import grpc
 from gateway.admission import Admission, Overloaded, Priority
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
-from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, read_recent
-from gateway.funnel import Funnel, RecommendQuery, StageFailed
+from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, UserView, read_user
+from gateway.funnel import Answer, Funnel, Recommendation, RecommendQuery, SimilarQuery, StageFailed, UnknownItems
 from gateway.group_commit import GroupCommit
+from gateway.pages import PageSessions, request_fingerprint
 from gateway.rollout import Rollout
 from gateway.validation import (
     InvalidRequest,
     check_event,
+    check_filter,
     check_id,
     check_id_list,
     check_item,
+    check_properties,
     check_recommend,
+    check_similar,
     check_size,
 )
+from protos.filters import filter_from_proto, properties_of
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,11 +43,27 @@ request_log = logging.getLogger("recfunnel.requests")
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a refusal: when a retry may succeed
 
 
-def query_of(request: recommender_pb2.RecommendRequest, history: list[str]) -> RecommendQuery:
-    """The funnel's query for a request: the logged history, then the request's context."""
-    return RecommendQuery(user_id=request.user_id, k=request.k, history=history + list(request.context_item_ids),
-                          exclude_item_ids=list(request.exclude_item_ids), explain=request.explain,
-                          diversity=request.diversity)
+def query_of(request: recommender_pb2.RecommendRequest, user: UserView, k: int | None = None,
+             exclude: Sequence[str] = ()) -> RecommendQuery:
+    """The funnel's query for a request: the logged history, then the request's context; never
+    an item the user hid."""
+    return RecommendQuery(user_id=request.user_id, k=k or request.k,
+                          history=user.history + list(request.context_item_ids),
+                          exclude_item_ids=[*request.exclude_item_ids, *user.hidden, *exclude],
+                          explain=request.explain, diversity=request.diversity,
+                          item_filter=filter_from_proto(request.filter))
+
+
+def recommended(items: list[Recommendation]) -> list[recommender_pb2.RecommendedItem]:
+    return [recommender_pb2.RecommendedItem(item_id=r.item_id, score=r.score, channels=r.channels,
+                                            because_item_ids=r.because_item_ids) for r in items]
+
+
+def paging_fingerprint(request: recommender_pb2.RecommendRequest) -> bytes:
+    return request_fingerprint(request.filter.SerializeToString(deterministic=True),
+                               "\x1f".join(request.context_item_ids).encode(),
+                               "\x1f".join(request.exclude_item_ids).encode(),
+                               f"{request.diversity}:{request.explain}:{request.page_size}".encode())
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
@@ -55,6 +76,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.appender = appender  # Feedback's writes: calls that meet share a commit
         self.config = config
         self.executor = executor
+        self.pages = PageSessions(config.paging)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -91,43 +113,109 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         try:
             check_size("Recommend", request.ByteSize(), self.config.limits)
             check_recommend(request.user_id, request.k, request.exclude_item_ids,
-                            request.context_item_ids, request.diversity, self.config.limits)
+                            request.context_item_ids, request.diversity, self.config.limits, request.page_size)
+            check_filter("filter", request.filter, self.config.limits)
+            if request.page_token and not request.page_size:
+                raise InvalidRequest("page_token given without page_size; send the page_size of the first page")
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         async with self._slot(Priority.RECOMMEND, context):
             return await self._recommend(request, context, request_id, started)
 
+    async def _read_user(self, user_id: str) -> tuple[UserView, bool]:
+        """The user's history and hidden items; empty (and store_down) while the store is out:
+        an answer from the request's context and popularity, marked degraded, is still one."""
+        try:
+            return await read_user(self.events, user_id, self.config.history_length, self.executor), False
+        except StoreUnavailable:
+            return UserView([], []), True
+
     async def _recommend(self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext,
                          request_id: str, started: float) -> recommender_pb2.RecommendResponse:
         deadline = self._deadline(context)
-        try:
-            history = await read_recent(self.events, request.user_id, self.config.history_length, self.executor)
-            store_down = False
-        except StoreUnavailable:
-            # Still an answer: from the request's context items and popularity, marked degraded.
-            history, store_down = [], True
-        query = query_of(request, history)
+        user, store_down = await self._read_user(request.user_id)
+        if request.page_size:
+            return await self._page(request, context, request_id, started, deadline, user, store_down)
+        query = query_of(request, user)
         answer = await self.funnel.recommend(query, deadline)
+        self._log_answer(request_id, request.user_id, request.k, len(query.history), answer, store_down, started)
+        return recommender_pb2.RecommendResponse(
+            items=recommended(answer.items), model_version=answer.model_version,
+            degraded=answer.degraded or store_down, recall_coverage=answer.recall_coverage, request_id=request_id,
+            filter_passed=answer.filter_passed)
+
+    async def _page(self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext,
+                    request_id: str, started: float, deadline: float, user: UserView, store_down: bool
+                    ) -> recommender_pb2.RecommendResponse:
+        """One page of a token's ranked list (see gateway.pages), ranking more when it runs out."""
+        fingerprint = paging_fingerprint(request)
+        try:
+            if request.page_token:
+                token, session = request.page_token, self.pages.resume(request.page_token, request.user_id,
+                                                                       fingerprint)
+            else:
+                token, session = self.pages.open(request.user_id, fingerprint)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        drop = set(user.history) | set(user.hidden) | set(request.context_item_ids)
+        degraded, coverage = store_down, 1.0
+        async with session.lock:
+            page = session.take(request.page_size, drop)
+            while len(page) < request.page_size and not session.exhausted:
+                ahead = min(request.page_size * self.config.paging.pages_ahead, self.config.limits.max_k)
+                query = query_of(request, user, ahead, sorted(session.seen()))
+                answer = await self.funnel.recommend(query, deadline)
+                degraded, coverage = degraded or answer.degraded, min(coverage, answer.recall_coverage)
+                session.model_version = session.model_version or answer.model_version
+                session.filter_passed = answer.filter_passed or session.filter_passed
+                session.extend(answer.items)
+                page += session.take(request.page_size - len(page), drop)
+            if session.finished:
+                self.pages.close(token)
+        self._log_answer(request_id, request.user_id, request.page_size, len(user.history),
+                         Answer(page, session.model_version, degraded, coverage), store_down, started)
+        return recommender_pb2.RecommendResponse(
+            items=recommended(page), model_version=session.model_version, degraded=degraded,
+            recall_coverage=coverage, request_id=request_id,
+            next_page_token="" if session.finished else token, filter_passed=session.filter_passed)
+
+    def _log_answer(self, request_id: str, user_id: str, k: int, history: int, answer: Answer, store_down: bool,
+                    started: float) -> None:
         if request_log.isEnabledFor(logging.INFO):  # the line's JSON costs time even when dropped
             request_log.info(json.dumps({
-                "request_id": request_id, "user_id": request.user_id, "k": request.k,
-                "history": len(query.history), "returned": len(answer.items),
+                "request_id": request_id, "user_id": user_id, "k": k,
+                "history": history, "returned": len(answer.items),
                 "degraded": answer.degraded or store_down, "coverage": answer.recall_coverage,
                 "model_version": answer.model_version,
                 "ms": round((time.monotonic() - started) * 1000, 2),
                 "stages_ms": {k: round(v, 2) for k, v in answer.stages_ms.items()}, "skipped": answer.skipped,
             }))
-        return recommender_pb2.RecommendResponse(
-            items=[
-                recommender_pb2.RecommendedItem(item_id=r.item_id, score=r.score, channels=r.channels,
-                                                because_item_ids=r.because_item_ids)
-                for r in answer.items
-            ],
-            model_version=answer.model_version,
-            degraded=answer.degraded or store_down,
-            recall_coverage=answer.recall_coverage,
-            request_id=request_id,
-        )
+
+    async def SimilarItems(self, request: recommender_pb2.SimilarItemsRequest,
+                           context: grpc.aio.ServicerContext) -> recommender_pb2.SimilarItemsResponse:
+        request_id = uuid.uuid4().hex
+        started = time.monotonic()
+        try:
+            check_size("SimilarItems", request.ByteSize(), self.config.limits)
+            check_similar(request, self.config.limits)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        async with self._slot(Priority.RECOMMEND, context):
+            deadline = self._deadline(context)
+            user, store_down = (await self._read_user(request.user_id) if request.user_id
+                                else (UserView([], []), False))
+            query = SimilarQuery(list(request.item_ids), request.k, user.history,
+                                 [*request.exclude_item_ids, *user.hidden], filter_from_proto(request.filter))
+            try:
+                answer = await self.funnel.similar(query, deadline)
+            except UnknownItems as error:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"{error}; every item_ids entry must be in the "
+                                    f"catalogue (trained on, or added with UpsertItems)")
+            self._log_answer(request_id, request.user_id, request.k, len(user.history), answer, store_down, started)
+            return recommender_pb2.SimilarItemsResponse(
+                items=recommended(answer.items), model_version=answer.model_version,
+                degraded=answer.degraded or store_down, recall_coverage=answer.recall_coverage,
+                request_id=request_id, filter_passed=answer.filter_passed)
 
     async def Feedback(self, request: recommender_pb2.FeedbackRequest,
                        context: grpc.aio.ServicerContext) -> recommender_pb2.FeedbackResponse:
@@ -162,9 +250,14 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 raise InvalidRequest("items has duplicate item_id values; each item once per call")
             for n, item in enumerate(request.items):
                 check_item(n, item.text, list(item.tags), limits)
+                check_properties(n, item.properties, limits)
+                if item.created_ms < 0:
+                    raise InvalidRequest(f"items[{n}].created_ms={item.created_ms} must be >= 0 (0 = now)")
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        items = [ItemChange("upsert", i.item_id, i.text, tuple(i.tags)) for i in request.items]
+        now_ms = int(time.time() * 1000)  # kept in the change log: a replay keeps the item's time
+        items = [ItemChange("upsert", i.item_id, i.text, tuple(i.tags), properties_of(i.properties),
+                            i.created_ms or now_ms) for i in request.items]
         try:
             async with self._slot(Priority.WRITE, context):
                 count, version = await self.catalogue.upsert(items, self._budget(context), self.funnel.model_version)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from gateway.config import Limits
+from protos.recfunnel.v1 import recommender_pb2
 
 
 class InvalidRequest(ValueError):
@@ -34,9 +35,13 @@ def check_id_list(name: str, values: Sequence[str], limits: Limits, max_len: int
 
 
 def check_recommend(user_id: str, k: int, exclude: Sequence[str], context: Sequence[str],
-                    diversity: float, limits: Limits) -> None:
+                    diversity: float, limits: Limits, page_size: int = 0) -> None:
     check_id("user_id", user_id, limits)
-    if not 1 <= k <= limits.max_k:
+    if page_size:
+        if not 1 <= page_size <= limits.max_page_size:
+            raise InvalidRequest(f"page_size={page_size} out of range; allowed 0 (no paging) or "
+                                 f"1..{limits.max_page_size}")
+    elif not 1 <= k <= limits.max_k:
         raise InvalidRequest(f"k={k} out of range; allowed 1..{limits.max_k}")
     check_id_list("exclude_item_ids", exclude, limits)
     check_id_list("context_item_ids", context, limits)
@@ -66,3 +71,60 @@ def check_item(n: int, text: str, tags: Sequence[str], limits: Limits) -> None:
         raise InvalidRequest(f"items[{n}].tags has {len(tags)} entries; allowed 0..{limits.max_tags}")
     for t, tag in enumerate(tags):
         check_id(f"items[{n}].tags[{t}]", tag, limits)
+
+
+def check_property_name(name: str, where: str) -> None:
+    if not 1 <= len(name.encode("utf-8", errors="surrogatepass")) <= 64:
+        raise InvalidRequest(f"{where} property name {name[:70]!r} must be 1..64 bytes")
+
+
+def check_properties(n: int, properties: Mapping[str, recommender_pb2.PropertyValue], limits: Limits) -> None:
+    if len(properties) > limits.max_properties:
+        raise InvalidRequest(f"items[{n}].properties has {len(properties)} entries; allowed 0..{limits.max_properties}")
+    for name, value in properties.items():
+        check_property_name(name, f"items[{n}].properties:")
+        kind = value.WhichOneof("kind")
+        if kind is None:
+            raise InvalidRequest(f"items[{n}].properties[{name!r}] has no value; set number or text")
+        if kind == "number" and not math.isfinite(value.number):
+            raise InvalidRequest(f"items[{n}].properties[{name!r}].number={value.number} must be finite")
+        if kind == "text":
+            check_id(f"items[{n}].properties[{name!r}].text", value.text, limits)
+
+
+def check_filter(name: str, item_filter: recommender_pb2.ItemFilter, limits: Limits) -> None:
+    """Bounds of every part of a filter; the message names the part and its allowed range."""
+    for part in ("tags_any", "tags_all", "tags_none"):
+        check_id_list(f"{name}.{part}", getattr(item_filter, part), limits, limits.max_filter_tags)
+    for part in ("ranges", "equals"):
+        count = len(getattr(item_filter, part))
+        if count > limits.max_filter_parts:
+            raise InvalidRequest(f"{name}.{part} has {count} entries; allowed 0..{limits.max_filter_parts}")
+    for n, bounds in enumerate(item_filter.ranges):
+        check_property_name(bounds.property, f"{name}.ranges[{n}]")
+        low = bounds.min if bounds.HasField("min") else -math.inf
+        high = bounds.max if bounds.HasField("max") else math.inf
+        if math.isnan(low) or math.isnan(high) or low > high:
+            raise InvalidRequest(f"{name}.ranges[{n}] ({bounds.property}) has min={low} > max={high} or a NaN "
+                                 f"bound; give min <= max, either may be left unset")
+    for n, equal in enumerate(item_filter.equals):
+        check_property_name(equal.property, f"{name}.equals[{n}]")
+        if not 1 <= len(equal.any_of) <= limits.max_filter_values:
+            raise InvalidRequest(f"{name}.equals[{n}].any_of has {len(equal.any_of)} values; allowed "
+                                 f"1..{limits.max_filter_values}")
+        for v, value in enumerate(equal.any_of):
+            check_id(f"{name}.equals[{n}].any_of[{v}]", value, limits)
+    if item_filter.newer_than_ms < 0:
+        raise InvalidRequest(f"{name}.newer_than_ms={item_filter.newer_than_ms} must be >= 0 (0 = any time)")
+
+
+def check_similar(request: recommender_pb2.SimilarItemsRequest, limits: Limits) -> None:
+    if not 1 <= len(request.item_ids) <= limits.max_similar_to:
+        raise InvalidRequest(f"item_ids has {len(request.item_ids)} entries; allowed 1..{limits.max_similar_to}")
+    check_id_list("item_ids", request.item_ids, limits, limits.max_similar_to)
+    if not 1 <= request.k <= limits.max_k:
+        raise InvalidRequest(f"k={request.k} out of range; allowed 1..{limits.max_k}")
+    check_id_list("exclude_item_ids", request.exclude_item_ids, limits)
+    if request.user_id:
+        check_id("user_id", request.user_id, limits)
+    check_filter("filter", request.filter, limits)

@@ -388,6 +388,21 @@ class RankingModel:
                 out[n] = {channel: v[b] for channel, v in vectors.items()}
         return out
 
+    def item_queries(self, item_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+        """Query vectors of items themselves, for "items like these": per channel the unit mean of
+        their vectors (item tower and LM text), which the recall indexes search by inner
+        product; and the ids this version does not know. No vectors when it knows none."""
+        tables = self.tables
+        unknown = [i for i in item_ids if i not in tables.item_index]
+        rows = self.indexes(list(item_ids), tables)
+        if len(rows) == 0:
+            return {}, unknown
+        with torch.inference_mode():
+            sequential = tables.item_vectors[torch.from_numpy(rows)].float().mean(0).cpu().numpy()
+        semantic = tables.text_vectors[rows].mean(0)
+        return {channel: (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+                for channel, v in ((SEQUENTIAL, sequential), (SEMANTIC, semantic))}, unknown
+
     # ---- live catalogue changes ---------------------------------------------------------------
     def prepare_item_encoding(self, text_encoder: TextEncoder | None = None) -> tuple[ItemEncoder, TextEncoder]:
         """Load the item encoder and the language model, so new items can be encoded from text."""

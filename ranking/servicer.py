@@ -86,6 +86,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
     async def Encode(self, request: ranking_pb2.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> ranking_pb2.EncodeResponse:
         model = await served_version(self.versions, request.model_version, context)
+        if request.items_alone:  # a few table rows, no model call: answered here, not batched
+            if len(request.history_item_ids) > self.config.max_history:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(request.history_item_ids)} items; "
+                                    f"allowed 0..{self.config.max_history}")
+            vectors, unknown = model.item_queries(request.history_item_ids)
+            return ranking_pb2.EncodeResponse(
+                vectors=[ranking_pb2.ChannelVector(channel=c, vector=to_tensor(v)) for c, v in vectors.items()],
+                model_version=model.version, unknown_item_ids=unknown)
         # Items older than max_history carry no weight in the encoder anyway.
         vectors = await self._scored(self.encode_batcher, (model, list(request.history_item_ids)[
             -self.config.max_history :]), context)

@@ -590,6 +590,7 @@ class Trainer:
             version=new_version_id(self.dataset.name),
             item_ids=self.dataset.item_ids,
             item_texts=self.dataset.item_texts,
+            item_attributes=self.dataset.item_attributes(),
             arrays={**arrays, "popularity": self.popularity, "recent_popularity": self.recent_popularity,
                     "item2item_ids": self.neighbour_ids, "item2item_scores": self.neighbour_scores,
                     **{tuning_queries_name(channel): q for channel, q in queries.items()}},

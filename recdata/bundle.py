@@ -2,7 +2,8 @@
 
 Layout of a bundle folder:
     manifest.json         version id, model configs, metrics, creation time
-    items.json            item ids in index order (the id map every stage shares)
+    items.json            item ids in index order (the id map every stage shares), their
+                          texts, and the attributes filters read (tags, properties, times)
     arrays.safetensors    item vectors per channel, all-time and recent popularity,
                           item2item co-occurrence neighbours
     query_encoder.safetensors, ranker.safetensors   model weights
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
+
+from recdata.attributes import ItemAttributes
 
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
@@ -42,6 +45,10 @@ class Bundle:
     item_texts: list[str]
     arrays: dict[str, np.ndarray]
     manifest: dict[str, Any] = field(default_factory=dict)
+    item_attributes: list[ItemAttributes] = field(default_factory=list)  # [] = none recorded
+
+    def attributes(self, row: int) -> ItemAttributes:
+        return self.item_attributes[row] if self.item_attributes else ItemAttributes()
 
     def save(self, folder: Path, weights: dict[str, dict[str, np.ndarray]]) -> Path:
         """Write the bundle and the named weight sets (`<name>.safetensors`) to `folder`."""
@@ -51,7 +58,8 @@ class Bundle:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                       folder / f"{name}.safetensors")
         (folder / ITEMS).write_text(
-            json.dumps({"item_ids": self.item_ids, "item_texts": self.item_texts}), "utf-8"
+            json.dumps({"item_ids": self.item_ids, "item_texts": self.item_texts,
+                        "item_attributes": [a.to_json() for a in self.item_attributes]}), "utf-8"
         )
         manifest = {"format": FORMAT_VERSION, "version": self.version, **self.manifest}
         # The manifest goes last: a folder with a manifest is a complete bundle.
@@ -111,6 +119,8 @@ def load_bundle(folder: Path, mapped: bool = False) -> Bundle:
         item_texts=items["item_texts"],
         arrays=map_arrays(folder / ARRAYS) if mapped else load_file(folder / ARRAYS),
         manifest=manifest,
+        # Bundles written before items had attributes have none: every filter part fails on them.
+        item_attributes=[ItemAttributes.from_json(a) for a in items.get("item_attributes", [])],
     )
 
 

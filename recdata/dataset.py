@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from recdata.attributes import ItemAttributes, PropertyValue
 
 if TYPE_CHECKING:
     from recdata.reader import EventColumns
@@ -33,6 +36,8 @@ class Dataset:
     item_tags: list[tuple[str, ...]] = field(default_factory=list)
     # Per user, the time of each interaction in `sequences`; None when the source has no times.
     timestamps: list[np.ndarray] | None = None
+    # Per item, typed attributes for request-time filters (price, year, brand); {} = none.
+    item_properties: list[dict[str, PropertyValue]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.sequences) != len(self.user_ids):
@@ -45,6 +50,10 @@ class Dataset:
             raise ValueError(f"{len(self.item_tags)} tag lists for {len(self.item_ids)} items")
         if not self.item_tags:
             object.__setattr__(self, "item_tags", [() for _ in self.item_ids])
+        if self.item_properties and len(self.item_properties) != len(self.item_ids):
+            raise ValueError(f"{len(self.item_properties)} property sets for {len(self.item_ids)} items")
+        if not self.item_properties:
+            object.__setattr__(self, "item_properties", [{} for _ in self.item_ids])
 
     @property
     def num_users(self) -> int:
@@ -59,10 +68,12 @@ class Dataset:
         return int(sum(len(s) for s in self.sequences))
 
     def fingerprint(self) -> str:
-        """A hash of everything training reads (ids, sequences, times, text, tags): equal
-        fingerprints mean the same data."""
+        """A hash of everything training reads or writes into a bundle (ids, sequences, times,
+        text, tags, properties): equal fingerprints mean the same data."""
         digest = hashlib.sha256(self.name.encode())
-        for strings in (self.user_ids, self.item_ids, self.item_texts, ["|".join(t) for t in self.item_tags]):
+        properties = [json.dumps(p, sort_keys=True) for p in self.item_properties]
+        for strings in (self.user_ids, self.item_ids, self.item_texts, ["|".join(t) for t in self.item_tags],
+                        properties):
             digest.update("\x1f".join(strings).encode())
             digest.update(b"\x1e")
         lengths = np.fromiter((len(s) for s in self.sequences), dtype=np.int64, count=len(self.sequences))
@@ -73,6 +84,18 @@ class Dataset:
             digest.update(np.concatenate(self.timestamps).astype(np.float64).tobytes())
         return digest.hexdigest()
 
+    def item_attributes(self) -> list[ItemAttributes]:
+        """What filters read of each item; an item joined the catalogue at its first
+        interaction (0, unknown, where the data has no times or the item none)."""
+        first = np.zeros(self.num_items, dtype=np.float64)
+        if self.timestamps is not None and self.sequences:
+            items, times = np.concatenate(self.sequences), np.concatenate(self.timestamps)
+            first = np.full(self.num_items, np.inf)
+            np.minimum.at(first, items, times)
+            first[~np.isfinite(first)] = 0
+        return [ItemAttributes(tags, properties, int(seconds * 1000))
+                for tags, properties, seconds in zip(self.item_tags, self.item_properties, first, strict=True)]
+
 
 def from_events(
     name: str,
@@ -81,6 +104,7 @@ def from_events(
     timestamps: np.ndarray | None = None,
     item_texts: dict[str, str] | None = None,
     item_tags: dict[str, tuple[str, ...]] | None = None,
+    item_properties: dict[str, dict[str, PropertyValue]] | None = None,
 ) -> Dataset:
     """Build a Dataset from parallel event columns; order within a user follows `timestamps`
     (stable, so ties keep file order) or file order when there are none."""
@@ -93,11 +117,12 @@ def from_events(
     events = EventColumns()
     events.add(pa.array(users, pa.string()), pa.array(items, pa.string()),
                None if timestamps is None else pa.array(np.asarray(timestamps, dtype=np.float64)))
-    return from_columns(name, events, item_texts, item_tags)
+    return from_columns(name, events, item_texts, item_tags, item_properties)
 
 
 def from_columns(name: str, events: EventColumns, item_texts: dict[str, str] | None = None,
-                 item_tags: dict[str, tuple[str, ...]] | None = None) -> Dataset:
+                 item_tags: dict[str, tuple[str, ...]] | None = None,
+                 item_properties: dict[str, dict[str, PropertyValue]] | None = None) -> Dataset:
     """Build a Dataset from dense event columns: one sort of the events by user, then time."""
     u, i, times = events.arrays()
     if not len(u):
@@ -120,6 +145,7 @@ def from_columns(name: str, events: EventColumns, item_texts: dict[str, str] | N
         item_texts=[texts.get(x, "") for x in item_ids],
         item_tags=[tuple(tags.get(x, ())) for x in item_ids],
         timestamps=None if times is None else np.split(t, bounds),
+        item_properties=[dict((item_properties or {}).get(x, {})) for x in item_ids],
     )
 
 
@@ -141,12 +167,28 @@ def item_id_column(fieldnames: list[str], item_column: str | None, path: Path) -
                      f"with --item-column) and a text column, text[,tags]; found: {found}")
 
 
-def read_item_file(path: Path, item_column: str | None = None
-                   ) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+def property_value(text: str) -> PropertyValue:
+    """An item file cell as a property: a number where it reads as a finite one, else the string."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if np.isfinite(number) else text
+
+
+@dataclass
+class ItemFile:
+    texts: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    properties: dict[str, dict[str, PropertyValue]] = field(default_factory=dict)
+
+
+def read_item_file(path: Path, item_column: str | None = None) -> ItemFile:
     """Read an item file: CSV with a header naming the id column (`item`, `item_id`, `id`, or
-    `item_column`), `text`, and optionally `tags` (separated by `|`)."""
-    texts: dict[str, str] = {}
-    tags: dict[str, tuple[str, ...]] = {}
+    `item_column`), `text`, optionally `tags` (separated by `|`); every other column is a
+    property (a number where the cell reads as one, else a string; empty cells are left out)."""
+    found = ItemFile()
+    texts, tags, properties = found.texts, found.tags, found.properties
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fieldnames = list(reader.fieldnames or [])
@@ -154,11 +196,15 @@ def read_item_file(path: Path, item_column: str | None = None
         if "text" not in fieldnames:
             raise ValueError(f"{path}: item file needs a text column (text[,tags]) beside {id_column!r}; "
                              f"found: {', '.join(fieldnames)}")
+        others = [c for c in fieldnames if c not in (id_column, "text", "tags")]
         for row in reader:
             texts[row[id_column]] = row["text"]
             if row.get("tags"):
                 tags[row[id_column]] = tuple(t for t in row["tags"].split("|") if t)
-    return texts, tags
+            values = {c: property_value(row[c]) for c in others if row.get(c)}
+            if values:
+                properties[row[id_column]] = values
+    return found
 
 
 def read_interactions(
@@ -174,5 +220,6 @@ def read_interactions(
     """
     from recdata.reader import read_event_columns
 
-    texts, tags = read_item_file(items_path, item_column) if items_path else ({}, {})
-    return from_columns(path.stem, read_event_columns(path, fmt, progress), texts, tags)
+    items = read_item_file(items_path, item_column) if items_path else ItemFile()
+    return from_columns(path.stem, read_event_columns(path, fmt, progress), items.texts, items.tags,
+                        items.properties)

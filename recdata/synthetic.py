@@ -105,6 +105,7 @@ def generate(config: SyntheticConfig) -> Dataset:
         sequences=sequences,
         item_texts=texts,
         item_tags=tags,
+        item_properties=item_properties(config.num_items, config.seed),
     )
 
 
@@ -117,9 +118,11 @@ def write_pairs(dataset: Dataset, folder: Path) -> tuple[Path, Path]:
             f.writelines(f"{user} {dataset.item_ids[i]}\n" for i in seq)
     with items.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["item", "text", "tags"])
-        for item_id, text, tags in zip(dataset.item_ids, dataset.item_texts, dataset.item_tags, strict=True):
-            writer.writerow([item_id, text, "|".join(tags)])
+        names = sorted({name for properties in dataset.item_properties for name in properties})
+        writer.writerow(["item", "text", "tags", *names])
+        for item_id, text, tags, properties in zip(dataset.item_ids, dataset.item_texts, dataset.item_tags,
+                                                   dataset.item_properties, strict=True):
+            writer.writerow([item_id, text, "|".join(tags), *(properties.get(name, "") for name in names)])
     return pairs, items
 
 
@@ -202,6 +205,19 @@ def _chunk_events(config: SyntheticConfig, catalogue: _Catalogue, users: int, rn
     return user[keep], item[keep], rank[keep]
 
 
+PROPERTY_COLUMNS = ("price", "brand")
+BRANDS = 20
+
+
+def item_properties(num_items: int, seed: int) -> list[dict[str, float | str]]:
+    """A price (log-normal, whole cents) and one of BRANDS brands per item, for filters; from
+    a generator of their own, so the events do not change with them."""
+    rng = np.random.default_rng([seed, 1])
+    prices = np.round(rng.lognormal(3.0, 1.0, num_items), 2)
+    brands = rng.integers(0, BRANDS, num_items)
+    return [{"price": float(p), "brand": f"brand{b}"} for p, b in zip(prices, brands, strict=True)]
+
+
 def item_texts(config: SyntheticConfig, item_topic: np.ndarray) -> tuple[list[str], list[str]]:
     """Every item's text and tag, from its topic's words (as `generate` writes them)."""
     words = [topic_words(t) for t in range(config.num_topics)]
@@ -241,6 +257,8 @@ def write_parquet(config: SyntheticConfig, folder: Path, progress: Callable[[int
     texts, tags = item_texts(config, catalogue.item_topic)
     with items.open("w", newline="", encoding="utf-8") as f:
         writer_csv = csv.writer(f)
-        writer_csv.writerow(["item", "text", "tags"])
-        writer_csv.writerows(zip((f"i{i}" for i in range(config.num_items)), texts, tags, strict=True))
+        writer_csv.writerow(["item", "text", "tags", *PROPERTY_COLUMNS])
+        properties = item_properties(config.num_items, config.seed)
+        writer_csv.writerows([f"i{i}", text, tag, *(p[name] for name in PROPERTY_COLUMNS)]
+                             for i, (text, tag, p) in enumerate(zip(texts, tags, properties, strict=True)))
     return interactions, items, total

@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import grpc
 
-from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, versions_pb2
+from protos.filters import attributes_from_proto, filter_from_proto
+from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, recommender_pb2, versions_pb2
 from protos.serving import bundle_folder, freeze_loaded_objects, served_version, unload_version
 from protos.wire import BadTensor, from_tensor
 from recdata.bundle import load_bundle
@@ -23,6 +24,12 @@ log = logging.getLogger(__name__)
 
 MAX_EXCLUDED = 100_000
 MAX_UPDATE = 10_000  # items per AddItems / RemoveItems call
+MAX_FILTER_PARTS = 1_000  # tags, ranges and values of one filter, together (the gateway allows far fewer)
+
+
+def filter_parts(f: recommender_pb2.ItemFilter) -> int:
+    return (len(f.tags_any) + len(f.tags_all) + len(f.tags_none) + len(f.ranges)
+            + sum(len(e.any_of) + 1 for e in f.equals))
 
 
 class RecallServicer(recall_pb2_grpc.RecallServicer):
@@ -49,6 +56,10 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                 shard.validate(query)
         except (BadTensor, InvalidQuery) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if filter_parts(request.filter) > MAX_FILTER_PARTS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"filter has {filter_parts(request.filter)} "
+                                f"parts (tags, ranges and values); at most {MAX_FILTER_PARTS}")
+        item_filter = filter_from_proto(request.filter)
         exclude = list(request.exclude_item_ids)
         remaining = context.time_remaining()
         if remaining is not None and remaining < self.search_s:
@@ -59,9 +70,10 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                                 f"deadline, a search takes {self.search_s * 1000:.1f} ms: not started")
         started = time.monotonic()
         if shard.size <= shard.config.inline_search_max_items:
-            results = shard.search(queries, exclude)
+            results, passed = shard.search_filtered(queries, exclude, item_filter)
         else:  # FAISS releases the GIL: big searches run beside the event loop
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, shard.search, queries, exclude)
+            results, passed = await asyncio.get_running_loop().run_in_executor(
+                self.executor, shard.search_filtered, queries, exclude, item_filter)
         self.search_s += 0.1 * (time.monotonic() - started - self.search_s)
         return recall_pb2.SearchResponse(
             results=[
@@ -73,6 +85,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
             ],
             model_version=shard.version,
             shard_id=shard.config.shard_id,
+            filter_passed=passed,
         )
 
     async def ShardInfo(self, request: recall_pb2.ShardInfoRequest,
@@ -101,8 +114,10 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                                 f"item_ids has {len(request.item_ids)} entries; allowed 1..{MAX_UPDATE}")
         try:
             vectors = {v.channel: from_tensor(v.vectors) for v in request.vectors}
+            attributes = [attributes_from_proto(a) for a in request.attributes] if request.attributes else None
             loop = asyncio.get_running_loop()
-            added = await loop.run_in_executor(self.executor, shard.add_items, list(request.item_ids), vectors)
+            added = await loop.run_in_executor(self.executor, shard.add_items, list(request.item_ids), vectors,
+                                               attributes)
         except (BadTensor, InvalidQuery) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return recall_pb2.AddItemsResponse(added=added)

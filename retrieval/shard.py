@@ -9,8 +9,10 @@ import itertools
 import threading
 from collections.abc import Iterable
 
+import faiss
 import numpy as np
 
+from recdata.attributes import NO_FILTER, ItemAttributes, ItemFilter
 from recdata.bundle import Bundle
 from recdata.channels import (
     CHANNELS,
@@ -23,8 +25,29 @@ from recdata.channels import (
     shard_of,
     tuning_queries_name,
 )
+from retrieval.attributes import AttributeColumns
 from retrieval.config import MAX_K, MAX_RECENT_ITEMS, RecallConfig
-from retrieval.index import build_index
+from retrieval.index import IndexReport, build_index
+
+# A filtered search widens its search breadth (nprobe, efSearch) by 1 / (share of items that
+# pass), so it meets about as many passing items as an unfiltered search meets items; capped.
+MAX_FILTERED_BREADTH = 4096
+# GPU indexes take no id selector: they fetch this many times k / share, then filter.
+GPU_OVERFETCH = 2
+GPU_MAX_K = 2048  # the largest k FAISS GPU indexes search for
+
+
+def search_parameters(report: IndexReport, selector: faiss.IDSelector, share: float) -> faiss.SearchParameters:
+    """FAISS search parameters that keep only the selected ids, at a breadth for `share`."""
+    widen = 1.0 / max(share, 1e-6)
+    # The SWIG-generated constructors take keyword arguments that mypy cannot see.
+    if report.kind == "hnsw":
+        breadth = int(min(MAX_FILTERED_BREADTH, report.params["efSearch"] * widen))
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=breadth)  # type: ignore[attr-defined]
+    if report.kind in ("ivf", "ivfpq"):
+        breadth = int(min(report.params["nlist"], max(1, report.params["nprobe"] * widen)))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=breadth)  # type: ignore[call-arg]
+    return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
 
 
 class InvalidQuery(ValueError):
@@ -64,6 +87,11 @@ class RecallShard:
         self.bundle_rows = {item_id: n for n, item_id in enumerate(bundle.item_ids)}
         self.neighbour_ids = bundle.arrays["item2item_ids"]
         self.neighbour_scores = bundle.arrays["item2item_scores"]
+        # What filters read, for the items this shard owns.
+        self.attributes = AttributeColumns()
+        self.attributes.grow_to(len(self.item_ids))
+        self.attributes.set(owned.tolist(), [bundle.attributes(int(n)) for n in owned])
+        self.attributes.set_alive(owned, True)
         # A FAISS index must not change while it is searched; every index access holds this.
         self._lock = threading.Lock()
 
@@ -93,9 +121,60 @@ class RecallShard:
     def search(self, queries: Iterable[ChannelQuery], exclude_item_ids: Iterable[str] = ()
                ) -> dict[str, list[tuple[str, float]]]:
         """Per channel, up to k (item id, score) pairs best first, none of them excluded."""
+        return self.search_filtered(queries, exclude_item_ids)[0]
+
+    def search_filtered(self, queries: Iterable[ChannelQuery], exclude_item_ids: Iterable[str] = (),
+                        item_filter: ItemFilter = NO_FILTER) -> tuple[dict[str, list[tuple[str, float]]], int]:
+        """`search` keeping only items that pass `item_filter`, applied before each channel's
+        top-k is cut; and how many of this shard's items pass (0 without a filter)."""
         queries = list(queries)
         for query in queries:
             self.validate(query)
+        if item_filter.is_empty:
+            return self._search(queries, exclude_item_ids), 0
+        with self._lock:
+            allowed = self.attributes.mask(item_filter)
+            passed = int(allowed.sum())
+            allowed[[self.item_index[i] for i in exclude_item_ids if i in self.item_index]] = False
+            allowed[list(self.tombstones)] = False
+            return self._search_allowed(queries, allowed, passed), passed
+
+    def _search_allowed(self, queries: list[ChannelQuery], allowed: np.ndarray, passed: int
+                        ) -> dict[str, list[tuple[str, float]]]:
+        """Per channel, the best k among the `allowed` labels; the caller holds the lock."""
+        results: dict[str, list[tuple[str, float]]] = {}
+        share = max(passed, 1) / max(self.size, 1)
+        for query in queries:
+            keep: list[tuple[int, float]]
+            if query.channel == POPULAR:
+                picked = allowed[self.popular_items]
+                keep = list(zip(self.popular_items[picked][: query.k].tolist(),
+                                self.popular_scores[picked][: query.k].tolist(), strict=True))
+            elif query.channel == ITEM2ITEM:
+                keep = self._neighbours(query.item_ids, query.k, set(), allowed)
+            elif passed == 0:
+                keep = []
+            else:
+                keep = self._vector_hits(query, allowed, share)
+            results[query.channel] = [(self.item_ids[i], s) for i, s in keep]
+        return results
+
+    def _vector_hits(self, query: ChannelQuery, allowed: np.ndarray, share: float) -> list[tuple[int, float]]:
+        index, report = self.indexes[query.channel], self.index_reports[query.channel]
+        vector = np.asarray(query.vector, dtype=np.float32).reshape(1, -1)  # validated
+        if report.on_gpu:  # no selectors on GPU indexes: fetch more, then filter
+            fetch = int(min(index.ntotal, GPU_MAX_K, GPU_OVERFETCH * query.k / share + 1))
+            scores, ids = index.search(vector, max(fetch, 1))
+        else:
+            packed = np.packbits(allowed, bitorder="little")  # must outlive the search
+            selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(packed))
+            scores, ids = index.search(vector, query.k, params=search_parameters(report, selector, share))
+        found = ids[0]
+        wanted = (found >= 0) & allowed[np.clip(found, 0, len(allowed) - 1)]
+        return list(zip(found[wanted][: query.k].tolist(), scores[0][wanted][: query.k].tolist(), strict=True))
+
+    def _search(self, queries: list[ChannelQuery], exclude_item_ids: Iterable[str]
+                ) -> dict[str, list[tuple[str, float]]]:
         results: dict[str, list[tuple[str, float]]] = {}
         with self._lock:
             excluded = {self.item_index[i] for i in exclude_item_ids if i in self.item_index} | self.tombstones
@@ -119,8 +198,10 @@ class RecallShard:
                 results[query.channel] = [(self.item_ids[i], s) for i, s in keep]
         return results
 
-    def _neighbours(self, recent: tuple[str, ...], k: int, excluded: set[int]) -> list[tuple[int, float]]:
-        """The k owned, served items that co-occur most with the recent items, as (label, score).
+    def _neighbours(self, recent: tuple[str, ...], k: int, excluded: set[int], allowed: np.ndarray | None = None
+                    ) -> list[tuple[int, float]]:
+        """The k owned, served items that co-occur most with the recent items, as (label, score),
+        none of them `excluded` and all `allowed` (when given).
 
         Recent items weigh by their position (the latest most); ids this version never
         trained on have no neighbours and are skipped.
@@ -139,7 +220,7 @@ class RecallShard:
         for n in np.argsort(-totals, kind="stable"):
             # The neighbour's current label: an upserted item keeps its neighbours.
             label = self.item_index.get(self.item_ids[int(neighbours[n])])
-            if label is not None and label not in excluded:
+            if label is not None and label not in excluded and (allowed is None or allowed[label]):
                 hits.append((label, float(totals[n])))
                 if len(hits) == k:
                     break
@@ -157,11 +238,17 @@ class RecallShard:
                 self.tombstones.add(label)
         keep = self.popular_items != label
         self.popular_items, self.popular_scores = self.popular_items[keep], self.popular_scores[keep]
+        self.attributes.set_alive([label], False)
 
-    def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray]) -> int:
-        """Add or replace items with one (N, dim) array per vector channel; searchable on return."""
+    def add_items(self, item_ids: list[str], vectors: dict[str, np.ndarray],
+                  attributes: list[ItemAttributes] | None = None) -> int:
+        """Add or replace items with one (N, dim) array per vector channel and what filters
+        read of each (none: no tags, no properties, created unknown); searchable on return."""
         if len(set(item_ids)) != len(item_ids) or not all(item_ids):
             raise InvalidQuery("item_ids must be non-empty and distinct")
+        if attributes is not None and len(attributes) != len(item_ids):
+            raise InvalidQuery(f"{len(attributes)} attribute sets for {len(item_ids)} item_ids; give one per item "
+                               f"or none")
         for channel in VECTOR_CHANNELS:
             array = vectors.get(channel)
             if array is None or array.shape != (len(item_ids), self.dims[channel]):
@@ -182,6 +269,8 @@ class RecallShard:
             # New items have no interactions yet: last in the popular list.
             self.popular_items = np.concatenate([self.popular_items, labels])
             self.popular_scores = np.concatenate([self.popular_scores, np.zeros(len(labels), np.float32)])
+            self.attributes.set(labels.tolist(), attributes or [ItemAttributes()] * len(item_ids))
+            self.attributes.set_alive(labels, True)
         return len(item_ids)
 
     def remove_items(self, item_ids: list[str]) -> int:

@@ -3,8 +3,11 @@ the real services started together for tests that call them over gRPC."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +64,23 @@ async def serving_stack(bundle: Path, db_path: Path, num_shards: int = 2, intern
         await gateway.stop(0)
         for handle in [*shards, ranking]:
             await handle.stop(0)
+
+
+@contextmanager
+def threaded_stack(bundle: Path, db_path: Path, num_shards: int = 2, **gateway_options: Any
+                   ) -> Iterator[tuple[Gateway, grpc.Channel]]:
+    """`serving_stack` on an event loop thread of its own and a blocking channel to its gateway:
+    for tests that call it synchronously, as hypothesis drives plain functions."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    stack = serving_stack(bundle, db_path, num_shards=num_shards, **gateway_options)
+    gateway, _, _ = asyncio.run_coroutine_threadsafe(stack.__aenter__(), loop).result(timeout=300)
+    channel = grpc.insecure_channel(gateway.address)
+    try:
+        yield gateway, channel
+    finally:
+        channel.close()
+        asyncio.run_coroutine_threadsafe(stack.__aexit__(None, None, None), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.events import Event, EventLog, EventStore, ItemChange, StoreUnavailable, open_event_store
+from gateway.events import (
+    SCHEMA_VERSION,
+    Event,
+    EventLog,
+    EventStore,
+    ItemChange,
+    StoreUnavailable,
+    open_event_store,
+)
 from tests.conftest import needs_pg
 
 
@@ -126,9 +134,39 @@ def test_a_sqlite_log_of_the_first_schema_is_migrated_in_place(tmp_path: Path) -
     """)
     old.close()
     log = EventLog(path)
-    assert log.schema_version == 2
+    assert log.schema_version == SCHEMA_VERSION
     assert log.append([Event("u", "b", timestamp_ms=2, event_id="k")] * 2) == (2, 1)
     assert log.recent_items("u", 10) == ["a", "b"]
+
+
+def test_a_sqlite_log_of_the_second_schema_keeps_its_item_changes(tmp_path: Path) -> None:
+    path = tmp_path / "v2.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE item_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, item_id TEXT NOT NULL,
+                                   text TEXT NOT NULL DEFAULT '', tags TEXT NOT NULL DEFAULT '[]');
+        INSERT INTO item_changes (op, item_id, text, tags) VALUES ('upsert', 'a', 'old text', '["t"]');
+    """)
+    old.close()
+    log = EventLog(path)
+    assert log.item_changes() == [ItemChange("upsert", "a", "old text", ("t",))]
+    log.close()
+
+
+def test_hides_are_no_history_and_are_read_apart(store: EventStore) -> None:
+    store.append([Event("u", "a", "click", timestamp_ms=1), Event("u", "b", "hide", timestamp_ms=2),
+                  Event("u", "c", "click", timestamp_ms=3), Event("u", "b", "hide", timestamp_ms=4),
+                  Event("v", "c", "hide", timestamp_ms=5)])
+    assert store.recent_items("u", 10) == ["a", "c"]
+    assert store.hidden_items("u") == ["b"] and store.hidden_items("v") == ["c"] and store.hidden_items("w") == []
+    assert store.erase_user("u") == 4 and store.hidden_items("u") == []
+
+
+def test_item_changes_keep_properties_and_times(store: EventStore) -> None:
+    change = ItemChange("upsert", "a", "text", ("t",), {"price": 9.5, "brand": "x"}, 1234)
+    store.record_item_changes([change, ItemChange("delete", "b")])
+    assert store.item_changes() == [change, ItemChange("delete", "b")]
+    assert store.item_changes()[0].attributes.properties == {"price": 9.5, "brand": "x"}
 
 
 @needs_pg

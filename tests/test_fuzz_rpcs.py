@@ -7,8 +7,6 @@ call gets a valid answer or INVALID_ARGUMENT with a message, and a refused call 
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from hypothesis import strategies as st
 
 from gateway.server import Gateway
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
-from tests.grpc_checks import serving_stack
+from tests.grpc_checks import threaded_stack
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
@@ -40,21 +38,8 @@ floats32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 
 @pytest.fixture(scope="module")
 def live(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, grpc.Channel]]:
-    """The real services on their own event loop thread; the tests call them synchronously, as
-    hypothesis drives plain functions."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    stack = serving_stack(tiny_bundle, tmp_path_factory.mktemp("fuzz") / "events.sqlite", num_shards=2)
-    gateway, _, _ = asyncio.run_coroutine_threadsafe(stack.__aenter__(), loop).result(timeout=300)
-    channel = grpc.insecure_channel(gateway.address)
-    try:
-        yield gateway, channel
-    finally:
-        channel.close()
-        asyncio.run_coroutine_threadsafe(stack.__aexit__(None, None, None), loop).result(timeout=60)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
+    with threaded_stack(tiny_bundle, tmp_path_factory.mktemp("fuzz") / "events.sqlite") as stack:
+        yield stack
 
 
 def _code(call, request):  # type: ignore[no-untyped-def]
@@ -70,18 +55,53 @@ def _check(code: grpc.StatusCode, details: str) -> None:
         assert details.strip(), "INVALID_ARGUMENT without a message"
 
 
+floats64 = st.floats(allow_nan=True, allow_infinity=True)
+property_names = st.one_of(ids, st.sampled_from(["price", "brand", "year"]))
+tag_lists = st.one_of(st.lists(st.one_of(ids, st.sampled_from(["topic1", "topic2"])), max_size=4),
+                      st.integers(31, 34).map(lambda n: ["topic1"] * n))
+item_filters = st.builds(
+    recommender_pb2.ItemFilter, tags_any=tag_lists, tags_all=tag_lists, tags_none=tag_lists,
+    ranges=st.lists(st.builds(recommender_pb2.NumberRange, property=property_names,
+                              min=st.one_of(st.none(), floats64), max=st.one_of(st.none(), floats64)), max_size=18),
+    equals=st.lists(st.builds(recommender_pb2.PropertyEquals, property=property_names,
+                              any_of=st.one_of(st.lists(ids, max_size=3),
+                                               st.integers(99, 102).map(lambda n: ["brand1"] * n))), max_size=3),
+    newer_than_ms=st.integers(-(2**63), 2**63 - 1))
+page_tokens = st.one_of(st.just(""), ids, st.text(max_size=80))
+
+
 @FUZZ
-@given(user_id=ids, k=int32s, exclude=id_lists, context=id_lists, diversity=floats32, explain=st.booleans())
-def test_recommend(live, user_id, k, exclude, context, diversity, explain) -> None:
+@given(user_id=ids, k=int32s, exclude=id_lists, context=id_lists, diversity=floats32, explain=st.booleans(),
+       item_filter=st.one_of(st.none(), item_filters), page_size=st.one_of(st.just(0), int32s), page_token=page_tokens)
+def test_recommend(live, user_id, k, exclude, context, diversity, explain, item_filter, page_size, page_token) -> None:
     gateway, channel = live
     request = recommender_pb2.RecommendRequest(user_id=user_id, k=k, exclude_item_ids=exclude,
-                                               context_item_ids=context, diversity=diversity, explain=explain)
+                                               context_item_ids=context, diversity=diversity, explain=explain,
+                                               filter=item_filter, page_size=page_size, page_token=page_token)
     code, reply, details = _code(recommender_pb2_grpc.RecommenderStub(channel).Recommend, request)
     _check(code, details)
     if code == grpc.StatusCode.OK:
         returned = [i.item_id for i in reply.items]
-        assert len(returned) <= k and len(set(returned)) == len(returned)
+        assert len(returned) <= (page_size or k) and len(set(returned)) == len(returned)
         assert not set(returned) & set(exclude)
+
+
+@FUZZ
+@given(item_ids=st.one_of(id_lists, st.lists(st.sampled_from(["i1", "i2", "i3"]), max_size=4)), k=int32s,
+       item_filter=st.one_of(st.none(), item_filters), exclude=id_lists, user_id=st.one_of(st.just(""), ids))
+def test_similar_items(live, item_ids, k, item_filter, exclude, user_id) -> None:
+    _, channel = live
+    request = recommender_pb2.SimilarItemsRequest(item_ids=item_ids, k=k, filter=item_filter,
+                                                  exclude_item_ids=exclude, user_id=user_id)
+    code, reply, details = _code(recommender_pb2_grpc.RecommenderStub(channel).SimilarItems, request)
+    if code == grpc.StatusCode.NOT_FOUND:  # ids the catalogue does not hold, named
+        assert "unknown item ids" in details
+        return
+    _check(code, details)
+    if code == grpc.StatusCode.OK:
+        returned = [i.item_id for i in reply.items]
+        assert len(returned) <= k and len(set(returned)) == len(returned)
+        assert not set(returned) & (set(exclude) | set(item_ids))
 
 
 events = st.builds(recommender_pb2.Event, user_id=ids, item_id=ids, event_type=st.one_of(unicode_text, ids),
@@ -104,9 +124,16 @@ def test_feedback(live, batch) -> None:
         assert gateway.events.count() == before  # a refused call writes nothing
 
 
+property_values = st.one_of(st.builds(recommender_pb2.PropertyValue, number=floats64),
+                            st.builds(recommender_pb2.PropertyValue, text=ids),
+                            st.just(recommender_pb2.PropertyValue()))
 items = st.builds(recommender_pb2.Item, item_id=ids,
                   text=st.one_of(unicode_text, st.integers(16_380, 16_400).map(lambda n: "é" * (n // 2))),
-                  tags=st.one_of(st.lists(ids, max_size=4), st.integers(31, 34).map(lambda n: ["t"] * n)))
+                  tags=st.one_of(st.lists(ids, max_size=4), st.integers(31, 34).map(lambda n: ["t"] * n)),
+                  properties=st.one_of(st.dictionaries(property_names, property_values, max_size=3),
+                                       st.integers(63, 66).map(lambda n: {f"p{m}": recommender_pb2.PropertyValue(
+                                           number=m) for m in range(n)})),
+                  created_ms=st.integers(-(2**63), 2**63 - 1))
 
 
 @FUZZ
@@ -156,7 +183,7 @@ def test_swap_version_to_something_that_is_no_bundle(live, bundle_path) -> None:
     assert details.strip()
 
 
-RECOMMENDER_METHODS = ["Recommend", "Feedback", "UpsertItems", "DeleteItems"]
+RECOMMENDER_METHODS = ["Recommend", "Feedback", "UpsertItems", "DeleteItems", "DeleteUser", "SimilarItems"]
 
 
 @FUZZ
@@ -167,6 +194,9 @@ def test_bytes_that_are_no_protobuf(live, method, payload) -> None:
     _, channel = live
     call = channel.unary_unary(f"/recfunnel.v1.Recommender/{method}")  # bytes in, bytes out
     code, _, details = _code(call, payload)
+    if method == "SimilarItems" and code == grpc.StatusCode.NOT_FOUND:
+        assert "unknown item ids" in details  # bytes that parse as a request for items nobody has
+        return
     _check(code, details)
 
 

@@ -24,6 +24,7 @@ from gateway.events import Event, EventLog
 from gateway.funnel import Funnel, RecommendQuery, ShardAnswer, StageFailed, combine_channels, merge_shards
 from gateway.validation import InvalidRequest, check_recommend
 from protos.recfunnel.v1 import recall_pb2, recall_pb2_grpc, recommender_pb2, recommender_pb2_grpc
+from recdata.attributes import NO_FILTER, ItemFilter
 from recdata.channels import ITEM2ITEM_RECENT, ChannelQuery
 from tests.grpc_checks import assert_health_and_reflection, free_port, serving_stack
 
@@ -37,7 +38,7 @@ class FakeShard:
         self.queries: list[list[ChannelQuery]] = []
 
     async def search(self, queries: list[ChannelQuery], exclude: list[str], timeout: float,
-                     model_version: str) -> ShardAnswer:
+                     model_version: str, item_filter: ItemFilter = NO_FILTER) -> ShardAnswer:
         self.calls.append(exclude)
         self.queries.append(queries)
         if self.fail:
@@ -108,9 +109,10 @@ async def test_a_slow_shard_is_dropped_at_the_deadline() -> None:
     shards = [FakeShard(["i1"]), FakeShard(["i2"], delay=5.0)]
 
     class Slow(FakeShard):
-        async def search(self, queries, exclude, timeout, model_version):
+        async def search(self, queries, exclude, timeout, model_version, item_filter=NO_FILTER):
             try:
-                return await asyncio.wait_for(super().search(queries, exclude, timeout, model_version), timeout)
+                return await asyncio.wait_for(super().search(queries, exclude, timeout, model_version, item_filter),
+                                              timeout)
             except TimeoutError as error:
                 raise StageFailed("deadline") from error
 

@@ -22,13 +22,26 @@ def test_public_contract_names_are_stable() -> None:
 
     service = pb.DESCRIPTOR.services_by_name["Recommender"]
     assert service.full_name == "recfunnel.v1.Recommender"
-    assert {m.name for m in service.methods} == {"Recommend", "Feedback", "UpsertItems", "DeleteItems", "DeleteUser"}
-    fields = {f.name: f.number for f in pb.RecommendRequest.DESCRIPTOR.fields}
-    assert fields == {"user_id": 1, "k": 2, "exclude_item_ids": 3, "context_item_ids": 4, "diversity": 5,
-                      "explain": 6}
-    fields = {f.name: f.number for f in pb.RecommendResponse.DESCRIPTOR.fields}
-    assert fields == {"items": 1, "model_version": 2, "degraded": 3, "recall_coverage": 4, "request_id": 5}
-    assert {f.name: f.number for f in pb.DeleteUserResponse.DESCRIPTOR.fields} == {"events_removed": 1}
+    assert {m.name for m in service.methods} == {"Recommend", "Feedback", "UpsertItems", "DeleteItems", "DeleteUser",
+                                                 "SimilarItems"}
+
+    def numbers(message) -> dict[str, int]:  # type: ignore[no-untyped-def]
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}
+
+    assert numbers(pb.RecommendRequest) == {"user_id": 1, "k": 2, "exclude_item_ids": 3, "context_item_ids": 4,
+                                            "diversity": 5, "explain": 6, "filter": 7, "page_size": 8,
+                                            "page_token": 9}
+    assert numbers(pb.RecommendResponse) == {"items": 1, "model_version": 2, "degraded": 3, "recall_coverage": 4,
+                                             "request_id": 5, "next_page_token": 6, "filter_passed": 7}
+    assert numbers(pb.DeleteUserResponse) == {"events_removed": 1}
+    assert numbers(pb.Item) == {"item_id": 1, "text": 2, "tags": 3, "properties": 4, "created_ms": 5}
+    assert numbers(pb.ItemFilter) == {"tags_any": 1, "tags_all": 2, "tags_none": 3, "ranges": 4, "equals": 5,
+                                      "newer_than_ms": 6}
+    assert numbers(pb.SimilarItemsRequest) == {"item_ids": 1, "k": 2, "filter": 3, "exclude_item_ids": 4,
+                                               "user_id": 5}
+    assert numbers(pb.NumberRange) == {"property": 1, "min": 2, "max": 3}
+    assert numbers(pb.PropertyEquals) == {"property": 1, "any_of": 2}
+    assert numbers(pb.PropertyValue) == {"number": 1, "text": 2}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

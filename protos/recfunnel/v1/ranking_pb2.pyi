@@ -9,12 +9,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("history_item_ids", "model_version")
+    __slots__ = ("history_item_ids", "model_version", "items_alone")
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_ALONE_FIELD_NUMBER: _ClassVar[int]
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
     model_version: str
-    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    items_alone: bool
+    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., items_alone: _Optional[bool] = ...) -> None: ...
 
 class ChannelVector(_message.Message):
     __slots__ = ("channel", "vector")
@@ -25,12 +27,14 @@ class ChannelVector(_message.Message):
     def __init__(self, channel: _Optional[str] = ..., vector: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
-    __slots__ = ("vectors", "model_version")
+    __slots__ = ("vectors", "model_version", "unknown_item_ids")
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     vectors: _containers.RepeatedCompositeFieldContainer[ChannelVector]
     model_version: str
-    def __init__(self, vectors: _Optional[_Iterable[_Union[ChannelVector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    unknown_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, vectors: _Optional[_Iterable[_Union[ChannelVector, _Mapping]]] = ..., model_version: _Optional[str] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
     __slots__ = ("history_item_ids", "candidate_ids", "candidate_channels", "explain_top", "model_version", "k", "diversity")

@@ -1,3 +1,4 @@
+from protos.recfunnel.v1 import recommender_pb2 as _recommender_pb2
 from protos.recfunnel.v1 import tensor_pb2 as _tensor_pb2
 from protos.recfunnel.v1 import versions_pb2 as _versions_pb2
 from google.protobuf.internal import containers as _containers
@@ -21,14 +22,16 @@ class ChannelQuery(_message.Message):
     def __init__(self, channel: _Optional[str] = ..., vector: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., k: _Optional[int] = ..., item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("queries", "exclude_item_ids", "model_version")
+    __slots__ = ("queries", "exclude_item_ids", "model_version", "filter")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[ChannelQuery]
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     model_version: str
-    def __init__(self, queries: _Optional[_Iterable[_Union[ChannelQuery, _Mapping]]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    filter: _recommender_pb2.ItemFilter
+    def __init__(self, queries: _Optional[_Iterable[_Union[ChannelQuery, _Mapping]]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., filter: _Optional[_Union[_recommender_pb2.ItemFilter, _Mapping]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("item_id", "score")
@@ -47,14 +50,16 @@ class ChannelResult(_message.Message):
     def __init__(self, channel: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "model_version", "shard_id")
+    __slots__ = ("results", "model_version", "shard_id", "filter_passed")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTER_PASSED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ChannelResult]
     model_version: str
     shard_id: int
-    def __init__(self, results: _Optional[_Iterable[_Union[ChannelResult, _Mapping]]] = ..., model_version: _Optional[str] = ..., shard_id: _Optional[int] = ...) -> None: ...
+    filter_passed: int
+    def __init__(self, results: _Optional[_Iterable[_Union[ChannelResult, _Mapping]]] = ..., model_version: _Optional[str] = ..., shard_id: _Optional[int] = ..., filter_passed: _Optional[int] = ...) -> None: ...
 
 class ShardInfoRequest(_message.Message):
     __slots__ = ()
@@ -91,14 +96,33 @@ class ShardInfoResponse(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., num_shards: _Optional[int] = ..., model_version: _Optional[str] = ..., channels: _Optional[_Iterable[_Union[ChannelInfo, _Mapping]]] = ..., loaded_versions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddItemsRequest(_message.Message):
-    __slots__ = ("item_ids", "vectors", "model_version")
+    __slots__ = ("item_ids", "vectors", "model_version", "attributes")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     vectors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.ChannelVectors]
     model_version: str
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Iterable[_Union[_tensor_pb2.ChannelVectors, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    attributes: _containers.RepeatedCompositeFieldContainer[ItemAttributes]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Iterable[_Union[_tensor_pb2.ChannelVectors, _Mapping]]] = ..., model_version: _Optional[str] = ..., attributes: _Optional[_Iterable[_Union[ItemAttributes, _Mapping]]] = ...) -> None: ...
+
+class ItemAttributes(_message.Message):
+    __slots__ = ("tags", "properties", "created_ms")
+    class PropertiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _recommender_pb2.PropertyValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_recommender_pb2.PropertyValue, _Mapping]] = ...) -> None: ...
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    properties: _containers.MessageMap[str, _recommender_pb2.PropertyValue]
+    created_ms: int
+    def __init__(self, tags: _Optional[_Iterable[str]] = ..., properties: _Optional[_Mapping[str, _recommender_pb2.PropertyValue]] = ..., created_ms: _Optional[int] = ...) -> None: ...
 
 class AddItemsResponse(_message.Message):
     __slots__ = ("added",)

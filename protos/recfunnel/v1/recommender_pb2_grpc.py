@@ -59,6 +59,11 @@ class RecommenderStub:
                 request_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
                 response_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
                 _registered_method=True)
+        self.SimilarItems = channel.unary_unary(
+                '/recfunnel.v1.Recommender/SimilarItems',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -100,6 +105,13 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SimilarItems(self, request, context):
+        """Items like the given ones (an item page, a basket), optionally personalised for a user.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +139,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.DeleteUser,
                     request_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserRequest.FromString,
                     response_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserResponse.SerializeToString,
+            ),
+            'SimilarItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimilarItems,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +281,33 @@ class Recommender:
             '/recfunnel.v1.Recommender/DeleteUser',
             protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserRequest.SerializeToString,
             protos_dot_recfunnel_dot_v1_dot_recommender__pb2.DeleteUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimilarItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Recommender/SimilarItems',
+            protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -185,10 +185,14 @@ class FunnelScorer:
         scores, _ = self.ranker(self.item_table[padded], padding, users, vectors, features)
         return scores
 
-    def funnel(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ranker scores of the merged candidates: (B, W) scores (-inf off the mask), candidates, mask."""
+    def funnel(self, histories: list[np.ndarray], excluded: list[np.ndarray] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ranker scores of the merged candidates: (B, W) scores (-inf off the mask), candidates,
+        mask. Recall leaves out the history and, per user, the `excluded` items too."""
         users, semantic = self.queries(histories)
-        candidates, flags, mask = self.recall(histories, users, semantic, SeenItems(histories, self.device))
+        left_out = histories if excluded is None else [np.concatenate([h, e]) for h, e in
+                                                         zip(histories, excluded, strict=True)]
+        candidates, flags, mask = self.recall(histories, users, semantic, SeenItems(left_out, self.device))
         scores = self.rank(histories, users, semantic, candidates, flags)
         return scores.masked_fill(~mask, -math.inf), candidates, mask
 
@@ -216,10 +220,11 @@ class FunnelScorer:
         return lifted
 
     @torch.no_grad()
-    def funnel_scores(self, histories: list[np.ndarray]) -> ProposedScores:
+    def funnel_scores(self, histories: list[np.ndarray], excluded: list[np.ndarray] | None = None
+                      ) -> ProposedScores:
         """Full-catalogue scores of the served path: ranker scores on recall's candidates,
         -inf for every item recall did not propose."""
-        scores, candidates, mask = self.funnel(histories)
+        scores, candidates, mask = self.funnel(histories, excluded)
         if self.new_item_slot:
             scores = self.with_new_item_slot(scores, candidates, mask)
         return ProposedScores(candidates, scores, self.num_items)

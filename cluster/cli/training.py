@@ -209,3 +209,47 @@ def synth(
                 config, out, lambda done, _total: progress.update(task, completed=done))
     typer.echo(json.dumps({"interactions": str(interactions), "items": str(item_file), "format": fmt.value,
                            "users": users, "catalogue": items, "pairs": count}))
+
+
+@group.command("export")
+def export_command(
+    bundle: Annotated[Path, typer.Option(help="bundle folder written by `recfunnel train`")],
+    out: Annotated[Path, typer.Option(help="Parquet file of user_id, rank, item_id, score rows")],
+    users: Annotated[str, typer.Option(help="a file of user ids, one a line, or 'all' (every user in the log)")
+                     ] = "all",
+    db: Annotated[str, typer.Option(help="event store the histories are read from: a SQLite file or a "
+                                         "postgresql:// URL")] = "recfunnel.sqlite",
+    k: Annotated[int, typer.Option(min=1, max=1000, help="items per user")] = 100,
+    actors: Annotated[int, typer.Option(min=1, max=1024, help="Ray Data actors scoring in parallel")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, max=65_536, help="users scored together")] = 256,
+    address: Annotated[str | None, typer.Option(help="Ray cluster (default: a local one)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA where torch sees one)")
+                      ] = None,
+) -> None:
+    """Every listed user's top-k from their logged history, as Recommend answers, scored with Ray Data."""
+    import os
+
+    import ray
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cluster.export import ExportConfig, all_users, export, user_lines
+    from gateway.events import is_postgres_url
+
+    if not (bundle / "manifest.json").is_file():
+        raise typer.BadParameter(f"{bundle} holds no bundle (no manifest.json)", param_hint="--bundle")
+    if not is_postgres_url(db) and not Path(db).is_file():
+        raise typer.BadParameter(f"no event log at {db}", param_hint="--db")
+    if users != "all" and not Path(users).is_file():
+        raise typer.BadParameter(f"{users} is neither 'all' nor a file of user ids", param_hint="--users")
+    wanted = all_users(db) if users == "all" else list(dict.fromkeys(user_lines(Path(users))))
+    config = ExportConfig(bundle=bundle, store=db, out=out, k=k, batch_size=batch_size, actors=actors, device=device)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=address, log_to_driver=False, configure_logging=False, include_dashboard=False)
+    try:
+        with Progress(TextColumn("[bold]scoring users"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=progress_console) as bar:
+            task = bar.add_task("export", total=len(wanted))
+            report = export(config, wanted, lambda done, total: bar.update(task, completed=done))
+    finally:
+        ray.shutdown()
+    typer.echo(json.dumps(report, indent=2))

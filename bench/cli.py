@@ -77,6 +77,10 @@ STORE_HEADLINE = [
         ("history read p99 ms at 100/s", "history_reads.100/s.p99_ms"),
         ("Recommend p99 ms", "serving.Recommend.p99_ms"))] + [
     ("Recommend p99, PostgreSQL vs SQLite", "recommend_p99_postgresql_over_sqlite")]
+API_HEADLINE = [(f"{case} p99 ms at {rate} rps", f"cases.{case}.{rate}.p99_ms")
+                for case in ("similar_items", "recommend_filter_0.05") for rate in ("50", "100")] + [
+    ("0.5% filter: answers that filled k", "cases.recommend_filter_0.005.100.filled_k_share"),
+    ("5% filter: answers that filled k", "cases.recommend_filter_0.05.100.filled_k_share")]
 SCALE_HEADLINE = [("step time, largest catalogue vs smallest", "step_ratio_largest_vs_smallest")]
 RECALL_HEADLINE = [("exact QPS, one query a call", "exact.qps_single"), ("exact QPS, batched", "exact.qps_batch"),
                    ("hnsw recall@100", "indexes.hnsw.recall_at_100"), ("ivf recall@100", "indexes.ivf.recall_at_100"),
@@ -471,3 +475,31 @@ def bench_store(
         raise typer.BadParameter(str(error)) from error
     report = run_store_bench(data, config, progress=(lambda _: None) if as_json else progress_console.log)
     print_report(report, as_json, STORE_HEADLINE, "event store")
+
+
+@bench.command("api")
+def bench_api(
+    rates: Annotated[str, typer.Option(help="offered loads in requests/s, comma-separated")] = "50,100",
+    seconds: Annotated[float, typer.Option(min=1, help="seconds of load per case and rate")] = 15.0,
+    selectivities: Annotated[str, typer.Option(help="shares of the catalogue the filters pass, comma-separated")
+                             ] = "0.5,0.05,0.005",
+    k: Annotated[int, typer.Option(min=1, max=1000, help="items per answer")] = 10,
+    bundle: Annotated[Path | None, typer.Option(help="ML-100K bundle; default: the demo one")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """SimilarItems and filtered Recommend under open-loop load: p50/p99, errors, answers that filled k."""
+    from bench.api import ApiBenchConfig, run_api_bench
+    from cluster.demo import DEMO_TRAIN_SECONDS, demo_bundle
+    from recdata.movielens import cache_dir, load_ml100k
+
+    logging.basicConfig(level=logging.WARNING)
+    data = load_ml100k()
+    if bundle is None:
+        bundle = demo_bundle(data, cache_dir() / "demo", DEMO_TRAIN_SECONDS, progress_console)
+    try:
+        config = ApiBenchConfig(bundle=bundle, rates=tuple(float(r) for r in rates.split(",")), seconds=seconds,
+                                selectivities=tuple(float(x) for x in selectivities.split(",")), k=k)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    report = run_api_bench(data, config, progress=(lambda _: None) if as_json else progress_console.log)
+    print_report(report, as_json, API_HEADLINE, "product API")

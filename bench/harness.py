@@ -10,6 +10,7 @@ loop of callers would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -19,8 +20,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -188,3 +190,34 @@ def wait_for_health(address: str, processes: list[subprocess.Popen[bytes]], with
             except grpc.RpcError:
                 time.sleep(0.3)
     raise TimeoutError(f"nothing answered health on {address} within {within_s} s")
+
+
+@contextlib.contextmanager
+def process_stack(bundle: Path, db_path: Path, gateways: dict[str, list[str]], num_shards: int = 2
+                  ) -> Iterator[dict[str, str]]:
+    """Recall shards, a ranker and the named gateways over them (each with its extra command
+    line arguments) as `python -m …` processes on loopback, as a deployment runs them:
+    {name: gateway address}."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def launch(module: str, port: int, *arguments: str) -> str:
+        process = subprocess.Popen([sys.executable, "-m", module, "--no-auth", "--port", str(port), *arguments],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        processes.append(process)
+        address = f"127.0.0.1:{port}"
+        wait_for_health(address, [process], within_s=180.0)
+        return address
+
+    try:
+        shards = [launch("retrieval", free_port(), "--bundle", str(bundle), "--shard-id", str(n),
+                         "--num-shards", str(num_shards)) for n in range(num_shards)]
+        ranking = launch("ranking", free_port(), "--bundle", str(bundle))
+        backends = [arg for address in shards for arg in ("--recall", address)] + ["--ranking", ranking]
+        yield {name: launch("gateway", free_port(), "--db", str(db_path), *extra, *backends)
+               for name, extra in gateways.items()}
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)

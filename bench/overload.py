@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.harness import LoadResult, Sample, free_port, open_loop, percentiles_ms, wait_for_health
+from bench.harness import LoadResult, Sample, open_loop, percentiles_ms, process_stack
 from bench.loadtest import LoadTest, Mix, mix_call
 from protos.auth import call_metadata, open_channel
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc
@@ -210,35 +207,6 @@ class OverloadBenchConfig:
     seed: int = 0
 
 
-@contextlib.contextmanager
-def process_stack(bundle: Path, db_path: Path) -> Iterator[dict[str, str]]:
-    """Two recall shards, a ranker and two gateways over them (admission control on, and off)
-    as `python -m …` processes on loopback: {"on": address, "off": address}."""
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def launch(module: str, port: int, *arguments: str) -> str:
-        process = subprocess.Popen([sys.executable, "-m", module, "--no-auth", "--port", str(port), *arguments],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        processes.append(process)
-        address = f"127.0.0.1:{port}"
-        wait_for_health(address, [process], within_s=180.0)
-        return address
-
-    try:
-        shards = [launch("retrieval", free_port(), "--bundle", str(bundle), "--shard-id", str(n), "--num-shards", "2")
-                  for n in range(2)]
-        ranking = launch("ranking", free_port(), "--bundle", str(bundle))
-        backends = [arg for address in shards for arg in ("--recall", address)] + ["--ranking", ranking]
-        yield {"on": launch("gateway", free_port(), "--db", str(db_path), *backends),
-               "off": launch("gateway", free_port(), "--db", str(db_path), "--no-admission", *backends)}
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
-
-
 def run_overload_bench(config: OverloadBenchConfig, progress: Callable[[str], None] = lambda _: None
                        ) -> dict[str, Any]:
     from cluster.demo import fresh_event_log
@@ -250,7 +218,7 @@ def run_overload_bench(config: OverloadBenchConfig, progress: Callable[[str], No
     db_path = fresh_event_log(workdir / "events.sqlite", dataset)
     report: dict[str, Any] = {"bundle": str(config.bundle)}
     progress("starting 2 recall shards, a ranker and two gateways (admission on and off)")
-    with process_stack(config.bundle, db_path) as gateways:
+    with process_stack(config.bundle, db_path, {"on": [], "off": ["--no-admission"]}) as gateways:
         tests = {name: LoadTest(address, config.compare_rate, config.compare_s, seed=config.seed)
                  for name, address in gateways.items()}
         for name, test in tests.items():

@@ -3,7 +3,9 @@
 SimilarItems (one or two items of a page or basket) and Recommend with filters that pass about
 50%, 5% and 0.5% of the catalogue, each at every offered rate, through a gateway over two recall
 shards and a ranker as processes, as deployed. Reported per case: p50/p99, errors, and the
-share of answers that filled k (a filter that passes fewer than k items cannot).
+share of answers that filled k (a filter that passes fewer than k items cannot). Then
+`recfunnel export`'s path on a local Ray of the machine's cores: every user of the log, k = 100,
+in users/s with and without the actors' start.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class ApiBenchConfig:
     selectivities: tuple[float, ...] = (0.5, 0.05, 0.005)
     k: int = 10
     seed: int = 0
+    export_k: int = 100
+    export_actors: int = 2
+    export_repeat: int = 10  # the log's users, this many times over: enough scoring to time
 
 
 def year_filter(attributes: Sequence[ItemAttributes], share: float) -> tuple[ItemFilter, float]:
@@ -109,4 +114,22 @@ def run_api_bench(dataset: Dataset, config: ApiBenchConfig, progress: Callable[[
                 summary = asyncio.run(run_case(gateways["gateway"], requests, method, rate, config.seconds,
                                                config.seed, config.k))
                 report["cases"].setdefault(name, {})[f"{rate:g}"] = summary
+    progress(f"export of every user, k = {config.export_k}, {config.export_actors} Ray Data actors")
+    report["export"] = run_export(config, str(db_path), workdir / "recs.parquet")
     return report
+
+
+def run_export(config: ApiBenchConfig, db: str, out: Path) -> dict[str, Any]:
+    import ray
+
+    from bench.harness import start_local_ray
+    from cluster.export import ExportConfig, all_users, export
+
+    users = all_users(db)
+    start_local_ray()
+    try:
+        report = export(ExportConfig(bundle=config.bundle, store=db, out=out, k=config.export_k,
+                                     actors=config.export_actors, device="cpu"), users * config.export_repeat)
+    finally:
+        ray.shutdown()
+    return {**report, "distinct_users": len(users), "repeat": config.export_repeat}

@@ -90,6 +90,7 @@ class GrpcRecall(_Backend):
                      model_version: str, item_filter: ItemFilter = NO_FILTER) -> ShardAnswer:
         request = recall_pb2.SearchRequest(
             queries=[recall_pb2.ChannelQuery(channel=q.channel, k=q.k, item_ids=q.item_ids,
+                                             user_properties=q.user_properties,
                                              vector=None if q.vector is None else to_tensor(q.vector))
                      for q in queries],
             exclude_item_ids=exclude_item_ids, model_version=model_version,

@@ -45,13 +45,18 @@ CREATE TABLE IF NOT EXISTS item_changes (
     text TEXT NOT NULL DEFAULT '',
     tags TEXT NOT NULL DEFAULT '[]'  -- JSON list
 );
+CREATE TABLE IF NOT EXISTS users (  -- what users said about themselves (UpsertUsers)
+    user_id TEXT PRIMARY KEY,
+    properties TEXT NOT NULL DEFAULT '{}',  -- JSON object
+    text TEXT NOT NULL DEFAULT ''
+);
 -- A user's hidden items, read at every Recommend: a small partial index, not a scan of their events.
 CREATE INDEX IF NOT EXISTS events_hidden ON events (user_id, item_id) WHERE event_type = 'hide';
 """
 # After the column exists (added by migration in logs written before it).
 EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (event_id) WHERE event_id IS NOT NULL"
 # PRAGMA user_version of a log: 1 before events had idempotency keys, 2 with them, 3 with item
-# attributes in the catalogue changes.
+# attributes in the catalogue changes and user attributes.
 SCHEMA_VERSION = 3
 MAX_HIDDEN = 10_000  # hidden items read per user: the most recent ones
 
@@ -78,6 +83,13 @@ class ItemChange:
         extra = json.loads(attributes or "{}")
         return cls(op, item_id, text, tuple(json.loads(tags)), extra.get("properties", {}),
                    int(extra.get("created_ms", 0)))
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    user_id: str
+    properties: dict[str, float | str] = field(default_factory=dict)
+    text: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,8 @@ class EventStore(Protocol):
     def append_calls(self, calls: list[list[Event]]) -> list[tuple[int, int]]: ...
     def recent_items(self, user_id: str, limit: int) -> list[str]: ...
     def hidden_items(self, user_id: str) -> list[str]: ...
+    def upsert_users(self, users: Iterable[UserRecord]) -> int: ...
+    def user_properties(self, user_id: str) -> dict[str, float | str]: ...
     def erase_user(self, user_id: str) -> int: ...
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None: ...
     def item_changes(self) -> list[ItemChange]: ...
@@ -148,10 +162,12 @@ async def read_recent(store: EventStore, user_id: str, limit: int, executor: Exe
 class UserView:
     history: list[str]  # oldest first, hides left out
     hidden: list[str]   # items the user hid: never in their answers
+    properties: dict[str, float | str] = field(default_factory=dict)  # read only for users without history
 
 
 def _user_view(store: EventStore, user_id: str, limit: int) -> UserView:
-    return UserView(store.recent_items(user_id, limit), store.hidden_items(user_id))
+    history = store.recent_items(user_id, limit)
+    return UserView(history, store.hidden_items(user_id), {} if history else store.user_properties(user_id))
 
 
 async def read_user(store: EventStore, user_id: str, limit: int, executor: Executor | None = None) -> UserView:
@@ -246,12 +262,34 @@ class EventLog:
                                         f"event_type = '{HIDE}' LIMIT ?", (user_id, MAX_HIDDEN)).fetchall()
         return [r[0] for r in rows]
 
-    def erase_user(self, user_id: str) -> int:
-        """Delete every event of the user, durably; how many there were (0 the second time).
-        Their idempotency keys go too: an old call sent again after this is logged anew."""
+    def upsert_users(self, users: Iterable[UserRecord]) -> int:
+        """Add or replace users' attributes in one durable transaction; how many."""
+        rows = [(u.user_id, json.dumps(u.properties), u.text) for u in users]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.executemany("INSERT INTO users (user_id, properties, text) VALUES (?, ?, ?) ON CONFLICT "
+                                     "(user_id) DO UPDATE SET properties = excluded.properties, text = excluded.text",
+                                     rows)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    def user_properties(self, user_id: str) -> dict[str, float | str]:
+        with self._read_lock:
+            row = self._reader.execute("SELECT properties FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return {} if row is None else dict(json.loads(row[0]))
+
+    def erase_user(self, user_id: str) -> int:
+        """Delete every event of the user and their attributes, durably; how many events there
+        were (0 the second time). Their idempotency keys go too: an old call sent again after
+        this is logged anew."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM users WHERE user_id = ?", (user_id,))
                 removed = self._db.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
                 self._db.execute("COMMIT")
             except sqlite3.Error:

@@ -86,6 +86,9 @@ class RecommendQuery:
     explain: bool = False
     diversity: float = 0.0        # 0 = pure relevance .. 1 = most diverse (MMR)
     item_filter: ItemFilter = NO_FILTER
+    # What a user without history said about themselves, as name=value: popularity among the
+    # users who share it (segment popularity) instead of everyone's.
+    user_properties: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,7 @@ class Funnel:
         recent = tuple(query.history[-ITEM2ITEM_RECENT:]) if vectors else ()
         return await self._recall_and_rank(run, vectors, recent, query.history,
                                            seen, query.k, query.diversity, query.explain, query.item_filter,
-                                           deadline)
+                                           deadline, query.user_properties)
 
     async def similar(self, query: SimilarQuery, deadline: float) -> Answer:
         """Items like `query.item_ids`, from their own vectors and co-occurrence neighbours,
@@ -237,7 +240,8 @@ class Funnel:
 
     async def _recall_and_rank(self, run: _Run, vectors: dict[str, np.ndarray], recent: tuple[str, ...],
                                history: list[str], seen: set[str], k: int, diversity: float, explain: bool,
-                               item_filter: ItemFilter, deadline: float) -> Answer:
+                               item_filter: ItemFilter, deadline: float, user_properties: tuple[str, ...] = ()
+                               ) -> Answer:
         """Fan out to the shards with the query vectors (popularity alone without), merge,
         rank the candidates for `history` and cut the top k."""
         budgets = dict(self.budgets)
@@ -248,7 +252,8 @@ class Funnel:
             # A selective filter may leave the other channels short: popular items that pass it fill k.
             budgets[POPULAR] = max(budgets.get(POPULAR, 0), k)
         queries = [
-            ChannelQuery(channel, budget, vectors.get(channel), recent if channel == ITEM2ITEM else ())
+            ChannelQuery(channel, budget, vectors.get(channel), recent if channel == ITEM2ITEM else (),
+                         user_properties if channel == POPULAR and not vectors else ())
             for channel, budget in budgets.items()
             if budget > 0 and (channel == POPULAR or channel in vectors or (channel == ITEM2ITEM and recent))
         ]

@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from gateway.events import MAX_HIDDEN, Event, ItemChange, LoggedEvent, StoreUnavailable
+from gateway.events import MAX_HIDDEN, Event, ItemChange, LoggedEvent, StoreUnavailable, UserRecord
 from recdata.feedback import HIDE
 
 # Schema versions, applied in order on start; `recfunnel_schema` holds the newest applied.
@@ -54,6 +54,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE item_changes ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';  -- JSON: properties, created_ms
     CREATE INDEX events_hidden ON events (user_id, item_id) WHERE event_type = 'hide';
+    CREATE TABLE users (user_id TEXT PRIMARY KEY, properties TEXT NOT NULL DEFAULT '{}', text TEXT NOT NULL DEFAULT '');
     """,
 )
 # Keys of the advisory locks (any 64-bit numbers, the same in every process).
@@ -184,11 +185,26 @@ class PostgresEventLog:
         return [r[0] for r in rows]
 
     def erase_user(self, user_id: str) -> int:
-        """Delete every event of the user, durably; how many there were (0 the second time).
-        Their idempotency keys go too: an old call sent again after this is logged anew."""
-        with self._connection() as db:
+        """Delete every event of the user and their attributes, durably; how many events there
+        were (0 the second time). Their idempotency keys go too: an old call sent again after
+        this is logged anew."""
+        with self._connection() as db, db.transaction():
+            db.execute("DELETE FROM users WHERE user_id = %s", (user_id,))
             cursor = db.execute("DELETE FROM events WHERE user_id = %s", (user_id,))
         return max(0, cursor.rowcount)
+
+    def upsert_users(self, users: Iterable[UserRecord]) -> int:
+        """Add or replace users' attributes in one durable transaction; how many."""
+        rows = [(u.user_id, json.dumps(u.properties), u.text) for u in users]
+        with self._connection() as db, db.transaction(), db.cursor() as cursor:
+            cursor.executemany("INSERT INTO users (user_id, properties, text) VALUES (%s, %s, %s) ON CONFLICT "
+                               "(user_id) DO UPDATE SET properties = excluded.properties, text = excluded.text", rows)
+        return len(rows)
+
+    def user_properties(self, user_id: str) -> dict[str, float | str]:
+        with self._connection() as db:
+            row = db.execute("SELECT properties FROM users WHERE user_id = %s", (user_id,)).fetchone()
+        return {} if row is None else dict(json.loads(row[0]))
 
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None:
         """Append catalogue changes in one durable transaction."""

@@ -17,7 +17,7 @@ import grpc
 from gateway.admission import Admission, Overloaded, Priority
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
-from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, UserView, read_user
+from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, UserRecord, UserView, read_user
 from gateway.funnel import Answer, Funnel, Recommendation, RecommendQuery, SimilarQuery, StageFailed, UnknownItems
 from gateway.group_commit import GroupCommit
 from gateway.pages import PageSessions, request_fingerprint
@@ -51,7 +51,9 @@ def query_of(request: recommender_pb2.RecommendRequest, user: UserView, k: int |
                           history=user.history + list(request.context_item_ids),
                           exclude_item_ids=[*request.exclude_item_ids, *user.hidden, *exclude],
                           explain=request.explain, diversity=request.diversity,
-                          item_filter=filter_from_proto(request.filter))
+                          item_filter=filter_from_proto(request.filter),
+                          user_properties=tuple(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                                                for name, value in sorted(user.properties.items())))
 
 
 def recommended(items: list[Recommendation]) -> list[recommender_pb2.RecommendedItem]:
@@ -282,6 +284,29 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"delete did not complete, retry is safe: {error}")
         return recommender_pb2.DeleteItemsResponse(deleted=deleted)
 
+
+    async def UpsertUsers(self, request: recommender_pb2.UpsertUsersRequest,
+                          context: grpc.aio.ServicerContext) -> recommender_pb2.UpsertUsersResponse:
+        limits = self.config.limits
+        try:
+            check_size("UpsertUsers", request.ByteSize(), limits)
+            if not 1 <= len(request.users) <= limits.max_items:
+                raise InvalidRequest(f"users has {len(request.users)} entries; allowed 1..{limits.max_items}")
+            check_id_list("users[].user_id", [u.user_id for u in request.users], limits, limits.max_items)
+            if len({u.user_id for u in request.users}) != len(request.users):
+                raise InvalidRequest("users has duplicate user_id values; each user once per call")
+            for n, user in enumerate(request.users):
+                check_properties(n, user.properties, limits, "users")
+                check_item(n, user.text, [], limits, "users")
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        users = [UserRecord(u.user_id, properties_of(u.properties), u.text) for u in request.users]
+        try:
+            async with self._slot(Priority.WRITE, context):
+                upserted = await self._run(self.events.upsert_users, users)
+        except StoreUnavailable as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"upsert did not complete, retry is safe: {error}")
+        return recommender_pb2.UpsertUsersResponse(upserted=upserted)
 
     async def DeleteUser(self, request: recommender_pb2.DeleteUserRequest,
                          context: grpc.aio.ServicerContext) -> recommender_pb2.DeleteUserResponse:

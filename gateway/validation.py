@@ -63,14 +63,14 @@ def check_event(n: int, user_id: str, item_id: str, event_type: str, value: floa
         raise InvalidRequest(f"events[{n}].timestamp_ms={timestamp_ms} must be >= 0 (0 = now)")
 
 
-def check_item(n: int, text: str, tags: Sequence[str], limits: Limits) -> None:
+def check_item(n: int, text: str, tags: Sequence[str], limits: Limits, field: str = "items") -> None:
     size = len(text.encode("utf-8", errors="surrogatepass"))
     if size > limits.max_text_bytes:
-        raise InvalidRequest(f"items[{n}].text is {size} bytes; allowed 0..{limits.max_text_bytes}")
+        raise InvalidRequest(f"{field}[{n}].text is {size} bytes; allowed 0..{limits.max_text_bytes}")
     if len(tags) > limits.max_tags:
-        raise InvalidRequest(f"items[{n}].tags has {len(tags)} entries; allowed 0..{limits.max_tags}")
+        raise InvalidRequest(f"{field}[{n}].tags has {len(tags)} entries; allowed 0..{limits.max_tags}")
     for t, tag in enumerate(tags):
-        check_id(f"items[{n}].tags[{t}]", tag, limits)
+        check_id(f"{field}[{n}].tags[{t}]", tag, limits)
 
 
 def check_property_name(name: str, where: str) -> None:
@@ -78,18 +78,22 @@ def check_property_name(name: str, where: str) -> None:
         raise InvalidRequest(f"{where} property name {name[:70]!r} must be 1..64 bytes")
 
 
-def check_properties(n: int, properties: Mapping[str, recommender_pb2.PropertyValue], limits: Limits) -> None:
+def check_properties(n: int, properties: Mapping[str, recommender_pb2.PropertyValue], limits: Limits,
+                     field: str = "items") -> None:
+    where = f"{field}[{n}].properties"
     if len(properties) > limits.max_properties:
-        raise InvalidRequest(f"items[{n}].properties has {len(properties)} entries; allowed 0..{limits.max_properties}")
+        raise InvalidRequest(f"{where} has {len(properties)} entries; allowed 0..{limits.max_properties}")
     for name, value in properties.items():
-        check_property_name(name, f"items[{n}].properties:")
+        check_property_name(name, f"{where}:")
+        if "=" in name:
+            raise InvalidRequest(f"{where} name {name[:70]!r} holds '='; property names may not")
         kind = value.WhichOneof("kind")
         if kind is None:
-            raise InvalidRequest(f"items[{n}].properties[{name!r}] has no value; set number or text")
+            raise InvalidRequest(f"{where}[{name!r}] has no value; set number or text")
         if kind == "number" and not math.isfinite(value.number):
-            raise InvalidRequest(f"items[{n}].properties[{name!r}].number={value.number} must be finite")
+            raise InvalidRequest(f"{where}[{name!r}].number={value.number} must be finite")
         if kind == "text":
-            check_id(f"items[{n}].properties[{name!r}].text", value.text, limits)
+            check_id(f"{where}[{name!r}].text", value.text, limits)
 
 
 def check_filter(name: str, item_filter: recommender_pb2.ItemFilter, limits: Limits) -> None:

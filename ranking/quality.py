@@ -22,6 +22,7 @@ from recdata.bundle import load_bundle
 from recdata.channels import SEMANTIC
 from recdata.dataset import Dataset
 from recdata.metrics import ranking_metrics
+from recdata.segments import cold_user_report
 from recdata.split import leave_last_two
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
     text_vectors = bundle.arrays[SEMANTIC]
     popularity = np.bincount(np.concatenate(split.train), minlength=num_items).astype(np.float64)
     result["beyond_accuracy"] = beyond_accuracy(lists, text_vectors, popularity, dataset.num_users)
+    if any(dataset.user_properties):  # users held out whole, served from their attributes alone
+        result["cold_users"] = cold_user_report(dataset.sequences, dataset.user_properties, num_items,
+                                                seed=config.seed)
+        say(f"cold users HR@10: attributes {result['cold_users']['attributes']['hr@10']}, popularity "
+            f"{result['cold_users']['popularity']['hr@10']}")
 
     if config.baselines:
         model = ModelConfig.from_dict(bundle.manifest["model"])

@@ -35,6 +35,7 @@ from recdata.bundle import Bundle, load_weights, new_version_id
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, popular_scores, tuning_queries_name
 from recdata.dataset import Dataset
 from recdata.item_stats import RECENT_SHARE, cooccurrence_neighbours, recent_popularity
+from recdata.segments import SegmentCounts
 from recdata.split import Split, leave_last_two
 from retrieval.index import build_index
 
@@ -586,6 +587,8 @@ class Trainer:
         # breadth on them. Query-like mixes of items are a poor stand-in where trained user
         # vectors crowd into a few lists (nprobe 384 instead of 8 at the same recall, 10^6 items).
         queries = _index_queries(self)
+        # What users who share an attribute took: serves users whose only history is their attributes.
+        segments = SegmentCounts.build(self.split.train, self.dataset.user_properties, self.dataset.num_items)
         bundle = Bundle(
             version=new_version_id(self.dataset.name),
             item_ids=self.dataset.item_ids,
@@ -593,6 +596,7 @@ class Trainer:
             item_attributes=self.dataset.item_attributes(),
             arrays={**arrays, "popularity": self.popularity, "recent_popularity": self.recent_popularity,
                     "item2item_ids": self.neighbour_ids, "item2item_scores": self.neighbour_scores,
+                    "segment_counts": segments.counts,
                     **{tuning_queries_name(channel): q for channel, q in queries.items()}},
             manifest={
                 "dataset": self.dataset.name,
@@ -602,6 +606,7 @@ class Trainer:
                 "tag_vocabulary": self.tag_vocabulary,
                 "candidates_per_channel": self.budgets,
                 "recent_share": RECENT_SHARE,
+                "segments": {"rule": segments.rule.to_json(), "names": segments.names},
                 "metrics": metrics,
                 "indexes": self.index_reports(arrays, queries),
                 "created_unix": time.time(),

@@ -50,6 +50,7 @@ class ChannelQuery:
     k: int
     vector: np.ndarray | None = None  # (dim,) for vector channels
     item_ids: tuple[str, ...] = ()    # item2item: recent history items, oldest first
+    user_properties: tuple[str, ...] = ()  # popular: name=value the user gave, for segment popularity
 
 
 def recency_weights(count: int) -> np.ndarray:

@@ -38,6 +38,8 @@ class Dataset:
     timestamps: list[np.ndarray] | None = None
     # Per item, typed attributes for request-time filters (price, year, brand); {} = none.
     item_properties: list[dict[str, PropertyValue]] = field(default_factory=list)
+    # Per user, what they said about themselves (age, gender, occupation); {} = nothing.
+    user_properties: list[dict[str, PropertyValue]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.sequences) != len(self.user_ids):
@@ -54,6 +56,10 @@ class Dataset:
             raise ValueError(f"{len(self.item_properties)} property sets for {len(self.item_ids)} items")
         if not self.item_properties:
             object.__setattr__(self, "item_properties", [{} for _ in self.item_ids])
+        if self.user_properties and len(self.user_properties) != len(self.user_ids):
+            raise ValueError(f"{len(self.user_properties)} property sets for {len(self.user_ids)} users")
+        if not self.user_properties:
+            object.__setattr__(self, "user_properties", [{} for _ in self.user_ids])
 
     @property
     def num_users(self) -> int:
@@ -71,7 +77,7 @@ class Dataset:
         """A hash of everything training reads or writes into a bundle (ids, sequences, times,
         text, tags, properties): equal fingerprints mean the same data."""
         digest = hashlib.sha256(self.name.encode())
-        properties = [json.dumps(p, sort_keys=True) for p in self.item_properties]
+        properties = [json.dumps(p, sort_keys=True) for p in [*self.item_properties, *self.user_properties]]
         for strings in (self.user_ids, self.item_ids, self.item_texts, ["|".join(t) for t in self.item_tags],
                         properties):
             digest.update("\x1f".join(strings).encode())
@@ -105,6 +111,7 @@ def from_events(
     item_texts: dict[str, str] | None = None,
     item_tags: dict[str, tuple[str, ...]] | None = None,
     item_properties: dict[str, dict[str, PropertyValue]] | None = None,
+    user_properties: dict[str, dict[str, PropertyValue]] | None = None,
 ) -> Dataset:
     """Build a Dataset from parallel event columns; order within a user follows `timestamps`
     (stable, so ties keep file order) or file order when there are none."""
@@ -117,12 +124,13 @@ def from_events(
     events = EventColumns()
     events.add(pa.array(users, pa.string()), pa.array(items, pa.string()),
                None if timestamps is None else pa.array(np.asarray(timestamps, dtype=np.float64)))
-    return from_columns(name, events, item_texts, item_tags, item_properties)
+    return from_columns(name, events, item_texts, item_tags, item_properties, user_properties)
 
 
 def from_columns(name: str, events: EventColumns, item_texts: dict[str, str] | None = None,
                  item_tags: dict[str, tuple[str, ...]] | None = None,
-                 item_properties: dict[str, dict[str, PropertyValue]] | None = None) -> Dataset:
+                 item_properties: dict[str, dict[str, PropertyValue]] | None = None,
+                 user_properties: dict[str, dict[str, PropertyValue]] | None = None) -> Dataset:
     """Build a Dataset from dense event columns: one sort of the events by user, then time."""
     u, i, times = events.arrays()
     if not len(u):
@@ -146,6 +154,7 @@ def from_columns(name: str, events: EventColumns, item_texts: dict[str, str] | N
         item_tags=[tuple(tags.get(x, ())) for x in item_ids],
         timestamps=None if times is None else np.split(t, bounds),
         item_properties=[dict((item_properties or {}).get(x, {})) for x in item_ids],
+        user_properties=[dict((user_properties or {}).get(x, {})) for x in events.users.ids],
     )
 
 

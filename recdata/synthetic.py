@@ -66,9 +66,11 @@ def generate(config: SyntheticConfig) -> Dataset:
         sequel[members[:-1]] = members[1:]
 
     sequences = []
+    first_tastes = []
     for _ in range(config.num_users):
         drawn = rng.choice(config.num_topics, size=config.tastes_per_user, replace=False)
         tastes = [int(t) for t in drawn if len(by_topic[t])] or [int(item_topic[0])]
+        first_tastes.append(tastes[0])
         length = config.min_length + int(rng.geometric(1 / (config.mean_length - config.min_length + 1))) - 1
         topic = int(rng.choice(tastes))
         current = int(rng.choice(by_topic[topic], p=weights[topic]))
@@ -106,6 +108,7 @@ def generate(config: SyntheticConfig) -> Dataset:
         item_texts=texts,
         item_tags=tags,
         item_properties=item_properties(config.num_items, config.seed),
+        user_properties=user_properties(first_tastes, config.num_topics, config.seed),
     )
 
 
@@ -216,6 +219,17 @@ def item_properties(num_items: int, seed: int) -> list[dict[str, float | str]]:
     prices = np.round(rng.lognormal(3.0, 1.0, num_items), 2)
     brands = rng.integers(0, BRANDS, num_items)
     return [{"price": float(p), "brand": f"brand{b}"} for p, b in zip(prices, brands, strict=True)]
+
+
+def user_properties(first_tastes: list[int], num_topics: int, seed: int) -> list[dict[str, float | str]]:
+    """What users say about themselves: a `favourite` topic that is one of their tastes 70% of
+    the time (else any topic), and an `age` that says nothing, as real sign-up forms go."""
+    rng = np.random.default_rng([seed, 2])
+    honest = rng.random(len(first_tastes)) < 0.7
+    any_topic = rng.integers(0, num_topics, len(first_tastes))
+    ages = rng.integers(16, 70, len(first_tastes))
+    return [{"favourite": f"topic{t if h else a}", "age": float(age)}
+            for t, h, a, age in zip(first_tastes, honest, any_topic, ages, strict=True)]
 
 
 def item_texts(config: SyntheticConfig, item_topic: np.ndarray) -> tuple[list[str], list[str]]:

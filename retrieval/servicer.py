@@ -49,7 +49,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
         try:
             queries = [
                 ChannelQuery(q.channel, q.k, from_tensor(q.vector) if q.HasField("vector") else None,
-                             tuple(q.item_ids))
+                             tuple(q.item_ids), tuple(q.user_properties))
                 for q in request.queries
             ]
             for query in queries:

@@ -25,6 +25,8 @@ from recdata.channels import (
     shard_of,
     tuning_queries_name,
 )
+from recdata.dataset import property_value
+from recdata.segments import SegmentRule, segment_scores
 from retrieval.attributes import AttributeColumns
 from retrieval.config import MAX_K, MAX_RECENT_ITEMS, RecallConfig
 from retrieval.index import IndexReport, build_index
@@ -35,6 +37,7 @@ MAX_FILTERED_BREADTH = 4096
 # GPU indexes take no id selector: they fetch this many times k / share, then filter.
 GPU_OVERFETCH = 2
 GPU_MAX_K = 2048  # the largest k FAISS GPU indexes search for
+MAX_USER_PROPERTIES = 64
 
 
 def search_parameters(report: IndexReport, selector: faiss.IDSelector, share: float) -> faiss.SearchParameters:
@@ -48,6 +51,12 @@ def search_parameters(report: IndexReport, selector: faiss.IDSelector, share: fl
         breadth = int(min(report.params["nlist"], max(1, report.params["nprobe"] * widen)))
         return faiss.SearchParametersIVF(sel=selector, nprobe=breadth)  # type: ignore[call-arg]
     return faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
+
+
+def property_pair(text: str) -> tuple[str, float | str]:
+    """"age=24" -> ("age", 24.0); a value that reads as no number stays a string."""
+    name, _, value = text.partition("=")
+    return name, property_value(value)
 
 
 class InvalidQuery(ValueError):
@@ -87,6 +96,19 @@ class RecallShard:
         self.bundle_rows = {item_id: n for n, item_id in enumerate(bundle.item_ids)}
         self.neighbour_ids = bundle.arrays["item2item_ids"]
         self.neighbour_scores = bundle.arrays["item2item_scores"]
+        # Segment popularity (users without history, with attributes): the owned items' counts
+        # per segment, and the whole catalogue's totals that make scores of shards compare.
+        segments = bundle.manifest.get("segments") or {"rule": {}, "names": []}
+        self.segment_rule = SegmentRule.from_json(segments["rule"])
+        self.segment_rows = {name: n for n, name in enumerate(segments["names"])}
+        counts = bundle.arrays.get("segment_counts", np.zeros((0, len(bundle.item_ids)), np.float32))
+        self.segment_totals = np.asarray(counts.sum(1), dtype=np.float64)
+        self.bundle_items = len(bundle.item_ids)
+        self.owned_popularity = np.asarray(bundle.arrays["popularity"], dtype=np.float64)[owned]
+        self.popularity_total = float(np.asarray(bundle.arrays["popularity"]).sum())
+        self.owned_segment_counts = np.asarray(counts[:, owned], dtype=np.float64)
+        self.owned_row_of = np.full(len(bundle.item_ids), -1, dtype=np.int64)  # label -> owned row; -1 = upserted
+        self.owned_row_of[owned] = np.arange(len(owned))
         # What filters read, for the items this shard owns.
         self.attributes = AttributeColumns()
         self.attributes.grow_to(len(self.item_ids))
@@ -105,6 +127,9 @@ class RecallShard:
         if not 1 <= query.k <= MAX_K:
             raise InvalidQuery(f"k={query.k} for channel {query.channel!r} out of range 1..{MAX_K}")
         if query.channel == POPULAR:
+            if len(query.user_properties) > MAX_USER_PROPERTIES:
+                raise InvalidQuery(f"channel {POPULAR!r} takes 0..{MAX_USER_PROPERTIES} user_properties, got "
+                                   f"{len(query.user_properties)}")
             return
         if query.channel == ITEM2ITEM:
             if not 1 <= len(query.item_ids) <= MAX_RECENT_ITEMS:
@@ -147,9 +172,9 @@ class RecallShard:
         for query in queries:
             keep: list[tuple[int, float]]
             if query.channel == POPULAR:
-                picked = allowed[self.popular_items]
-                keep = list(zip(self.popular_items[picked][: query.k].tolist(),
-                                self.popular_scores[picked][: query.k].tolist(), strict=True))
+                items, scores = self._popular_order(query.user_properties)
+                picked = allowed[items]
+                keep = list(zip(items[picked][: query.k].tolist(), scores[picked][: query.k].tolist(), strict=True))
             elif query.channel == ITEM2ITEM:
                 keep = self._neighbours(query.item_ids, query.k, set(), allowed)
             elif passed == 0:
@@ -182,7 +207,7 @@ class RecallShard:
             for query in queries:
                 if query.channel == POPULAR:
                     # Lazily: the list holds the whole shard, and k + |excluded| entries suffice.
-                    pairs = zip(self.popular_items, self.popular_scores, strict=True)
+                    pairs = zip(*self._popular_order(query.user_properties), strict=True)
                     keep = list(itertools.islice(((int(i), float(s)) for i, s in pairs if int(i) not in excluded),
                                                  query.k))
                 elif query.channel == ITEM2ITEM:
@@ -197,6 +222,23 @@ class RecallShard:
                                     strict=True))
                 results[query.channel] = [(self.item_ids[i], s) for i, s in keep]
         return results
+
+    def _popular_order(self, user_properties: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The served labels best first, with their scores: by popularity, or for a user who gave
+        attributes, by the popularity among users of the same segments (see recdata.segments)."""
+        rows = [self.segment_rows[name] for name in self.segment_rule.segments_of(dict(
+            property_pair(text) for text in user_properties)) if name in self.segment_rows]
+        if not rows:
+            return self.popular_items, self.popular_scores
+        served = self.popular_items  # upserted labels have no counts: they score as unseen items
+        owned = np.where(served < len(self.owned_row_of), self.owned_row_of[np.minimum(served, len(
+            self.owned_row_of) - 1)], -1)
+        counts = np.where(owned >= 0, self.owned_segment_counts[rows][:, owned], 0.0)
+        popularity = np.where(owned >= 0, self.owned_popularity[owned], 0.0)
+        scores = segment_scores(counts, popularity, self.segment_totals[rows], self.popularity_total,
+                                self.bundle_items)
+        order = np.argsort(-scores, kind="stable")
+        return served[order], scores[order]
 
     def _neighbours(self, recent: tuple[str, ...], k: int, excluded: set[int], allowed: np.ndarray | None = None
                     ) -> list[tuple[int, float]]:

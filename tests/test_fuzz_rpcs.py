@@ -148,6 +148,20 @@ def test_upsert_items(live, batch) -> None:
 
 
 @FUZZ
+@given(batch=st.lists(st.builds(recommender_pb2.User, user_id=ids, text=unicode_text, properties=st.one_of(
+    st.dictionaries(property_names, property_values, max_size=3),
+    st.integers(63, 66).map(lambda n: {f"p{m}": recommender_pb2.PropertyValue(number=m) for m in range(n)}))),
+    max_size=4))
+def test_upsert_users(live, batch) -> None:
+    _, channel = live
+    code, reply, details = _code(recommender_pb2_grpc.RecommenderStub(channel).UpsertUsers,
+                                 recommender_pb2.UpsertUsersRequest(users=batch))
+    _check(code, details)
+    if code == grpc.StatusCode.OK:
+        assert reply.upserted == len(batch)
+
+
+@FUZZ
 @given(item_ids=id_lists)
 def test_delete_items(live, item_ids) -> None:
     _, channel = live
@@ -183,7 +197,8 @@ def test_swap_version_to_something_that_is_no_bundle(live, bundle_path) -> None:
     assert details.strip()
 
 
-RECOMMENDER_METHODS = ["Recommend", "Feedback", "UpsertItems", "DeleteItems", "DeleteUser", "SimilarItems"]
+RECOMMENDER_METHODS = ["Recommend", "Feedback", "UpsertItems", "DeleteItems", "DeleteUser", "SimilarItems",
+                      "UpsertUsers"]
 
 
 @FUZZ

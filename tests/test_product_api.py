@@ -251,3 +251,33 @@ def test_a_hidden_item_never_comes_back_to_its_user(live) -> None:
         served += [i.item_id for i in reply.items]
         token = reply.next_page_token
     assert not set(hidden) & set(served)
+
+
+# ---- user attributes ---------------------------------------------------------------------------------
+def test_a_new_user_is_served_from_what_they_said_about_themselves(live, catalogue) -> None:
+    gateway, channel = live
+    plain = stub(channel).Recommend(pb.RecommendRequest(user_id="newcomer", k=10), timeout=10)
+    reply = stub(channel).UpsertUsers(pb.UpsertUsersRequest(users=[pb.User(
+        user_id="newcomer", properties={"favourite": pb.PropertyValue(text="topic5"),
+                                        "age": pb.PropertyValue(number=31)}, text="likes quiet stories")]))
+    assert reply.upserted == 1 and gateway.events.user_properties("newcomer") == {"favourite": "topic5", "age": 31.0}
+    told = stub(channel).Recommend(pb.RecommendRequest(user_id="newcomer", k=10), timeout=10)
+    fans = sum("topic5" in catalogue[i.item_id].tags for i in told.items)
+    assert len(told.items) == 10 and fans > sum("topic5" in catalogue[i.item_id].tags for i in plain.items)
+    assert stub(channel).DeleteUser(pb.DeleteUserRequest(user_id="newcomer")).events_removed == 0
+    assert gateway.events.user_properties("newcomer") == {}  # erased with the user
+
+
+@pytest.mark.parametrize(("users", "needle"), [
+    ([], "allowed 1..1000"),
+    ([pb.User(user_id="a"), pb.User(user_id="a")], "duplicate user_id"),
+    ([pb.User(user_id="")], "user_id[0] is empty"),
+    ([pb.User(user_id="a", properties={"age": pb.PropertyValue()})], "has no value"),
+    ([pb.User(user_id="a", properties={"a=b": pb.PropertyValue(text="c")})], "holds '='"),
+    ([pb.User(user_id="a", properties={"age": pb.PropertyValue(number=float("nan"))})], "must be finite"),
+])
+def test_bad_users_are_named_and_nothing_is_written(live, users, needle) -> None:
+    gateway, channel = live
+    error = refused(stub(channel).UpsertUsers, pb.UpsertUsersRequest(users=users))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in error.details()
+    assert gateway.events.user_properties("a") == {}

@@ -23,7 +23,7 @@ def test_public_contract_names_are_stable() -> None:
     service = pb.DESCRIPTOR.services_by_name["Recommender"]
     assert service.full_name == "recfunnel.v1.Recommender"
     assert {m.name for m in service.methods} == {"Recommend", "Feedback", "UpsertItems", "DeleteItems", "DeleteUser",
-                                                 "SimilarItems"}
+                                                 "SimilarItems", "UpsertUsers"}
 
     def numbers(message) -> dict[str, int]:  # type: ignore[no-untyped-def]
         return {f.name: f.number for f in message.DESCRIPTOR.fields}
@@ -42,6 +42,7 @@ def test_public_contract_names_are_stable() -> None:
     assert numbers(pb.NumberRange) == {"property": 1, "min": 2, "max": 3}
     assert numbers(pb.PropertyEquals) == {"property": 1, "any_of": 2}
     assert numbers(pb.PropertyValue) == {"number": 1, "text": 2}
+    assert numbers(pb.User) == {"user_id": 1, "properties": 2, "text": 3}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -27,7 +27,7 @@ from protos.recfunnel.v1 import tensor_pb2 as protos_dot_recfunnel_dot_v1_dot_te
 from protos.recfunnel.v1 import versions_pb2 as protos_dot_recfunnel_dot_v1_dot_versions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/recfunnel/v1/recall.proto\x12\x0crecfunnel.v1\x1a%protos/recfunnel/v1/recommender.proto\x1a protos/recfunnel/v1/tensor.proto\x1a\"protos/recfunnel/v1/versions.proto\"b\n\x0c\x43hannelQuery\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensor\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x10\n\x08item_ids\x18\x04 \x03(\t\"\x97\x01\n\rSearchRequest\x12+\n\x07queries\x18\x01 \x03(\x0b\x32\x1a.recfunnel.v1.ChannelQuery\x12\x18\n\x10\x65xclude_item_ids\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12(\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x18.recfunnel.v1.ItemFilter\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"M\n\rChannelResult\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12+\n\ncandidates\x18\x02 \x03(\x0b\x32\x17.recfunnel.v1.Candidate\"~\n\x0eSearchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.recfunnel.v1.ChannelResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12\x15\n\rfilter_passed\x18\x04 \x01(\x03\"\x12\n\x10ShardInfoRequest\"~\n\x0b\x43hannelInfo\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05items\x18\x03 \x01(\x03\x12\x12\n\nindex_kind\x18\x04 \x01(\t\x12\x13\n\x0brecall_at_k\x18\x05 \x01(\x02\x12\x19\n\x11index_params_json\x18\x06 \x01(\t\"\x96\x01\n\x11ShardInfoResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x12\n\nnum_shards\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12+\n\x08\x63hannels\x18\x04 \x03(\x0b\x32\x19.recfunnel.v1.ChannelInfo\x12\x17\n\x0floaded_versions\x18\x05 \x03(\t\"\x9b\x01\n\x0f\x41\x64\x64ItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12-\n\x07vectors\x18\x02 \x03(\x0b\x32\x1c.recfunnel.v1.ChannelVectors\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x30\n\nattributes\x18\x04 \x03(\x0b\x32\x1c.recfunnel.v1.ItemAttributes\"\xc4\x01\n\x0eItemAttributes\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12@\n\nproperties\x18\x02 \x03(\x0b\x32,.recfunnel.v1.ItemAttributes.PropertiesEntry\x12\x12\n\ncreated_ms\x18\x03 \x01(\x03\x1aN\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.recfunnel.v1.PropertyValue:\x02\x38\x01\"!\n\x10\x41\x64\x64ItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\"&\n\x12RemoveItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"&\n\x13RemoveItemsResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x05\x32\xe8\x03\n\x06Recall\x12\x43\n\x06Search\x12\x1b.recfunnel.v1.SearchRequest\x1a\x1c.recfunnel.v1.SearchResponse\x12L\n\tShardInfo\x12\x1e.recfunnel.v1.ShardInfoRequest\x1a\x1f.recfunnel.v1.ShardInfoResponse\x12I\n\x08\x41\x64\x64Items\x12\x1d.recfunnel.v1.AddItemsRequest\x1a\x1e.recfunnel.v1.AddItemsResponse\x12R\n\x0bRemoveItems\x12 .recfunnel.v1.RemoveItemsRequest\x1a!.recfunnel.v1.RemoveItemsResponse\x12R\n\x0bLoadVersion\x12 .recfunnel.v1.LoadVersionRequest\x1a!.recfunnel.v1.LoadVersionResponse\x12X\n\rUnloadVersion\x12\".recfunnel.v1.UnloadVersionRequest\x1a#.recfunnel.v1.UnloadVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/recfunnel/v1/recall.proto\x12\x0crecfunnel.v1\x1a%protos/recfunnel/v1/recommender.proto\x1a protos/recfunnel/v1/tensor.proto\x1a\"protos/recfunnel/v1/versions.proto\"{\n\x0c\x43hannelQuery\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensor\x12\t\n\x01k\x18\x03 \x01(\x05\x12\x10\n\x08item_ids\x18\x04 \x03(\t\x12\x17\n\x0fuser_properties\x18\x05 \x03(\t\"\x97\x01\n\rSearchRequest\x12+\n\x07queries\x18\x01 \x03(\x0b\x32\x1a.recfunnel.v1.ChannelQuery\x12\x18\n\x10\x65xclude_item_ids\x18\x02 \x03(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12(\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x18.recfunnel.v1.ItemFilter\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"M\n\rChannelResult\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12+\n\ncandidates\x18\x02 \x03(\x0b\x32\x17.recfunnel.v1.Candidate\"~\n\x0eSearchResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.recfunnel.v1.ChannelResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08shard_id\x18\x03 \x01(\x05\x12\x15\n\rfilter_passed\x18\x04 \x01(\x03\"\x12\n\x10ShardInfoRequest\"~\n\x0b\x43hannelInfo\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\r\n\x05items\x18\x03 \x01(\x03\x12\x12\n\nindex_kind\x18\x04 \x01(\t\x12\x13\n\x0brecall_at_k\x18\x05 \x01(\x02\x12\x19\n\x11index_params_json\x18\x06 \x01(\t\"\x96\x01\n\x11ShardInfoResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\x12\n\nnum_shards\x18\x02 \x01(\x05\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12+\n\x08\x63hannels\x18\x04 \x03(\x0b\x32\x19.recfunnel.v1.ChannelInfo\x12\x17\n\x0floaded_versions\x18\x05 \x03(\t\"\x9b\x01\n\x0f\x41\x64\x64ItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12-\n\x07vectors\x18\x02 \x03(\x0b\x32\x1c.recfunnel.v1.ChannelVectors\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x30\n\nattributes\x18\x04 \x03(\x0b\x32\x1c.recfunnel.v1.ItemAttributes\"\xc4\x01\n\x0eItemAttributes\x12\x0c\n\x04tags\x18\x01 \x03(\t\x12@\n\nproperties\x18\x02 \x03(\x0b\x32,.recfunnel.v1.ItemAttributes.PropertiesEntry\x12\x12\n\ncreated_ms\x18\x03 \x01(\x03\x1aN\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.recfunnel.v1.PropertyValue:\x02\x38\x01\"!\n\x10\x41\x64\x64ItemsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x01(\x05\"&\n\x12RemoveItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"&\n\x13RemoveItemsResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x05\x32\xe8\x03\n\x06Recall\x12\x43\n\x06Search\x12\x1b.recfunnel.v1.SearchRequest\x1a\x1c.recfunnel.v1.SearchResponse\x12L\n\tShardInfo\x12\x1e.recfunnel.v1.ShardInfoRequest\x1a\x1f.recfunnel.v1.ShardInfoResponse\x12I\n\x08\x41\x64\x64Items\x12\x1d.recfunnel.v1.AddItemsRequest\x1a\x1e.recfunnel.v1.AddItemsResponse\x12R\n\x0bRemoveItems\x12 .recfunnel.v1.RemoveItemsRequest\x1a!.recfunnel.v1.RemoveItemsResponse\x12R\n\x0bLoadVersion\x12 .recfunnel.v1.LoadVersionRequest\x1a!.recfunnel.v1.LoadVersionResponse\x12X\n\rUnloadVersion\x12\".recfunnel.v1.UnloadVersionRequest\x1a#.recfunnel.v1.UnloadVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,33 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ITEMATTRIBUTES_PROPERTIESENTRY']._loaded_options = None
   _globals['_ITEMATTRIBUTES_PROPERTIESENTRY']._serialized_options = b'8\001'
   _globals['_CHANNELQUERY']._serialized_start=159
-  _globals['_CHANNELQUERY']._serialized_end=257
-  _globals['_SEARCHREQUEST']._serialized_start=260
-  _globals['_SEARCHREQUEST']._serialized_end=411
-  _globals['_CANDIDATE']._serialized_start=413
-  _globals['_CANDIDATE']._serialized_end=456
-  _globals['_CHANNELRESULT']._serialized_start=458
-  _globals['_CHANNELRESULT']._serialized_end=535
-  _globals['_SEARCHRESPONSE']._serialized_start=537
-  _globals['_SEARCHRESPONSE']._serialized_end=663
-  _globals['_SHARDINFOREQUEST']._serialized_start=665
-  _globals['_SHARDINFOREQUEST']._serialized_end=683
-  _globals['_CHANNELINFO']._serialized_start=685
-  _globals['_CHANNELINFO']._serialized_end=811
-  _globals['_SHARDINFORESPONSE']._serialized_start=814
-  _globals['_SHARDINFORESPONSE']._serialized_end=964
-  _globals['_ADDITEMSREQUEST']._serialized_start=967
-  _globals['_ADDITEMSREQUEST']._serialized_end=1122
-  _globals['_ITEMATTRIBUTES']._serialized_start=1125
-  _globals['_ITEMATTRIBUTES']._serialized_end=1321
-  _globals['_ITEMATTRIBUTES_PROPERTIESENTRY']._serialized_start=1243
-  _globals['_ITEMATTRIBUTES_PROPERTIESENTRY']._serialized_end=1321
-  _globals['_ADDITEMSRESPONSE']._serialized_start=1323
-  _globals['_ADDITEMSRESPONSE']._serialized_end=1356
-  _globals['_REMOVEITEMSREQUEST']._serialized_start=1358
-  _globals['_REMOVEITEMSREQUEST']._serialized_end=1396
-  _globals['_REMOVEITEMSRESPONSE']._serialized_start=1398
-  _globals['_REMOVEITEMSRESPONSE']._serialized_end=1436
-  _globals['_RECALL']._serialized_start=1439
-  _globals['_RECALL']._serialized_end=1927
+  _globals['_CHANNELQUERY']._serialized_end=282
+  _globals['_SEARCHREQUEST']._serialized_start=285
+  _globals['_SEARCHREQUEST']._serialized_end=436
+  _globals['_CANDIDATE']._serialized_start=438
+  _globals['_CANDIDATE']._serialized_end=481
+  _globals['_CHANNELRESULT']._serialized_start=483
+  _globals['_CHANNELRESULT']._serialized_end=560
+  _globals['_SEARCHRESPONSE']._serialized_start=562
+  _globals['_SEARCHRESPONSE']._serialized_end=688
+  _globals['_SHARDINFOREQUEST']._serialized_start=690
+  _globals['_SHARDINFOREQUEST']._serialized_end=708
+  _globals['_CHANNELINFO']._serialized_start=710
+  _globals['_CHANNELINFO']._serialized_end=836
+  _globals['_SHARDINFORESPONSE']._serialized_start=839
+  _globals['_SHARDINFORESPONSE']._serialized_end=989
+  _globals['_ADDITEMSREQUEST']._serialized_start=992
+  _globals['_ADDITEMSREQUEST']._serialized_end=1147
+  _globals['_ITEMATTRIBUTES']._serialized_start=1150
+  _globals['_ITEMATTRIBUTES']._serialized_end=1346
+  _globals['_ITEMATTRIBUTES_PROPERTIESENTRY']._serialized_start=1268
+  _globals['_ITEMATTRIBUTES_PROPERTIESENTRY']._serialized_end=1346
+  _globals['_ADDITEMSRESPONSE']._serialized_start=1348
+  _globals['_ADDITEMSRESPONSE']._serialized_end=1381
+  _globals['_REMOVEITEMSREQUEST']._serialized_start=1383
+  _globals['_REMOVEITEMSREQUEST']._serialized_end=1421
+  _globals['_REMOVEITEMSRESPONSE']._serialized_start=1423
+  _globals['_REMOVEITEMSRESPONSE']._serialized_end=1461
+  _globals['_RECALL']._serialized_start=1464
+  _globals['_RECALL']._serialized_end=1952
 # @@protoc_insertion_point(module_scope)

@@ -218,3 +218,32 @@ class SimilarItemsResponse(_message.Message):
     request_id: str
     filter_passed: int
     def __init__(self, items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., recall_coverage: _Optional[float] = ..., request_id: _Optional[str] = ..., filter_passed: _Optional[int] = ...) -> None: ...
+
+class User(_message.Message):
+    __slots__ = ("user_id", "properties", "text")
+    class PropertiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: PropertyValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[PropertyValue, _Mapping]] = ...) -> None: ...
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    properties: _containers.MessageMap[str, PropertyValue]
+    text: str
+    def __init__(self, user_id: _Optional[str] = ..., properties: _Optional[_Mapping[str, PropertyValue]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class UpsertUsersRequest(_message.Message):
+    __slots__ = ("users",)
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedCompositeFieldContainer[User]
+    def __init__(self, users: _Optional[_Iterable[_Union[User, _Mapping]]] = ...) -> None: ...
+
+class UpsertUsersResponse(_message.Message):
+    __slots__ = ("upserted",)
+    UPSERTED_FIELD_NUMBER: _ClassVar[int]
+    upserted: int
+    def __init__(self, upserted: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,11 @@ class RecommenderStub:
                 request_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
                 response_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
                 _registered_method=True)
+        self.UpsertUsers = channel.unary_unary(
+                '/recfunnel.v1.Recommender/UpsertUsers',
+                request_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.UpsertUsersRequest.SerializeToString,
+                response_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.UpsertUsersResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -112,6 +117,13 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertUsers(self, request, context):
+        """Add or replace what users say about themselves; a user without history is served from it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +156,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.SimilarItems,
                     request_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
                     response_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsResponse.SerializeToString,
+            ),
+            'UpsertUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpsertUsers,
+                    request_deserializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.UpsertUsersRequest.FromString,
+                    response_serializer=protos_dot_recfunnel_dot_v1_dot_recommender__pb2.UpsertUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +325,33 @@ class Recommender:
             '/recfunnel.v1.Recommender/SimilarItems',
             protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
             protos_dot_recfunnel_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recfunnel.v1.Recommender/UpsertUsers',
+            protos_dot_recfunnel_dot_v1_dot_recommender__pb2.UpsertUsersRequest.SerializeToString,
+            protos_dot_recfunnel_dot_v1_dot_recommender__pb2.UpsertUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

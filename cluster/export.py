@@ -122,7 +122,8 @@ def export(config: ExportConfig, users: list[str], progress: Callable[[int, int]
     started = time.perf_counter()
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in ROWS_SCHEMA])
     dataset = ray.data.from_items([{"user_id": u} for u in users]).map_batches(
-        BatchRecommender, batch_size=config.batch_size, concurrency=config.actors, num_cpus=1,
+        BatchRecommender, batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=config.actors),
+        num_cpus=1,
         batch_format="numpy",
         fn_constructor_kwargs={"bundle": str(config.bundle), "store": config.store, "k": config.k,
                                "history_length": config.history_length, "device": config.device})

@@ -19,7 +19,7 @@ from ranking.evaluation import Evaluation, FunnelScorer, items_from_full, user_s
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer, fit
 from recdata.bundle import load_bundle
-from recdata.channels import SEMANTIC
+from recdata.channels import SEMANTIC, SEQUENTIAL
 from recdata.dataset import Dataset
 from recdata.metrics import ranking_metrics
 from recdata.segments import cold_user_report
@@ -55,10 +55,15 @@ class EvaluateConfig:
         resolve_device(self.device)  # a device this machine lacks is refused before any work
 
 
+def has_item_text(dataset: Dataset) -> bool:
+    return any(text.strip() for text in dataset.item_texts)
+
+
 def beyond_accuracy(lists: np.ndarray, vectors: np.ndarray, popularity: np.ndarray, num_users: int
                     ) -> dict[str, float]:
-    """Catalogue coverage, intra-list diversity (mean pairwise cosine distance of the items'
-    text vectors) and novelty (mean self-information, -log2 of an item's share of users)."""
+    """Catalogue coverage, intra-list diversity (mean pairwise cosine distance of the given
+    item vectors, in 0..2) and novelty (mean self-information, -log2 of an item's share of
+    users)."""
     coverage = len(np.unique(lists)) / len(vectors)
     unit = vectors[lists]                                                  # (U, k, D)
     unit = unit / np.maximum(np.linalg.norm(unit, axis=-1, keepdims=True), 1e-12)
@@ -92,6 +97,8 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
         # Which users the figures are over: all of them, or a seeded sample (and its seed).
         "evaluated_users": {"sample": sample is not None, "count": len(test), "seed": config.seed},
         "model_version": bundle.version,
+        # Histories are in time order where the data has times (ties in file order), else in file order.
+        "history_order": "timestamps" if dataset.timestamps is not None else "file order (no timestamps)",
         "funnel": {"full": ranking_metrics(funnel_ranks.tolist()),
                    "sampled100": test.sampled(scorer.funnel_item_scores)},
         "recall": {"full": test.full(scorer.recall_scores), "hit_rate_at_budget": float(found.mean()),
@@ -101,7 +108,12 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
     say(f"funnel NDCG@10 {result['funnel']['full']['ndcg@10']:.4f}, recall {result['recall']['full']['ndcg@10']:.4f}")
     text_vectors = bundle.arrays[SEMANTIC]
     popularity = np.bincount(np.concatenate(split.train), minlength=num_items).astype(np.float64)
-    result["beyond_accuracy"] = beyond_accuracy(lists, text_vectors, popularity, dataset.num_users)
+    # Diversity on the items' text where they have some, else on their learned vectors: a
+    # catalogue without text has no text vectors to tell items apart by.
+    with_text = has_item_text(dataset)
+    diversity_vectors = text_vectors if with_text else bundle.arrays[SEQUENTIAL]
+    result["beyond_accuracy"] = {**beyond_accuracy(lists, diversity_vectors, popularity, dataset.num_users),
+                                 "ild_on": "item text vectors" if with_text else "item vectors (no item text)"}
     if any(dataset.user_properties):  # users held out whole, served from their attributes alone
         result["cold_users"] = cold_user_report(dataset.sequences, dataset.user_properties, num_items,
                                                 seed=config.seed)
@@ -126,8 +138,12 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
         result["ablation"] = {"no_text": {"full": test.full(no_text.scorer().funnel_scores)}}
         say(f"no-text funnel NDCG@10 {result['ablation']['no_text']['full']['ndcg@10']:.4f}")
 
-        result["cold_start"] = cold_start(dataset, aux, config, encoder, text_vectors)
-        say(f"cold start HR@10 {result['cold_start']['hr@10']}")
+        if with_text:
+            result["cold_start"] = cold_start(dataset, aux, config, encoder, text_vectors)
+            say(f"cold start HR@10 {result['cold_start']['hr@10']}")
+        else:  # an item without interactions and without text has nothing to be found by
+            result["cold_start"] = {"applicable": False, "why": "the items have no text: a cold item has nothing "
+                                    "the models could recommend it from"}
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -157,7 +173,7 @@ def cold_start(dataset: Dataset, aux: TrainConfig, config: EvaluateConfig, text_
         draws.append({"seed": config.seed + draw, "items": len(cold), "cases": len(cases),
                       "hr@10": {name: float(values[-1].mean()) for name, values in hits.items()}})
     if not draws:
-        return {"items": 0, "cases": 0, "hr@10": {}, "draws": []}
-    return {"items": sum(d["items"] for d in draws), "cases": sum(d["cases"] for d in draws),
+        return {"applicable": True, "items": 0, "cases": 0, "hr@10": {}, "draws": []}
+    return {"applicable": True, "items": sum(d["items"] for d in draws), "cases": sum(d["cases"] for d in draws),
             "hr@10": {name: float(np.concatenate(values).mean()) for name, values in hits.items()},
             "draws": draws}

@@ -239,3 +239,17 @@ def test_evaluate_on_a_user_sample_says_so(tiny_bundle: Path, tiny_dataset, text
     assert report["evaluated_users"] == {"sample": True, "count": 40, "seed": 0}
     whole = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(baselines=False), text_encoder)
     assert whole["evaluated_users"]["sample"] is False and whole["cases"] == tiny_dataset.num_users
+
+
+def test_without_item_text_evaluate_says_what_it_measured_on(tiny_bundle, tiny_dataset, text_encoder) -> None:
+    """No text: cold start is not applicable (not 0.0), diversity is on the item vectors and in
+    its range, and a data set without times says its histories are in file order."""
+    n = tiny_dataset.num_items
+    bare = replace(tiny_dataset, item_texts=[""] * n, item_tags=[() for _ in range(n)], timestamps=None)
+    report = evaluate(tiny_bundle, bare, EvaluateConfig(seconds_per_model=2.0), text_encoder)
+    assert report["cold_start"]["applicable"] is False and "no text" in report["cold_start"]["why"]
+    assert report["beyond_accuracy"]["ild_on"] == "item vectors (no item text)"
+    assert 0.0 <= report["beyond_accuracy"]["ild@10"] <= 2.0
+    assert report["history_order"] == "file order (no timestamps)"
+    with_text = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(baselines=False), text_encoder)
+    assert with_text["beyond_accuracy"]["ild_on"] == "item text vectors"

@@ -3,7 +3,9 @@
 SimilarItems (one or two items of a page or basket) and Recommend with filters that pass about
 50%, 5% and 0.5% of the catalogue, each at every offered rate, through a gateway over two recall
 shards and a ranker as processes, as deployed. Reported per case: p50/p99, errors, and the
-share of answers that filled k (a filter that passes fewer than k items cannot). Then
+share of answers that filled k (a filter that passes fewer than k items cannot). The exposure
+log's cost: Recommend at the highest rate through a gateway that logs exposures and one that
+does not, over the same shards and ranker, in alternating rounds. Then
 `recfunnel export`'s path on a local Ray of the machine's cores: every user of the log, k = 100,
 in users/s with and without the actors' start.
 """
@@ -39,6 +41,7 @@ class ApiBenchConfig:
     export_k: int = 100
     export_actors: int = 2
     export_repeat: int = 10  # the log's users, this many times over: enough scoring to time
+    exposure_rounds: int = 2  # alternating rounds of the exposure-cost comparison
 
 
 def year_filter(attributes: Sequence[ItemAttributes], share: float) -> tuple[ItemFilter, float]:
@@ -107,16 +110,34 @@ def run_api_bench(dataset: Dataset, config: ApiBenchConfig, progress: Callable[[
                     for name, (item_filter, share) in filters.items()},
         "cases": {}}
     progress("starting 2 recall shards, a ranker and a gateway")
-    with process_stack(config.bundle, db_path, {"gateway": []}) as gateways:
+    with process_stack(config.bundle, db_path, {"gateway": [], "no_exposures": ["--no-exposures"]}) as gateways:
         for rate in config.rates:
             for name, (method, requests) in cases.items():
                 progress(f"{name} at {rate:g} requests/s for {config.seconds:g} s")
                 summary = asyncio.run(run_case(gateways["gateway"], requests, method, rate, config.seconds,
                                                config.seed, config.k))
                 report["cases"].setdefault(name, {})[f"{rate:g}"] = summary
+        report["exposure_cost"] = exposure_cost(gateways, cases["recommend_unfiltered"][1], config, progress)
     progress(f"export of every user, k = {config.export_k}, {config.export_actors} Ray Data actors")
     report["export"] = run_export(config, str(db_path), workdir / "recs.parquet")
     return report
+
+
+def exposure_cost(gateways: dict[str, str], requests: Sequence[Any], config: ApiBenchConfig,
+                  progress: Callable[[str], None]) -> dict[str, Any]:
+    """Recommend p50/p99 with the exposure log on and off, alternating rounds, and their ratios."""
+    rate = max(config.rates)
+    rounds: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    for n in range(config.exposure_rounds):
+        for name, gateway in (("on", "gateway"), ("off", "no_exposures")):
+            progress(f"exposure log {name}, round {n + 1}: Recommend at {rate:g} requests/s")
+            rounds[name].append(asyncio.run(run_case(gateways[gateway], requests, "Recommend", rate, config.seconds,
+                                                     config.seed + n, config.k)))
+    mean = {name: {q: float(np.mean([r[q] for r in runs])) for q in ("p50_ms", "p99_ms")}
+            for name, runs in rounds.items()}
+    return {"rate": rate, "rounds": rounds, "mean": mean,
+            "p50_on_over_off": round(mean["on"]["p50_ms"] / mean["off"]["p50_ms"], 3),
+            "p99_on_over_off": round(mean["on"]["p99_ms"] / mean["off"]["p99_ms"], 3)}
 
 
 def run_export(config: ApiBenchConfig, db: str, out: Path) -> dict[str, Any]:

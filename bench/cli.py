@@ -80,7 +80,10 @@ STORE_HEADLINE = [
 API_HEADLINE = [(f"{case} p99 ms at {rate} rps", f"cases.{case}.{rate}.p99_ms")
                 for case in ("similar_items", "recommend_filter_0.05") for rate in ("50", "100")] + [
     ("0.5% filter: answers that filled k", "cases.recommend_filter_0.005.100.filled_k_share"),
-    ("5% filter: answers that filled k", "cases.recommend_filter_0.05.100.filled_k_share")]
+    ("5% filter: answers that filled k", "cases.recommend_filter_0.05.100.filled_k_share"),
+    ("exposure log on/off, p50", "exposure_cost.p50_on_over_off"),
+    ("exposure log on/off, p99", "exposure_cost.p99_on_over_off"),
+    ("export users/s", "export.users_per_s")]
 SCALE_HEADLINE = [("step time, largest catalogue vs smallest", "step_ratio_largest_vs_smallest")]
 RECALL_HEADLINE = [("exact QPS, one query a call", "exact.qps_single"), ("exact QPS, batched", "exact.qps_batch"),
                    ("hnsw recall@100", "indexes.hnsw.recall_at_100"), ("ivf recall@100", "indexes.ivf.recall_at_100"),

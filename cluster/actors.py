@@ -121,19 +121,22 @@ class RankingHost(ServiceHost):
 
 class GatewayHost(ServiceHost):
     async def _start(self) -> Running:
-        from cluster.metrics import AdmissionMetrics, RayGatewayMetrics
+        from cluster.metrics import AdmissionMetrics, ExposureMetrics, RayGatewayMetrics
         from gateway.server import start
 
         self.metrics = AdmissionMetrics()
+        self.exposure_metrics = ExposureMetrics()
         return await start(self.config, RayGatewayMetrics())
 
     def _export_metrics(self) -> None:
         self.metrics.export(self.running.admission.snapshot())  # type: ignore[union-attr,attr-defined]
+        self.exposure_metrics.export(self.running.exposures.stats.to_dict())  # type: ignore[union-attr,attr-defined]
 
     async def describe(self) -> dict[str, Any]:
         described = await super().describe()
         if self.running is not None:
             described["admission"] = self.running.admission.snapshot()  # type: ignore[attr-defined]
+            described["exposures"] = self.running.exposures.stats.to_dict()  # type: ignore[attr-defined]
         return described
 
     async def _versions(self) -> tuple[str, list[str]]:

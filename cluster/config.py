@@ -12,6 +12,7 @@ import tomllib
 from cluster.loop import LoopConfig
 from gateway.admission import AdmissionConfig
 from gateway.config import DEFAULT_PORT, PagingConfig
+from gateway.exposures import ExposureConfig
 from protos.auth import TlsFiles, tokens_from_file
 
 NODE_IP = "node-ip"  # as `host`: each service binds its node's cluster address (multi-node)
@@ -57,6 +58,7 @@ class ClusterConfig:
     loop: LoopConfig | None = None  # the feedback loop actor; None = no loop
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # each gateway's, `[admission]`
     paging: PagingConfig = field(default_factory=PagingConfig)  # each gateway's page sessions, `[paging]`
+    exposures: ExposureConfig = field(default_factory=ExposureConfig)  # each gateway's exposure log, `[exposures]`
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_shards <= 256:
@@ -76,7 +78,8 @@ class ClusterConfig:
         Top-level keys are this class's fields; `[shard_resources]`, `[ranker_resources]`
         and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts, `[admission]`
         the gateways' admission control (`gateway.admission.AdmissionConfig`), `[paging]` their
-        page sessions (`gateway.config.PagingConfig`). Secrets are
+        page sessions (`gateway.config.PagingConfig`), `[exposures]` their exposure log
+        (`gateway.exposures.ExposureConfig`). Secrets are
         never in the file itself: `tokens_file` and `internal_token_file` name files holding
         them, and `tls_cert` / `tls_key` the gateway's PEM files.
         """
@@ -103,6 +106,8 @@ class ClusterConfig:
             values["admission"] = AdmissionConfig(**values["admission"])
         if "paging" in values:
             values["paging"] = PagingConfig(**values["paging"])
+        if "exposures" in values:
+            values["exposures"] = ExposureConfig(**values["exposures"])
         for key in ("bundle", "db_path"):
             if key in values:
                 values[key] = Path(values[key])

@@ -70,6 +70,25 @@ class AdmissionMetrics:
             self._seen[name] = snapshot[name]
 
 
+class ExposureMetrics:
+    """The gateway's exposure log (`gateway.exposures`): exposures written and dropped, and the
+    queue a killed gateway would lose."""
+
+    def __init__(self) -> None:
+        self.logged = Counter("recfunnel_exposures_logged", "Exposures (items shown in answers) written")
+        self.dropped = Counter("recfunnel_exposures_dropped", "Exposures dropped: queue full or write failed")
+        self.queued = Gauge("recfunnel_exposures_queued", "Exposures waiting to be written")
+        self._seen: dict[str, int] = {}
+
+    def export(self, stats: dict[str, int]) -> None:
+        self.queued.set(stats["queued"])
+        for name, counter in (("logged", self.logged), ("dropped", self.dropped)):
+            new = stats[name] - self._seen.get(name, 0)
+            if new > 0:
+                counter.inc(new)
+            self._seen[name] = stats[name]
+
+
 class RankerMetrics:
     """Micro-batching of the ranking service, read from its counters every few seconds."""
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.admission import AdmissionConfig
+from gateway.exposures import ExposureConfig
 from protos.auth import TlsFiles
 
 DEFAULT_PORT = 50051
@@ -62,6 +63,7 @@ class GatewayConfig:
     swap_drain_s: float = 5.0
     limits: Limits = field(default_factory=Limits)
     paging: PagingConfig = field(default_factory=PagingConfig)
+    exposures: ExposureConfig = field(default_factory=ExposureConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     # Bearer tokens clients must send; empty = open (the embedded demo on loopback only).
     tokens: tuple[str, ...] = field(default=(), repr=False)

@@ -45,6 +45,18 @@ CREATE TABLE IF NOT EXISTS item_changes (
     text TEXT NOT NULL DEFAULT '',
     tags TEXT NOT NULL DEFAULT '[]'  -- JSON list
 );
+CREATE TABLE IF NOT EXISTS exposures (  -- what each answer showed, off the request path (gateway.exposures)
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    position INTEGER NOT NULL,  -- 0 = first in the answer
+    score REAL NOT NULL,
+    model_version TEXT NOT NULL,
+    variant TEXT NOT NULL DEFAULT '',
+    timestamp_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS exposures_by_request ON exposures (request_id, item_id);
 CREATE TABLE IF NOT EXISTS users (  -- what users said about themselves (UpsertUsers)
     user_id TEXT PRIMARY KEY,
     properties TEXT NOT NULL DEFAULT '{}',  -- JSON object
@@ -56,8 +68,9 @@ CREATE INDEX IF NOT EXISTS events_hidden ON events (user_id, item_id) WHERE even
 # After the column exists (added by migration in logs written before it).
 EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (event_id) WHERE event_id IS NOT NULL"
 # PRAGMA user_version of a log: 1 before events had idempotency keys, 2 with them, 3 with item
-# attributes in the catalogue changes and user attributes.
-SCHEMA_VERSION = 3
+# attributes in the catalogue changes and user attributes, 4 with exposures and the answer an
+# event is attributed to.
+SCHEMA_VERSION = 4
 MAX_HIDDEN = 10_000  # hidden items read per user: the most recent ones
 
 
@@ -100,6 +113,21 @@ class Event:
     value: float = 0.0
     timestamp_ms: int = 0  # 0 = now
     event_id: str = ""     # idempotency key; "" = none
+    request_id: str = ""   # the answer that showed the item; "" = none named
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """One item one answer showed."""
+
+    request_id: str
+    user_id: str
+    item_id: str
+    position: int
+    score: float
+    model_version: str
+    variant: str = ""
+    timestamp_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +151,9 @@ class EventStore(Protocol):
     def hidden_items(self, user_id: str) -> list[str]: ...
     def upsert_users(self, users: Iterable[UserRecord]) -> int: ...
     def user_properties(self, user_id: str) -> dict[str, float | str]: ...
+    def record_exposures(self, exposures: list[Exposure]) -> int: ...
+    def exposures_of(self, request_id: str) -> list[Exposure]: ...
+    def attributed_events(self, request_id: str) -> list[tuple[str, str]]: ...
     def erase_user(self, user_id: str) -> int: ...
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None: ...
     def item_changes(self) -> list[ItemChange]: ...
@@ -207,6 +238,8 @@ class EventLog:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(events)")}
         if "event_id" not in columns:  # a log written before events had ids (version 1)
             self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
+        if "request_id" not in columns:  # a log written before events named their answer (version 3)
+            self._db.execute("ALTER TABLE events ADD COLUMN request_id TEXT")
         if "attributes" not in {row[1] for row in self._db.execute("PRAGMA table_info(item_changes)")}:
             self._db.execute("ALTER TABLE item_changes ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")
         self._db.execute(EVENT_ID_INDEX)
@@ -233,12 +266,12 @@ class EventLog:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for events in calls:
-                    rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None)
-                            for e in events]
+                    rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None,
+                             e.request_id or None) for e in events]
                     before = self._db.total_changes
                     self._db.executemany(
-                        "INSERT OR IGNORE INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                        "INSERT OR IGNORE INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id, "
+                        "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                     counts.append((len(rows), len(rows) - (self._db.total_changes - before)))
                 self._db.execute("COMMIT")
             except sqlite3.Error:
@@ -276,6 +309,38 @@ class EventLog:
                 self._db.execute("ROLLBACK")
                 raise
         return len(rows)
+
+    def record_exposures(self, exposures: list[Exposure]) -> int:
+        """Append exposures in one transaction; how many. Not fsynced one by one: they are
+        written in batches off the request path, and the gateway counts what a crash loses."""
+        now = int(time.time() * 1000)
+        rows = [(x.request_id, x.user_id, x.item_id, x.position, x.score, x.model_version, x.variant,
+                 x.timestamp_ms or now) for x in exposures]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT INTO exposures (request_id, user_id, item_id, position, score, "
+                                     "model_version, variant, timestamp_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows)
+
+    def exposures_of(self, request_id: str) -> list[Exposure]:
+        """What one answer showed, in answer order."""
+        with self._lock:
+            rows = self._db.execute("SELECT request_id, user_id, item_id, position, score, model_version, variant, "
+                                    "timestamp_ms FROM exposures WHERE request_id = ? ORDER BY position",
+                                    (request_id,)).fetchall()
+        return [Exposure(*row) for row in rows]
+
+    def attributed_events(self, request_id: str) -> list[tuple[str, str]]:
+        """(item id, event type) of the events that named this answer, in log order."""
+        with self._lock:
+            rows = self._db.execute("SELECT item_id, event_type FROM events WHERE request_id = ? ORDER BY seq",
+                                    (request_id,)).fetchall()
+        return [(item, kind) for item, kind in rows]
 
     def user_properties(self, user_id: str) -> dict[str, float | str]:
         with self._read_lock:

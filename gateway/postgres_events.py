@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from gateway.events import MAX_HIDDEN, Event, ItemChange, LoggedEvent, StoreUnavailable, UserRecord
+from gateway.events import MAX_HIDDEN, Event, Exposure, ItemChange, LoggedEvent, StoreUnavailable, UserRecord
 from recdata.feedback import HIDE
 
 # Schema versions, applied in order on start; `recfunnel_schema` holds the newest applied.
@@ -55,6 +55,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE item_changes ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';  -- JSON: properties, created_ms
     CREATE INDEX events_hidden ON events (user_id, item_id) WHERE event_type = 'hide';
     CREATE TABLE users (user_id TEXT PRIMARY KEY, properties TEXT NOT NULL DEFAULT '{}', text TEXT NOT NULL DEFAULT '');
+    """,
+    """
+    ALTER TABLE events ADD COLUMN request_id TEXT;  -- the answer that showed the item
+    CREATE TABLE exposures (
+        seq BIGSERIAL PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        score DOUBLE PRECISION NOT NULL,
+        model_version TEXT NOT NULL,
+        variant TEXT NOT NULL DEFAULT '',
+        timestamp_ms BIGINT NOT NULL
+    );
+    CREATE INDEX exposures_by_request ON exposures (request_id, item_id);
     """,
 )
 # Keys of the advisory locks (any 64-bit numbers, the same in every process).
@@ -157,16 +172,16 @@ class PostgresEventLog:
         with self._connection() as db, db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
             for events in calls:
-                rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None)
-                        for e in events]
+                rows = [(e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms or now, e.event_id or None,
+                         e.request_id or None) for e in events]
                 if not rows:
                     counts.append((0, 0))
                     continue
                 columns = [list(column) for column in zip(*rows, strict=True)]
                 cursor = db.execute(
-                    "INSERT INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id) "
+                    "INSERT INTO events (user_id, item_id, event_type, value, timestamp_ms, event_id, request_id) "
                     "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::bigint[], "
-                    "%s::text[]) ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING", columns)
+                    "%s::text[], %s::text[]) ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING", columns)
                 counts.append((len(rows), len(rows) - cursor.rowcount))
         return counts
 
@@ -200,6 +215,35 @@ class PostgresEventLog:
             cursor.executemany("INSERT INTO users (user_id, properties, text) VALUES (%s, %s, %s) ON CONFLICT "
                                "(user_id) DO UPDATE SET properties = excluded.properties, text = excluded.text", rows)
         return len(rows)
+
+    def record_exposures(self, exposures: list[Exposure]) -> int:
+        """Append exposures in one transaction; how many."""
+        now = int(time.time() * 1000)
+        rows = [(x.request_id, x.user_id, x.item_id, x.position, x.score, x.model_version, x.variant,
+                 x.timestamp_ms or now) for x in exposures]
+        if not rows:
+            return 0
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        with self._connection() as db:
+            db.execute("INSERT INTO exposures (request_id, user_id, item_id, position, score, model_version, variant, "
+                       "timestamp_ms) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], "
+                       "%s::float8[], %s::text[], %s::text[], %s::bigint[])", columns)
+        return len(rows)
+
+    def exposures_of(self, request_id: str) -> list[Exposure]:
+        """What one answer showed, in answer order."""
+        with self._connection() as db:
+            rows = db.execute("SELECT request_id, user_id, item_id, position, score, model_version, variant, "
+                              "timestamp_ms FROM exposures WHERE request_id = %s ORDER BY position",
+                              (request_id,)).fetchall()
+        return [Exposure(*row) for row in rows]
+
+    def attributed_events(self, request_id: str) -> list[tuple[str, str]]:
+        """(item id, event type) of the events that named this answer, in log order."""
+        with self._connection() as db:
+            rows = db.execute("SELECT item_id, event_type FROM events WHERE request_id = %s ORDER BY seq",
+                              (request_id,)).fetchall()
+        return [(item, kind) for item, kind in rows]
 
     def user_properties(self, user_id: str) -> dict[str, float | str]:
         with self._connection() as db:

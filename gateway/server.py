@@ -14,6 +14,7 @@ from gateway.backends import GrpcRanking, GrpcRecall, RankingReplicas
 from gateway.catalogue import Catalogue
 from gateway.config import DEFAULT_PORT, GatewayConfig
 from gateway.events import EventStore, open_event_store, store_settings
+from gateway.exposures import ExposureConfig, ExposureLog
 from gateway.funnel import Funnel
 from gateway.group_commit import GroupCommit
 from gateway.observe import GatewayObserver, ObservingInterceptor
@@ -45,6 +46,7 @@ class Gateway:
     rollout: Rollout
     appender: GroupCommit
     admission: Admission
+    exposures: ExposureLog
 
     @property
     def address(self) -> str:
@@ -67,6 +69,7 @@ class Gateway:
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.handle.stop(grace)
+        await self.exposures.close()  # every answer given so far is in the log before the store closes
         for shard in self.shards:
             await shard.close()
         await self.ranking.close()
@@ -84,8 +87,9 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
     catalogue = Catalogue(shards, ranking, events)
     appender = GroupCommit(events)
     admission = Admission(config.admission)
-    servicer = RecommenderServicer(funnel, catalogue, events, config,
-                                   ThreadPoolExecutor(4, thread_name_prefix="gateway"), appender, admission)
+    executor = ThreadPoolExecutor(4, thread_name_prefix="gateway")
+    exposures = ExposureLog(events, config.exposures, executor)
+    servicer = RecommenderServicer(funnel, catalogue, events, config, executor, appender, admission, exposures)
     rollout = Rollout(funnel, catalogue, ranking, shards, config.swap_drain_s, admission=admission)
     freeze_loaded_objects()
     handle = await start_server(
@@ -96,7 +100,7 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
         tokens=config.tokens, tls=config.tls,
         interceptors=[ObservingInterceptor(observer)] if observer is not None else (),
     )
-    return Gateway(handle, events, shards, ranking, funnel, rollout, appender, admission)
+    return Gateway(handle, events, shards, ranking, funnel, rollout, appender, admission, exposures)
 
 
 async def serve(config: GatewayConfig) -> None:
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of the public port")
     parser.add_argument("--no-admission", action="store_true",
                         help="admit every call however loaded (admission control off: for comparisons)")
+    parser.add_argument("--no-exposures", action="store_true",
+                        help="log no exposures (what answers showed): for comparisons")
     add_internal_auth_arguments(parser)
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -138,4 +144,5 @@ def main(argv: list[str] | None = None) -> None:
         recall_addresses=tuple(args.recall), ranking_addresses=tuple(args.ranking), **store_settings(args.db),
         host=args.host, port=args.port, tokens=() if args.no_auth else tokens, internal_token=internal,
         tls=TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None,
-        admission=AdmissionConfig(enabled=not args.no_admission))))
+        admission=AdmissionConfig(enabled=not args.no_admission),
+        exposures=ExposureConfig(enabled=not args.no_exposures))))

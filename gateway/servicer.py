@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import grpc
 
@@ -18,6 +19,7 @@ from gateway.admission import Admission, Overloaded, Priority
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
 from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, UserRecord, UserView, read_user
+from gateway.exposures import ExposureLog
 from gateway.funnel import Answer, Funnel, Recommendation, RecommendQuery, SimilarQuery, StageFailed, UnknownItems
 from gateway.group_commit import GroupCommit
 from gateway.pages import PageSessions, request_fingerprint
@@ -70,8 +72,10 @@ def paging_fingerprint(request: recommender_pb2.RecommendRequest) -> bytes:
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventStore, config: GatewayConfig,
-                 executor: ThreadPoolExecutor, appender: GroupCommit, admission: Admission):
+                 executor: ThreadPoolExecutor, appender: GroupCommit, admission: Admission,
+                 exposures: ExposureLog | None = None):
         self.funnel = funnel
+        self.exposures = exposures or ExposureLog(events, replace(config.exposures, enabled=False))
         self.admission = admission
         self.catalogue = catalogue
         self.events = events
@@ -141,6 +145,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         query = query_of(request, user)
         answer = await self.funnel.recommend(query, deadline)
         self._log_answer(request_id, request.user_id, request.k, len(query.history), answer, store_down, started)
+        self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in answer.items],
+                             answer.model_version)
         return recommender_pb2.RecommendResponse(
             items=recommended(answer.items), model_version=answer.model_version,
             degraded=answer.degraded or store_down, recall_coverage=answer.recall_coverage, request_id=request_id,
@@ -176,6 +182,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 self.pages.close(token)
         self._log_answer(request_id, request.user_id, request.page_size, len(user.history),
                          Answer(page, session.model_version, degraded, coverage), store_down, started)
+        self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in page], session.model_version)
         return recommender_pb2.RecommendResponse(
             items=recommended(page), model_version=session.model_version, degraded=degraded,
             recall_coverage=coverage, request_id=request_id,
@@ -214,6 +221,9 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"{error}; every item_ids entry must be in the "
                                     f"catalogue (trained on, or added with UpsertItems)")
             self._log_answer(request_id, request.user_id, request.k, len(user.history), answer, store_down, started)
+            if request.user_id:  # an item page shown to nobody in particular is no one's exposure
+                self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in answer.items],
+                                     answer.model_version)
             return recommender_pb2.SimilarItemsResponse(
                 items=recommended(answer.items), model_version=answer.model_version,
                 degraded=answer.degraded or store_down, recall_coverage=answer.recall_coverage,
@@ -227,11 +237,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             if not 1 <= len(request.events) <= limits.max_events:
                 raise InvalidRequest(f"events has {len(request.events)} entries; allowed 1..{limits.max_events}")
             for n, e in enumerate(request.events):
-                check_event(n, e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms, e.event_id, limits)
+                check_event(n, e.user_id, e.item_id, e.event_type, e.value, e.timestamp_ms, e.event_id, limits,
+                            e.request_id)
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        events = [Event(e.user_id, e.item_id, e.event_type or "interaction", e.value, e.timestamp_ms, e.event_id)
-                  for e in request.events]
+        events = [Event(e.user_id, e.item_id, e.event_type or "interaction", e.value, e.timestamp_ms, e.event_id,
+                        e.request_id) for e in request.events]
         try:
             async with self._slot(Priority.WRITE, context):
                 accepted, duplicates = await self.appender.append(events)  # returns only once committed

@@ -50,11 +50,14 @@ def check_recommend(user_id: str, k: int, exclude: Sequence[str], context: Seque
 
 
 def check_event(n: int, user_id: str, item_id: str, event_type: str, value: float, timestamp_ms: int,
-                event_id: str, limits: Limits) -> None:
+                event_id: str, limits: Limits, request_id: str = "") -> None:
     check_id(f"events[{n}].user_id", user_id, limits)
     check_id(f"events[{n}].item_id", item_id, limits)
     if event_id:
         check_id(f"events[{n}].event_id", event_id, limits)
+    if len(request_id.encode("utf-8", errors="surrogatepass")) > 64:
+        raise InvalidRequest(f"events[{n}].request_id is longer than 64 bytes; give the request_id of the answer "
+                             f"that showed the item, or none")
     if len(event_type.encode("utf-8", errors="surrogatepass")) > 64:
         raise InvalidRequest(f"events[{n}].event_type is longer than 64 bytes")
     if not math.isfinite(value):

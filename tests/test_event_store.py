@@ -252,3 +252,13 @@ async def test_feedback_calls_that_meet_share_a_commit_and_each_hears_its_own_ou
     assert (await group.append([Event("u", "after")])) == (1, 0)  # the writer goes on
     group.close()
     store.close()
+
+
+def test_exposures_and_the_events_that_name_them(store: EventStore) -> None:
+    from gateway.events import Exposure
+
+    shown = [Exposure("r1", "u", f"i{n}", n, 1.0 - n / 10, "v1", "", 5) for n in range(3)]
+    assert store.record_exposures(shown + [Exposure("r2", "w", "i9", 0, 0.5, "v1")]) == 4
+    assert store.exposures_of("r1") == shown and [x.item_id for x in store.exposures_of("r2")] == ["i9"]
+    store.append([Event("u", "i1", "click", request_id="r1"), Event("u", "i7", "click")])
+    assert store.attributed_events("r1") == [("i1", "click")] and store.attributed_events("r9") == []

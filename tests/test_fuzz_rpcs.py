@@ -105,7 +105,7 @@ def test_similar_items(live, item_ids, k, item_filter, exclude, user_id) -> None
 
 
 events = st.builds(recommender_pb2.Event, user_id=ids, item_id=ids, event_type=st.one_of(unicode_text, ids),
-                   value=floats32, timestamp_ms=st.integers(-(2**63), 2**63 - 1), event_id=ids)
+                   value=floats32, timestamp_ms=st.integers(-(2**63), 2**63 - 1), event_id=ids, request_id=ids)
 
 
 @FUZZ

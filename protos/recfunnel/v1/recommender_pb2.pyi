@@ -101,20 +101,22 @@ class RecommendResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., recall_coverage: _Optional[float] = ..., request_id: _Optional[str] = ..., next_page_token: _Optional[str] = ..., filter_passed: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("user_id", "item_id", "event_type", "value", "timestamp_ms", "event_id")
+    __slots__ = ("user_id", "item_id", "event_type", "value", "timestamp_ms", "event_id", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     event_type: str
     value: float
     timestamp_ms: int
     event_id: str
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., event_type: _Optional[str] = ..., value: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., event_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., event_type: _Optional[str] = ..., value: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., event_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("events",)

@@ -1,0 +1,105 @@
+"""The exposure log: what every answer showed, written off the request path.
+
+An answer's items go into a bounded in-memory queue and return at once; one task drains the
+queue in batches into the event store (a transaction a batch, on the executor). A full queue
+drops the new exposures and counts them: a slow store never delays an answer. A graceful stop
+drains what is queued; a killed gateway loses at most the queue, and `dropped`/`queued` say how
+much was at risk. Memory is the queue's capacity; cost per answer is k small tuples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from gateway.events import EventStore, Exposure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExposureConfig:
+    enabled: bool = True
+    capacity: int = 50_000         # exposures queued at most; beyond, new ones are dropped and counted
+    batch: int = 2_000             # exposures a write holds at most
+    flush_interval_s: float = 0.2  # how long exposures wait for a batch to fill
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or self.batch < 1 or self.flush_interval_s <= 0:
+            raise ValueError("exposure capacity and batch must be >= 1 and flush_interval_s > 0")
+
+
+@dataclass
+class ExposureStats:
+    offered: int = 0   # exposures answers produced
+    logged: int = 0    # written to the store
+    dropped: int = 0   # refused by a full queue, or lost to a failed write
+    queued: int = 0    # waiting now
+
+    def to_dict(self) -> dict[str, int]:
+        return {"offered": self.offered, "logged": self.logged, "dropped": self.dropped, "queued": self.queued}
+
+
+class ExposureLog:
+    def __init__(self, store: EventStore, config: ExposureConfig, executor: Executor | None = None):
+        self.store = store
+        self.config = config
+        self.executor = executor
+        self.stats = ExposureStats()
+        self._queue: deque[Exposure] = deque()
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def offer(self, request_id: str, user_id: str, items: Sequence[tuple[str, float]], model_version: str,
+              variant: str = "") -> None:
+        """Queue one answer's (item id, score) list, in answer order; never blocks."""
+        if not self.config.enabled or not items:
+            return
+        self.stats.offered += len(items)
+        room = self.config.capacity - len(self._queue)
+        if room < len(items) or self._closing:
+            self.stats.dropped += len(items)  # all of the answer or none: no half-logged answers
+            return
+        now = int(time.time() * 1000)
+        self._queue.extend(Exposure(request_id, user_id, item, n, score, model_version, variant, now)
+                           for n, (item, score) in enumerate(items))
+        self.stats.queued = len(self._queue)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+        if len(self._queue) >= self.config.batch:
+            self._wake.set()
+
+    async def _write(self, batch: list[Exposure]) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.store.record_exposures, batch)
+            self.stats.logged += len(batch)
+        except Exception as error:  # noqa: BLE001 - any failed write is counted; the drain goes on
+            self.stats.dropped += len(batch)
+            log.warning("exposure log: %d exposures lost to a failed write: %s", len(batch), error)
+
+    async def _drain(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):  # a batch that did not fill goes out after the interval
+                await asyncio.wait_for(self._wake.wait(), self.config.flush_interval_s)
+            self._wake.clear()
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(self.config.batch, len(self._queue)))]
+                self.stats.queued = len(self._queue)
+                await self._write(batch)
+            if self._closing:
+                return
+
+    async def close(self) -> None:
+        """Write everything queued, then stop taking exposures."""
+        self._closing = True
+        if self._task is not None:
+            self._wake.set()
+            await self._task
+        self.stats.queued = len(self._queue)

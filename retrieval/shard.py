@@ -106,7 +106,7 @@ class RecallShard:
         self.bundle_items = len(bundle.item_ids)
         self.owned_popularity = np.asarray(bundle.arrays["popularity"], dtype=np.float64)[owned]
         self.popularity_total = float(np.asarray(bundle.arrays["popularity"]).sum())
-        self.owned_segment_counts = np.asarray(counts[:, owned], dtype=np.float64)
+        self.owned_segment_counts = np.asarray(counts[:, owned], dtype=np.float32)  # segments x owned items
         self.owned_row_of = np.full(len(bundle.item_ids), -1, dtype=np.int64)  # label -> owned row; -1 = upserted
         self.owned_row_of[owned] = np.arange(len(owned))
         # What filters read, for the items this shard owns.

@@ -12,6 +12,7 @@ for the scoring, with the catalogue as exact recall does.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,17 +60,17 @@ class BatchRecommender:
 
         from gateway.events import open_event_store
         from ranking.evaluation import FunnelScorer
-        from recdata.bundle import read_manifest
+        from recdata.bundle import ITEMS, read_manifest
 
         torch.set_num_threads(1)  # one core an actor: the actors are the parallelism
         manifest = read_manifest(Path(bundle))
         self.budgets = dict(manifest["candidates_per_channel"])
         self.scorer = FunnelScorer.from_bundle(Path(bundle), self.budgets, device)
         self.scorer.list_length = k
-        from recdata.bundle import load_bundle
-
-        self.item_ids = load_bundle(Path(bundle), mapped=True).item_ids
+        self.item_ids = json.loads((Path(bundle) / ITEMS).read_text("utf-8"))["item_ids"]
         self.index = {item_id: n for n, item_id in enumerate(self.item_ids)}
+        # Once an actor, not once a user without history: the catalogue by the popular score.
+        self.by_popularity = np.argsort(-self.scorer.popular.cpu().numpy(), kind="stable")
         self.store = open_event_store(store)
         self.k, self.history_length = k, history_length
 
@@ -79,8 +80,7 @@ class BatchRecommender:
     def popular(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A user without history as the funnel serves one: the popular channel's top
         max(budget, k) unhidden items, the first k with the recall-order score (n - rank) / n."""
-        order = np.argsort(-self.scorer.popular.cpu().numpy(), kind="stable")
-        order = order[~np.isin(order, hidden)][: max(self.budgets.get("popular", 0), self.k)]
+        order = self.by_popularity[~np.isin(self.by_popularity, hidden)][: max(self.budgets.get("popular", 0), self.k)]
         n = len(order)
         return order[: self.k], (n - np.arange(min(n, self.k))) / max(n, 1)
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from gateway.events import ItemChange
 from gateway.funnel import ShardAnswer, StageFailed
 from protos.auth import call_metadata
 from protos.filters import attributes_to_proto, filter_to_proto
@@ -24,6 +25,7 @@ from protos.recfunnel.v1 import (
     ranking_pb2_grpc,
     recall_pb2,
     recall_pb2_grpc,
+    recommender_pb2,
     tensor_pb2,
     versions_pb2,
 )
@@ -146,10 +148,13 @@ class GrpcRanking(_Backend):
         return ({v.channel: from_tensor(v.vector) for v in reply.vectors}, reply.model_version,
                 list(reply.unknown_item_ids))
 
-    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
+    async def embed_items(self, items: list[ItemChange], timeout: float, model_version: str = ""
                           ) -> tuple[dict[str, np.ndarray], str]:
         request = ranking_pb2.EmbedItemsRequest(
-            items=[ranking_pb2.ItemText(item_id=i, text=t, tags=tags) for i, t, tags in items],
+            items=[ranking_pb2.ItemText(item_id=i.item_id, text=i.text, tags=i.tags,
+                                        vectors={name: recommender_pb2.FloatVector(values=v)
+                                                 for name, v in i.vectors.items()})
+                   for i in items],
             model_version=model_version)
         reply = await self._ask("embed", self.stub.EmbedItems, request, timeout)
         return {v.channel: from_tensor(v.vectors) for v in reply.vectors}, reply.model_version
@@ -205,6 +210,8 @@ class RankingReplicas:
                 failure = error
                 if error.status == grpc.StatusCode.DEADLINE_EXCEEDED.name:
                     break  # the budget is spent: no replica could answer in time
+                if error.status == grpc.StatusCode.INVALID_ARGUMENT.name:
+                    break  # every replica holds the same versions: each would refuse it alike
         raise failure or StageFailed("ranking: no time left in the budget", grpc.StatusCode.DEADLINE_EXCEEDED.name)
 
     async def encode(self, history: list[str], timeout: float, model_version: str = ""
@@ -221,7 +228,7 @@ class RankingReplicas:
                            ) -> tuple[dict[str, np.ndarray], str, list[str]]:
         return await self._any(lambda r, left: r.item_vectors(item_ids, left, model_version), timeout)
 
-    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
+    async def embed_items(self, items: list[ItemChange], timeout: float, model_version: str = ""
                           ) -> tuple[dict[str, np.ndarray], str]:
         return await self._any(lambda r, left: r.embed_items(items, left, model_version), timeout)
 

@@ -29,7 +29,7 @@ class ShardWriter(Protocol):
 
 
 class ItemEmbedder(Protocol):
-    async def embed_items(self, items: list[tuple[str, str, list[str]]], timeout: float, model_version: str = ""
+    async def embed_items(self, items: list[ItemChange], timeout: float, model_version: str = ""
                           ) -> tuple[dict[str, np.ndarray], str]: ...
 
 
@@ -51,8 +51,7 @@ class Catalogue:
         self.lock = asyncio.Lock()
 
     async def _add(self, items: list[ItemChange], timeout: float, version: str) -> str:
-        vectors, version = await self.embedder.embed_items(
-            [(i.item_id, i.text, list(i.tags)) for i in items], timeout, version)
+        vectors, version = await self.embedder.embed_items(items, timeout, version)
         rows: dict[int, list[int]] = defaultdict(list)
         for row, item in enumerate(items):
             rows[shard_of(item.item_id, len(self.shards))].append(row)

@@ -82,20 +82,24 @@ class ItemChange:
     tags: tuple[str, ...] = ()
     properties: dict[str, float | str] = field(default_factory=dict)
     created_ms: int = 0
+    vectors: dict[str, list[float]] = field(default_factory=dict)  # precomputed item vectors by name
 
     @property
     def attributes(self) -> ItemAttributes:
         return ItemAttributes(self.tags, self.properties, self.created_ms)
 
     def attributes_json(self) -> str:
-        """What the change log keeps beside text and tags."""
-        return json.dumps({"properties": self.properties, "created_ms": self.created_ms})
+        """What the change log keeps beside text and tags (vectors only where the item has some)."""
+        kept: dict[str, object] = {"properties": self.properties, "created_ms": self.created_ms}
+        if self.vectors:
+            kept["vectors"] = self.vectors
+        return json.dumps(kept)
 
     @classmethod
     def from_row(cls, op: str, item_id: str, text: str, tags: str, attributes: str) -> ItemChange:
         extra = json.loads(attributes or "{}")
         return cls(op, item_id, text, tuple(json.loads(tags)), extra.get("properties", {}),
-                   int(extra.get("created_ms", 0)))
+                   int(extra.get("created_ms", 0)), extra.get("vectors", {}))
 
 
 @dataclass(frozen=True)

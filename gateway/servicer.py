@@ -35,6 +35,7 @@ from gateway.validation import (
     check_recommend,
     check_similar,
     check_size,
+    check_vectors,
 )
 from protos.filters import filter_from_proto, properties_of
 from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_pb2, versions_pb2_grpc
@@ -264,17 +265,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             for n, item in enumerate(request.items):
                 check_item(n, item.text, list(item.tags), limits)
                 check_properties(n, item.properties, limits)
+                check_vectors(n, item.vectors)
                 if item.created_ms < 0:
                     raise InvalidRequest(f"items[{n}].created_ms={item.created_ms} must be >= 0 (0 = now)")
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         now_ms = int(time.time() * 1000)  # kept in the change log: a replay keeps the item's time
         items = [ItemChange("upsert", i.item_id, i.text, tuple(i.tags), properties_of(i.properties),
-                            i.created_ms or now_ms) for i in request.items]
+                            i.created_ms or now_ms, {name: list(v.values) for name, v in i.vectors.items()})
+                 for i in request.items]
         try:
             async with self._slot(Priority.WRITE, context):
                 count, version = await self.catalogue.upsert(items, self._budget(context), self.funnel.model_version)
-        except (StageFailed, StoreUnavailable) as error:
+        except StageFailed as error:
+            if error.status == grpc.StatusCode.INVALID_ARGUMENT.name:  # vectors the model does not fuse
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"upsert did not complete, retry is safe: {error}")
+        except StoreUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"upsert did not complete, retry is safe: {error}")
         return recommender_pb2.UpsertItemsResponse(upserted=count, model_version=version)
 

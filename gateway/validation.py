@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from gateway.config import Limits
 from protos.recfunnel.v1 import recommender_pb2
+from recdata.vectors import MAX_VECTOR_DIM, MAX_VECTOR_NAMES, check_vector_name
 
 
 class InvalidRequest(ValueError):
@@ -97,6 +98,23 @@ def check_properties(n: int, properties: Mapping[str, recommender_pb2.PropertyVa
             raise InvalidRequest(f"{where}[{name!r}].number={value.number} must be finite")
         if kind == "text":
             check_id(f"{where}[{name!r}].text", value.text, limits)
+
+
+def check_vectors(n: int, vectors: Mapping[str, recommender_pb2.FloatVector], field: str = "items") -> None:
+    """Bounds of an item's precomputed vectors; whether the serving model fuses a name, and
+    at that size, the ranking service checks (it answers INVALID_ARGUMENT naming what it takes)."""
+    where = f"{field}[{n}].vectors"
+    if len(vectors) > MAX_VECTOR_NAMES:
+        raise InvalidRequest(f"{where} has {len(vectors)} entries; allowed 0..{MAX_VECTOR_NAMES}")
+    for name, vector in vectors.items():
+        try:
+            check_vector_name(name)
+        except ValueError as error:
+            raise InvalidRequest(f"{where}: {error}") from None
+        if not 1 <= len(vector.values) <= MAX_VECTOR_DIM:
+            raise InvalidRequest(f"{where}[{name!r}] has {len(vector.values)} values; allowed 1..{MAX_VECTOR_DIM}")
+        if not all(math.isfinite(v) for v in vector.values):
+            raise InvalidRequest(f"{where}[{name!r}] values must be finite")
 
 
 def check_filter(name: str, item_filter: recommender_pb2.ItemFilter, limits: Limits) -> None:

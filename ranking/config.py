@@ -59,7 +59,8 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2           # torch intra-op threads; the build machines have 2 cores
     time_budget_s: float = 600.0  # stop the query-encoder phase after this many seconds
-    use_text: bool = True      # False: ID-only items (no LM text, no tags, no semantic channel)
+    use_text: bool = True      # False: ID-only items (no LM text, no tags, no item vectors, no semantic channel)
+    use_vectors: bool = True   # False: leave the data's precomputed item vectors out (the ablation)
     recent_popularity: bool = True  # False: the popular channel ranks by all-time interactions only
     track_test: bool = False   # also measure test NDCG@10 after every epoch (for the training curve)
     validation_users: int = 10_000  # early stopping ranks this seeded sample of users against the whole

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +153,10 @@ class RankedCandidates:
         recent = self.attention[candidate, T - shown :]
         best = np.argsort(-recent, kind="stable")[:top]
         return [int(self.history_length - shown + p) for p in best]
+
+
+class InvalidItems(ValueError):
+    """Items a model version cannot encode as given (a vector it does not fuse, a wrong size)."""
 
 
 @dataclass(frozen=True)
@@ -412,26 +416,61 @@ class RankingModel:
             raise RuntimeError("item encoding needs the bundle folder's item_encoder weights")
         vocabulary = list(self.bundle.manifest.get("tag_vocabulary", []))
         text = self.bundle.arrays[SEMANTIC]
-        encoder = ItemEncoder(self.config, text, np.zeros((len(text), MAX_TAGS), np.int64), len(vocabulary))
+        encoder = ItemEncoder(self.config, text, np.zeros((len(text), MAX_TAGS), np.int64), len(vocabulary),
+                              vector_dims=self.vector_dims)
         encoder.load_state_dict({k: torch.from_numpy(v) for k, v in load_weights(self.folder, "item_encoder").items()})
         self.tag_vocabulary = vocabulary
         self.text_encoder = text_encoder or TextEncoder(device=str(self.device))
         self.item_encoder = encoder.to(self.device).eval()
         return self.item_encoder, self.text_encoder
 
+    @property
+    def vector_dims(self) -> dict[str, int]:
+        """The precomputed item vectors this version fuses, name -> size."""
+        return {str(k): int(v) for k, v in (self.bundle.manifest.get("item_vectors") or {}).items()}
+
+    def check_item_vectors(self, vectors: Sequence[Mapping[str, np.ndarray]]) -> None:
+        """Refuse vectors this version cannot read, naming the item and what it takes."""
+        dims = self.vector_dims
+        for n, named in enumerate(vectors):
+            for name, vector in named.items():
+                if name not in dims:
+                    takes = ", ".join(f"{k} ({d})" for k, d in sorted(dims.items())) or "none"
+                    raise InvalidItems(f"items[{n}].vectors[{name!r}]: model version {self.version} "
+                                       f"fuses no vector of that name; it takes: {takes}")
+                if vector.shape != (dims[name],):
+                    raise InvalidItems(f"items[{n}].vectors[{name!r}] has {vector.size} numbers; "
+                                       f"this model version's {name!r} vectors have {dims[name]}")
+
+    def _vector_inputs(self, vectors: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """name -> (N, d) unit vectors on the device, zeros for items without that vector."""
+        inputs = {}
+        for name, dim in self.vector_dims.items():
+            table = np.zeros((len(vectors), dim), np.float32)
+            for n, named in enumerate(vectors):
+                if name in named:
+                    table[n] = named[name] / max(float(np.linalg.norm(named[name])), 1e-12)
+            inputs[name] = torch.from_numpy(table).to(self.device)
+        return inputs
+
     @torch.inference_mode()
-    def upsert_items(self, item_ids: list[str], texts: list[str], tags: list[tuple[str, ...]]
-                     ) -> dict[str, np.ndarray]:
-        """Encode items from text and tags and make them rankable; returns (N, dim) per channel.
+    def upsert_items(self, item_ids: list[str], texts: list[str], tags: list[tuple[str, ...]],
+                     vectors: Sequence[Mapping[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+        """Encode items from text, tags and precomputed vectors and make them rankable;
+        returns (N, dim) per channel.
 
         An item this version trained on keeps its ID embedding (its behaviour so far) with the
-        new text; a new item is encoded from text and tags alone, as cold items are in training.
+        new content; a new item is encoded from its content alone, as cold items are in training.
         """
-        if not len(item_ids) == len(texts) == len(tags):
-            raise ValueError(f"{len(item_ids)} ids, {len(texts)} texts and {len(tags)} tag lists must match")
+        vectors = vectors if vectors is not None else [{} for _ in item_ids]
+        if not len(item_ids) == len(texts) == len(tags) == len(vectors):
+            raise ValueError(f"{len(item_ids)} ids, {len(texts)} texts, {len(tags)} tag lists and "
+                             f"{len(vectors)} vector sets must match")
+        self.check_item_vectors(vectors)
         item_encoder, text_encoder = self.prepare_item_encoding()
         text = text_encoder.encode(texts)                                          # (N, D_text)
         tag_ids = torch.from_numpy(tag_rows(tags, self.tag_vocabulary)).to(self.device)
+        extra = self._vector_inputs(vectors)
         with self._upsert_lock:  # one writer at a time; readers keep their snapshot
             tables = self.tables
             trained = len(self.bundle.item_ids)
@@ -439,18 +478,20 @@ class RankingModel:
             known = self.bundle.arrays["popularity"]
             id_rows = torch.tensor([r + 1 if 0 <= r < trained and known[r] > 0 else 0 for r in rows],
                                    device=self.device)
-            vectors = item_encoder.fuse(item_encoder.id_embedding(id_rows),
-                                             torch.from_numpy(text).to(self.device), tag_ids).cpu().numpy()
+            # Row 0 of the ID table is not zero (its initialisation is kept): a new item gets no ID part at all.
+            id_part = item_encoder.id_embedding(id_rows) * (id_rows > 0).unsqueeze(-1)
+            fused = item_encoder.fuse(id_part,
+                                      torch.from_numpy(text).to(self.device), tag_ids, extra).cpu().numpy()
             all_ids = list(tables.item_ids)
             all_vectors = tables.item_vectors.cpu().numpy().copy()
             all_text = tables.text_vectors.copy()
             new = [n for n, r in enumerate(rows) if r < 0]
             for n, r in enumerate(rows):
                 if r >= 0:
-                    all_vectors[r], all_text[r] = vectors[n], text[n]
+                    all_vectors[r], all_text[r] = fused[n], text[n]
             all_ids += [item_ids[n] for n in new]
-            all_vectors = np.vstack([all_vectors, vectors[new]])
+            all_vectors = np.vstack([all_vectors, fused[new]])
             all_text = np.vstack([all_text, text[new]])
             popularity = np.concatenate([tables.popularity, np.zeros(len(new), np.float32)])
             self.tables = ItemTables.build(all_ids, all_vectors, all_text, popularity, self.device)
-        return {SEQUENTIAL: vectors, SEMANTIC: text}
+        return {SEQUENTIAL: fused, SEMANTIC: text}

@@ -1,10 +1,15 @@
-"""Item encoder: item_vec = norm(E_id[i] + W · LM(text_i) + Σ E_tag).
+"""Item encoder: item_vec = norm(E_id[i] + W · LM(text_i) + Σ E_tag + Σ_v W_v · unit(x_v,i)).
 
-Index 0 is padding everywhere; catalogue item i is row i + 1. The LM text vectors and
-tag lists are fixed inputs (buffers); only the ID/tag embeddings and W are learned.
+Index 0 is padding everywhere; catalogue item i is row i + 1. The LM text vectors, tag
+lists and named precomputed vectors x_v (an image model's, say) are fixed inputs
+(buffers); only the ID/tag embeddings and the projections W, W_v are learned. An item
+without some input has zeros there, which project to nothing: an item with only an image
+vector is still encoded from that.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -20,7 +25,11 @@ class ItemEncoder(nn.Module):
     id_known: torch.Tensor      # (I + 1,) 1 where the ID embedding was trained
 
     def __init__(self, config: ModelConfig, text_vectors: np.ndarray, tag_index: np.ndarray,
-                 num_tags: int):
+                 num_tags: int, vectors: Mapping[str, np.ndarray] | None = None,
+                 vector_dims: Mapping[str, int] | None = None):
+        """`vectors`: name -> (I, d) precomputed item vectors to fuse; `vector_dims`: name -> d
+        where only `fuse` will be called with given vectors (a serving model encoding new
+        items), so the catalogue's own need not be held."""
         super().__init__()
         num_items, text_dim = text_vectors.shape
         self.config = config
@@ -36,10 +45,29 @@ class ItemEncoder(nn.Module):
         self.register_buffer("tag_index", torch.from_numpy(padded_tags), persistent=False)
         # 1 for items whose ID embedding was trained; cold items rely on text and tags only.
         self.register_buffer("id_known", torch.ones(num_items + 1), persistent=False)
+        dims = dict(vector_dims or {}) | {name: v.shape[1] for name, v in (vectors or {}).items()}
+        self.vector_names = sorted(dims)
+        self.held_vectors = sorted(vectors or {})  # the names whose catalogue vectors are buffers here
+        self.vector_projections = nn.ModuleDict(
+            {name: nn.Linear(dims[name], config.dim, bias=False) for name in self.vector_names})
+        for name, table in (vectors or {}).items():
+            # Unit length in: a vision model's scale says nothing of taste, and the LM vectors are unit too.
+            unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+            padded = np.vstack([np.zeros((1, table.shape[1]), np.float32), unit.astype(np.float32)])
+            self.register_buffer(f"vectors_{name}", torch.from_numpy(padded), persistent=False)
 
-    def fuse(self, id_part: torch.Tensor, text: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
-        """(..., dim) ID part, (..., text_dim) LM vectors, (..., max_tags) tag ids -> unit vectors."""
-        return F.normalize(id_part + self.text_projection(text) + self.tag_embedding(tags).sum(-2), dim=-1)
+    def vectors_of(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """items: (...,) padded indexes -> name -> (..., d) their precomputed vectors."""
+        return {name: getattr(self, f"vectors_{name}")[items] for name in self.held_vectors}
+
+    def fuse(self, id_part: torch.Tensor, text: torch.Tensor, tags: torch.Tensor,
+             vectors: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(..., dim) ID part, (..., text_dim) LM vectors, (..., max_tags) tag ids and name ->
+        (..., d) unit precomputed vectors (a name left out: the items lack it) -> unit vectors."""
+        fused = id_part + self.text_projection(text) + self.tag_embedding(tags).sum(-2)
+        for name, vector in (vectors or {}).items():
+            fused = fused + self.vector_projections[name](vector)
+        return F.normalize(fused, dim=-1)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """items: (...,) padded indexes -> (..., dim) unit vectors (zeros for padding)."""
@@ -47,14 +75,15 @@ class ItemEncoder(nn.Module):
         if self.training and self.config.id_dropout > 0:
             keep = torch.rand(items.shape, device=items.device) >= self.config.id_dropout
             id_part = id_part * keep.unsqueeze(-1)
-        vectors = self.fuse(id_part, self.text_vectors[items], self.tag_index[items])
+        vectors = self.fuse(id_part, self.text_vectors[items], self.tag_index[items], self.vectors_of(items))
         return vectors * (items != 0).unsqueeze(-1)
 
     def content_of(self, items: torch.Tensor) -> torch.Tensor:
-        """items: (N,) padded indexes -> (N, dim) vectors from text and tags alone, as a cold
-        item is encoded (zeros for padding)."""
+        """items: (N,) padded indexes -> (N, dim) vectors from content alone (text, tags and
+        precomputed vectors), as a cold item is encoded (zeros for padding)."""
         text, tags = self.text_vectors[items], self.tag_index[items]
-        vectors = self.fuse(torch.zeros(len(items), self.config.dim, device=text.device), text, tags)
+        vectors = self.fuse(torch.zeros(len(items), self.config.dim, device=text.device), text, tags,
+                            self.vectors_of(items))
         return vectors * (items != 0).unsqueeze(-1)
 
     def content_only(self) -> torch.Tensor:

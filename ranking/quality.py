@@ -137,24 +137,35 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
         fit(no_text)
         result["ablation"] = {"no_text": {"full": test.full(no_text.scorer().funnel_scores)}}
         say(f"no-text funnel NDCG@10 {result['ablation']['no_text']['full']['ndcg@10']:.4f}")
+        if dataset.item_vectors:  # the same funnel without the precomputed item vectors
+            no_vectors = Trainer(dataset, replace(aux, use_vectors=False), encoder, text_vectors=text_vectors)
+            fit(no_vectors)
+            result["ablation"]["no_vectors"] = {"full": test.full(no_vectors.scorer().funnel_scores),
+                                                "vectors": sorted(dataset.item_vectors)}
+            say(f"no-vectors funnel NDCG@10 {result['ablation']['no_vectors']['full']['ndcg@10']:.4f}")
 
-        if with_text:
+        if with_text or dataset.item_vectors:
             result["cold_start"] = cold_start(dataset, aux, config, encoder, text_vectors)
             say(f"cold start HR@10 {result['cold_start']['hr@10']}")
-        else:  # an item without interactions and without text has nothing to be found by
-            result["cold_start"] = {"applicable": False, "why": "the items have no text: a cold item has nothing "
-                                    "the models could recommend it from"}
+        else:  # an item without interactions, text or vectors has nothing to be found by
+            result["cold_start"] = {"applicable": False, "why": "the items have no text and no item vectors: a "
+                                    "cold item has nothing the models could recommend it from"}
     result["seconds"] = time.perf_counter() - started
     return result
 
 
 def cold_start(dataset: Dataset, aux: TrainConfig, config: EvaluateConfig, text_encoder: TextEncoder,
                text_vectors: np.ndarray | None = None) -> dict[str, Any]:
-    """HR@10 on test cases whose target lost all its training interactions, with and without
-    text, against a random ranking's expectation (10 / the user's candidate count); the cases
-    of `cold_draws` seeded draws of cold items are pooled, and each draw is reported too."""
+    """HR@10 on test cases whose target lost all its training interactions, with the items'
+    content (`text`: text, tags and any item vectors), without the item vectors
+    (`no_vectors`, where the data has some) and without any content (`no_text`), against a
+    random ranking's expectation (10 / the user's candidate count); the cases of
+    `cold_draws` seeded draws of cold items are pooled, and each draw is reported too."""
     split = leave_last_two(dataset)
-    hits: dict[str, list[np.ndarray]] = {"text": [], "no_text": [], "random": []}
+    modes = {"text": replace(aux, use_text=True, use_vectors=True), "no_text": replace(aux, use_text=False)}
+    if dataset.item_vectors:
+        modes["no_vectors"] = replace(aux, use_text=True, use_vectors=False)
+    hits: dict[str, list[np.ndarray]] = {name: [] for name in [*modes, "random"]}
     draws = []
     for draw in range(config.cold_draws):
         rng = np.random.default_rng(config.seed + draw)
@@ -163,9 +174,8 @@ def cold_start(dataset: Dataset, aux: TrainConfig, config: EvaluateConfig, text_
         if len(cases) == 0:
             continue
         evaluation = Evaluation(split, dataset.num_items, validation=False, positions=cases, seed=config.seed)
-        for name, use_text in (("text", True), ("no_text", False)):
-            trainer = Trainer(dataset, replace(aux, use_text=use_text), text_encoder, cold_items=cold,
-                              text_vectors=text_vectors)
+        for name, mode in modes.items():
+            trainer = Trainer(dataset, mode, text_encoder, cold_items=cold, text_vectors=text_vectors)
             fit(trainer)
             hits[name].append(evaluation.full_ranks(trainer.scorer().funnel_scores) < 10)
         unseen = np.array([dataset.num_items - len(set(h.tolist())) for h in evaluation.histories])

@@ -18,7 +18,7 @@ from protos.serving import bundle_folder, freeze_loaded_objects, served_version,
 from protos.wire import to_tensor
 from ranking.batching import DeadlinePassed, MicroBatcher
 from ranking.config import RankingConfig
-from ranking.inference import RankCall, RankingModel
+from ranking.inference import InvalidItems, RankCall, RankingModel
 from recdata.channels import ALL_CHANNEL_BITS, CHANNELS
 from recdata.versions import LoadedVersions
 
@@ -141,10 +141,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         ids = [item.item_id for item in request.items]
         if len(set(ids)) != len(ids) or not all(ids):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "item ids must be non-empty and distinct")
+        given = [{name: np.asarray(v.values, dtype=np.float32) for name, v in item.vectors.items()}
+                 for item in request.items]
+        try:
+            model.check_item_vectors(given)  # refused here, before any encoding
+        except InvalidItems as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         loop = asyncio.get_running_loop()
         vectors = await loop.run_in_executor(
             self.executor, model.upsert_items, ids, [item.text for item in request.items],
-            [tuple(item.tags) for item in request.items])
+            [tuple(item.tags) for item in request.items], given)
         return ranking_pb2.EmbedItemsResponse(
             vectors=[tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()],
             model_version=model.version,

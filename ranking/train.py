@@ -173,9 +173,10 @@ def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
 class Funnel(torch.nn.Module):
     """The trainable models together: item encoder, query encoder and ranker."""
 
-    def __init__(self, config: TrainConfig, text_vectors: np.ndarray, tag_index: np.ndarray, num_tags: int):
+    def __init__(self, config: TrainConfig, text_vectors: np.ndarray, tag_index: np.ndarray, num_tags: int,
+                 item_vectors: dict[str, np.ndarray] | None = None):
         super().__init__()
-        self.items = ItemEncoder(config.model, text_vectors, tag_index, num_tags)
+        self.items = ItemEncoder(config.model, text_vectors, tag_index, num_tags, item_vectors)
         self.encoder = QueryEncoder(config.model)
         self.ranker = Ranker(config.model, num_channels=len(CHANNELS))
 
@@ -234,7 +235,10 @@ class Trainer:
             self.text_vectors = np.zeros((dataset.num_items, 1), np.float32)
             tags, self.tag_vocabulary = tag_matrix([() for _ in dataset.item_ids])
             self.budgets = {c: k for c, k in config.candidates_per_channel if c != SEMANTIC}
-        self.model = Funnel(config, self.text_vectors, tags, len(self.tag_vocabulary)).to(self.device)
+        # Precomputed item vectors are content, as text is: an ID-only model reads neither.
+        self.item_vectors = dataset.item_vectors if config.use_text and config.use_vectors else {}
+        self.model = Funnel(config, self.text_vectors, tags, len(self.tag_vocabulary),
+                            self.item_vectors).to(self.device)
         self.warm_start = warm_start
         if warm_start is not None:
             self._load_weights(warm_start)
@@ -604,6 +608,8 @@ class Trainer:
                 "training": {k: v for k, v in self.config.to_dict().items() if k != "model"},
                 "text_model": self.text_model,
                 "tag_vocabulary": self.tag_vocabulary,
+                # The precomputed vectors the item encoder fuses, name -> size: what UpsertItems takes.
+                "item_vectors": {name: int(v.shape[1]) for name, v in self.item_vectors.items()},
                 "candidates_per_channel": self.budgets,
                 "recent_share": RECENT_SHARE,
                 "segments": {"rule": segments.rule.to_json(), "names": segments.names},

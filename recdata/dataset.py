@@ -6,13 +6,14 @@ import csv
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from recdata.attributes import ItemAttributes, PropertyValue
+from recdata.vectors import COLUMN_PREFIX, check_vector_name, parse_vector, vector_column
 
 if TYPE_CHECKING:
     from recdata.reader import EventColumns
@@ -40,6 +41,9 @@ class Dataset:
     item_properties: list[dict[str, PropertyValue]] = field(default_factory=list)
     # Per user, what they said about themselves (age, gender, occupation); {} = nothing.
     user_properties: list[dict[str, PropertyValue]] = field(default_factory=list)
+    # Named precomputed item embeddings (an image model's, say): name -> (I, d) float32; an
+    # all-zero row is an item without that vector.
+    item_vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.sequences) != len(self.user_ids):
@@ -60,6 +64,11 @@ class Dataset:
             raise ValueError(f"{len(self.user_properties)} property sets for {len(self.user_ids)} users")
         if not self.user_properties:
             object.__setattr__(self, "user_properties", [{} for _ in self.user_ids])
+        for name, vectors in self.item_vectors.items():
+            check_vector_name(name)
+            if vectors.ndim != 2 or len(vectors) != len(self.item_ids) or vectors.dtype != np.float32:
+                raise ValueError(f"item vectors {name!r} must be float32 (items={len(self.item_ids)}, dim); "
+                                 f"got {vectors.dtype} {vectors.shape}")
 
     @property
     def num_users(self) -> int:
@@ -88,7 +97,13 @@ class Dataset:
             digest.update(np.concatenate(self.sequences).astype(np.int64).tobytes())
         if self.timestamps is not None and self.timestamps:
             digest.update(np.concatenate(self.timestamps).astype(np.float64).tobytes())
+        for name in sorted(self.item_vectors):
+            digest.update(name.encode() + b"\x1e" + np.ascontiguousarray(self.item_vectors[name]).tobytes())
         return digest.hexdigest()
+
+    def without_vectors(self) -> Dataset:
+        """The same data without the precomputed item vectors (the ablation)."""
+        return replace(self, item_vectors={})
 
     def item_attributes(self) -> list[ItemAttributes]:
         """What filters read of each item; an item joined the catalogue at its first
@@ -112,6 +127,7 @@ def from_events(
     item_tags: dict[str, tuple[str, ...]] | None = None,
     item_properties: dict[str, dict[str, PropertyValue]] | None = None,
     user_properties: dict[str, dict[str, PropertyValue]] | None = None,
+    item_vectors: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> Dataset:
     """Build a Dataset from parallel event columns; order within a user follows `timestamps`
     (stable, so ties keep file order) or file order when there are none."""
@@ -124,13 +140,14 @@ def from_events(
     events = EventColumns()
     events.add(pa.array(users, pa.string()), pa.array(items, pa.string()),
                None if timestamps is None else pa.array(np.asarray(timestamps, dtype=np.float64)))
-    return from_columns(name, events, item_texts, item_tags, item_properties, user_properties)
+    return from_columns(name, events, item_texts, item_tags, item_properties, user_properties, item_vectors)
 
 
 def from_columns(name: str, events: EventColumns, item_texts: dict[str, str] | None = None,
                  item_tags: dict[str, tuple[str, ...]] | None = None,
                  item_properties: dict[str, dict[str, PropertyValue]] | None = None,
-                 user_properties: dict[str, dict[str, PropertyValue]] | None = None) -> Dataset:
+                 user_properties: dict[str, dict[str, PropertyValue]] | None = None,
+                 item_vectors: dict[str, dict[str, np.ndarray]] | None = None) -> Dataset:
     """Build a Dataset from dense event columns: one sort of the events by user, then time."""
     u, i, times = events.arrays()
     if not len(u):
@@ -155,7 +172,22 @@ def from_columns(name: str, events: EventColumns, item_texts: dict[str, str] | N
         timestamps=None if times is None else np.split(t, bounds),
         item_properties=[dict((item_properties or {}).get(x, {})) for x in item_ids],
         user_properties=[dict((user_properties or {}).get(x, {})) for x in events.users.ids],
+        item_vectors={name: vector_table(by_item, item_ids) for name, by_item in (item_vectors or {}).items()
+                      if by_item},
     )
+
+
+def vector_table(by_item: dict[str, np.ndarray], item_ids: list[str]) -> np.ndarray:
+    """(I, d) float32 rows in catalogue order; zeros for an item without the vector."""
+    dims = {len(v) for v in by_item.values()}
+    if len(dims) > 1:
+        raise ValueError(f"one vector name must have one dimension; found {sorted(dims)}")
+    table = np.zeros((len(item_ids), dims.pop() if dims else 0), np.float32)
+    position = {item: n for n, item in enumerate(item_ids)}
+    for item, vector in by_item.items():
+        if item in position:
+            table[position[item]] = vector
+    return table
 
 
 # Names an item file's id column commonly has; another (`movieId`, `sku`) is named explicitly.
@@ -190,29 +222,64 @@ class ItemFile:
     texts: dict[str, str] = field(default_factory=dict)
     tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
     properties: dict[str, dict[str, PropertyValue]] = field(default_factory=dict)
+    vectors: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # name -> item -> vector
+
+
+def _item_rows(path: Path) -> tuple[list[str], list[dict[str, object]]]:
+    """An item file's column names and rows: CSV with a header, or Parquet."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        return list(table.column_names), table.to_pylist()
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows: list[dict[str, object]] = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _tag_list(cell: object) -> tuple[str, ...]:
+    if isinstance(cell, list | tuple):
+        return tuple(str(t) for t in cell if t)
+    return tuple(t for t in str(cell or "").split("|") if t)
 
 
 def read_item_file(path: Path, item_column: str | None = None) -> ItemFile:
-    """Read an item file: CSV with a header naming the id column (`item`, `item_id`, `id`, or
-    `item_column`), `text`, optionally `tags` (separated by `|`); every other column is a
-    property (a number where the cell reads as one, else a string; empty cells are left out)."""
+    """Read an item file: CSV with a header, or Parquet (by the `.parquet` suffix), naming the
+    id column (`item`, `item_id`, `id`, or `item_column`), `text`, optionally `tags` (separated
+    by `|`, or a list in Parquet); `vector:NAME` columns hold named item vectors (see
+    `recdata.vectors`); every other column is a property (a number where the cell reads as
+    one, else a string; empty cells are left out)."""
     found = ItemFile()
     texts, tags, properties = found.texts, found.tags, found.properties
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fieldnames = list(reader.fieldnames or [])
-        id_column = item_id_column(fieldnames, item_column, path)
-        if "text" not in fieldnames:
-            raise ValueError(f"{path}: item file needs a text column (text[,tags]) beside {id_column!r}; "
-                             f"found: {', '.join(fieldnames)}")
-        others = [c for c in fieldnames if c not in (id_column, "text", "tags")]
-        for row in reader:
-            texts[row[id_column]] = row["text"]
-            if row.get("tags"):
-                tags[row[id_column]] = tuple(t for t in row["tags"].split("|") if t)
-            values = {c: property_value(row[c]) for c in others if row.get(c)}
-            if values:
-                properties[row[id_column]] = values
+    fieldnames, rows = _item_rows(path)
+    id_column = item_id_column(fieldnames, item_column, path)
+    if "text" not in fieldnames:
+        raise ValueError(f"{path}: item file needs a text column (text[,tags]) beside {id_column!r}; "
+                         f"found: {', '.join(fieldnames)}")
+    try:
+        vector_columns = {c: name for c in fieldnames if (name := vector_column(c)) is not None}
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    others = [c for c in fieldnames if c not in (id_column, "text", "tags") and c not in vector_columns]
+    found.vectors = {name: {} for name in vector_columns.values()}
+    for line, row in enumerate(rows, start=2):
+        item = str(row[id_column])
+        texts[item] = str(row["text"] or "")
+        if row.get("tags"):
+            tags[item] = _tag_list(row["tags"])
+        values = {c: property_value(str(row[c])) for c in others if row.get(c) not in (None, "")}
+        if values:
+            properties[item] = values
+        for column, name in vector_columns.items():
+            vector = parse_vector(row.get(column), f"{path}:{line} {column}")  # type: ignore[arg-type]
+            if vector is not None:
+                found.vectors[name][item] = vector
+    for name, by_item in found.vectors.items():
+        dims = sorted({len(v) for v in by_item.values()})
+        if len(dims) > 1:
+            raise ValueError(f"{path}: column {COLUMN_PREFIX + name!r} holds vectors of {dims} numbers; "
+                             f"one size a column")
     return found
 
 
@@ -231,4 +298,4 @@ def read_interactions(
 
     items = read_item_file(items_path, item_column) if items_path else ItemFile()
     return from_columns(path.stem, read_event_columns(path, fmt, progress), items.texts, items.tags,
-                        items.properties)
+                        items.properties, item_vectors=items.vectors)

@@ -74,10 +74,15 @@ def align_to_catalogue(dataset: Dataset, item_ids: Sequence[str]) -> Dataset:
         sequences.append(mapped[keep])
         if dataset.timestamps is not None:
             timestamps.append(dataset.timestamps[u][keep])
+    vectors = {name: np.zeros((len(item_ids), table.shape[1]), np.float32) for name, table in
+               dataset.item_vectors.items()}
+    placed = new_index >= 0
+    for name, table in dataset.item_vectors.items():
+        vectors[name][new_index[placed]] = table[placed]
     return Dataset(dataset.name, list(dataset.user_ids), list(item_ids), sequences,
                    [texts.get(item, "") for item in item_ids], [tags.get(item, ()) for item in item_ids],
                    timestamps if dataset.timestamps is not None else None,
-                   [dict(properties.get(item, {})) for item in item_ids], list(dataset.user_properties))
+                   [dict(properties.get(item, {})) for item in item_ids], list(dataset.user_properties), vectors)
 
 
 HIDE = "hide"  # an event type that keeps the item out of its user's answers for good; no interaction

@@ -117,15 +117,17 @@ def segment_scores(counts: np.ndarray, popularity: np.ndarray, totals: np.ndarra
 def cold_user_report(sequences: Sequence[np.ndarray], user_properties: Sequence[Mapping[str, PropertyValue]],
                      num_items: int, folds: int = 5, seed: int = 0, k: int = 10) -> dict[str, object]:
     """Users held out whole, served from their attributes alone: HR@k and NDCG@k of each user's
-    last item, against global popularity on the same split. The users with attributes fall into
-    `folds` seeded folds; each fold is scored from counts over every other user, so every user
-    is held out once."""
+    last item, and precision@k over everything the user took (a list shown at sign-up is good
+    when it holds what they go on to take, whenever they take it), against global popularity
+    on the same split. The users with attributes fall into `folds` seeded folds; each fold is
+    scored from counts over every other user, so every user is held out once."""
     rng = np.random.default_rng(seed)
     with_properties = np.flatnonzero([bool(p) for p in user_properties])
     fold_of = np.full(len(sequences), -1)
     fold_of[rng.permutation(with_properties)] = np.arange(len(with_properties)) % folds
     hits: dict[str, list[float]] = {"attributes": [], "popularity": []}
     gains: dict[str, list[float]] = {"attributes": [], "popularity": []}
+    precision: dict[str, list[float]] = {"attributes": [], "popularity": []}
     segments = 0
     for fold in range(folds):
         kept = np.flatnonzero(fold_of != fold).tolist()
@@ -144,11 +146,16 @@ def cold_user_report(sequences: Sequence[np.ndarray], user_properties: Sequence[
                 place = np.flatnonzero(top == target)
                 hits[name].append(float(len(place) > 0))
                 gains[name].append(1.0 / np.log2(place[0] + 2) if len(place) else 0.0)
+                precision[name].append(float(np.isin(top, sequences[user]).sum()) / k)
     report: dict[str, object] = {"held_out_users": len(hits["popularity"]), "folds": folds, "segments": segments,
                                  "k": k, "target": "each held-out user's last item"}
     for name in hits:
         report[name] = {f"hr@{k}": round(float(np.mean(hits[name])), 4),
-                        f"ndcg@{k}": round(float(np.mean(gains[name])), 4), "hits": int(sum(hits[name]))}
+                        f"ndcg@{k}": round(float(np.mean(gains[name])), 4), "hits": int(sum(hits[name])),
+                        f"precision@{k}_whole_history": round(float(np.mean(precision[name])), 4)}
     base = float(np.mean(hits["popularity"]))
     report[f"hr@{k}_ratio"] = round(float(np.mean(hits["attributes"])) / base, 3) if base else None
+    whole = float(np.mean(precision["popularity"]))
+    report[f"precision@{k}_whole_history_ratio"] = (round(float(np.mean(precision["attributes"])) / whole, 3)
+                                                    if whole else None)
     return report

@@ -2,8 +2,9 @@
 
 Items belong to latent topics; popularity within a catalogue follows a power law; each
 user has a few favourite topics; sequences move mostly within a topic and often to the
-"next in series" item, so order matters; every item has text drawn from its topic's
-vocabulary, so text carries signal about taste.
+"next in series" item, so order matters; items have text drawn from their topic's
+vocabulary, so text carries signal about taste (all of them by default, a chosen share
+otherwise), and optionally an image-like vector that carries part of the topic too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from recdata.dataset import Dataset
+from recdata.vectors import COLUMN_PREFIX, MAX_VECTOR_DIM, format_vector
 
 _NOUNS = ("quest", "garden", "engine", "harbor", "signal", "forest", "voyage", "canvas",
           "circuit", "kitchen", "legend", "planet", "river", "market", "studio", "castle")
@@ -34,6 +36,11 @@ class SyntheticConfig:
     stay_in_topic: float = 0.8  # chance the next item shares the current item's topic
     next_in_series: float = 0.35  # chance the next item is the current one's sequel
     tastes_per_user: int = 2
+    # Share of items whose text and tag name their topic; the rest read "item #i" and carry
+    # no tag, as catalogues of pictures with bland titles go.
+    content_signal: float = 1.0
+    image_dim: int = 0          # > 0: every item gets an "image" vector of this size
+    image_signal: float = 0.5   # share of an image vector's variance that is its topic's direction
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -43,6 +50,10 @@ class SyntheticConfig:
             raise ValueError("stay_in_topic and next_in_series are probabilities in [0, 1]")
         if self.min_length < 1 or self.mean_length < self.min_length:
             raise ValueError("need 1 <= min_length <= mean_length")
+        if not 0 <= self.content_signal <= 1 or not 0 <= self.image_signal <= 1:
+            raise ValueError("content_signal and image_signal are shares in [0, 1]")
+        if not 0 <= self.image_dim <= MAX_VECTOR_DIM:
+            raise ValueError(f"image_dim={self.image_dim} must be in 0..{MAX_VECTOR_DIM} (0 = no image vectors)")
 
 
 def topic_words(topic: int) -> list[str]:
@@ -93,22 +104,17 @@ def generate(config: SyntheticConfig) -> Dataset:
             had.add(current)
         sequences.append(np.asarray(seq, dtype=np.int64))
 
-    texts: list[str] = []
-    tags: list[tuple[str, ...]] = []
-    for item in range(config.num_items):
-        topic = int(item_topic[item])
-        words = topic_words(topic)
-        texts.append(f"The {words[0]} {words[1]} #{item}: a {words[2]} story")
-        tags.append((f"topic{topic}",))
+    texts, tags = item_texts(config, item_topic)
     return Dataset(
         name=f"synthetic-{config.num_users}x{config.num_items}",
         user_ids=[f"u{u}" for u in range(config.num_users)],
         item_ids=[f"i{i}" for i in range(config.num_items)],
         sequences=sequences,
         item_texts=texts,
-        item_tags=tags,
+        item_tags=[(t,) if t else () for t in tags],
         item_properties=item_properties(config.num_items, config.seed),
         user_properties=user_properties(first_tastes, config.num_topics, config.seed),
+        item_vectors=image_vectors(config, item_topic),
     )
 
 
@@ -122,10 +128,13 @@ def write_pairs(dataset: Dataset, folder: Path) -> tuple[Path, Path]:
     with items.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         names = sorted({name for properties in dataset.item_properties for name in properties})
-        writer.writerow(["item", "text", "tags", *names])
-        for item_id, text, tags, properties in zip(dataset.item_ids, dataset.item_texts, dataset.item_tags,
-                                                   dataset.item_properties, strict=True):
-            writer.writerow([item_id, text, "|".join(tags), *(properties.get(name, "") for name in names)])
+        vectors = sorted(dataset.item_vectors)
+        writer.writerow(["item", "text", "tags", *names, *(COLUMN_PREFIX + v for v in vectors)])
+        for n, (item_id, text, tags, properties) in enumerate(zip(dataset.item_ids, dataset.item_texts,
+                                                                  dataset.item_tags, dataset.item_properties,
+                                                                  strict=True)):
+            writer.writerow([item_id, text, "|".join(tags), *(properties.get(name, "") for name in names),
+                             *(format_vector(dataset.item_vectors[v][n]) for v in vectors)])
     return pairs, items
 
 
@@ -233,10 +242,31 @@ def user_properties(first_tastes: list[int], num_topics: int, seed: int) -> list
 
 
 def item_texts(config: SyntheticConfig, item_topic: np.ndarray) -> tuple[list[str], list[str]]:
-    """Every item's text and tag, from its topic's words (as `generate` writes them)."""
+    """Every item's text and tag ("" = none): from its topic's words for a `content_signal`
+    share of items, a bland title for the rest; from a generator of their own."""
     words = [topic_words(t) for t in range(config.num_topics)]
-    texts = [f"The {words[t][0]} {words[t][1]} #{i}: a {words[t][2]} story" for i, t in enumerate(item_topic.tolist())]
-    return texts, [f"topic{t}" for t in item_topic.tolist()]
+    named = np.random.default_rng([config.seed, 3]).random(len(item_topic)) < config.content_signal
+    texts = [f"The {words[t][0]} {words[t][1]} #{i}: a {words[t][2]} story" if says else f"Item #{i}"
+             for i, (t, says) in enumerate(zip(item_topic.tolist(), named.tolist(), strict=True))]
+    return texts, [f"topic{t}" if says else "" for t, says in zip(item_topic.tolist(), named.tolist(), strict=True)]
+
+
+IMAGE = "image"  # the name synthetic item vectors go by
+
+
+def image_vectors(config: SyntheticConfig, item_topic: np.ndarray) -> dict[str, np.ndarray]:
+    """{"image": (I, image_dim)} unit vectors, each its topic's random direction mixed with
+    noise of its own so that `image_signal` of its variance is the topic (the latent taste);
+    {} when image_dim is 0. From a generator of their own."""
+    if config.image_dim == 0:
+        return {}
+    rng = np.random.default_rng([config.seed, 4])
+    directions = rng.standard_normal((config.num_topics, config.image_dim))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    noise = rng.standard_normal((len(item_topic), config.image_dim)) / np.sqrt(config.image_dim)
+    mixed = np.sqrt(config.image_signal) * directions[item_topic] + np.sqrt(1 - config.image_signal) * noise
+    mixed /= np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)
+    return {IMAGE: mixed.astype(np.float32)}
 
 
 def write_parquet(config: SyntheticConfig, folder: Path, progress: Callable[[int, int], None] = lambda d, t: None
@@ -269,10 +299,13 @@ def write_parquet(config: SyntheticConfig, folder: Path, progress: Callable[[int
             total += len(user)
             progress(start + users, config.num_users)
     texts, tags = item_texts(config, catalogue.item_topic)
+    images = image_vectors(config, catalogue.item_topic).get(IMAGE)
     with items.open("w", newline="", encoding="utf-8") as f:
         writer_csv = csv.writer(f)
-        writer_csv.writerow(["item", "text", "tags", *PROPERTY_COLUMNS])
+        writer_csv.writerow(["item", "text", "tags", *PROPERTY_COLUMNS,
+                             *([COLUMN_PREFIX + IMAGE] if images is not None else [])])
         properties = item_properties(config.num_items, config.seed)
-        writer_csv.writerows([f"i{i}", text, tag, *(p[name] for name in PROPERTY_COLUMNS)]
+        writer_csv.writerows([f"i{i}", text, tag, *(p[name] for name in PROPERTY_COLUMNS),
+                              *([format_vector(images[i])] if images is not None else [])]
                              for i, (text, tag, p) in enumerate(zip(texts, tags, properties, strict=True)))
     return interactions, items, total

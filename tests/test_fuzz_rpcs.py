@@ -133,7 +133,12 @@ items = st.builds(recommender_pb2.Item, item_id=ids,
                   properties=st.one_of(st.dictionaries(property_names, property_values, max_size=3),
                                        st.integers(63, 66).map(lambda n: {f"p{m}": recommender_pb2.PropertyValue(
                                            number=m) for m in range(n)})),
-                  created_ms=st.integers(-(2**63), 2**63 - 1))
+                  created_ms=st.integers(-(2**63), 2**63 - 1),
+                  # The tiny bundle fuses no vectors: any given one is refused, but never with INTERNAL.
+                  vectors=st.one_of(st.just({}), st.dictionaries(
+                      st.one_of(ids, st.just("image")), st.builds(recommender_pb2.FloatVector, values=st.one_of(
+                          st.lists(floats32, max_size=8), st.integers(4095, 4098).map(lambda n: [0.5] * n))),
+                      max_size=3)))
 
 
 @FUZZ

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gateway.backends import GrpcRanking
+from gateway.events import ItemChange
 from gateway.funnel import StageFailed
 from protos.recfunnel.v1 import ranking_pb2
 from ranking import server as ranking_server
@@ -71,13 +72,14 @@ async def test_embedded_items_become_rankable(tiny_bundle: Path) -> None:
     client = GrpcRanking(handle.address)
     try:
         vectors, version = await client.embed_items(
-            [("fresh-1", "The quiet garden #999: a theme3 story", ["topic3"]), ("i4", "retitled", [])], 10)
+            [ItemChange("upsert", "fresh-1", "The quiet garden #999: a theme3 story", ("topic3",)),
+             ItemChange("upsert", "i4", "retitled")], 10)
         assert vectors[SEQUENTIAL].shape == (2, 32) and vectors[SEMANTIC].shape == (2, 384)
         np.testing.assert_allclose(np.linalg.norm(vectors[SEQUENTIAL], axis=1), 1.0, rtol=1e-5)
         ranked = await client.rank(["i1", "fresh-1"], [("fresh-1", {"semantic": 0.9})], 0, 0.0, 1, 5, "")
         assert np.isfinite(ranked[0][1])
         with pytest.raises(StageFailed, match="INVALID_ARGUMENT"):
-            await client.embed_items([("dup", "a", []), ("dup", "b", [])], 5)
+            await client.embed_items([ItemChange("upsert", "dup", "a"), ItemChange("upsert", "dup", "b")], 5)
     finally:
         await client.close()
         await handle.stop(0)

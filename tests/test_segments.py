@@ -31,6 +31,20 @@ def test_attributes_that_carry_taste_beat_popularity_for_held_out_users() -> Non
     data = generate(SyntheticConfig(num_users=2000, num_items=1000, num_topics=20, seed=3))
     report = cold_user_report(data.sequences, data.user_properties, data.num_items)
     assert report["held_out_users"] == 2000 and report["hr@10_ratio"] > 2  # type: ignore[operator]
+    assert report["precision@10_whole_history_ratio"] > 1.5  # type: ignore[operator]
+
+
+def test_whole_history_precision_by_hand() -> None:
+    """Two segments of 30 users, each taking its own two items; every item is as popular. A
+    held-out user's top item from attributes is one they took, but not their last one; from
+    popularity it is the other segment's wherever the fold left that segment more users."""
+    sequences = [np.asarray([0, 2]), np.asarray([1, 3])] * 30
+    properties = [{"g": "a"}, {"g": "b"}] * 30
+    report = cold_user_report(sequences, properties, num_items=4, k=1)
+    assert report["attributes"]["precision@1_whole_history"] == 1.0  # type: ignore[index]
+    assert report["attributes"]["hr@1"] == 0.0  # type: ignore[index]
+    assert report["popularity"]["precision@1_whole_history"] <= 0.5  # type: ignore[index,operator]
+    assert report["precision@1_whole_history_ratio"] >= 2.0  # type: ignore[operator]
 
 
 def test_a_shard_ranks_popular_items_by_the_users_segment(tiny_bundle: Path) -> None:

@@ -188,8 +188,15 @@ def synth(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     fmt: Annotated[DataFormat, typer.Option("--format", help="parquet (user,item,timestamp; vectorised, for "
                                                              "millions of events) or pairs")] = DataFormat.parquet,
+    image_dim: Annotated[int, typer.Option(min=0, max=4096, help="> 0: give every item an image-like vector "
+                                           "of this size (column vector:image) that carries part of its topic")] = 0,
+    image_signal: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of an image vector's variance "
+                                                "that is its topic")] = 0.5,
+    content_signal: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of items whose text and tag "
+                                                  "name their topic; the rest get bland titles")] = 1.0,
 ) -> None:
-    """Write a synthetic data set (interactions plus an item file with text), for scale runs."""
+    """Write a synthetic data set (interactions plus an item file with text, and image-like
+    vectors with --image-dim), for scale and quality runs."""
     from rich.progress import Progress
 
     from recdata.synthetic import SyntheticConfig, generate, write_pairs, write_parquet
@@ -197,7 +204,8 @@ def synth(
     if fmt == DataFormat.csv:
         raise typer.BadParameter("synth writes parquet or pairs", param_hint="--format")
     config = SyntheticConfig(num_users=users, num_items=items, num_topics=min(topics, items),
-                             mean_length=mean_length, min_length=min(5, mean_length), seed=seed)
+                             mean_length=mean_length, min_length=min(5, mean_length), seed=seed,
+                             image_dim=image_dim, image_signal=image_signal, content_signal=content_signal)
     if fmt == DataFormat.pairs:
         data = generate(config)
         interactions, item_file = write_pairs(data, out)
@@ -208,7 +216,8 @@ def synth(
             interactions, item_file, count = write_parquet(
                 config, out, lambda done, _total: progress.update(task, completed=done))
     typer.echo(json.dumps({"interactions": str(interactions), "items": str(item_file), "format": fmt.value,
-                           "users": users, "catalogue": items, "pairs": count}))
+                           "users": users, "catalogue": items, "pairs": count,
+                           "item_vectors": {"image": image_dim} if image_dim else {}}))
 
 
 @group.command("export")

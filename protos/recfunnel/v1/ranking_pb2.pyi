@@ -1,3 +1,4 @@
+from protos.recfunnel.v1 import recommender_pb2 as _recommender_pb2
 from protos.recfunnel.v1 import tensor_pb2 as _tensor_pb2
 from protos.recfunnel.v1 import versions_pb2 as _versions_pb2
 from google.protobuf.internal import containers as _containers
@@ -73,14 +74,23 @@ class RankResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ItemText(_message.Message):
-    __slots__ = ("item_id", "text", "tags")
+    __slots__ = ("item_id", "text", "tags", "vectors")
+    class VectorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _recommender_pb2.FloatVector
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_recommender_pb2.FloatVector, _Mapping]] = ...) -> None: ...
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     text: str
     tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    vectors: _containers.MessageMap[str, _recommender_pb2.FloatVector]
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., vectors: _Optional[_Mapping[str, _recommender_pb2.FloatVector]] = ...) -> None: ...
 
 class EmbedItemsRequest(_message.Message):
     __slots__ = ("items", "model_version")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/recfunnel/v1/recommender.proto\x12\x0crecfunnel.v1\"9\n\rPropertyValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"S\n\x0bNumberRange\x12\x10\n\x08property\x18\x01 \x01(\t\x12\x10\n\x03min\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"2\n\x0ePropertyEquals\x12\x10\n\x08property\x18\x01 \x01(\t\x12\x0e\n\x06\x61ny_of\x18\x02 \x03(\t\"\xb3\x01\n\nItemFilter\x12\x10\n\x08tags_any\x18\x01 \x03(\t\x12\x10\n\x08tags_all\x18\x02 \x03(\t\x12\x11\n\ttags_none\x18\x03 \x03(\t\x12)\n\x06ranges\x18\x04 \x03(\x0b\x32\x19.recfunnel.v1.NumberRange\x12,\n\x06\x65quals\x18\x05 \x03(\x0b\x32\x1c.recfunnel.v1.PropertyEquals\x12\x15\n\rnewer_than_ms\x18\x06 \x01(\x03\"\xd7\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x18\n\x10\x63ontext_item_ids\x18\x04 \x03(\t\x12\x11\n\tdiversity\x18\x05 \x01(\x02\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12(\n\x06\x66ilter\x18\x07 \x01(\x0b\x32\x18.recfunnel.v1.ItemFilter\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"]\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\x03 \x03(\t\x12\x10\n\x08\x63hannels\x18\x04 \x03(\t\"\xc7\x01\n\x11RecommendResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.recfunnel.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0frecall_coverage\x18\x04 \x01(\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0fnext_page_token\x18\x06 \x01(\t\x12\x15\n\rfilter_passed\x18\x07 \x01(\x03\"\x88\x01\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.recfunnel.v1.Event\"8\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xcf\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x36\n\nproperties\x18\x04 \x03(\x0b\x32\".recfunnel.v1.Item.PropertiesEntry\x12\x12\n\ncreated_ms\x18\x05 \x01(\x03\x1aN\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.recfunnel.v1.PropertyValue:\x02\x38\x01\"7\n\x12UpsertItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.recfunnel.v1.Item\">\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"&\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\",\n\x12\x44\x65leteUserResponse\x12\x16\n\x0e\x65vents_removed\x18\x01 \x01(\x03\"\x87\x01\n\x13SimilarItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12(\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x18.recfunnel.v1.ItemFilter\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\"\xb1\x01\n\x14SimilarItemsResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.recfunnel.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0frecall_coverage\x18\x04 \x01(\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rfilter_passed\x18\x06 \x01(\x03\"\xad\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x36\n\nproperties\x18\x02 \x03(\x0b\x32\".recfunnel.v1.User.PropertiesEntry\x12\x0c\n\x04text\x18\x03 \x01(\t\x1aN\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.recfunnel.v1.PropertyValue:\x02\x38\x01\"7\n\x12UpsertUsersRequest\x12!\n\x05users\x18\x01 \x03(\x0b\x32\x12.recfunnel.v1.User\"\'\n\x13UpsertUsersResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x32\xca\x04\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.recfunnel.v1.RecommendRequest\x1a\x1f.recfunnel.v1.RecommendResponse\x12I\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1d.recfunnel.v1.FeedbackRequest\x1a\x1e.recfunnel.v1.FeedbackResponse\x12R\n\x0bUpsertItems\x12 .recfunnel.v1.UpsertItemsRequest\x1a!.recfunnel.v1.UpsertItemsResponse\x12R\n\x0b\x44\x65leteItems\x12 .recfunnel.v1.DeleteItemsRequest\x1a!.recfunnel.v1.DeleteItemsResponse\x12O\n\nDeleteUser\x12\x1f.recfunnel.v1.DeleteUserRequest\x1a .recfunnel.v1.DeleteUserResponse\x12U\n\x0cSimilarItems\x12!.recfunnel.v1.SimilarItemsRequest\x1a\".recfunnel.v1.SimilarItemsResponse\x12R\n\x0bUpsertUsers\x12 .recfunnel.v1.UpsertUsersRequest\x1a!.recfunnel.v1.UpsertUsersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%protos/recfunnel/v1/recommender.proto\x12\x0crecfunnel.v1\"9\n\rPropertyValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"S\n\x0bNumberRange\x12\x10\n\x08property\x18\x01 \x01(\t\x12\x10\n\x03min\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x03 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"2\n\x0ePropertyEquals\x12\x10\n\x08property\x18\x01 \x01(\t\x12\x0e\n\x06\x61ny_of\x18\x02 \x03(\t\"\xb3\x01\n\nItemFilter\x12\x10\n\x08tags_any\x18\x01 \x03(\t\x12\x10\n\x08tags_all\x18\x02 \x03(\t\x12\x11\n\ttags_none\x18\x03 \x03(\t\x12)\n\x06ranges\x18\x04 \x03(\x0b\x32\x19.recfunnel.v1.NumberRange\x12,\n\x06\x65quals\x18\x05 \x03(\x0b\x32\x1c.recfunnel.v1.PropertyEquals\x12\x15\n\rnewer_than_ms\x18\x06 \x01(\x03\"\xd7\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x65xclude_item_ids\x18\x03 \x03(\t\x12\x18\n\x10\x63ontext_item_ids\x18\x04 \x03(\t\x12\x11\n\tdiversity\x18\x05 \x01(\x02\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\x12(\n\x06\x66ilter\x18\x07 \x01(\x0b\x32\x18.recfunnel.v1.ItemFilter\x12\x11\n\tpage_size\x18\x08 \x01(\x05\x12\x12\n\npage_token\x18\t \x01(\t\"]\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\x03 \x03(\t\x12\x10\n\x08\x63hannels\x18\x04 \x03(\t\"\xc7\x01\n\x11RecommendResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.recfunnel.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0frecall_coverage\x18\x04 \x01(\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0fnext_page_token\x18\x06 \x01(\t\x12\x15\n\rfilter_passed\x18\x07 \x01(\x03\"\x88\x01\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"6\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.recfunnel.v1.Event\"8\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"\xcc\x02\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x36\n\nproperties\x18\x04 \x03(\x0b\x32\".recfunnel.v1.Item.PropertiesEntry\x12\x12\n\ncreated_ms\x18\x05 \x01(\x03\x12\x30\n\x07vectors\x18\x06 \x03(\x0b\x32\x1f.recfunnel.v1.Item.VectorsEntry\x1aN\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.recfunnel.v1.PropertyValue:\x02\x38\x01\x1aI\n\x0cVectorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.recfunnel.v1.FloatVector:\x02\x38\x01\"\x1d\n\x0b\x46loatVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"7\n\x12UpsertItemsRequest\x12!\n\x05items\x18\x01 \x03(\x0b\x32\x12.recfunnel.v1.Item\">\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"&\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x05\"$\n\x11\x44\x65leteUserRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\",\n\x12\x44\x65leteUserResponse\x12\x16\n\x0e\x65vents_removed\x18\x01 \x01(\x03\"\x87\x01\n\x13SimilarItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12(\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x18.recfunnel.v1.ItemFilter\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\"\xb1\x01\n\x14SimilarItemsResponse\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.recfunnel.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0frecall_coverage\x18\x04 \x01(\x02\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rfilter_passed\x18\x06 \x01(\x03\"\xad\x01\n\x04User\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x36\n\nproperties\x18\x02 \x03(\x0b\x32\".recfunnel.v1.User.PropertiesEntry\x12\x0c\n\x04text\x18\x03 \x01(\t\x1aN\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.recfunnel.v1.PropertyValue:\x02\x38\x01\"7\n\x12UpsertUsersRequest\x12!\n\x05users\x18\x01 \x03(\x0b\x32\x12.recfunnel.v1.User\"\'\n\x13UpsertUsersResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x05\x32\xca\x04\n\x0bRecommender\x12L\n\tRecommend\x12\x1e.recfunnel.v1.RecommendRequest\x1a\x1f.recfunnel.v1.RecommendResponse\x12I\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1d.recfunnel.v1.FeedbackRequest\x1a\x1e.recfunnel.v1.FeedbackResponse\x12R\n\x0bUpsertItems\x12 .recfunnel.v1.UpsertItemsRequest\x1a!.recfunnel.v1.UpsertItemsResponse\x12R\n\x0b\x44\x65leteItems\x12 .recfunnel.v1.DeleteItemsRequest\x1a!.recfunnel.v1.DeleteItemsResponse\x12O\n\nDeleteUser\x12\x1f.recfunnel.v1.DeleteUserRequest\x1a .recfunnel.v1.DeleteUserResponse\x12U\n\x0cSimilarItems\x12!.recfunnel.v1.SimilarItemsRequest\x1a\".recfunnel.v1.SimilarItemsResponse\x12R\n\x0bUpsertUsers\x12 .recfunnel.v1.UpsertUsersRequest\x1a!.recfunnel.v1.UpsertUsersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ITEM_PROPERTIESENTRY']._loaded_options = None
   _globals['_ITEM_PROPERTIESENTRY']._serialized_options = b'8\001'
+  _globals['_ITEM_VECTORSENTRY']._loaded_options = None
+  _globals['_ITEM_VECTORSENTRY']._serialized_options = b'8\001'
   _globals['_USER_PROPERTIESENTRY']._loaded_options = None
   _globals['_USER_PROPERTIESENTRY']._serialized_options = b'8\001'
   _globals['_PROPERTYVALUE']._serialized_start=55
@@ -56,33 +58,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEEDBACKRESPONSE']._serialized_start=1143
   _globals['_FEEDBACKRESPONSE']._serialized_end=1199
   _globals['_ITEM']._serialized_start=1202
-  _globals['_ITEM']._serialized_end=1409
-  _globals['_ITEM_PROPERTIESENTRY']._serialized_start=1331
-  _globals['_ITEM_PROPERTIESENTRY']._serialized_end=1409
-  _globals['_UPSERTITEMSREQUEST']._serialized_start=1411
-  _globals['_UPSERTITEMSREQUEST']._serialized_end=1466
-  _globals['_UPSERTITEMSRESPONSE']._serialized_start=1468
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=1530
-  _globals['_DELETEITEMSREQUEST']._serialized_start=1532
-  _globals['_DELETEITEMSREQUEST']._serialized_end=1570
-  _globals['_DELETEITEMSRESPONSE']._serialized_start=1572
-  _globals['_DELETEITEMSRESPONSE']._serialized_end=1610
-  _globals['_DELETEUSERREQUEST']._serialized_start=1612
-  _globals['_DELETEUSERREQUEST']._serialized_end=1648
-  _globals['_DELETEUSERRESPONSE']._serialized_start=1650
-  _globals['_DELETEUSERRESPONSE']._serialized_end=1694
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=1697
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=1832
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1835
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=2012
-  _globals['_USER']._serialized_start=2015
-  _globals['_USER']._serialized_end=2188
-  _globals['_USER_PROPERTIESENTRY']._serialized_start=1331
-  _globals['_USER_PROPERTIESENTRY']._serialized_end=1409
-  _globals['_UPSERTUSERSREQUEST']._serialized_start=2190
-  _globals['_UPSERTUSERSREQUEST']._serialized_end=2245
-  _globals['_UPSERTUSERSRESPONSE']._serialized_start=2247
-  _globals['_UPSERTUSERSRESPONSE']._serialized_end=2286
-  _globals['_RECOMMENDER']._serialized_start=2289
-  _globals['_RECOMMENDER']._serialized_end=2875
+  _globals['_ITEM']._serialized_end=1534
+  _globals['_ITEM_PROPERTIESENTRY']._serialized_start=1381
+  _globals['_ITEM_PROPERTIESENTRY']._serialized_end=1459
+  _globals['_ITEM_VECTORSENTRY']._serialized_start=1461
+  _globals['_ITEM_VECTORSENTRY']._serialized_end=1534
+  _globals['_FLOATVECTOR']._serialized_start=1536
+  _globals['_FLOATVECTOR']._serialized_end=1565
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=1567
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=1622
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=1624
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=1686
+  _globals['_DELETEITEMSREQUEST']._serialized_start=1688
+  _globals['_DELETEITEMSREQUEST']._serialized_end=1726
+  _globals['_DELETEITEMSRESPONSE']._serialized_start=1728
+  _globals['_DELETEITEMSRESPONSE']._serialized_end=1766
+  _globals['_DELETEUSERREQUEST']._serialized_start=1768
+  _globals['_DELETEUSERREQUEST']._serialized_end=1804
+  _globals['_DELETEUSERRESPONSE']._serialized_start=1806
+  _globals['_DELETEUSERRESPONSE']._serialized_end=1850
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1853
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1988
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1991
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=2168
+  _globals['_USER']._serialized_start=2171
+  _globals['_USER']._serialized_end=2344
+  _globals['_USER_PROPERTIESENTRY']._serialized_start=1381
+  _globals['_USER_PROPERTIESENTRY']._serialized_end=1459
+  _globals['_UPSERTUSERSREQUEST']._serialized_start=2346
+  _globals['_UPSERTUSERSREQUEST']._serialized_end=2401
+  _globals['_UPSERTUSERSRESPONSE']._serialized_start=2403
+  _globals['_UPSERTUSERSRESPONSE']._serialized_end=2442
+  _globals['_RECOMMENDER']._serialized_start=2445
+  _globals['_RECOMMENDER']._serialized_end=3031
 # @@protoc_insertion_point(module_scope)

@@ -133,7 +133,7 @@ class FeedbackResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "text", "tags", "properties", "created_ms")
+    __slots__ = ("item_id", "text", "tags", "properties", "created_ms", "vectors")
     class PropertiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,17 +141,32 @@ class Item(_message.Message):
         key: str
         value: PropertyValue
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[PropertyValue, _Mapping]] = ...) -> None: ...
+    class VectorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: FloatVector
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[FloatVector, _Mapping]] = ...) -> None: ...
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     text: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     properties: _containers.MessageMap[str, PropertyValue]
     created_ms: int
-    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., properties: _Optional[_Mapping[str, PropertyValue]] = ..., created_ms: _Optional[int] = ...) -> None: ...
+    vectors: _containers.MessageMap[str, FloatVector]
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., properties: _Optional[_Mapping[str, PropertyValue]] = ..., created_ms: _Optional[int] = ..., vectors: _Optional[_Mapping[str, FloatVector]] = ...) -> None: ...
+
+class FloatVector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class UpsertItemsRequest(_message.Message):
     __slots__ = ("items",)

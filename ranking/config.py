@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+ENCODERS = ("sasrec", "hstu")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -18,6 +20,7 @@ class ModelConfig:
     id_dropout: float = 0.1  # share of items whose ID embedding is hidden per step, so text
                              # alone must carry them: that is what serves cold-start items
     ranker_hidden: int = 64
+    encoder: str = "sasrec"  # query encoder blocks: "sasrec" (softmax attention) or "hstu" (`ranking.query_encoder`)
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.dim % self.heads:
@@ -28,6 +31,8 @@ class ModelConfig:
             raise ValueError("dropout and id_dropout must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder={self.encoder!r} must be one of {', '.join(ENCODERS)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:

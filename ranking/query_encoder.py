@@ -3,6 +3,15 @@
 SASRec/HSTU family: position t's output is the user vector after seeing items 0..t,
 trained to score item t + 1 highest with sampled softmax. At serving time the last
 position's output is the query vector of the `sequential` recall channel.
+
+Two kinds of block, chosen by `ModelConfig.encoder`:
+- "sasrec": pre-norm softmax attention and a GELU MLP over absolute position embeddings;
+- "hstu": HSTU's pointwise aggregated attention (Zhai et al., 2024): one projection gives
+  U, V, Q, K through SiLU; attention weights are SiLU(QKᵀ/√d + relative position bias),
+  not a softmax, divided by the window length; the output is LayerNorm(AV) gated by U.
+  The relative bias replaces absolute positions, so a history's vectors do not depend on
+  how much padding precedes it. HSTU's time bias is left out: histories reach the encoder
+  without their times.
 """
 
 from __future__ import annotations
@@ -54,13 +63,46 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class HSTUBlock(nn.Module):
+    """Pointwise aggregated attention with SiLU gating and a relative position bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.dim, self.max_len = config.heads, config.dim, config.max_len
+        self.norm = nn.LayerNorm(config.dim)
+        self.uvqk = nn.Linear(config.dim, 4 * config.dim)
+        self.attention_norm = nn.LayerNorm(config.dim)
+        self.out = nn.Linear(config.dim, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        # One learned bias per head and distance back (0 = the item itself).
+        self.relative_bias = nn.Parameter(torch.zeros(config.heads, config.max_len))
+
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        B, T, C = x.shape
+        H, c = self.heads, C // self.heads
+        u, v, q, k = F.silu(self.uvqk(self.norm(x))).split(C, dim=-1)
+        q, k, v = (t.view(B, T, H, c).transpose(1, 2) for t in (q, k, v))   # (B, H, T, c)
+        rows = torch.arange(T, device=x.device)
+        if last_only:
+            q, u, rows = q[:, :, -1:], u[:, -1:], rows[-1:]
+        distance = rows[:, None] - torch.arange(T, device=x.device)[None, :]  # (Tq, T), > 0 looks back
+        allowed = (distance >= 0) & ~key_padding[:, None, None, :]          # (B, 1, Tq, T)
+        bias = self.relative_bias[:, distance.clamp(0, self.max_len - 1)]    # (H, Tq, T)
+        weights = F.silu(q @ k.transpose(-1, -2) / c**0.5 + bias) * allowed / self.max_len
+        attended = (weights @ v).transpose(1, 2).reshape(B, len(rows), C)   # (B, Tq, C)
+        y = self.out(self.attention_norm(attended) * u)
+        return (x[:, -1:] if last_only else x) + self.dropout(y)
+
+
 class QueryEncoder(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.position = nn.Embedding(config.max_len, config.dim)
+        # HSTU blocks place items by their relative bias; SASRec blocks need absolute positions.
+        self.position = nn.Embedding(config.max_len, config.dim) if config.encoder == "sasrec" else None
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        block = Block if config.encoder == "sasrec" else HSTUBlock
+        self.blocks = nn.ModuleList(block(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.dim)
 
     def forward(self, item_vectors: torch.Tensor, padding: torch.Tensor, normalize: bool = True,
@@ -72,8 +114,9 @@ class QueryEncoder(nn.Module):
         serving needs the latest position alone, and the last block then computes only it.
         """
         B, T, _ = item_vectors.shape
-        positions = torch.arange(T, device=item_vectors.device)
-        x = item_vectors * self.config.dim**0.5 + self.position(positions)  # (B, T, dim)
+        x = item_vectors * self.config.dim**0.5                             # (B, T, dim)
+        if self.position is not None:
+            x = x + self.position(torch.arange(T, device=item_vectors.device))
         x = self.dropout(x) * ~padding.unsqueeze(-1)
         for n, block in enumerate(self.blocks):
             x = block(x, padding, last_only and n == len(self.blocks) - 1)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from ranking.config import ModelConfig, TrainConfig
+from ranking.config import ENCODERS, ModelConfig, TrainConfig
 from ranking.item_encoder import ItemEncoder, tag_matrix
-from ranking.query_encoder import QueryEncoder
+from ranking.query_encoder import HSTUBlock, QueryEncoder
 from ranking.ranker import NUM_SCORE_FEATURES, Ranker
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer, training_windows
@@ -50,9 +51,10 @@ def test_tag_matrix_maps_tags_to_one_based_ids() -> None:
     assert matrix[:, :2].tolist() == [[1, 2], [0, 0], [2, 0]]
 
 
-def test_query_encoder_is_causal() -> None:
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_query_encoder_is_causal(kind: str) -> None:
     torch.manual_seed(0)
-    encoder = QueryEncoder(CONFIG).eval()
+    encoder = QueryEncoder(replace(CONFIG, encoder=kind)).eval()
     x = torch.randn(1, 6, 16)
     padding = torch.zeros(1, 6, dtype=torch.bool)
     y = encoder(x, padding)
@@ -61,9 +63,10 @@ def test_query_encoder_is_causal() -> None:
     torch.testing.assert_close(encoder(x2, padding)[0, :4], y[0, :4])
 
 
-def test_last_position_alone_equals_the_full_forward() -> None:
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_last_position_alone_equals_the_full_forward(kind: str) -> None:
     torch.manual_seed(0)
-    encoder = QueryEncoder(CONFIG).eval()
+    encoder = QueryEncoder(replace(CONFIG, encoder=kind)).eval()
     x = torch.randn(3, 6, 16)
     padding = torch.tensor([[True, True, False, False, False, False], [False] * 6, [True] * 5 + [False]])
     full = encoder(x, padding)[:, -1]
@@ -72,9 +75,10 @@ def test_last_position_alone_equals_the_full_forward() -> None:
     torch.testing.assert_close(last[:, 0], full)
 
 
-def test_query_encoder_ignores_left_padding_content() -> None:
+@pytest.mark.parametrize("kind", ENCODERS)
+def test_query_encoder_ignores_left_padding_content(kind: str) -> None:
     torch.manual_seed(0)
-    encoder = QueryEncoder(CONFIG).eval()
+    encoder = QueryEncoder(replace(CONFIG, encoder=kind)).eval()
     x = torch.randn(1, 6, 16)
     padding = torch.tensor([[True, True, False, False, False, False]])
     y = encoder(x, padding)
@@ -82,6 +86,56 @@ def test_query_encoder_ignores_left_padding_content() -> None:
     x2[0, :2] = 5.0
     torch.testing.assert_close(encoder(x2, padding)[0, 2:], y[0, 2:])
     torch.testing.assert_close(y.norm(dim=-1)[0, 2:], torch.ones(4))
+
+
+def test_hstu_blocks_keep_shapes_and_read_no_absolute_position() -> None:
+    torch.manual_seed(0)
+    encoder = QueryEncoder(replace(CONFIG, encoder="hstu")).eval()
+    assert encoder.position is None and all(isinstance(b, HSTUBlock) for b in encoder.blocks)
+    x = torch.randn(4, 8, 16)
+    assert encoder(x, torch.zeros(4, 8, dtype=torch.bool)).shape == (4, 8, 16)
+
+
+def test_hstu_step_by_step_equals_the_batched_forward() -> None:
+    """Position t of one forward over the whole history equals the last output of a forward
+    over items 0..t alone, left-padded: what training computes at once is what serving sees
+    one request at a time. The relative bias makes this exact (absolute positions would not)."""
+    torch.manual_seed(0)
+    encoder = QueryEncoder(replace(CONFIG, encoder="hstu")).eval()
+    with torch.no_grad():
+        for block in encoder.blocks:  # a bias that differs by distance, so the test reads it
+            block.relative_bias.copy_(torch.randn_like(block.relative_bias))
+    x = torch.randn(1, 8, 16)
+    batched = encoder(x, torch.zeros(1, 8, dtype=torch.bool))
+    for t in range(8):
+        prefix = torch.zeros(1, 8, 16)
+        prefix[0, 8 - (t + 1):] = x[0, : t + 1]
+        padding = torch.arange(8).unsqueeze(0) < 8 - (t + 1)
+        step = encoder(prefix, padding, last_only=True)[0, -1]
+        torch.testing.assert_close(step, batched[0, t], atol=1e-5, rtol=1e-4)
+
+
+def test_an_hstu_row_with_only_padding_attends_to_nothing() -> None:
+    """No softmax, so nothing to normalise: a position whose keys are all padding gets no
+    attention (and no NaN), only its own input back."""
+    torch.manual_seed(0)
+    block = HSTUBlock(replace(CONFIG, encoder="hstu")).eval()
+    x = torch.randn(2, 5, 16)
+    y = block(x, torch.ones(2, 5, dtype=torch.bool))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, x + block.out.bias)
+
+
+def test_an_hstu_funnel_trains_and_serves(tiny_dataset, text_encoder: TextEncoder, tmp_path) -> None:
+    from ranking.inference import RankingModel
+    from ranking.train import train
+    from tests.conftest import TINY_TRAINING
+
+    config = replace(TINY_TRAINING, model=replace(TINY_TRAINING.model, encoder="hstu"), epochs=3)
+    result = train(tiny_dataset, config, tmp_path / "bundle", text_encoder)
+    assert result.metrics["test"]["recall"]["hr@10"] > 2 * 10 / tiny_dataset.num_items
+    model = RankingModel.load(tmp_path / "bundle", device="cpu")
+    assert model.config.encoder == "hstu" and model.encode([np.array([1, 2, 3])])["sequential"].shape == (1, 32)
 
 
 def test_ranker_attends_only_to_real_history() -> None:

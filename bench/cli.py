@@ -270,10 +270,12 @@ def bench_ablations(
     only: Annotated[str, typer.Option(help="comma-separated variants to run (default: all)")] = "",
     as_json: JsonOption = False,
 ) -> None:
-    """What each model choice contributes: the same training with one choice changed at a time."""
+    """What each model choice contributes: the same training with one choice changed at a time,
+    the query encoder's blocks (SASRec-style or HSTU-style) among them, and both SASRec
+    baselines trained to convergence."""
     from dataclasses import replace
 
-    from ranking.baselines import SASRecTrainer
+    from ranking.baselines import BASELINE_EPOCHS, SASRecLoss, SASRecTrainer
     from ranking.config import TrainConfig
     from ranking.train import Trainer, fit
 
@@ -281,17 +283,21 @@ def bench_ablations(
     base = TrainConfig(time_budget_s=seconds, ranker_time_budget_s=seconds / 2, seed=seed)
     variants = {
         "full": base,
+        "hstu": replace(base, model=replace(base.model, encoder="hstu")),
         "negatives_64": replace(base, num_negatives=64),
         "no_text": replace(base, use_text=False),
         "no_item2item": replace(base, candidates_per_channel=tuple(
             (c, k) for c, k in base.candidates_per_channel if c != "item2item")),
         "no_recent_popularity": replace(base, recent_popularity=False),
     }
-    chosen = [n.strip() for n in only.split(",") if n.strip()] or [*variants, "sasrec_bce"]
-    unknown = set(chosen) - {*variants, "sasrec_bce"}
+    baselines: dict[str, tuple[SASRecLoss, int]] = {"sasrec_bce": ("bce", 1), "sasrec_ce": ("ce", base.num_negatives)}
+    allowed = [*variants, *baselines]
+    chosen = [n.strip() for n in only.split(",") if n.strip()] or allowed
+    unknown = set(chosen) - set(allowed)
     if unknown:
-        raise typer.BadParameter(f"unknown variants {sorted(unknown)}; allowed: {', '.join([*variants, 'sasrec_bce'])}")
+        raise typer.BadParameter(f"unknown variants {sorted(unknown)}; allowed: {', '.join(allowed)}")
     rows: dict[str, dict[str, float]] = {}
+    training: dict[str, dict[str, Any]] = {}
     for name, config in variants.items():
         if name not in chosen:
             continue
@@ -299,15 +305,26 @@ def bench_ablations(
         metrics, _ = fit(trainer)
         rows[f"{name}/recall"] = metrics["test"]["recall"]
         rows[f"{name}/funnel"] = metrics["test"]["funnel"]
+        # Validation decides between encoders: the test split only reports.
+        training[name] = {"valid_recall_ndcg@10": metrics["valid"]["recall"]["ndcg@10"],
+                          "valid_funnel_ndcg@10": metrics["valid"]["funnel"]["ndcg@10"],
+                          "train_seconds": metrics["train_seconds"], "stops": metrics["stops"]}
         progress_console.log(f"{name}: recall NDCG@10 {rows[f'{name}/recall']['ndcg@10']:.4f}, "
-                    f"funnel {rows[f'{name}/funnel']['ndcg@10']:.4f}")
-    if "sasrec_bce" in chosen:
-        trainer = Trainer(data, base)
-        sasrec = SASRecTrainer(trainer.split, data.num_items, replace(base, num_negatives=1), trainer.valid)
-        sasrec.train()
-        rows["sasrec_bce/recall"] = trainer.test.full(sasrec.scores)
-    print_report({"dataset": data.name, "seconds_per_variant": seconds, "test": rows}, as_json,
-                 [(f"{name} NDCG@10", f"test.{name}.ndcg@10") for name in rows], "ablations, test split")
+                             f"funnel {rows[f'{name}/funnel']['ndcg@10']:.4f}")
+    for name, (loss, negatives) in baselines.items():
+        if name not in chosen:
+            continue
+        trainer = Trainer(data, replace(base, use_text=False))  # the split and evaluations alone
+        sasrec = SASRecTrainer(trainer.split, data.num_items, replace(base, num_negatives=negatives,
+                                                                     epochs=BASELINE_EPOCHS),
+                               trainer.valid, loss=loss)
+        seconds_taken = sasrec.train()
+        rows[f"{name}/recall"] = trainer.test.full(sasrec.scores)
+        training[name] = {"train_seconds": seconds_taken, **sasrec.stop}
+        progress_console.log(f"{name}: NDCG@10 {rows[f'{name}/recall']['ndcg@10']:.4f} after "
+                             f"{sasrec.stop['epochs']} epochs ({sasrec.stop['reason']})")
+    print_report({"dataset": data.name, "seconds_per_variant": seconds, "test": rows, "training": training},
+                 as_json, [(f"{name} NDCG@10", f"test.{name}.ndcg@10") for name in rows], "ablations, test split")
 
 
 @bench.command("serving")

@@ -83,3 +83,19 @@ def test_train_takes_its_settings_from_a_config_file_and_records_them(tmp_path: 
     bad.write_text("[model]\nwidth = 3\n")
     refused = CliRunner().invoke(app, ["train", "--interactions", str(pairs), "--out", str(out), "--config", str(bad)])
     assert refused.exit_code == 2 and "model.width" in refused.output
+
+
+def test_bench_ablations_compares_the_encoders_on_validation_and_reports_baseline_stops(tmp_path: Path) -> None:
+    import json
+
+    from recdata.synthetic import SyntheticConfig, generate, write_pairs
+
+    pairs, items = write_pairs(generate(SyntheticConfig(num_users=120, num_items=80, num_topics=4, seed=2)), tmp_path)
+    result = CliRunner().invoke(app, ["bench", "ablations", "--interactions", str(pairs), "--items", str(items),
+                                      "--seconds", "3", "--only", "hstu,sasrec_ce", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert {"hstu/recall", "hstu/funnel", "sasrec_ce/recall"} <= set(report["test"])
+    assert {"valid_recall_ndcg@10", "train_seconds"} <= set(report["training"]["hstu"])
+    assert report["training"]["sasrec_ce"]["reason"] in {"patience", "epochs"}
+    assert not report["training"]["sasrec_ce"]["capped"]

@@ -105,6 +105,46 @@ def test_popularity_and_sasrec_baselines(tiny_dataset) -> None:
     learned = test.full(sasrec.scores)
     assert learned["hr@10"] > 2 * (10 / tiny_dataset.num_items)
     assert popular["hr@10"] > 10 / tiny_dataset.num_items
+    softmax = SASRecTrainer(split, tiny_dataset.num_items, replace(TINY_TRAINING, epochs=10, patience=10), valid,
+                            loss="ce")
+    softmax.train()
+    assert test.full(softmax.scores)["hr@10"] > 2 * (10 / tiny_dataset.num_items)
+
+
+class ScriptedValidation:
+    """A validation whose NDCG@10 after each epoch is given in advance."""
+
+    def __init__(self, figures: list[float]):
+        self.figures = iter(figures)
+
+    def full(self, scorer) -> dict[str, float]:  # type: ignore[no-untyped-def]
+        return {"ndcg@10": next(self.figures)}
+
+
+def test_a_baseline_that_keeps_improving_is_not_cut_by_a_hidden_cap(tiny_dataset) -> None:
+    split = leave_last_two(tiny_dataset)
+    # The funnel's own time budget is tiny here: the baseline must not read it.
+    config = replace(TINY_TRAINING, epochs=6, patience=2, time_budget_s=1e-6)
+    sasrec = SASRecTrainer(split, tiny_dataset.num_items, config, ScriptedValidation([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]))
+    sasrec.train()
+    assert sasrec.stop["reason"] == "epochs" and sasrec.stop["epochs"] == 6 and not sasrec.stop["capped"]
+    assert [p["ndcg@10"] for p in sasrec.curve] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+
+
+def test_a_baseline_stops_on_patience_and_keeps_its_best_epoch(tiny_dataset) -> None:
+    split = leave_last_two(tiny_dataset)
+    config = replace(TINY_TRAINING, epochs=50, patience=2)
+    sasrec = SASRecTrainer(split, tiny_dataset.num_items, config, ScriptedValidation([0.1, 0.3, 0.2, 0.25, 0.9]))
+    sasrec.train()
+    assert sasrec.stop["reason"] == "patience" and sasrec.stop["epochs"] == 4 and sasrec.stop["best_epoch"] == 2
+
+
+def test_a_capped_baseline_is_marked_as_capped(tiny_dataset) -> None:
+    split = leave_last_two(tiny_dataset)
+    sasrec = SASRecTrainer(split, tiny_dataset.num_items, replace(TINY_TRAINING, epochs=50, patience=50),
+                           ScriptedValidation([0.1 * n for n in range(1, 51)]), time_budget_s=1e-6)
+    sasrec.train()
+    assert sasrec.stop["reason"] == "time budget" and sasrec.stop["capped"] and sasrec.stop["epochs"] == 1
 
 
 def test_beyond_accuracy_by_hand() -> None:
@@ -123,7 +163,9 @@ def test_evaluate_report_has_every_section(tiny_bundle, tiny_dataset, text_encod
     assert set(report["funnel"]["full"]) >= {"hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20"}
     assert set(report["funnel"]["sampled100"]) == {"hr@10", "ndcg@10"}
     assert 0 < report["recall"]["hit_rate_at_budget"] <= 1 and report["recall"]["budget"] == 65
-    assert set(report["baselines"]) == {"popularity", "sasrec_bce"}
+    assert set(report["baselines"]) == {"popularity", "sasrec_bce", "sasrec_ce"}
+    for name in ("sasrec_bce", "sasrec_ce"):
+        assert {"epochs", "reason", "capped", "best_epoch", "still_improving"} <= set(report["baselines"][name])
     cold = report["cold_start"]
     assert cold["items"] == 40 and [d["seed"] for d in cold["draws"]] == [0, 1]  # two draws of 20, pooled
     assert cold["cases"] == sum(d["cases"] for d in cold["draws"])

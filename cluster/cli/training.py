@@ -153,8 +153,11 @@ def evaluate(
     items: ItemsOption = None,
     item_column: ItemColumnOption = None,
     fmt: FormatOption = DataFormat.pairs,
-    seconds_per_model: Annotated[float, typer.Option(help="training budget of each baseline/ablation")] = 100.0,
-    baselines: Annotated[bool, typer.Option(help="train SASRec-BCE, the no-text and cold-start models")] = True,
+    seconds_per_model: Annotated[float, typer.Option(help="training budget of each ablation and cold-start "
+                                                     "model")] = 100.0,
+    baselines: Annotated[bool, typer.Option(help="train both SASRecs, the ablations and cold-start models")] = True,
+    baseline_seconds: Annotated[float | None, typer.Option(help="cap each SASRec baseline's training (default: "
+                                                           "none, to convergence; a capped one says so)")] = None,
     cold_draws: Annotated[int, typer.Option(min=1, max=20, help="seeded draws of cold items, cases pooled")] = 1,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N for every model "
@@ -169,6 +172,7 @@ def evaluate(
 
     try:
         config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed,
+                                baseline_seconds=baseline_seconds,
                                 cold_draws=cold_draws, device=device, users=users)
     except ValueError as error:  # the message names the option's field
         raise typer.BadParameter(str(error)) from error

@@ -14,6 +14,7 @@ from gateway.admission import AdmissionConfig
 from gateway.config import DEFAULT_PORT, PagingConfig
 from gateway.exposures import ExposureConfig
 from protos.auth import TlsFiles, tokens_from_file
+from recdata.feedback import EVERY_TYPE_POSITIVE, EventTypes
 
 NODE_IP = "node-ip"  # as `host`: each service binds its node's cluster address (multi-node)
 
@@ -59,8 +60,12 @@ class ClusterConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # each gateway's, `[admission]`
     paging: PagingConfig = field(default_factory=PagingConfig)  # each gateway's page sessions, `[paging]`
     exposures: ExposureConfig = field(default_factory=ExposureConfig)  # each gateway's exposure log, `[exposures]`
+    # What each event type means to the gateways' history reads and the loop, `[feedback]`.
+    feedback: EventTypes = EVERY_TYPE_POSITIVE
 
     def __post_init__(self) -> None:
+        if self.loop is not None and self.loop.feedback != self.feedback:  # one meaning of each type
+            object.__setattr__(self, "loop", replace(self.loop, feedback=self.feedback))
         if not 1 <= self.num_shards <= 256:
             raise ValueError(f"num_shards={self.num_shards} must be in 1..256")
         if not 1 <= self.ranker_replicas <= 64 or not 1 <= self.gateways <= 64:
@@ -79,7 +84,8 @@ class ClusterConfig:
         and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts, `[admission]`
         the gateways' admission control (`gateway.admission.AdmissionConfig`), `[paging]` their
         page sessions (`gateway.config.PagingConfig`), `[exposures]` their exposure log
-        (`gateway.exposures.ExposureConfig`). Secrets are
+        (`gateway.exposures.ExposureConfig`), `[feedback]` what each event type means
+        (`recdata.feedback.EventTypes`). Secrets are
         never in the file itself: `tokens_file` and `internal_token_file` name files holding
         them, and `tls_cert` / `tls_key` the gateway's PEM files.
         """
@@ -108,6 +114,8 @@ class ClusterConfig:
             values["paging"] = PagingConfig(**values["paging"])
         if "exposures" in values:
             values["exposures"] = ExposureConfig(**values["exposures"])
+        if "feedback" in values:
+            values["feedback"] = EventTypes.from_dict(values["feedback"])
         for key in ("bundle", "db_path"):
             if key in values:
                 values[key] = Path(values[key])

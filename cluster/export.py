@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from recdata.feedback import EVERY_TYPE_POSITIVE, EventTypes
+
 ROWS_SCHEMA = (("user_id", "string"), ("rank", "int32"), ("item_id", "string"), ("score", "float32"))
 
 
@@ -34,6 +36,7 @@ class ExportConfig:
     actors: int = 2            # Ray Data actors, each with the models loaded once
     history_length: int = 200  # as the gateway reads
     device: str | None = None  # default: CUDA where torch sees one
+    feedback: EventTypes = EVERY_TYPE_POSITIVE  # as the gateways read history and hidden items (`[feedback]`)
 
 
 def all_users(store_location: str, chunk: int = 1_000_000) -> list[str]:
@@ -55,7 +58,8 @@ def all_users(store_location: str, chunk: int = 1_000_000) -> list[str]:
 class BatchRecommender:
     """A Ray Data callable class: a batch of user ids -> their top-k rows."""
 
-    def __init__(self, bundle: str, store: str, k: int, history_length: int, device: str | None):
+    def __init__(self, bundle: str, store: str, k: int, history_length: int, device: str | None,
+                 feedback: EventTypes = EVERY_TYPE_POSITIVE):
         import torch
 
         from gateway.events import open_event_store
@@ -72,7 +76,7 @@ class BatchRecommender:
         # Once an actor, not once a user without history: the catalogue by the popular score.
         self.by_popularity = np.argsort(-self.scorer.popular.cpu().numpy(), kind="stable")
         self.store = open_event_store(store)
-        self.k, self.history_length = k, history_length
+        self.k, self.history_length, self.feedback = k, history_length, feedback
 
     def rows(self, ids: list[str]) -> np.ndarray:
         return np.asarray([self.index[i] for i in ids if i in self.index], dtype=np.int64)
@@ -88,8 +92,8 @@ class BatchRecommender:
         import torch
 
         users = [str(u) for u in batch["user_id"]]
-        histories = [self.rows(self.store.recent_items(u, self.history_length)) for u in users]
-        hidden = [self.rows(self.store.hidden_items(u)) for u in users]
+        histories = [self.rows(self.store.recent_items(u, self.history_length, self.feedback)) for u in users]
+        hidden = [self.rows(self.store.hidden_items(u, self.feedback)) for u in users]
         known = [b for b, h in enumerate(histories) if len(h)]
         lists: dict[int, tuple[np.ndarray, np.ndarray]] = {b: self.popular(hidden[b]) for b in range(len(users))
                                                            if not len(histories[b])}
@@ -126,7 +130,8 @@ def export(config: ExportConfig, users: list[str], progress: Callable[[int, int]
         num_cpus=1,
         batch_format="numpy",
         fn_constructor_kwargs={"bundle": str(config.bundle), "store": config.store, "k": config.k,
-                               "history_length": config.history_length, "device": config.device})
+                               "history_length": config.history_length, "device": config.device,
+                               "feedback": config.feedback})
     rows = scored_users = first_block_users = 0
     first_rows_at: float | None = None
     config.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,14 @@ from ranking.config import TrainConfig
 from recdata.bundle import MANIFEST, load_bundle, read_manifest
 from recdata.channels import SEMANTIC
 from recdata.dataset import Dataset
-from recdata.feedback import WithFeedback, align_to_catalogue, recent_positions, with_feedback
+from recdata.feedback import (
+    EVERY_TYPE_POSITIVE,
+    EventTypes,
+    WithFeedback,
+    align_to_catalogue,
+    recent_positions,
+    with_feedback,
+)
 from recdata.sources import DataSource
 from recdata.split import leave_last_two
 
@@ -56,6 +63,9 @@ class LoopConfig:
     tolerance: float = 0.0         # roll out when new NDCG@10 >= serving NDCG@10 - tolerance
     min_cases: int = 10            # held-out recent events needed to judge at all
     event_types: tuple[str, ...] = ()  # the event types learnt from; () = all, as the served history
+    # What each type means (`[feedback]` of the cluster config, which sets it here): only
+    # positive types are learnt from.
+    feedback: EventTypes = EVERY_TYPE_POSITIVE
     output: Path = Path("artifacts/loop")     # one bundle folder per round
     storage: Path = Path("ray-train/loop")    # Ray Train checkpoints, one run per round
     seed: int = 0
@@ -231,7 +241,7 @@ class FeedbackLoop:
         parent = load_bundle(serving)
         base = align_to_catalogue(self.base(), parent.item_ids)
         types = frozenset(cfg.event_types) if cfg.event_types else None
-        fed = with_feedback(base, self.events.events_between(self.since_seq, through), types)
+        fed = with_feedback(base, self.events.events_between(self.since_seq, through), types, cfg.feedback)
         lineage = {"parent": parent.version, "feedback": fed.stats.to_dict()}
         report: dict[str, Any] = dict(lineage)
         if fed.stats.used == 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.admission import AdmissionConfig
 from gateway.exposures import ExposureConfig
 from protos.auth import TlsFiles
+from recdata.feedback import EVERY_TYPE_POSITIVE, EventTypes
 
 DEFAULT_PORT = 50051
 
@@ -64,6 +65,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     paging: PagingConfig = field(default_factory=PagingConfig)
     exposures: ExposureConfig = field(default_factory=ExposureConfig)
+    feedback: EventTypes = EVERY_TYPE_POSITIVE  # which event types are history, which keep items out
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     # Bearer tokens clients must send; empty = open (the embedded demo on loopback only).
     tokens: tuple[str, ...] = field(default=(), repr=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from recdata.attributes import ItemAttributes
-from recdata.feedback import HIDE
+from recdata.feedback import EVERY_TYPE_POSITIVE, HIDE, EventTypes
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -151,8 +151,8 @@ class EventStore(Protocol):
 
     def append(self, events: Iterable[Event]) -> tuple[int, int]: ...
     def append_calls(self, calls: list[list[Event]]) -> list[tuple[int, int]]: ...
-    def recent_items(self, user_id: str, limit: int) -> list[str]: ...
-    def hidden_items(self, user_id: str) -> list[str]: ...
+    def recent_items(self, user_id: str, limit: int, types: EventTypes = EVERY_TYPE_POSITIVE) -> list[str]: ...
+    def hidden_items(self, user_id: str, types: EventTypes = EVERY_TYPE_POSITIVE) -> list[str]: ...
     def upsert_users(self, users: Iterable[UserRecord]) -> int: ...
     def user_properties(self, user_id: str) -> dict[str, float | str]: ...
     def record_exposures(self, exposures: list[Exposure]) -> int: ...
@@ -200,17 +200,18 @@ class UserView:
     properties: dict[str, float | str] = field(default_factory=dict)  # read only for users without history
 
 
-def _user_view(store: EventStore, user_id: str, limit: int) -> UserView:
-    history = store.recent_items(user_id, limit)
-    return UserView(history, store.hidden_items(user_id), {} if history else store.user_properties(user_id))
+def _user_view(store: EventStore, user_id: str, limit: int, types: EventTypes) -> UserView:
+    history = store.recent_items(user_id, limit, types)
+    return UserView(history, store.hidden_items(user_id, types), {} if history else store.user_properties(user_id))
 
 
-async def read_user(store: EventStore, user_id: str, limit: int, executor: Executor | None = None) -> UserView:
+async def read_user(store: EventStore, user_id: str, limit: int, executor: Executor | None = None,
+                    types: EventTypes = EVERY_TYPE_POSITIVE) -> UserView:
     """What a request reads of its user, as `read_recent` reads: both parts in one executor
     call on a database server."""
     if store.reads_locally:
-        return _user_view(store, user_id, limit)
-    return await asyncio.get_running_loop().run_in_executor(executor, _user_view, store, user_id, limit)
+        return _user_view(store, user_id, limit, types)
+    return await asyncio.get_running_loop().run_in_executor(executor, _user_view, store, user_id, limit, types)
 
 
 def store_settings(db: str | None) -> dict[str, Any]:
@@ -283,21 +284,29 @@ class EventLog:
                 raise
         return counts
 
-    def recent_items(self, user_id: str, limit: int) -> list[str]:
-        """The user's last `limit` item ids, oldest first: every event acknowledged so far."""
+    def recent_items(self, user_id: str, limit: int, types: EventTypes = EVERY_TYPE_POSITIVE) -> list[str]:
+        """The user's last `limit` history items, oldest first: every event acknowledged so
+        far of a type `types` counts as history."""
+        history, params = types.history_filter("?")
         with self._read_lock:
             rows = self._reader.execute(
-                "SELECT item_id FROM events WHERE user_id = ? AND event_type != ? "
-                "ORDER BY timestamp_ms DESC, seq DESC LIMIT ?", (user_id, HIDE, limit),
+                f"SELECT item_id FROM events WHERE user_id = ? AND {history} "
+                f"ORDER BY timestamp_ms DESC, seq DESC LIMIT ?", (user_id, *params, limit),
             ).fetchall()
         return [r[0] for r in reversed(rows)]
 
-    def hidden_items(self, user_id: str) -> list[str]:
-        """Items the user hid (a `hide` event), up to MAX_HIDDEN."""
+    def hidden_items(self, user_id: str, types: EventTypes = EVERY_TYPE_POSITIVE) -> list[str]:
+        """Items kept out of the user's answers, up to MAX_HIDDEN: those they hid, and those of
+        an event type `types` weighs below zero (a dislike)."""
         with self._read_lock:  # the type as a literal: the partial index matches it only so
             rows = self._reader.execute(f"SELECT DISTINCT item_id FROM events WHERE user_id = ? AND "
                                         f"event_type = '{HIDE}' LIMIT ?", (user_id, MAX_HIDDEN)).fetchall()
-        return [r[0] for r in rows]
+            negative = types.keeps_out_filter("?")
+            if negative is not None:
+                clause, params = negative
+                rows += self._reader.execute(f"SELECT DISTINCT item_id FROM events WHERE user_id = ? AND {clause} "
+                                             f"LIMIT ?", (user_id, *params, MAX_HIDDEN)).fetchall()
+        return list(dict.fromkeys(r[0] for r in rows))[:MAX_HIDDEN]
 
     def upsert_users(self, users: Iterable[UserRecord]) -> int:
         """Add or replace users' attributes in one durable transaction; how many."""

@@ -26,7 +26,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from gateway.events import MAX_HIDDEN, Event, Exposure, ItemChange, LoggedEvent, StoreUnavailable, UserRecord
-from recdata.feedback import HIDE
+from recdata.feedback import EVERY_TYPE_POSITIVE, HIDE, EventTypes
 
 # Schema versions, applied in order on start; `recfunnel_schema` holds the newest applied.
 MIGRATIONS: tuple[str, ...] = (
@@ -185,19 +185,27 @@ class PostgresEventLog:
                 counts.append((len(rows), len(rows) - cursor.rowcount))
         return counts
 
-    def recent_items(self, user_id: str, limit: int) -> list[str]:
-        """The user's last `limit` item ids, oldest first: every event acknowledged so far."""
+    def recent_items(self, user_id: str, limit: int, types: EventTypes = EVERY_TYPE_POSITIVE) -> list[str]:
+        """The user's last `limit` history items, oldest first: every event acknowledged so
+        far of a type `types` counts as history."""
+        history, params = types.history_filter("%s")
         with self._connection() as db:
-            rows = db.execute("SELECT item_id FROM events WHERE user_id = %s AND event_type != %s "
-                              "ORDER BY timestamp_ms DESC, seq DESC LIMIT %s", (user_id, HIDE, limit)).fetchall()
+            rows = db.execute(f"SELECT item_id FROM events WHERE user_id = %s AND {history} "
+                              f"ORDER BY timestamp_ms DESC, seq DESC LIMIT %s", (user_id, *params, limit)).fetchall()
         return [r[0] for r in reversed(rows)]
 
-    def hidden_items(self, user_id: str) -> list[str]:
-        """Items the user hid (a `hide` event), up to MAX_HIDDEN."""
+    def hidden_items(self, user_id: str, types: EventTypes = EVERY_TYPE_POSITIVE) -> list[str]:
+        """Items kept out of the user's answers, up to MAX_HIDDEN: those they hid, and those of
+        an event type `types` weighs below zero (a dislike)."""
         with self._connection() as db:  # the type as a literal: the partial index matches it only so
             rows = db.execute(f"SELECT DISTINCT item_id FROM events WHERE user_id = %s AND event_type = '{HIDE}' "
                               f"LIMIT %s", (user_id, MAX_HIDDEN)).fetchall()
-        return [r[0] for r in rows]
+            negative = types.keeps_out_filter("%s")
+            if negative is not None:
+                clause, params = negative
+                rows += db.execute(f"SELECT DISTINCT item_id FROM events WHERE user_id = %s AND {clause} LIMIT %s",
+                                   (user_id, *params, MAX_HIDDEN)).fetchall()
+        return list(dict.fromkeys(r[0] for r in rows))[:MAX_HIDDEN]
 
     def erase_user(self, user_id: str) -> int:
         """Delete every event of the user and their attributes, durably; how many events there

@@ -133,7 +133,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         """The user's history and hidden items; empty (and store_down) while the store is out:
         an answer from the request's context and popularity, marked degraded, is still one."""
         try:
-            return await read_user(self.events, user_id, self.config.history_length, self.executor), False
+            return await read_user(self.events, user_id, self.config.history_length, self.executor,
+                                   self.config.feedback), False
         except StoreUnavailable:
             return UserView([], []), True
 

@@ -7,8 +7,9 @@ user with feedback is a held-out recent event the loop judges a new model versio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -86,14 +87,88 @@ def align_to_catalogue(dataset: Dataset, item_ids: Sequence[str]) -> Dataset:
 
 
 HIDE = "hide"  # an event type that keeps the item out of its user's answers for good; no interaction
+MAX_EVENT_TYPES = 64  # configured types: each is a literal in the store's history and hidden-item reads
 
 
-def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: frozenset[str] | None = None
-                  ) -> WithFeedback:
+@dataclass(frozen=True)
+class EventTypes:
+    """What each event type means, from `[feedback]` in the cluster config: a weight per type
+    (`purchase = 3.0`, `click = 1.0`, `dislike = -1.0`) and `default_weight` for the others.
+
+    A positive weight makes an event history, and something to learn from; a negative one
+    keeps its item out of that user's answers for good, as `hide` does, and is never history;
+    a zero weight is logged and otherwise ignored. With nothing configured every type is
+    positive, as before types had weights.
+    """
+
+    weights: dict[str, float] = field(default_factory=dict)
+    default_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if HIDE in self.weights:
+            raise ValueError(f"event type {HIDE!r} has a fixed meaning (never again, not history); "
+                             f"it takes no weight")
+        if len(self.weights) > MAX_EVENT_TYPES:
+            raise ValueError(f"{len(self.weights)} weighted event types; allowed 0..{MAX_EVENT_TYPES}")
+        for name, weight in [*self.weights.items(), ("default_weight", self.default_weight)]:
+            if not math.isfinite(weight):
+                raise ValueError(f"event type weight {name}={weight} must be finite")
+        for name in self.weights:
+            if not 1 <= len(name.encode("utf-8")) <= 64 or "'" in name:
+                raise ValueError(f"event type name {name[:70]!r} must be 1..64 bytes without quotes")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EventTypes:
+        """`[feedback]`: `default_weight` and an `event_types` table of name = weight."""
+        unknown = set(values) - {"event_types", "default_weight"}
+        if unknown:
+            raise ValueError(f"[feedback] has unknown settings {sorted(unknown)}; allowed: default_weight, "
+                             f"event_types")
+        return cls({str(k): float(v) for k, v in (values.get("event_types") or {}).items()},
+                   float(values.get("default_weight", 1.0)))
+
+    def weight(self, event_type: str) -> float:
+        return 0.0 if event_type == HIDE else self.weights.get(event_type, self.default_weight)
+
+    def is_history(self, event_type: str) -> bool:
+        return self.weight(event_type) > 0
+
+    def keeps_out(self, event_type: str) -> bool:
+        """Whether an event of this type keeps its item out of its user's answers for good."""
+        return event_type == HIDE or self.weight(event_type) < 0
+
+    def history_filter(self, placeholder: str) -> tuple[str, list[str]]:
+        """SQL over `event_type` selecting history events, and its parameters."""
+        if self.default_weight > 0:  # every type but the configured non-positive ones (and hide)
+            excluded = [HIDE, *sorted(t for t, w in self.weights.items() if w <= 0)]
+            return f"event_type NOT IN ({', '.join([placeholder] * len(excluded))})", excluded
+        included = sorted(t for t, w in self.weights.items() if w > 0)
+        if not included:
+            return "1 = 0", []  # no type is history
+        return f"event_type IN ({', '.join([placeholder] * len(included))})", included
+
+    def keeps_out_filter(self, placeholder: str) -> tuple[str, list[str]] | None:
+        """SQL over `event_type` selecting the negative types' events (hide aside: the store
+        reads those through their own index), and its parameters; None when there are none."""
+        if self.default_weight < 0:
+            kept = [HIDE, *sorted(t for t, w in self.weights.items() if w >= 0)]
+            return f"event_type NOT IN ({', '.join([placeholder] * len(kept))})", kept
+        negative = sorted(t for t, w in self.weights.items() if w < 0)
+        if not negative:
+            return None
+        return f"event_type IN ({', '.join([placeholder] * len(negative))})", negative
+
+
+EVERY_TYPE_POSITIVE = EventTypes()
+
+
+def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: frozenset[str] | None = None,
+                  types: EventTypes = EVERY_TYPE_POSITIVE) -> WithFeedback:
     """`base` with `events` appended to their users' sequences, in log order.
 
-    `event_types`: the types to learn from; None = every type, as the served history reads
-    them; hides are never learnt from. Event times (milliseconds) become seconds, the unit the data set readers keep."""
+    `event_types`: the types to learn from; None = every type the served history reads (the
+    positive ones of `types`); hides, negative and zero-weight types are never learnt from.
+    Event times (milliseconds) become seconds, the unit the data set readers keep."""
     item_index = {item: n for n, item in enumerate(base.item_ids)}
     user_index = {user: n for n, user in enumerate(base.user_ids)}
     user_ids = list(base.user_ids)
@@ -105,7 +180,8 @@ def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: fro
         read += 1
         first_seq = first_seq or event.seq
         last_seq = event.seq
-        if event.event_type == HIDE or (event_types is not None and event.event_type not in event_types):
+        if not types.is_history(event.event_type) or (event_types is not None
+                                                      and event.event_type not in event_types):
             skipped += 1
             continue
         item = item_index.get(event.item_id)

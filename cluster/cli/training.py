@@ -238,6 +238,8 @@ def export_command(
     address: Annotated[str | None, typer.Option(help="Ray cluster (default: a local one)")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA where torch sees one)")
                       ] = None,
+    cluster_config: Annotated[Path | None, typer.Option("--config", help="the cluster config whose [feedback] "
+                                                        "event types the gateways read history by")] = None,
 ) -> None:
     """Every listed user's top-k from their logged history, as Recommend answers, scored with Ray Data."""
     import os
@@ -247,6 +249,7 @@ def export_command(
 
     from cluster.export import ExportConfig, all_users, export, user_lines
     from gateway.events import is_postgres_url
+    from recdata.feedback import EVERY_TYPE_POSITIVE, EventTypes
 
     if not (bundle / "manifest.json").is_file():
         raise typer.BadParameter(f"{bundle} holds no bundle (no manifest.json)", param_hint="--bundle")
@@ -255,7 +258,16 @@ def export_command(
     if users != "all" and not Path(users).is_file():
         raise typer.BadParameter(f"{users} is neither 'all' nor a file of user ids", param_hint="--users")
     wanted = all_users(db) if users == "all" else list(dict.fromkeys(user_lines(Path(users))))
-    config = ExportConfig(bundle=bundle, store=db, out=out, k=k, batch_size=batch_size, actors=actors, device=device)
+    feedback = EVERY_TYPE_POSITIVE
+    if cluster_config is not None:
+        import tomllib
+
+        try:
+            feedback = EventTypes.from_dict(tomllib.loads(cluster_config.read_text("utf-8")).get("feedback", {}))
+        except (OSError, ValueError) as error:
+            raise typer.BadParameter(str(error), param_hint="--config") from error
+    config = ExportConfig(bundle=bundle, store=db, out=out, k=k, batch_size=batch_size, actors=actors, device=device,
+                          feedback=feedback)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address=address, log_to_driver=False, configure_logging=False, include_dashboard=False)
     try:

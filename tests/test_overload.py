@@ -43,18 +43,24 @@ def test_windowed_p99_starts_each_window_a_second_apart() -> None:
     assert windows[0]["p99_ms"] == 100.0 and windows[2]["p99_ms"] == 10.0
 
 
+STAGE_SLOTS, STAGE_SECONDS = 10, 0.08  # the slow stage: 125 calls/s
+CAPACITY_RPS = 90.0  # the mix's rate taken as capacity: 80% Recommend, 72/s; twice that is 144/s (> 125)
+
+
 class BoundedStage:
-    """A stage that takes 50 ms a call and does at most 10 at once (capacity 200 calls/s),
-    slow enough that the test process's own noise is small beside it: without admission
-    control an overload queues in front of it."""
+    """A stage that takes 80 ms a call and does at most 10 at once (125 calls/s), slow
+    enough that the test process's own work is small beside it: the load generator and the
+    gateway share this process's interpreter, and at twice the capacity it offers them 180
+    calls/s, which a slow 2-core machine still serves. Without admission control an overload
+    queues in front of it."""
 
     def __init__(self, answer: Any):
         self.answer = answer
-        self.slots = asyncio.Semaphore(10)
+        self.slots = asyncio.Semaphore(STAGE_SLOTS)
 
     async def __call__(self, query: Any, deadline: float) -> Any:
         async with self.slots:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(STAGE_SECONDS)
         return await self.answer(query, deadline)
 
 
@@ -90,9 +96,8 @@ def slow_gateway(tiny_bundle: Path, tmp_path: Path, request: pytest.FixtureReque
 def test_after_twice_its_capacity_the_gateway_recovers_at_once_and_loses_no_feedback(
         slow_gateway: str, tiny_dataset: Dataset) -> None:
     mix = Mix(tuple(tiny_dataset.user_ids), tuple(tiny_dataset.item_ids), k=5)
-    # 80% of the mix is Recommend: 150/s offered is 120 Recommend/s, 300/s is 240 (> 200).
     # Phases long enough for a p99 of a few hundred answers each, not of the slowest two.
-    report = run_overload(LoadTest(slow_gateway, 150.0, 1.0), mix, capacity_rps=150.0, phase_s=6.0,
+    report = run_overload(LoadTest(slow_gateway, CAPACITY_RPS, 1.0), mix, capacity_rps=CAPACITY_RPS, phase_s=6.0,
                           recovery_s=20.0)
     overload = report["overload"]
     assert overload["shed_share"] > 0.05  # the excess was refused
@@ -112,7 +117,7 @@ def test_without_admission_control_the_same_overload_queues_up(slow_gateway: str
     """The contrast that shows what the test above measures: every call admitted, a queue
     builds in front of the slow stage, and what is answered is answered late."""
     mix = Mix(tuple(tiny_dataset.user_ids), tuple(tiny_dataset.item_ids), k=5)
-    report = run_overload(LoadTest(slow_gateway, 150.0, 1.0), mix, capacity_rps=150.0, phase_s=3.0,
+    report = run_overload(LoadTest(slow_gateway, CAPACITY_RPS, 1.0), mix, capacity_rps=CAPACITY_RPS, phase_s=3.0,
                           recovery_s=10.0)
     assert report["overload"]["shed_share"] == 0
     assert report["overload"]["recommend_admitted"]["p99_ms"] > 4 * report["before"]["p99_ms"]

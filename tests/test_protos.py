@@ -34,7 +34,8 @@ def test_public_contract_names_are_stable() -> None:
     assert numbers(pb.RecommendResponse) == {"items": 1, "model_version": 2, "degraded": 3, "recall_coverage": 4,
                                              "request_id": 5, "next_page_token": 6, "filter_passed": 7}
     assert numbers(pb.DeleteUserResponse) == {"events_removed": 1}
-    assert numbers(pb.Item) == {"item_id": 1, "text": 2, "tags": 3, "properties": 4, "created_ms": 5}
+    assert numbers(pb.Item) == {"item_id": 1, "text": 2, "tags": 3, "properties": 4, "created_ms": 5, "vectors": 6}
+    assert numbers(pb.FloatVector) == {"values": 1}
     assert numbers(pb.ItemFilter) == {"tags_any": 1, "tags_all": 2, "tags_none": 3, "ranges": 4, "equals": 5,
                                       "newer_than_ms": 6}
     assert numbers(pb.SimilarItemsRequest) == {"item_ids": 1, "k": 2, "filter": 3, "exclude_item_ids": 4,

@@ -23,6 +23,7 @@ from ranking.ranker import Ranker
 from ranking.text_encoder import TextEncoder
 from recdata.bundle import Bundle, load_bundle, load_weights
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, channel_flags
+from recdata.vectors import unit_rows
 
 SEMANTIC_RECENCY_DECAY = 0.9  # weight of the k-th most recent item's text is decay**k
 
@@ -449,8 +450,8 @@ class RankingModel:
             table = np.zeros((len(vectors), dim), np.float32)
             for n, named in enumerate(vectors):
                 if name in named:
-                    table[n] = named[name] / max(float(np.linalg.norm(named[name])), 1e-12)
-            inputs[name] = torch.from_numpy(table).to(self.device)
+                    table[n] = named[name]
+            inputs[name] = torch.from_numpy(unit_rows(table)).to(self.device)
         return inputs
 
     @torch.inference_mode()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ranking.config import ModelConfig
+from recdata.vectors import unit_rows
 
 
 class ItemEncoder(nn.Module):
@@ -51,9 +52,7 @@ class ItemEncoder(nn.Module):
         self.vector_projections = nn.ModuleDict(
             {name: nn.Linear(dims[name], config.dim, bias=False) for name in self.vector_names})
         for name, table in (vectors or {}).items():
-            # Unit length in: a vision model's scale says nothing of taste, and the LM vectors are unit too.
-            unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
-            padded = np.vstack([np.zeros((1, table.shape[1]), np.float32), unit.astype(np.float32)])
+            padded = np.vstack([np.zeros((1, table.shape[1]), np.float32), unit_rows(table)])
             self.register_buffer(f"vectors_{name}", torch.from_numpy(padded), persistent=False)
 
     def vectors_of(self, items: torch.Tensor) -> dict[str, torch.Tensor]:

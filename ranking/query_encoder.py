@@ -68,7 +68,7 @@ class HSTUBlock(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.heads, self.dim, self.max_len = config.heads, config.dim, config.max_len
+        self.heads, self.max_len = config.heads, config.max_len
         self.norm = nn.LayerNorm(config.dim)
         self.uvqk = nn.Linear(config.dim, 4 * config.dim)
         self.attention_norm = nn.LayerNorm(config.dim)

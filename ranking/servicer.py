@@ -143,14 +143,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "item ids must be non-empty and distinct")
         given = [{name: np.asarray(v.values, dtype=np.float32) for name, v in item.vectors.items()}
                  for item in request.items]
-        try:
-            model.check_item_vectors(given)  # refused here, before any encoding
+        loop = asyncio.get_running_loop()
+        try:  # vectors the version cannot read are refused before anything is encoded
+            vectors = await loop.run_in_executor(
+                self.executor, model.upsert_items, ids, [item.text for item in request.items],
+                [tuple(item.tags) for item in request.items], given)
         except InvalidItems as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(
-            self.executor, model.upsert_items, ids, [item.text for item in request.items],
-            [tuple(item.tags) for item in request.items], given)
         return ranking_pb2.EmbedItemsResponse(
             vectors=[tensor_pb2.ChannelVectors(channel=c, vectors=to_tensor(v)) for c, v in vectors.items()],
             model_version=model.version,

@@ -6,7 +6,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -100,10 +100,6 @@ class Dataset:
         for name in sorted(self.item_vectors):
             digest.update(name.encode() + b"\x1e" + np.ascontiguousarray(self.item_vectors[name]).tobytes())
         return digest.hexdigest()
-
-    def without_vectors(self) -> Dataset:
-        """The same data without the precomputed item vectors (the ablation)."""
-        return replace(self, item_vectors={})
 
     def item_attributes(self) -> list[ItemAttributes]:
         """What filters read of each item; an item joined the catalogue at its first

@@ -49,6 +49,15 @@ def parse_vector(cell: str | Sequence[float] | None, where: str) -> np.ndarray |
     return np.asarray(values, dtype=np.float32)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit length; all-zero rows (no vector) stay zero. The item
+    encoder reads vectors so: a vision model's scale says nothing of taste, and the LM
+    vectors are unit too."""
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    unit: np.ndarray = (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+    return unit
+
+
 def format_vector(vector: np.ndarray) -> str:
     """A vector as an item file's CSV cell; float32 round-trips exactly through 9 digits."""
     return " ".join(f"{v:.9g}" for v in vector.tolist())

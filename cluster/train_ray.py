@@ -195,7 +195,8 @@ def write_checkpoint(folder: Path, trainer: Trainer, state: PhaseState, optimise
     tensors = {name: value for name, value in state.rng.items() if isinstance(value, torch.Tensor)}
     save_file(tensors, folder / RANDOM)
     (folder / STATE).write_text(json.dumps({
-        "phase": state.phase, "epoch": state.epoch, "best": state.best, "stale": state.stale, "curve": state.curve,
+        "phase": state.phase, "epoch": state.epoch, "best": state.best, "start": state.start, "stale": state.stale,
+        "curve": state.curve,
         "param_groups": saved["param_groups"], "optimiser_indexes": sorted(saved["state"]),
         "rng": {k: v for k, v in state.rng.items() if not isinstance(v, torch.Tensor)},
     }), "utf-8")
@@ -211,7 +212,8 @@ def read_checkpoint(folder: Path, trainer: Trainer) -> PhaseState:
         index, name = key.split(".", 1)
         state[int(index)][name] = value
     rng: dict[str, Any] = {**meta["rng"], **load_file(folder / RANDOM)}
-    return PhaseState(phase=meta["phase"], epoch=meta["epoch"], best=meta["best"], stale=meta["stale"],
+    return PhaseState(phase=meta["phase"], epoch=meta["epoch"], best=meta["best"], start=meta.get("start", -1.0),
+                      stale=meta["stale"],
                       best_state=load_file(folder / BEST) if (folder / BEST).exists() else None,
                       curve=meta["curve"], optimiser={"state": state, "param_groups": meta["param_groups"]},
                       rng=rng)

@@ -53,7 +53,9 @@ class TrainConfig:
     num_negatives: int = 1024  # uniform negatives per batch; >= catalogue means exact softmax
     content_loss_weight: float = 0.5  # weight of the same loss over content-only item vectors, which
                                       # is what makes items without interactions retrievable
-    ranker_epochs: int = 6
+    ranker_epochs: int = 6     # upper bound (0: no ranker training); patience usually ends it sooner
+    ranker_patience: int = 3   # ranker epochs without beating its best before it stops; the first
+                               # best is the funnel it starts from, so it trains until it beats that
     ranker_positions: int = 8  # training positions per user for the ranker (most recent)
     ranker_examples_per_epoch: int = 40_000  # sampled per epoch when users x positions is larger
     ranker_time_budget_s: float = 300.0      # stop the ranker phase after this many seconds
@@ -77,6 +79,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
+        if self.patience < 1 or self.ranker_patience < 1:
+            raise ValueError("patience and ranker_patience must be >= 1")
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives={self.num_negatives} must be >= 1")
         if self.validation_users < 0:
@@ -88,21 +92,27 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_file(cls, path: Path, **overrides: Any) -> TrainConfig:
-        """A training config file (TOML): training fields at the top level, model fields in a
-        `[model]` table, e.g. `epochs = 20`, `[model] dim = 128`. `overrides` (the command
-        line's explicit options) win over the file; an unknown name is refused."""
+    def read_file(cls, path: Path) -> dict[str, Any]:
+        """The settings a training config file (TOML) sets: training fields at the top level,
+        model fields in a `[model]` table, e.g. `epochs = 20`, `[model] dim = 128`. An
+        unknown name is refused."""
         import tomllib
 
         values = tomllib.loads(path.read_text("utf-8"))
-        model = values.pop("model", {})
+        model = values.get("model", {})
         unknown = sorted(set(values) - set(cls.__dataclass_fields__)) + sorted(
             f"model.{k}" for k in set(model) - set(ModelConfig.__dataclass_fields__))
         if unknown:
             allowed = sorted(set(cls.__dataclass_fields__) - {"model"}) + sorted(
                 f"model.{k}" for k in ModelConfig.__dataclass_fields__)
             raise ValueError(f"{path}: unknown settings {unknown}; allowed: {', '.join(allowed)}")
-        return cls.from_dict({**values, "model": model, **overrides})  # unset model fields keep their defaults
+        return values
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides: Any) -> TrainConfig:
+        """A config file's settings over the defaults; `overrides` (the command line's explicit
+        options) win over the file. Unset model fields keep their defaults."""
+        return cls.from_dict({"model": {}, **cls.read_file(path), **overrides})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:

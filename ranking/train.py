@@ -65,6 +65,7 @@ class PhaseState:
     phase: str                                   # "encoder" or "ranker"
     epoch: int = 0                               # epochs completed
     best: float = -1.0                           # best validation NDCG@10 so far
+    start: float = -1.0                          # validation NDCG@10 before the phase trained
     stale: int = 0                               # epochs since it improved
     best_state: dict[str, torch.Tensor] | None = None
     curve: list[dict[str, float]] = field(default_factory=list)  # every epoch of every phase so far
@@ -139,12 +140,14 @@ def stop_report(phase: str, curve: list[dict[str, float]], budget_s: float, seco
         reason = "time budget"
     else:
         reason = "other replica"  # data-parallel replicas stop together when any one would
+    # A budget (of time or of epochs) cut it while it still improved: more would have helped.
     report = {"reason": reason, "epochs": epochs, "seconds": round(seconds, 1),
-              "still_improving": bool(still_improving and reason == "time budget")}
+              "still_improving": bool(still_improving and reason in ("time budget", "epochs"))}
     if report["still_improving"]:
-        log.warning("the %s phase was stopped by its %.0f s time budget after %d epochs while validation "
-                    "NDCG@10 still improved (%.4f after %.4f): raise its budget to train it further",
-                    phase, budget_s, epochs, scores[-1], max(scores[:-1]))
+        budget = f"{budget_s:.0f} s time budget" if reason == "time budget" else f"{max_epochs} epoch budget"
+        log.warning("the %s phase was stopped by its %s after %d epochs while validation NDCG@10 still "
+                    "improved (%.4f after %.4f): raise its budget to train it further",
+                    phase, budget, epochs, scores[-1], max(scores[:-1]))
     return report
 
 
@@ -512,7 +515,8 @@ class Trainer:
             rng.bit_generator.state = state.rng["numpy"]
             self._restore_random_streams(state.rng)
         else:
-            state = PhaseState("ranker", best=self.evaluate(True, True, "before ranker training")["ndcg@10"],
+            start = self.evaluate(True, True, "before ranker training")["ndcg@10"]
+            state = PhaseState("ranker", best=start, start=start,
                                best_state={k: v.clone() for k, v in self.model.ranker.state_dict().items()},
                                curve=earlier)
         scorer = self.scorer()  # item tables are fixed from here on
@@ -555,15 +559,23 @@ class Trainer:
             point = self._point("ranker", epoch + 1, total, with_ranker=True)
             state.curve.append(point)
             state.epoch = epoch + 1
+            # The score to beat starts as the funnel's before ranker training: the phase goes on
+            # until it beats that, and then its own best, or `ranker_patience` epochs pass without.
             if point["ndcg@10"] > state.best:
-                state.best = point["ndcg@10"]
+                state.best, state.stale = point["ndcg@10"], 0
                 state.best_state = {k: v.clone() for k, v in self.model.ranker.state_dict().items()}
+            else:
+                state.stale += 1
             state.rng = {"numpy": rng.bit_generator.state, **self._random_streams()}
-            if self._end_of_epoch(state, optimiser, time.perf_counter() - phase_started > cfg.ranker_time_budget_s):
+            if self._end_of_epoch(state, optimiser, state.stale >= cfg.ranker_patience
+                                  or time.perf_counter() - phase_started > cfg.ranker_time_budget_s):
                 break
         ranker_curve = [p for p in state.curve if p["stage"] == 1.0]
         self.stops["ranker"] = stop_report("ranker", ranker_curve, cfg.ranker_time_budget_s,
-                                           time.perf_counter() - phase_started, state.epoch, cfg.ranker_epochs)
+                                           time.perf_counter() - phase_started, state.epoch, cfg.ranker_epochs,
+                                           state.stale >= cfg.ranker_patience)
+        # Whether the trained ranker beat the funnel it started from (else the start is kept).
+        self.stops["ranker"]["beat_start"] = state.best > state.start
         if state.best_state is not None:
             self.model.ranker.load_state_dict(state.best_state)
         return [p for p in state.curve if p["stage"] == 1.0]

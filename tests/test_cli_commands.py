@@ -77,6 +77,10 @@ def test_train_takes_its_settings_from_a_config_file_and_records_them(tmp_path: 
     report = json.loads(result.output[result.output.index("{\n"):])
     assert report["config"]["epochs"] == 2 and report["config"]["model"]["dim"] == 24  # the flag wins
     assert report["metrics"]["stops"]["encoder"]["epochs"] <= 2
+    # What neither sets follows the data's size: its short histories get a short encoder window.
+    assert "model.max_len" in report["sized"]["decided"] and "epochs" not in report["sized"]["decided"]
+    assert report["config"]["model"]["max_len"] < 50 and report["sized"]["data"]["interactions"] == len(
+        pairs.read_text().splitlines())
     manifest = load_bundle(out).manifest
     assert manifest["model"]["dim"] == 24 and manifest["training"]["num_negatives"] == 16
     bad = tmp_path / "bad.toml"

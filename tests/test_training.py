@@ -121,6 +121,34 @@ def test_a_stop_by_the_time_budget_while_improving_is_reported_and_warned(caplog
     assert stop_report("encoder", flat, 600.0, 100.0, 10, 60, out_of_patience=True)["reason"] == "patience"
 
 
+@pytest.mark.parametrize(("scores", "epochs", "beat_start"), [
+    ((0.40, 0.45, 0.48), 3, False),            # never beats its start: patience ends it
+    ((0.40, 0.60, 0.55, 0.58, 0.59), 5, True),  # beats it, then its own best stands for 3 epochs
+])
+def test_the_ranker_trains_until_it_beats_its_start_or_its_patience_runs_out(
+        tiny_dataset: Dataset, text_encoder: TextEncoder, scores: tuple[float, ...], epochs: int,
+        beat_start: bool) -> None:
+    from dataclasses import replace
+
+    from tests.conftest import TINY_TRAINING
+
+    trainer = Trainer(tiny_dataset, replace(TINY_TRAINING, epochs=1, ranker_epochs=10, ranker_patience=3,
+                                            ranker_examples_per_epoch=64), text_encoder)
+    trainer.train_encoder()
+    start = {k: v.clone() for k, v in trainer.model.ranker.state_dict().items()}
+    validation = iter((0.5, *scores))  # the funnel before ranker training, then after each epoch
+
+    def scripted(validation_split: bool, with_ranker: bool, when: str = "") -> dict[str, float]:
+        return {"ndcg@10": next(validation), "hr@10": 0.0}
+
+    trainer.evaluate = scripted  # type: ignore[method-assign]
+    curve = trainer.train_ranker()
+    assert len(curve) == epochs and trainer.stops["ranker"]["reason"] == "patience"
+    assert trainer.stops["ranker"]["beat_start"] is beat_start
+    kept = trainer.model.ranker.state_dict()
+    assert all(torch.equal(kept[k], start[k]) for k in start) is not beat_start  # no better ranker: the start
+
+
 def test_every_long_phase_reports_its_progress(tmp_path: Path) -> None:
     from recdata.synthetic import SyntheticConfig, generate
 

@@ -71,13 +71,18 @@ def train_command(
     item_column: ItemColumnOption = None,
     fmt: FormatOption = DataFormat.pairs,
     config_file: Annotated[Path | None, typer.Option("--config", help="training settings (TOML): model size, "
-                                                                      "negatives, batch, lr, epochs, budgets")
+                                                                      "negatives, batch, lr, epochs, budgets; "
+                                                                      "unset, the size-following ones come from "
+                                                                      "the data (ranking.sizing)")
                            ] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="most query-encoder epochs (early stopping ends "
-                                                           "sooner) [default: 60]")] = None,
-    seconds: Annotated[float | None, typer.Option(help="time budget of the query-encoder phase [default: 600]")
+                                                           "sooner) [default: from the data's size, 60 for "
+                                                           "ML-100K]")] = None,
+    seconds: Annotated[float | None, typer.Option(help="time budget of the query-encoder phase "
+                                                         "[default: from the data's size, 600 for ML-100K]")
                        ] = None,
-    ranker_seconds: Annotated[float | None, typer.Option(help="time budget of the ranker phase [default: 300]")
+    ranker_seconds: Annotated[float | None, typer.Option(help="time budget of the ranker phase "
+                                                                "[default: half the encoder's]")
                               ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed [default: 0]")] = None,
     curve: Annotated[Path | None, typer.Option(help="write NDCG@10 against seconds to this PNG")] = None,
@@ -92,6 +97,7 @@ def train_command(
 ) -> None:
     """Train the item/query encoders and the ranker; write a bundle and print its metrics as JSON."""
     from ranking.config import TrainConfig
+    from ranking.sizing import DataSize, with_sized_defaults
     from ranking.train import train
 
     if workers and device is not None:
@@ -109,8 +115,8 @@ def train_command(
              "device": device}
     overrides = {k: v for k, v in given.items() if v is not None} | {"track_test": curve is not None}
     try:
-        config = (TrainConfig.from_file(config_file, **overrides) if config_file
-                  else TrainConfig.from_dict(overrides))
+        explicit = {**(TrainConfig.read_file(config_file) if config_file else {}), **overrides}
+        TrainConfig.from_dict(explicit)  # a bad value is refused before the data is read
     except (ValueError, TypeError, OSError) as error:
         raise typer.BadParameter(str(error), param_hint="--config") from error
 
@@ -121,6 +127,18 @@ def train_command(
     with phase_bars() as phase:
         data = load_data(dataset, interactions, items, fmt, item_column,
                          progress=lambda done, total: phase("reading", done, total))
+        # What the config file and the options leave unset of the size-following settings, the
+        # data's size decides (`ranking.sizing`).
+        size = DataSize.of(data)
+        settings, decided = with_sized_defaults(size, explicit)
+        try:
+            config = TrainConfig.from_dict(settings)
+        except (ValueError, TypeError) as error:
+            raise typer.BadParameter(str(error), param_hint="--config") from error
+        if decided:
+            chosen = {**settings, **{f"model.{k}": v for k, v in settings["model"].items()}}
+            progress_console.log("settings from the data's size (" + f"{size.interactions:,} interactions, "
+                                 f"{size.items:,} items): " + ", ".join(f"{k} {chosen[k]}" for k in decided))
         if workers:
             import os
 
@@ -142,6 +160,7 @@ def train_command(
 
         plot_training_curve(result.curve, curve, f"recfunnel training on {data.name}")
     typer.echo(json.dumps({"bundle": str(out), "version": result.version, "config": config.to_dict(),
+                           "sized": {"data": size.to_dict(), "decided": decided},
                            "metrics": result.metrics, "curve": result.curve}, indent=2, default=str))
 
 

@@ -1,0 +1,80 @@
+"""The data-size rule: the training settings that follow a data set's size.
+
+`recfunnel train` takes these from the data unless the config file or the command line sets
+them; everything else keeps `TrainConfig`'s defaults. The rule is chosen so that
+MovieLens-100K (943 users, 1,682 items, 10^5 interactions, median history 65, 90th
+percentile 244) gets exactly the defaults every figure in BENCHMARKS.md was measured with.
+
+  epochs                most encoder epochs: 6 x 10^6 / interactions, within 20..200 (small data
+                        needs more passes; early stopping usually ends sooner)
+  time_budget_s         600 s x sqrt(interactions / 10^5), within 600..3600 (an epoch's cost
+                        grows with the interactions, convergence in epochs shrinks)
+  ranker_time_budget_s  half the encoder's (as set, or as the rule has it)
+  num_negatives         items / 64, within 1024..8192 (a larger catalogue needs more negatives
+                        per step to tell its items apart; the step's cost follows this, not the
+                        catalogue)
+  model.dim             64 below 10^5 items, 128 from there (more items to separate)
+  model.max_len         the 90th percentile history, rounded up to tens, within 10..50; 200
+                        where the median history reaches 150 (SASRec's recipe for long
+                        histories, as MovieLens-1M's)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from recdata.dataset import Dataset
+
+# The settings the rule decides, as a config file names them.
+SIZED_SETTINGS = ("epochs", "time_budget_s", "ranker_time_budget_s", "num_negatives", "model.dim",
+                  "model.max_len")
+
+
+@dataclass(frozen=True)
+class DataSize:
+    users: int
+    items: int
+    interactions: int
+    median_length: float   # of the users' histories
+    p90_length: float
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> DataSize:
+        lengths = np.array([len(s) for s in dataset.sequences] or [0])
+        return cls(users=dataset.num_users, items=dataset.num_items, interactions=int(lengths.sum()),
+                   median_length=float(np.median(lengths)), p90_length=float(np.percentile(lengths, 90)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sized_settings(size: DataSize) -> dict[str, Any]:
+    """The rule's settings for data of this size, shaped as a config file's values."""
+    interactions = max(1, size.interactions)
+    encoder_seconds = float(min(3600, 600 * math.sqrt(max(1.0, interactions / 1e5))))
+    long_histories = size.median_length >= 150
+    max_len = 200 if long_histories else int(min(50, max(10, math.ceil(size.p90_length / 10) * 10)))
+    return {
+        "epochs": int(min(200, max(20, round(6e6 / interactions)))),
+        "time_budget_s": round(encoder_seconds, 1),
+        "ranker_time_budget_s": round(encoder_seconds / 2, 1),
+        "num_negatives": int(min(8192, max(1024, size.items // 64))),
+        "model": {"dim": 64 if size.items < 100_000 else 128, "max_len": max_len},
+    }
+
+
+def with_sized_defaults(size: DataSize, explicit: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`explicit` settings (a config file's, the command line's) over the rule's: the merged
+    values and the names of the settings the rule decided."""
+    rule = sized_settings(size)
+    model_rule = rule.pop("model")
+    if "time_budget_s" in explicit:  # the ranker's budget stays half the encoder's
+        rule["ranker_time_budget_s"] = explicit["time_budget_s"] / 2
+    given_model = dict(explicit.get("model", {}))
+    merged = {**rule, **explicit, "model": {**model_rule, **given_model}}
+    decided = [k for k in rule if k not in explicit] + [f"model.{k}" for k in model_rule if k not in given_model]
+    return merged, decided

@@ -1,0 +1,49 @@
+"""The data-size rule: which settings follow the data's size, and that explicit ones win."""
+
+from __future__ import annotations
+
+import pytest
+
+from ranking.config import TrainConfig
+from ranking.sizing import SIZED_SETTINGS, DataSize, sized_settings, with_sized_defaults
+from recdata.synthetic import SyntheticConfig, generate
+
+ML_100K = DataSize(users=943, items=1682, interactions=100_000, median_length=65.0, p90_length=244.4)
+
+
+def test_movielens_100k_gets_exactly_the_defaults() -> None:
+    settings, decided = with_sized_defaults(ML_100K, {})
+    assert TrainConfig.from_dict(settings) == TrainConfig()
+    assert sorted(decided) == sorted(SIZED_SETTINGS)
+
+
+def test_larger_data_gets_more_negatives_width_and_time_and_fewer_epochs() -> None:
+    million = sized_settings(DataSize(users=50_000, items=200_000, interactions=1_000_000, median_length=18.0,
+                                      p90_length=31.0))
+    assert million == {"epochs": 20, "time_budget_s": pytest.approx(1897.4, abs=0.1),
+                       "ranker_time_budget_s": pytest.approx(948.7, abs=0.1), "num_negatives": 3125,
+                       "model": {"dim": 128, "max_len": 40}}
+    huge = sized_settings(DataSize(users=10**6, items=10**7, interactions=10**9, median_length=200.0,
+                                   p90_length=900.0))
+    assert (huge["epochs"], huge["time_budget_s"], huge["num_negatives"]) == (20, 3600, 8192)
+    assert huge["model"]["max_len"] == 200  # long histories: SASRec's length for them
+    tiny = sized_settings(DataSize(users=60, items=40, interactions=480, median_length=8.0, p90_length=11.0))
+    assert (tiny["epochs"], tiny["time_budget_s"], tiny["num_negatives"]) == (200, 600, 1024)
+    assert tiny["model"] == {"dim": 64, "max_len": 20}
+
+
+def test_explicit_settings_win_and_the_ranker_budget_follows_an_explicit_encoder_budget() -> None:
+    settings, decided = with_sized_defaults(ML_100K, {"epochs": 7, "time_budget_s": 100.0,
+                                                      "model": {"dim": 32}})
+    config = TrainConfig.from_dict(settings)
+    assert (config.epochs, config.time_budget_s, config.ranker_time_budget_s) == (7, 100.0, 50.0)
+    assert (config.model.dim, config.model.max_len) == (32, 50)
+    assert sorted(decided) == ["model.max_len", "num_negatives", "ranker_time_budget_s"]
+
+
+def test_a_data_sets_size_is_measured_from_its_histories() -> None:
+    data = generate(SyntheticConfig(num_users=50, num_items=30, num_topics=3, mean_length=6, seed=1))
+    size = DataSize.of(data)
+    lengths = sorted(len(s) for s in data.sequences)
+    assert (size.users, size.items, size.interactions) == (50, 30, sum(lengths))
+    assert min(lengths) <= size.median_length <= size.p90_length <= max(lengths)

@@ -327,6 +327,29 @@ def bench_ablations(
                  as_json, [(f"{name} NDCG@10", f"test.{name}.ndcg@10") for name in rows], "ablations, test split")
 
 
+@bench.command("feedback")
+def bench_feedback(
+    dislike_at: Annotated[float, typer.Option(min=1.0, max=4.0, help="ratings at or below this are dislikes")] = 2.0,
+    seconds: Annotated[float, typer.Option(help="encoder training budget of each variant")] = 300.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """Typed feedback on MovieLens-100K's ratings: every rating positive, against low ratings as
+    dislikes (never history, extra negatives), against that with positives weighted by rating;
+    NDCG@10 on the same positive targets."""
+    from bench.feedback import FeedbackBenchConfig, run_feedback_bench
+    from recdata.movielens import load_ml100k, ml100k_ratings
+
+    data = load_ml100k()
+    report = run_feedback_bench(data, ml100k_ratings(data), FeedbackBenchConfig(dislike_at, seconds, seed))
+    print_report(report, as_json, [
+        ("all positive funnel NDCG@10", "variants.all_positive.test.funnel.ndcg@10"),
+        ("dislikes funnel NDCG@10", "variants.dislikes.test.funnel.ndcg@10"),
+        ("weighted funnel NDCG@10", "variants.weighted.test.funnel.ndcg@10"),
+        ("dislikes / all positive", "funnel_ndcg@10_over_all_positive.dislikes"),
+        ("weighted / unweighted", "weighted_over_unweighted")], "typed feedback, ML-100K")
+
+
 @bench.command("serving")
 def bench_serving(
     bundle: Annotated[Path | None, typer.Option(help="ML-100K bundle; default: the demo one")] = None,

@@ -123,10 +123,6 @@ class RayWindowShard:
                                                    local_shuffle_seed=self.seed + epoch):
             yield batch["data"]
 
-    def epoch(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
-        for batch in self.numbered(epoch, batch_size):
-            yield batch[:, 1:]
-
 
 class RayReplicas:
     """`ranking.train.DataParallel` inside a Ray Train worker."""

@@ -143,6 +143,7 @@ class LoggedEvent:
     item_id: str
     event_type: str
     timestamp_ms: int
+    value: float = 0.0  # the event's value (a rating, a watch share); 0 = none
 
 
 class EventStore(Protocol):
@@ -404,8 +405,8 @@ class EventLog:
         """Events with after_seq < seq <= through_seq, in log order."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, user_id, item_id, event_type, timestamp_ms FROM events WHERE seq > ? AND seq <= ? "
-                "ORDER BY seq", (after_seq, through_seq)).fetchall()
+                "SELECT seq, user_id, item_id, event_type, timestamp_ms, value FROM events "
+                "WHERE seq > ? AND seq <= ? ORDER BY seq", (after_seq, through_seq)).fetchall()
         return [LoggedEvent(*row) for row in rows]
 
     def setting(self, key: str) -> str | None:

@@ -280,7 +280,7 @@ class PostgresEventLog:
     def events_between(self, after_seq: int, through_seq: int) -> list[LoggedEvent]:
         """Events with after_seq < seq <= through_seq, in log order."""
         with self._connection() as db:
-            rows = db.execute("SELECT seq, user_id, item_id, event_type, timestamp_ms FROM events "
+            rows = db.execute("SELECT seq, user_id, item_id, event_type, timestamp_ms, value FROM events "
                               "WHERE seq > %s AND seq <= %s ORDER BY seq", (after_seq, through_seq)).fetchall()
         return [LoggedEvent(*row) for row in rows]
 

@@ -53,6 +53,8 @@ class TrainConfig:
     num_negatives: int = 1024  # uniform negatives per batch; >= catalogue means exact softmax
     content_loss_weight: float = 0.5  # weight of the same loss over content-only item vectors, which
                                       # is what makes items without interactions retrievable
+    negative_feedback_weight: float = 1.0  # weight of the loss that ranks each target above the items
+                                           # its user disliked (where the data has dislikes)
     ranker_epochs: int = 6     # upper bound (0: no ranker training); patience usually ends it sooner
     ranker_patience: int = 3   # ranker epochs without beating its best before it stops; the first
                                # best is the funnel it starts from, so it trains until it beats that
@@ -81,6 +83,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be >= 1 and lr > 0")
         if self.patience < 1 or self.ranker_patience < 1:
             raise ValueError("patience and ranker_patience must be >= 1")
+        if self.negative_feedback_weight < 0 or self.content_loss_weight < 0:
+            raise ValueError("negative_feedback_weight and content_loss_weight must be >= 0")
         if self.num_negatives < 1:
             raise ValueError(f"num_negatives={self.num_negatives} must be >= 1")
         if self.validation_users < 0:

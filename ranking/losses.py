@@ -22,17 +22,19 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 class SampledSoftmax(torch.autograd.Function):
-    """Mean over rows of -log softmax(positive | negatives)[positive].
+    """Weighted mean over rows of -log softmax(positive | negatives)[positive].
 
     users (N, d), positives (N, d): each row's target item vector; negatives (S, d);
     log_q (S,): subtracted from each negative's logit (the sampling correction);
     hits (N, S) bool: negatives that are the row's own target, left out of its softmax;
+    row_weights (N,) > 0: each row's share of the mean (its event's weight; ones = plain mean);
     rows_per_chunk: rows per chunk, 0 = as many as fit CHUNK_ELEMENTS logits.
     """
 
     @staticmethod
     def forward(ctx: Any, users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
-                log_q: torch.Tensor, hits: torch.Tensor, rows_per_chunk: int) -> torch.Tensor:
+                log_q: torch.Tensor, hits: torch.Tensor, row_weights: torch.Tensor,
+                rows_per_chunk: int) -> torch.Tensor:
         rows = rows_per_chunk or max(1, CHUNK_ELEMENTS // max(1, len(negatives)))
         wants_grad = any(ctx.needs_input_grad[:3])
         losses = users.new_empty(len(users))
@@ -53,24 +55,27 @@ class SampledSoftmax(torch.autograd.Function):
             losses[chunk] = total.log() + top - positive
             if not wants_grad:
                 continue
-            scores /= total[:, None]                                       # d loss / d logit: the softmax ...
-            positive_grad = (positive_exp / total - 1)[:, None]            # ... minus one at the positive
+            weight = row_weights[chunk, None]
+            scores *= weight / total[:, None]                              # d loss / d logit: the softmax ...
+            positive_grad = (positive_exp / total - 1)[:, None] * weight   # ... minus one at the positive
             grad_users[chunk] = torch.addmm(positive_grad * positive_vector, scores, negatives)
             grad_positives[chunk] = positive_grad * user
             grad_negatives.addmm_(scores.T, user)
         ctx.save_for_backward(grad_users, grad_positives, grad_negatives)
-        ctx.rows = len(users)
-        return losses.mean()
+        ctx.total_weight = row_weights.sum()
+        return (losses * row_weights).sum() / ctx.total_weight
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        scale = grad / ctx.rows  # the loss is the rows' mean
-        return (*(g * scale for g in ctx.saved_tensors), None, None, None)
+        scale = grad / ctx.total_weight  # the loss is the rows' weighted mean
+        return (*(g * scale for g in ctx.saved_tensors), None, None, None, None)
 
 
 def sampled_softmax(users: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, log_q: torch.Tensor,
-                    hits: torch.Tensor, rows_per_chunk: int = 0) -> torch.Tensor:
-    """See `SampledSoftmax`."""
-    loss: torch.Tensor = SampledSoftmax.apply(users, positives, negatives, log_q, hits, rows_per_chunk)
+                    hits: torch.Tensor, row_weights: torch.Tensor | None = None,
+                    rows_per_chunk: int = 0) -> torch.Tensor:
+    """See `SampledSoftmax`; `row_weights` None: every row weighs the same."""
+    weights = users.new_ones(len(users)) if row_weights is None else row_weights.to(users.dtype)
+    loss: torch.Tensor = SampledSoftmax.apply(users, positives, negatives, log_q, hits, weights, rows_per_chunk)
     return loss

@@ -96,8 +96,9 @@ class WindowShard(Protocol):
 
     rows: int  # about how many windows each epoch brings this replica, for progress
 
-    def epoch(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
-        """The epoch's (B, max_len + 1) windows in a seeded order, batch by batch."""
+    def numbered(self, epoch: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """The epoch's windows in a seeded order, batch by batch: (B, 1 + max_len + 1), each
+        window's number (its row in `training_windows`) and then the window."""
         ...
 
 
@@ -162,15 +163,84 @@ def encoder_windows(dataset: Dataset, config: TrainConfig) -> np.ndarray:
     return training_windows(leave_last_two(dataset).train, config.model.max_len)
 
 
+def window_layout(sequences: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each training window's user and where its span ends (exclusive) in that user's
+    sequence, in `training_windows`' order: a window ending at `end` holds positions
+    end - max_len - 1 .. end - 1, left-padded where those start before the sequence."""
+    users: list[int] = []
+    ends: list[int] = []
+    for user, seq in enumerate(sequences):
+        spans = range(len(seq), 1, -max_len)
+        users.extend([user] * len(spans))
+        ends.extend(spans)
+    return np.asarray(users, np.int64), np.asarray(ends, np.int64)
+
+
 def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
     """(N, max_len + 1) left-padded windows (item index + 1) covering every position once."""
     windows = []
-    for seq in sequences:
-        rows = np.asarray(seq, dtype=np.int64) + 1
-        for end in range(len(rows), 1, -max_len):
-            chunk = rows[max(0, end - max_len - 1) : end]
-            windows.append(np.pad(chunk, (max_len + 1 - len(chunk), 0)))
+    for user, end in zip(*window_layout(sequences, max_len), strict=True):
+        chunk = np.asarray(sequences[user][max(0, end - max_len - 1) : end], dtype=np.int64) + 1
+        windows.append(np.pad(chunk, (max_len + 1 - len(chunk), 0)))
     return np.stack(windows) if windows else np.zeros((0, max_len + 1), np.int64)
+
+
+# Disliked items kept per user as training negatives: the most recent ones.
+MAX_TRAINING_NEGATIVES = 32
+
+
+class EventWeights:
+    """What a training window's positions weigh (their events' weights) and which items its
+    user disliked, looked up by window number, so that neither travels with the windows: the
+    windows table (and a Ray Train shard of it) stays item indexes alone. Memory: one float
+    an interaction, two integers a window, `MAX_TRAINING_NEGATIVES` integers a user."""
+
+    def __init__(self, split: Split, negatives: list[np.ndarray], max_len: int, device: torch.device):
+        self.max_len = max_len
+        users, ends = window_layout(split.train, max_len)
+        self.window_users, self.window_ends = torch.from_numpy(users), torch.from_numpy(ends)
+        self.weighted = split.train_weights is not None
+        if split.train_weights is not None:
+            lengths = np.array([len(w) for w in split.train_weights], np.int64)
+            self.offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+            flat = np.concatenate(split.train_weights) if len(lengths) else np.zeros(0)
+            self.flat = torch.from_numpy(np.append(flat, 1.0).astype(np.float32))  # last: padding's
+        table = np.full((len(split.train), MAX_TRAINING_NEGATIVES), -1, np.int64)
+        for user, items in enumerate(negatives[: len(split.train)]):
+            recent = items[-MAX_TRAINING_NEGATIVES:]
+            table[user, : len(recent)] = recent
+        self.with_negatives = bool((table >= 0).any())
+        self.negatives = torch.from_numpy(table).to(device)
+        self.device = device
+
+    def position_weights(self, numbers: torch.Tensor) -> torch.Tensor:
+        """(B, max_len + 1) weights of the windows `numbers`; padding positions weigh 1."""
+        users, ends = self.window_users[numbers.cpu()], self.window_ends[numbers.cpu()]
+        positions = ends[:, None] - (self.max_len + 1) + torch.arange(self.max_len + 1)
+        index = torch.where(positions >= 0, self.offsets[users][:, None] + positions, len(self.flat) - 1)
+        return self.flat[index].to(self.device)
+
+    def user_negatives(self, numbers: torch.Tensor) -> torch.Tensor:
+        """(B, MAX_TRAINING_NEGATIVES) disliked items of each window's user, -1 padded."""
+        return self.negatives[self.window_users[numbers.cpu()].to(self.device)]
+
+
+def disliked_loss(users: torch.Tensor, positives: torch.Tensor, disliked: torch.Tensor,
+                  present: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The softmax of each row's target against the items its user disliked: users (N, d),
+    positives (N, d), disliked (N, M, d) with `present` (N, M) marking real ones. Rows with
+    none add nothing; the rest are averaged (weighted as the main loss is)."""
+    rows = present.any(1)
+    if not rows.any():
+        return users.new_zeros(())
+    users, positives, disliked, present = users[rows], positives[rows], disliked[rows], present[rows]
+    logits = torch.cat([(users * positives).sum(-1, keepdim=True),
+                        torch.einsum("nd,nmd->nm", users, disliked).masked_fill(~present, -math.inf)], 1)
+    losses = torch.logsumexp(logits, 1) - logits[:, 0]
+    if weights is None:
+        return losses.mean()
+    weights = weights[rows]
+    return (losses * weights).sum() / weights.sum()
 
 
 class Funnel(torch.nn.Module):
@@ -218,8 +288,11 @@ class Trainer:
         if cold_items is not None and len(cold_items):
             cold = np.zeros(dataset.num_items, dtype=bool)
             cold[cold_items] = True
+            weights = self.split.train_weights
             self.split = Split([s[~cold[s]] for s in self.split.train], self.split.users,
-                               self.split.valid_targets, self.split.test_targets)
+                               self.split.valid_targets, self.split.test_targets,
+                               None if weights is None else [w[~cold[s]] for s, w in
+                                                             zip(self.split.train, weights, strict=True)])
         if config.use_text:
             if text_vectors is None:
                 # Vectors are kept on disk by text hash: a second run over the same catalogue
@@ -263,6 +336,9 @@ class Trainer:
         # Its own seeded draw, so the test users are not only the validation sample's.
         self.test = Evaluation(self.split, dataset.num_items, validation=False, seed=config.seed,
                                positions=user_sample(len(self.split.users), config.test_users, config.seed + 1))
+        # The events' weights and the users' dislikes, where the data has them (event types).
+        self.events = (EventWeights(self.split, dataset.negatives, config.model.max_len, self.device)
+                       if self.split.train_weights is not None or dataset.has_negatives else None)
         self.started = time.perf_counter()
 
     def _load_weights(self, bundle: Path) -> None:
@@ -294,54 +370,82 @@ class Trainer:
         return torch.cat([uniform, others]), log_q
 
     def _sampled_softmax(self, users: torch.Tensor, targets: torch.Tensor, positives: torch.Tensor,
-                         negatives: torch.Tensor, log_q: torch.Tensor, negative_vectors: torch.Tensor) -> torch.Tensor:
+                         negatives: torch.Tensor, log_q: torch.Tensor, negative_vectors: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
         """users (N, d), targets (N,) and negatives (S,) catalogue indexes with their vectors
-        (N, d) and (S, d), log_q (S,) -> mean loss, accidental hits masked."""
+        (N, d) and (S, d), log_q (S,), weights (N,) or None -> (weighted) mean loss,
+        accidental hits masked."""
         tau = self.config.model.temperature
-        return sampled_softmax(users / tau, positives, negative_vectors, log_q, negatives[None, :] == targets[:, None])
+        return sampled_softmax(users / tau, positives, negative_vectors, log_q, negatives[None, :] == targets[:, None],
+                               weights)
 
-    def sampled_softmax_loss(self, users: torch.Tensor, targets: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """users (N, d), targets (N,) catalogue indexes, items (I, d) -> mean loss."""
+    def sampled_softmax_loss(self, users: torch.Tensor, targets: torch.Tensor, items: torch.Tensor,
+                             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """users (N, d), targets (N,) catalogue indexes, items (I, d) -> (weighted) mean loss."""
         if self.exact_softmax:
             known = self.known_items
             logits = torch.full((len(users), items.shape[0]), -math.inf, device=users.device)
             logits[:, known] = users @ items[known].T / self.config.model.temperature
-            return F.cross_entropy(logits, targets)
+            if weights is None:
+                return F.cross_entropy(logits, targets)
+            return (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
         negatives, log_q = self.draw_negatives(targets)
-        return self._sampled_softmax(users, targets, items[targets], negatives, log_q, items[negatives])
+        return self._sampled_softmax(users, targets, items[targets], negatives, log_q, items[negatives], weights)
 
-    def encoder_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def encoder_loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+                     numbers: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder phase's loss on (B, T) windows of padded item indexes (targets are the
         inputs shifted by one). Item vectors are computed only for the items the step reads:
         its histories, its targets and its sampled negatives, so a step's cost follows the
-        batch and the sample, not the catalogue. Only the exact softmax reads every item."""
+        batch and the sample, not the catalogue. Only the exact softmax reads every item.
+
+        `numbers`: the windows' numbers, where the data has event weights or dislikes: each
+        target then counts by its event's weight, and is also ranked against the items its
+        user disliked (`disliked_loss`, weighted by `negative_feedback_weight`)."""
         cfg = self.config
         valid = (targets != 0) & (inputs != 0)
         wanted = targets[valid] - 1                                              # (N,) catalogue indexes
         with_content = cfg.content_loss_weight > 0 and cfg.use_text
+        events = self.events
+        weights = disliked = None
+        if events is not None and numbers is not None and events.weighted:
+            weights = events.position_weights(numbers)[:, 1:][valid]
+        if events is not None and numbers is not None and events.with_negatives and cfg.negative_feedback_weight > 0:
+            disliked = events.user_negatives(numbers)[:, None, :].expand(*inputs.shape, -1)[valid]   # (N, M)
+            disliked = disliked.masked_fill(disliked == wanted[:, None], -1)
         if self.exact_softmax:
             table = self.item_table()
             users = self.model.encoder(table[inputs], inputs == 0)[valid]        # (N, d)
-            loss = self.sampled_softmax_loss(users, wanted, table[1:])
+            loss = self.sampled_softmax_loss(users, wanted, table[1:], weights)
             if with_content:
                 loss = loss + cfg.content_loss_weight * self.sampled_softmax_loss(
-                    users, wanted, self.model.items.content_only())
+                    users, wanted, self.model.items.content_only(), weights)
+            if disliked is not None:
+                loss = loss + cfg.negative_feedback_weight * disliked_loss(
+                    users / cfg.model.temperature, table[wanted + 1], table[disliked + 1], disliked >= 0, weights)
             return loss
         draws = [self.draw_negatives(wanted) for _ in range(2 if with_content else 1)]
         # Every item the step reads, once, as a padded index; `rows` maps each read to its vector.
+        # A disliked slot's -1 reads the padding row, masked out of its softmax.
         reads = [inputs.reshape(-1), wanted + 1, *(negatives + 1 for negatives, _ in draws)]
+        if disliked is not None:
+            reads.append(disliked.reshape(-1) + 1)
         touched, rows = torch.unique(torch.cat(reads), return_inverse=True)
         history_rows, target_rows, *negative_rows = rows.split([len(r) for r in reads])
         vectors = self.model.items(touched)                                       # (U, d)
         users = self.model.encoder(vectors[history_rows].view(*inputs.shape, -1), inputs == 0)[valid]
         (negatives, log_q), *content_draw = draws
         loss = self._sampled_softmax(users, wanted, vectors[target_rows], negatives, log_q,
-                                     vectors[negative_rows[0]])
+                                     vectors[negative_rows[0]], weights)
         if with_content:
             content = self.model.items.content_of(touched)                        # (U, d)
             (negatives, log_q), = content_draw
             loss = loss + cfg.content_loss_weight * self._sampled_softmax(
-                users, wanted, content[target_rows], negatives, log_q, content[negative_rows[1]])
+                users, wanted, content[target_rows], negatives, log_q, content[negative_rows[1]], weights)
+        if disliked is not None:
+            loss = loss + cfg.negative_feedback_weight * disliked_loss(
+                users / cfg.model.temperature, vectors[target_rows], vectors[negative_rows[-1]].view(
+                    *disliked.shape, -1), disliked >= 0, weights)
         return loss
 
     def item_table(self) -> torch.Tensor:
@@ -416,16 +520,18 @@ class Trainer:
 
     def _encoder_batches(self, windows: torch.Tensor, generator: torch.Generator, epoch: int,
                          batch_size: int) -> Iterator[torch.Tensor | None]:
-        """One epoch of this replica's training windows, batch by batch. From a shard, the
-        replicas go on together until every shard is done (one replica may have a batch more
-        than another); a replica whose shard is done meanwhile gets None."""
+        """One epoch of this replica's training windows, batch by batch, each row led by its
+        window's number. From a shard, the replicas go on together until every shard is done
+        (one replica may have a batch more than another); a replica whose shard is done
+        meanwhile gets None."""
         if self.shard is None:
             order = self._share(torch.randperm(len(windows), generator=generator, device=CPU))
             for start in range(0, len(order), batch_size):
-                yield windows[order[start : start + batch_size]]
+                chosen = order[start : start + batch_size]
+                yield torch.cat([chosen[:, None], windows[chosen]], 1)
             return
         assert self.parallel is not None
-        own = self.shard.epoch(epoch, batch_size)
+        own = self.shard.numbered(epoch, batch_size)
         while True:
             batch = next(own, None)
             if not self.parallel.any(batch is not None):
@@ -465,8 +571,8 @@ class Trainer:
             for step, batch in enumerate(self._encoder_batches(windows, generator, epoch, batch_size), 1):
                 optimiser.zero_grad()
                 if batch is not None:
-                    batch = batch.to(self.device)
-                    loss = self.encoder_loss(batch[:, :-1], batch[:, 1:])
+                    numbers, batch = batch[:, 0], batch[:, 1:].to(self.device)
+                    loss = self.encoder_loss(batch[:, :-1], batch[:, 1:], numbers)
                     loss.backward()
                     total += loss.item()
                 self._step(params, optimiser)  # a replica with no batch left adds zeros to the average

@@ -44,6 +44,12 @@ class Dataset:
     # Named precomputed item embeddings (an image model's, say): name -> (I, d) float32; an
     # all-zero row is an item without that vector.
     item_vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    # Per user, the training weight of each interaction in `sequences` (its event type's
+    # weight, times its value where it has one); None: every interaction weighs 1.
+    weights: list[np.ndarray] | None = None
+    # Per user, the items they told us they dislike (negative event types): never history,
+    # extra negatives for that user in training. [] = none for anyone.
+    negatives: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.sequences) != len(self.user_ids):
@@ -64,6 +70,15 @@ class Dataset:
             raise ValueError(f"{len(self.user_properties)} property sets for {len(self.user_ids)} users")
         if not self.user_properties:
             object.__setattr__(self, "user_properties", [{} for _ in self.user_ids])
+        if self.weights is not None:
+            if [len(w) for w in self.weights] != [len(s) for s in self.sequences]:
+                raise ValueError("weights must hold one weight per interaction of every sequence")
+            if any(len(w) and not (np.isfinite(w).all() and (w > 0).all()) for w in self.weights):
+                raise ValueError("interaction weights must be finite and > 0 (negative events are `negatives`)")
+        if self.negatives and len(self.negatives) != len(self.user_ids):
+            raise ValueError(f"{len(self.negatives)} negative-item lists for {len(self.user_ids)} users")
+        if not self.negatives:
+            object.__setattr__(self, "negatives", [np.zeros(0, np.int64) for _ in self.user_ids])
         for name, vectors in self.item_vectors.items():
             check_vector_name(name)
             if vectors.ndim != 2 or len(vectors) != len(self.item_ids) or vectors.dtype != np.float32:
@@ -84,7 +99,7 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """A hash of everything training reads or writes into a bundle (ids, sequences, times,
-        text, tags, properties): equal fingerprints mean the same data."""
+        text, tags, properties, vectors, weights, negatives): equal fingerprints mean the same data."""
         digest = hashlib.sha256(self.name.encode())
         properties = [json.dumps(p, sort_keys=True) for p in [*self.item_properties, *self.user_properties]]
         for strings in (self.user_ids, self.item_ids, self.item_texts, ["|".join(t) for t in self.item_tags],
@@ -99,7 +114,16 @@ class Dataset:
             digest.update(np.concatenate(self.timestamps).astype(np.float64).tobytes())
         for name in sorted(self.item_vectors):
             digest.update(name.encode() + b"\x1e" + np.ascontiguousarray(self.item_vectors[name]).tobytes())
+        if self.weights is not None and self.weights:
+            digest.update(b"weights" + np.concatenate(self.weights).astype(np.float64).tobytes())
+        if any(len(n) for n in self.negatives):
+            digest.update(b"negatives" + np.fromiter((len(n) for n in self.negatives), np.int64).tobytes()
+                          + np.concatenate(self.negatives).astype(np.int64).tobytes())
         return digest.hexdigest()
+
+    @property
+    def has_negatives(self) -> bool:
+        return any(len(n) for n in self.negatives)
 
     def item_attributes(self) -> list[ItemAttributes]:
         """What filters read of each item; an item joined the catalogue at its first

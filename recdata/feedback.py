@@ -31,6 +31,8 @@ class LoggedEvent(Protocol):
     def event_type(self) -> str: ...
     @property
     def timestamp_ms(self) -> int: ...
+    @property
+    def value(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class FeedbackStats:
     events: int             # events read from the log
     used: int               # events added to sequences
     unknown_items: int      # events on items the catalogue does not have (skipped)
-    skipped_types: int      # events of a type the loop does not learn from (skipped)
+    skipped_types: int      # events of a type the loop does not learn from as history (skipped)
+    dislikes: int           # of those, events of a negative type: learnt from as their user's negatives
     users: int              # users with at least one added event
     new_users: int          # of those, users the base data set does not have
     first_seq: int          # the range of the log read, first and last sequence number
@@ -68,13 +71,16 @@ def align_to_catalogue(dataset: Dataset, item_ids: Sequence[str]) -> Dataset:
     texts = dict(zip(dataset.item_ids, dataset.item_texts, strict=True))
     tags = dict(zip(dataset.item_ids, dataset.item_tags, strict=True))
     properties = dict(zip(dataset.item_ids, dataset.item_properties, strict=True))
-    sequences, timestamps = [], []
+    sequences, timestamps, weights = [], [], []
     for u, seq in enumerate(dataset.sequences):
         mapped = new_index[seq]
         keep = mapped >= 0
         sequences.append(mapped[keep])
         if dataset.timestamps is not None:
             timestamps.append(dataset.timestamps[u][keep])
+        if dataset.weights is not None:
+            weights.append(dataset.weights[u][keep])
+    negatives = [mapped[mapped >= 0] for mapped in (new_index[n] for n in dataset.negatives)]
     vectors = {name: np.zeros((len(item_ids), table.shape[1]), np.float32) for name, table in
                dataset.item_vectors.items()}
     placed = new_index >= 0
@@ -83,7 +89,8 @@ def align_to_catalogue(dataset: Dataset, item_ids: Sequence[str]) -> Dataset:
     return Dataset(dataset.name, list(dataset.user_ids), list(item_ids), sequences,
                    [texts.get(item, "") for item in item_ids], [tags.get(item, ()) for item in item_ids],
                    timestamps if dataset.timestamps is not None else None,
-                   [dict(properties.get(item, {})) for item in item_ids], list(dataset.user_properties), vectors)
+                   [dict(properties.get(item, {})) for item in item_ids], list(dataset.user_properties), vectors,
+                   weights if dataset.weights is not None else None, negatives)
 
 
 HIDE = "hide"  # an event type that keeps the item out of its user's answers for good; no interaction
@@ -166,36 +173,54 @@ def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: fro
                   types: EventTypes = EVERY_TYPE_POSITIVE) -> WithFeedback:
     """`base` with `events` appended to their users' sequences, in log order.
 
-    `event_types`: the types to learn from; None = every type the served history reads (the
-    positive ones of `types`); hides, negative and zero-weight types are never learnt from.
-    Event times (milliseconds) become seconds, the unit the data set readers keep."""
+    `event_types`: the types to learn from as history; None = every type the served history
+    reads (the positive ones of `types`); hides and zero-weight types are never learnt from.
+    With weights configured in `types`, each added event weighs its type's weight times its
+    value (where it has one, > 0), and the base data set's interactions what they weighed
+    (1 unless it says). An event of a negative type (a dislike) adds its item to its user's
+    `negatives`. Event times (milliseconds) become seconds, the unit the data set readers keep."""
     item_index = {item: n for n, item in enumerate(base.item_ids)}
     user_index = {user: n for n, user in enumerate(base.user_ids)}
     user_ids = list(base.user_ids)
     extra_items: list[list[int]] = [[] for _ in user_ids]
     extra_times: list[list[float]] = [[] for _ in user_ids]
-    read = unknown = skipped = 0
+    extra_weights: list[list[float]] = [[] for _ in user_ids]
+    extra_negatives: list[list[int]] = [[] for _ in user_ids]
+    disliked: dict[str, list[int]] = {}
+    read = unknown = skipped = dislikes = 0
     first_seq = last_seq = 0
+
+    def user_of(user_id: str) -> int:
+        user = user_index.get(user_id)
+        if user is None:
+            user = user_index[user_id] = len(user_ids)
+            user_ids.append(user_id)
+            for extra in (extra_items, extra_times, extra_weights, extra_negatives):
+                extra.append([])
+        return user
+
     for event in events:
         read += 1
         first_seq = first_seq or event.seq
         last_seq = event.seq
-        if not types.is_history(event.event_type) or (event_types is not None
-                                                      and event.event_type not in event_types):
+        history = types.is_history(event.event_type) and (event_types is None or event.event_type in event_types)
+        if not history:
             skipped += 1
+            if types.weight(event.event_type) < 0 and (item := item_index.get(event.item_id)) is not None:
+                dislikes += 1
+                disliked.setdefault(event.user_id, []).append(item)
             continue
         item = item_index.get(event.item_id)
         if item is None:
             unknown += 1
             continue
-        user = user_index.get(event.user_id)
-        if user is None:
-            user = user_index[event.user_id] = len(user_ids)
-            user_ids.append(event.user_id)
-            extra_items.append([])
-            extra_times.append([])
+        user = user_of(event.user_id)
         extra_items[user].append(item)
         extra_times[user].append(event.timestamp_ms / 1000.0)
+        extra_weights[user].append(types.weight(event.event_type) * (event.value if event.value > 0 else 1.0))
+    for user_id, items in disliked.items():  # a user known only by dislikes has nothing to train on
+        if user_id in user_index:
+            extra_negatives[user_index[user_id]].extend(items)
     empty = np.zeros(0, np.int64)
     base_sequences = list(base.sequences) + [empty] * (len(user_ids) - base.num_users)
     sequences = [np.concatenate([seq, np.asarray(extra, np.int64)]) if extra else seq
@@ -205,14 +230,23 @@ def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: fro
         base_times = list(base.timestamps) + [np.zeros(0)] * (len(user_ids) - base.num_users)
         timestamps = [np.concatenate([t, np.asarray(extra)]) if extra else t
                       for t, extra in zip(base_times, extra_times, strict=True)]
+    weights = None
+    if types.weights or base.weights is not None:  # without configured weights every event weighs 1
+        base_weights = list(base.weights) if base.weights is not None else [np.ones(len(s)) for s in base.sequences]
+        base_weights += [np.zeros(0)] * (len(user_ids) - base.num_users)
+        weights = [np.concatenate([w, np.asarray(extra)]) if extra else w
+                   for w, extra in zip(base_weights, extra_weights, strict=True)]
+    base_negatives = list(base.negatives) + [np.zeros(0, np.int64)] * (len(user_ids) - base.num_users)
+    negatives = [np.concatenate([n, np.asarray(extra, np.int64)]) if extra else n
+                 for n, extra in zip(base_negatives, extra_negatives, strict=True)]
     added = np.array([len(extra) for extra in extra_items], dtype=np.int64)
     stats = FeedbackStats(events=read, used=int(added.sum()), unknown_items=unknown, skipped_types=skipped,
-                          users=int((added > 0).sum()), new_users=len(user_ids) - base.num_users,
+                          dislikes=dislikes, users=int((added > 0).sum()), new_users=len(user_ids) - base.num_users,
                           first_seq=first_seq, last_seq=last_seq)
     # Users new in the log said nothing in the base data set; UpsertUsers attributes live in the store.
     user_properties = list(base.user_properties) + [{} for _ in range(len(user_ids) - base.num_users)]
     dataset = replace(base, user_ids=user_ids, sequences=sequences, timestamps=timestamps,
-                      user_properties=user_properties)
+                      user_properties=user_properties, weights=weights, negatives=negatives)
     return WithFeedback(dataset, stats, added)
 
 

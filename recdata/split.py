@@ -19,6 +19,8 @@ class Split:
     users: np.ndarray             # (U_eval,) users evaluated
     valid_targets: np.ndarray     # (U_eval,) second-last item of each evaluated user
     test_targets: np.ndarray      # (U_eval,) last item of each evaluated user
+    # Per user, the training weight of each item of `train`; None: all weigh 1.
+    train_weights: list[np.ndarray] | None = None
 
     def valid_history(self, position: int) -> np.ndarray:
         """Items seen before the validation target of evaluated user `position`."""
@@ -40,9 +42,13 @@ def leave_last_two(dataset: Dataset) -> Split:
             test.append(seq[-1])
         else:
             train.append(seq)
+    weights = None
+    if dataset.weights is not None:
+        weights = [w[: len(t)] for w, t in zip(dataset.weights, train, strict=True)]
     return Split(
         train=train,
         users=np.asarray(users, dtype=np.int64),
         valid_targets=np.asarray(valid, dtype=np.int64),
         test_targets=np.asarray(test, dtype=np.int64),
+        train_weights=weights,
     )

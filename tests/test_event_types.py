@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.config import ClusterConfig
-from gateway.events import Event, EventStore, open_event_store
+from gateway.events import Event, EventStore, LoggedEvent, open_event_store
 from gateway.server import Gateway
 from protos.recfunnel.v1 import recommender_pb2 as pb
 from protos.recfunnel.v1 import recommender_pb2_grpc
@@ -112,9 +112,8 @@ def test_no_disliked_or_hidden_item_is_ever_returned_to_its_user(live, kinds: li
 
 
 # ---- the loop's data set -----------------------------------------------------------------------------
-class Logged:
-    def __init__(self, seq: int, user_id: str, item_id: str, event_type: str):
-        self.seq, self.user_id, self.item_id, self.event_type, self.timestamp_ms = seq, user_id, item_id, event_type, 0
+def Logged(seq: int, user_id: str, item_id: str, event_type: str, value: float = 0.0) -> LoggedEvent:
+    return LoggedEvent(seq, user_id, item_id, event_type, 0, value)
 
 
 def test_the_loop_learns_from_positive_types_only() -> None:
@@ -124,3 +123,16 @@ def test_the_loop_learns_from_positive_types_only() -> None:
     fed = with_feedback(base, events, None, TYPES)
     assert fed.dataset.sequences[0].tolist() == [0, 1, 3] and fed.stats.skipped_types == 3
     assert with_feedback(base, events).dataset.sequences[0].tolist() == [0, 1, 2, 3, 3]  # all but the hide
+
+
+def test_the_loop_weighs_events_by_type_and_value_and_learns_dislikes_as_negatives() -> None:
+    base = Dataset("d", ["u", "v"], ["a", "b", "c", "d"], [np.asarray([0]), np.asarray([1, 2])], [""] * 4)
+    events = [Logged(1, "u", "b", "purchase", value=2.0), Logged(2, "u", "c", "dislike"), Logged(3, "u", "d", "click"),
+              Logged(4, "v", "a", "skip"), Logged(5, "w", "a", "dislike"), Logged(6, "u", "a", "hide")]
+    fed = with_feedback(base, events, None, TYPES)
+    assert fed.dataset.weights is not None
+    assert [w.tolist() for w in fed.dataset.weights] == [[1.0, 6.0, 1.0], [1.0, 1.0]]  # purchase 3.0 x value 2
+    # Dislikes are each user's training negatives; a user known only by a dislike is not added.
+    assert [n.tolist() for n in fed.dataset.negatives] == [[2], [0]] and fed.stats.dislikes == 3
+    assert fed.dataset.user_ids == ["u", "v"]
+    assert with_feedback(base, events).dataset.weights is None  # no weights configured: every event weighs 1

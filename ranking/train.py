@@ -193,7 +193,8 @@ class EventWeights:
     """What a training window's positions weigh (their events' weights) and which items its
     user disliked, looked up by window number, so that neither travels with the windows: the
     windows table (and a Ray Train shard of it) stays item indexes alone. Memory: one float
-    an interaction, two integers a window, `MAX_TRAINING_NEGATIVES` integers a user."""
+    an interaction, two integers a window and a user, `MAX_TRAINING_NEGATIVES` integers a
+    user who disliked something."""
 
     def __init__(self, split: Split, negatives: list[np.ndarray], max_len: int, device: torch.device):
         self.max_len = max_len
@@ -205,11 +206,16 @@ class EventWeights:
             self.offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
             flat = np.concatenate(split.train_weights) if len(lengths) else np.zeros(0)
             self.flat = torch.from_numpy(np.append(flat, 1.0).astype(np.float32))  # last: padding's
-        table = np.full((len(split.train), MAX_TRAINING_NEGATIVES), -1, np.int64)
-        for user, items in enumerate(negatives[: len(split.train)]):
-            recent = items[-MAX_TRAINING_NEGATIVES:]
-            table[user, : len(recent)] = recent
-        self.with_negatives = bool((table >= 0).any())
+        self.with_negatives = any(len(items) for items in negatives)
+        # Only users with dislikes take a row; everyone else reads the all-padding row 0.
+        disliking = [u for u, items in enumerate(negatives[: len(split.train)]) if len(items)]
+        row_of = np.zeros(len(split.train), np.int64)
+        row_of[disliking] = np.arange(1, len(disliking) + 1)
+        table = np.full((len(disliking) + 1, MAX_TRAINING_NEGATIVES), -1, np.int64)
+        for row, user in enumerate(disliking, 1):
+            recent = negatives[user][-MAX_TRAINING_NEGATIVES:]
+            table[row, : len(recent)] = recent
+        self.negative_row = torch.from_numpy(row_of)
         self.negatives = torch.from_numpy(table).to(device)
         self.device = device
 
@@ -222,7 +228,7 @@ class EventWeights:
 
     def user_negatives(self, numbers: torch.Tensor) -> torch.Tensor:
         """(B, MAX_TRAINING_NEGATIVES) disliked items of each window's user, -1 padded."""
-        return self.negatives[self.window_users[numbers.cpu()].to(self.device)]
+        return self.negatives[self.negative_row[self.window_users[numbers.cpu()]].to(self.device)]
 
 
 def disliked_loss(users: torch.Tensor, positives: torch.Tensor, disliked: torch.Tensor,

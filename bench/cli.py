@@ -334,9 +334,9 @@ def bench_feedback(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     as_json: JsonOption = False,
 ) -> None:
-    """Typed feedback on MovieLens-100K's ratings: every rating positive, against low ratings as
-    dislikes (never history, extra negatives), against that with positives weighted by rating;
-    NDCG@10 on the same positive targets."""
+    """Typed feedback on MovieLens-100K's ratings: every rating positive, against low ratings left
+    out, as dislikes (never history, extra negatives), and as dislikes with positives weighted
+    by rating; NDCG@10 on the same positive targets."""
     from bench.feedback import FeedbackBenchConfig, run_feedback_bench
     from recdata.movielens import load_ml100k, ml100k_ratings
 
@@ -346,7 +346,9 @@ def bench_feedback(
         ("all positive funnel NDCG@10", "variants.all_positive.test.funnel.ndcg@10"),
         ("dislikes funnel NDCG@10", "variants.dislikes.test.funnel.ndcg@10"),
         ("weighted funnel NDCG@10", "variants.weighted.test.funnel.ndcg@10"),
+        ("dislikes dropped funnel NDCG@10", "variants.dropped.test.funnel.ndcg@10"),
         ("dislikes / all positive", "funnel_ndcg@10_over_all_positive.dislikes"),
+        ("dislikes as negatives / dropped", "negatives_over_dropped"),
         ("weighted / unweighted", "weighted_over_unweighted")], "typed feedback, ML-100K")
 
 

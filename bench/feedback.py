@@ -1,11 +1,13 @@
 """`recfunnel bench feedback`: what typed feedback is worth to training, on MovieLens-100K's
 ratings.
 
-Ratings at or below `dislike_at` (2: a sixth of ML-100K's) are dislikes. Three models train
+Ratings at or below `dislike_at` (2: a sixth of ML-100K's) are dislikes. Four models train
 with the same settings:
 
   * `all_positive`: every rating is a positive interaction (what a log without event types
     gives, and recfunnel's ML-100K figures elsewhere);
+  * `dropped`: dislikes are left out altogether (what `dislikes` is without its negatives:
+    the pair tells the negatives' effect from the history's loss);
   * `dislikes`: dislikes are never history, and are each user's extra training negatives;
   * `weighted`: as `dislikes`, each positive also weighs its rating (3, 4, 5).
 
@@ -31,7 +33,7 @@ from recdata.split import MIN_SEQUENCE_FOR_EVAL
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("all_positive", "dislikes", "weighted")
+VARIANTS = ("all_positive", "dropped", "dislikes", "weighted")
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class FeedbackBenchConfig:
 
 
 def rating_variants(dataset: Dataset, ratings: list[np.ndarray], dislike_at: float) -> dict[str, Dataset]:
-    """The three data sets, with the same validation and test targets for every user."""
+    """The data sets of `VARIANTS`, with the same validation and test targets for every user."""
     variants: dict[str, dict[str, list[Any]]] = {name: {"sequences": [], "timestamps": [], "weights": [],
                                                         "negatives": []} for name in VARIANTS}
     times = dataset.timestamps or [np.arange(len(s), dtype=np.float64) for s in dataset.sequences]
@@ -63,14 +65,14 @@ def rating_variants(dataset: Dataset, ratings: list[np.ndarray], dislike_at: flo
             everything = liked
         disliked = before[rated[before] <= dislike_at]
         kept_liked = before[rated[before] > dislike_at]
-        for name, positions in (("all_positive", everything),
-                                ("dislikes", np.concatenate([kept_liked, held])),
-                                ("weighted", np.concatenate([kept_liked, held]))):
+        liked_only = np.concatenate([kept_liked, held]) if len(held) else liked
+        for name in VARIANTS:
+            positions = everything if name == "all_positive" else liked_only
             parts = variants[name]
             parts["sequences"].append(seq[positions])
             parts["timestamps"].append(when[positions])
             parts["weights"].append(rated[positions] if name == "weighted" else np.ones(len(positions)))
-            parts["negatives"].append(seq[disliked] if name != "all_positive" else np.zeros(0, np.int64))
+            parts["negatives"].append(seq[disliked] if name in ("dislikes", "weighted") else np.zeros(0, np.int64))
     return {name: replace(dataset, name=f"{dataset.name}-{name}", sequences=parts["sequences"],
                           timestamps=parts["timestamps"] if dataset.timestamps is not None else None,
                           weights=parts["weights"] if name == "weighted" else None,
@@ -99,6 +101,9 @@ def run_feedback_bench(dataset: Dataset, ratings: list[np.ndarray], config: Feed
             "variants": results,
             "funnel_ndcg@10_over_all_positive": {name: results[name]["test"]["funnel"]["ndcg@10"] / plain
                                                  for name in VARIANTS},
+            # What the dislikes bring as negatives, beside leaving them out of history.
+            "negatives_over_dropped": (results["dislikes"]["test"]["funnel"]["ndcg@10"]
+                                       / results["dropped"]["test"]["funnel"]["ndcg@10"]),
             "weighted_over_unweighted": (results["weighted"]["test"]["funnel"]["ndcg@10"]
                                          / results["dislikes"]["test"]["funnel"]["ndcg@10"]),
             "seconds": time.perf_counter() - started}

@@ -24,6 +24,8 @@ def test_every_variant_holds_out_the_same_last_two_positive_ratings() -> None:
     assert splits["dislikes"].train[0].tolist() == [0, 2]
     assert variants["dislikes"].negatives[0].tolist() == [1, 3]           # disliked before the targets
     assert variants["all_positive"].negatives[0].tolist() == []
+    assert variants["dropped"].sequences[0].tolist() == variants["dislikes"].sequences[0].tolist()
+    assert variants["dropped"].negatives[0].tolist() == []
     weighted = variants["weighted"]
     assert weighted.weights is not None and weighted.weights[0].tolist() == [5.0, 4.0, 3.0, 5.0]
     # v and w have too few positives to judge: in every variant they train on those alone.

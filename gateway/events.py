@@ -120,6 +120,15 @@ class Event:
     request_id: str = ""   # the answer that showed the item; "" = none named
 
 
+EXPOSURE_GROUPS = ("variant", "model_version")  # what online metrics compare answers by
+
+
+def exposure_group_column(by: str) -> str:
+    if by not in EXPOSURE_GROUPS:
+        raise ValueError(f"answers are grouped by one of {', '.join(EXPOSURE_GROUPS)}; got {by!r}")
+    return by
+
+
 @dataclass(frozen=True)
 class Exposure:
     """One item one answer showed."""
@@ -159,6 +168,8 @@ class EventStore(Protocol):
     def record_exposures(self, exposures: list[Exposure]) -> int: ...
     def exposures_of(self, request_id: str) -> list[Exposure]: ...
     def attributed_events(self, request_id: str) -> list[tuple[str, str]]: ...
+    def answer_sizes(self, by: str, k: int) -> list[tuple[str, str, int]]: ...
+    def attributed_outcomes(self) -> list[tuple[str, int, str]]: ...
     def erase_user(self, user_id: str) -> int: ...
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None: ...
     def item_changes(self) -> list[ItemChange]: ...
@@ -355,6 +366,23 @@ class EventLog:
             rows = self._db.execute("SELECT item_id, event_type FROM events WHERE request_id = ? ORDER BY seq",
                                     (request_id,)).fetchall()
         return [(item, kind) for item, kind in rows]
+
+    def answer_sizes(self, by: str, k: int) -> list[tuple[str, str, int]]:
+        """(request id, its `by` column (`variant` or `model_version`), items it showed in its
+        first k places) of every logged answer."""
+        column = exposure_group_column(by)
+        with self._lock:
+            rows = self._db.execute(f"SELECT request_id, MIN({column}), SUM(position < ?) FROM exposures "
+                                    "GROUP BY request_id", (k,)).fetchall()
+        return [(request, group, int(shown)) for request, group, shown in rows]
+
+    def attributed_outcomes(self) -> list[tuple[str, int, str]]:
+        """(request id, position, event type) of every event on an item its answer showed."""
+        with self._lock:
+            rows = self._db.execute("SELECT e.request_id, x.position, e.event_type FROM events e JOIN exposures x "
+                                    "ON x.request_id = e.request_id AND x.item_id = e.item_id "
+                                    "WHERE e.request_id IS NOT NULL").fetchall()
+        return [(request, int(position), kind) for request, position, kind in rows]
 
     def user_properties(self, user_id: str) -> dict[str, float | str]:
         with self._read_lock:

@@ -25,7 +25,16 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from gateway.events import MAX_HIDDEN, Event, Exposure, ItemChange, LoggedEvent, StoreUnavailable, UserRecord
+from gateway.events import (
+    MAX_HIDDEN,
+    Event,
+    Exposure,
+    ItemChange,
+    LoggedEvent,
+    StoreUnavailable,
+    UserRecord,
+    exposure_group_column,
+)
 from recdata.feedback import EVERY_TYPE_POSITIVE, HIDE, EventTypes
 
 # Schema versions, applied in order on start; `recfunnel_schema` holds the newest applied.
@@ -252,6 +261,22 @@ class PostgresEventLog:
             rows = db.execute("SELECT item_id, event_type FROM events WHERE request_id = %s ORDER BY seq",
                               (request_id,)).fetchall()
         return [(item, kind) for item, kind in rows]
+
+    def answer_sizes(self, by: str, k: int) -> list[tuple[str, str, int]]:
+        """(request id, its `by` column, items it showed in its first k places) of every answer."""
+        column = exposure_group_column(by)
+        with self._connection() as db:
+            rows = db.execute(f"SELECT request_id, MIN({column}), COUNT(*) FILTER (WHERE position < %s) "
+                              "FROM exposures GROUP BY request_id", (k,)).fetchall()
+        return [(request, group, int(shown)) for request, group, shown in rows]
+
+    def attributed_outcomes(self) -> list[tuple[str, int, str]]:
+        """(request id, position, event type) of every event on an item its answer showed."""
+        with self._connection() as db:
+            rows = db.execute("SELECT e.request_id, x.position, e.event_type FROM events e JOIN exposures x "
+                              "ON x.request_id = e.request_id AND x.item_id = e.item_id "
+                              "WHERE e.request_id IS NOT NULL").fetchall()
+        return [(request, int(position), kind) for request, position, kind in rows]
 
     def user_properties(self, user_id: str) -> dict[str, float | str]:
         with self._connection() as db:

@@ -11,7 +11,7 @@ import typer
 
 from bench.cli import bench
 from bench.cli import group as measurement
-from cluster.cli import operations, training, versions
+from cluster.cli import experiments, operations, training, versions
 
 app = typer.Typer(help="recfunnel: a gRPC recommendation cluster (FAISS recall, transformer ranking, Ray).",
                   no_args_is_help=True, add_completion=False)
@@ -29,6 +29,7 @@ _add_group(versions.group, "Model versions")
 _add_group(training.group, "Train and evaluate")
 _add_group(measurement, "Measure")
 app.add_typer(bench, name="bench", rich_help_panel="Measure")
+app.add_typer(experiments.group, name="experiments", rich_help_panel="Run the cluster")
 
 
 def main() -> None:

@@ -5,8 +5,9 @@ them; everything else keeps `TrainConfig`'s defaults. The rule is chosen so that
 MovieLens-100K (943 users, 1,682 items, 10^5 interactions, median history 65, 90th
 percentile 244) gets exactly the defaults every figure in BENCHMARKS.md was measured with.
 
-  epochs                most encoder epochs: 6 x 10^6 / interactions, within 20..200 (small data
-                        needs more passes; early stopping usually ends sooner)
+  epochs                most encoder epochs: 6 x 10^6 / interactions, within 60..200 (small data
+                        needs more passes; on larger data the time budget binds first, and early
+                        stopping usually ends either sooner)
   time_budget_s         600 s x sqrt(interactions / 10^5), within 600..3600 (an epoch's cost
                         grows with the interactions, convergence in epochs shrinks)
   ranker_time_budget_s  half the encoder's (as set, or as the rule has it)
@@ -59,7 +60,7 @@ def sized_settings(size: DataSize) -> dict[str, Any]:
     long_histories = size.median_length >= 150
     max_len = 200 if long_histories else int(min(50, max(10, math.ceil(size.p90_length / 10) * 10)))
     return {
-        "epochs": int(min(200, max(20, round(6e6 / interactions)))),
+        "epochs": int(min(200, max(60, round(6e6 / interactions)))),
         "time_budget_s": round(encoder_seconds, 1),
         "ranker_time_budget_s": round(encoder_seconds / 2, 1),
         "num_negatives": int(min(8192, max(1024, size.items // 64))),

@@ -12,6 +12,7 @@ import tomllib
 from cluster.loop import LoopConfig
 from gateway.admission import AdmissionConfig
 from gateway.config import DEFAULT_PORT, PagingConfig
+from gateway.experiments import Experiment, experiments_from_config
 from gateway.exposures import ExposureConfig
 from protos.auth import TlsFiles, tokens_from_file
 from recdata.feedback import EVERY_TYPE_POSITIVE, EventTypes
@@ -62,6 +63,7 @@ class ClusterConfig:
     exposures: ExposureConfig = field(default_factory=ExposureConfig)  # each gateway's exposure log, `[exposures]`
     # What each event type means to the gateways' history reads and the loop, `[feedback]`.
     feedback: EventTypes = EVERY_TYPE_POSITIVE
+    experiments: tuple[Experiment, ...] = ()  # the gateways' A/B experiment, `[[experiments]]`
 
     def __post_init__(self) -> None:
         if self.loop is not None and self.loop.feedback != self.feedback:  # one meaning of each type
@@ -85,7 +87,8 @@ class ClusterConfig:
         the gateways' admission control (`gateway.admission.AdmissionConfig`), `[paging]` their
         page sessions (`gateway.config.PagingConfig`), `[exposures]` their exposure log
         (`gateway.exposures.ExposureConfig`), `[feedback]` what each event type means
-        (`recdata.feedback.EventTypes`). Secrets are
+        (`recdata.feedback.EventTypes`), `[[experiments]]` the A/B experiment the gateways run
+        (`gateway.experiments.Experiment`). Secrets are
         never in the file itself: `tokens_file` and `internal_token_file` name files holding
         them, and `tls_cert` / `tls_key` the gateway's PEM files.
         """
@@ -116,6 +119,8 @@ class ClusterConfig:
             values["exposures"] = ExposureConfig(**values["exposures"])
         if "feedback" in values:
             values["feedback"] = EventTypes.from_dict(values["feedback"])
+        if "experiments" in values:
+            values["experiments"] = experiments_from_config(values["experiments"])
         for key in ("bundle", "db_path"):
             if key in values:
                 values[key] = Path(values[key])

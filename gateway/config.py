@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.admission import AdmissionConfig
+from gateway.experiments import Experiment
 from gateway.exposures import ExposureConfig
 from protos.auth import TlsFiles
 from recdata.feedback import EVERY_TYPE_POSITIVE, EventTypes
@@ -67,6 +68,7 @@ class GatewayConfig:
     exposures: ExposureConfig = field(default_factory=ExposureConfig)
     feedback: EventTypes = EVERY_TYPE_POSITIVE  # which event types are history, which keep items out
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    experiments: tuple[Experiment, ...] = ()  # the running A/B experiment, `[[experiments]]`; at most one
     # Bearer tokens clients must send; empty = open (the embedded demo on loopback only).
     tokens: tuple[str, ...] = field(default=(), repr=False)
     internal_token: str | None = field(default=None, repr=False)  # sent to recall and ranking

@@ -89,6 +89,7 @@ class RecommendQuery:
     # What a user without history said about themselves, as name=value: popularity among the
     # users who share it (segment popularity) instead of everyone's.
     user_properties: tuple[str, ...] = ()
+    channel_budgets: dict[str, int] | None = None  # this query's (an experiment variant's); None: the funnel's
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class Funnel:
         recent = tuple(query.history[-ITEM2ITEM_RECENT:]) if vectors else ()
         return await self._recall_and_rank(run, vectors, recent, query.history,
                                            seen, query.k, query.diversity, query.explain, query.item_filter,
-                                           deadline, query.user_properties)
+                                           deadline, query.user_properties, query.channel_budgets)
 
     async def similar(self, query: SimilarQuery, deadline: float) -> Answer:
         """Items like `query.item_ids`, from their own vectors and co-occurrence neighbours,
@@ -240,14 +241,15 @@ class Funnel:
 
     async def _recall_and_rank(self, run: _Run, vectors: dict[str, np.ndarray], recent: tuple[str, ...],
                                history: list[str], seen: set[str], k: int, diversity: float, explain: bool,
-                               item_filter: ItemFilter, deadline: float, user_properties: tuple[str, ...] = ()
-                               ) -> Answer:
+                               item_filter: ItemFilter, deadline: float, user_properties: tuple[str, ...] = (),
+                               channel_budgets: dict[str, int] | None = None) -> Answer:
         """Fan out to the shards with the query vectors (popularity alone without), merge,
         rank the candidates for `history` and cut the top k."""
-        budgets = dict(self.budgets)
+        chosen = self.budgets if channel_budgets is None else {**self.budgets, **channel_budgets}
+        budgets = dict(chosen)
         if not vectors:  # nothing personal to search with: popularity has to be able to fill the answer
             budgets = {c: b for c, b in budgets.items() if c == ITEM2ITEM and recent}
-            budgets[POPULAR] = max(self.budgets.get(POPULAR, 0), k)
+            budgets[POPULAR] = max(chosen.get(POPULAR, 0), k)
         if not item_filter.is_empty:
             # A selective filter may leave the other channels short: popular items that pass it fill k.
             budgets[POPULAR] = max(budgets.get(POPULAR, 0), k)

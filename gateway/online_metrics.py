@@ -41,8 +41,8 @@ class ReportConfig:
     click_types: tuple[str, ...] = ("click",)
     conversion_types: tuple[str, ...] = ("purchase",)
     by: str = "variant"              # or "model_version"
-    control: str | None = None       # the group the others are tested against; None: "control" if
-                                     # there is one, else the group with the most answers
+    control: str | None = None       # the group the others are tested against; None: "control" (or an
+                                     # experiment's "…/control") if there is one, else the one with most answers
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 1000:
@@ -135,7 +135,8 @@ def online_report(source: OutcomeSource, config: ReportConfig) -> dict[str, Any]
                          **{metric: e.to_dict() for metric, e in estimates[name].items()}}
     control = config.control
     if control is None and groups:
-        control = "control" if "control" in groups else max(groups, key=lambda g: len(groups[g].shown))
+        named = sorted(g for g in groups if g == "control" or g.endswith("/control"))
+        control = named[0] if named else max(groups, key=lambda g: len(groups[g].shown))
     if control is not None and control not in groups:
         raise ValueError(f"control {control!r} has no answers; groups: {', '.join(sorted(groups)) or 'none'}")
     for name in figures:

@@ -19,6 +19,7 @@ from gateway.admission import Admission, Overloaded, Priority
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
 from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, UserRecord, UserView, read_user
+from gateway.experiments import Assignment, Variant
 from gateway.exposures import ExposureLog
 from gateway.funnel import Answer, Funnel, Recommendation, RecommendQuery, SimilarQuery, StageFailed, UnknownItems
 from gateway.group_commit import GroupCommit
@@ -47,16 +48,22 @@ RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a refusal: when a ret
 
 
 def query_of(request: recommender_pb2.RecommendRequest, user: UserView, k: int | None = None,
-             exclude: Sequence[str] = ()) -> RecommendQuery:
+             exclude: Sequence[str] = (), variant: Variant | None = None) -> RecommendQuery:
     """The funnel's query for a request: the logged history, then the request's context; never
-    an item the user hid."""
+    an item the user hid. An experiment `variant` sets the diversity a request leaves at 0
+    and the channels' budgets."""
+    diversity = request.diversity
+    if not diversity and variant is not None and variant.diversity is not None:
+        diversity = variant.diversity
     return RecommendQuery(user_id=request.user_id, k=k or request.k,
                           history=user.history + list(request.context_item_ids),
                           exclude_item_ids=[*request.exclude_item_ids, *user.hidden, *exclude],
-                          explain=request.explain, diversity=request.diversity,
+                          explain=request.explain, diversity=diversity,
                           item_filter=filter_from_proto(request.filter),
                           user_properties=tuple(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
-                                                for name, value in sorted(user.properties.items())))
+                                                for name, value in sorted(user.properties.items())),
+                          channel_budgets=dict(variant.channel_budgets) if variant and variant.channel_budgets
+                          else None)
 
 
 def recommended(items: list[Recommendation]) -> list[recommender_pb2.RecommendedItem]:
@@ -144,15 +151,23 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         user, store_down = await self._read_user(request.user_id)
         if request.page_size:
             return await self._page(request, context, request_id, started, deadline, user, store_down)
-        query = query_of(request, user)
+        assigned = self._assignment(request.user_id)
+        query = query_of(request, user, variant=assigned.variant if assigned else None)
         answer = await self.funnel.recommend(query, deadline)
         self._log_answer(request_id, request.user_id, request.k, len(query.history), answer, store_down, started)
         self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in answer.items],
-                             answer.model_version)
+                             answer.model_version, assigned.label if assigned else "")
         return recommender_pb2.RecommendResponse(
             items=recommended(answer.items), model_version=answer.model_version,
             degraded=answer.degraded or store_down, recall_coverage=answer.recall_coverage, request_id=request_id,
-            filter_passed=answer.filter_passed)
+            filter_passed=answer.filter_passed, experiment=assigned.experiment if assigned else "",
+            variant=assigned.variant.name if assigned else "")
+
+    def _assignment(self, user_id: str) -> Assignment | None:
+        """The running experiment's variant for this user; None when none runs."""
+        for experiment in self.config.experiments:  # at most one
+            return experiment.assignment(user_id)
+        return None
 
     async def _page(self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext,
                     request_id: str, started: float, deadline: float, user: UserView, store_down: bool
@@ -169,11 +184,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         drop = set(user.history) | set(user.hidden) | set(request.context_item_ids)
         degraded, coverage = store_down, 1.0
+        assigned = self._assignment(request.user_id)
         async with session.lock:
             page = session.take(request.page_size, drop)
             while len(page) < request.page_size and not session.exhausted:
                 ahead = min(request.page_size * self.config.paging.pages_ahead, self.config.limits.max_k)
-                query = query_of(request, user, ahead, sorted(session.seen()))
+                query = query_of(request, user, ahead, sorted(session.seen()),
+                                 assigned.variant if assigned else None)
                 answer = await self.funnel.recommend(query, deadline)
                 degraded, coverage = degraded or answer.degraded, min(coverage, answer.recall_coverage)
                 session.model_version = session.model_version or answer.model_version
@@ -184,11 +201,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
                 self.pages.close(token)
         self._log_answer(request_id, request.user_id, request.page_size, len(user.history),
                          Answer(page, session.model_version, degraded, coverage), store_down, started)
-        self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in page], session.model_version)
+        self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in page], session.model_version,
+                             assigned.label if assigned else "")
         return recommender_pb2.RecommendResponse(
             items=recommended(page), model_version=session.model_version, degraded=degraded,
             recall_coverage=coverage, request_id=request_id,
-            next_page_token="" if session.finished else token, filter_passed=session.filter_passed)
+            next_page_token="" if session.finished else token, filter_passed=session.filter_passed,
+            experiment=assigned.experiment if assigned else "", variant=assigned.variant.name if assigned else "")
 
     def _log_answer(self, request_id: str, user_id: str, k: int, history: int, answer: Answer, store_down: bool,
                     started: float) -> None:

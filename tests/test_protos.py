@@ -32,7 +32,8 @@ def test_public_contract_names_are_stable() -> None:
                                             "diversity": 5, "explain": 6, "filter": 7, "page_size": 8,
                                             "page_token": 9}
     assert numbers(pb.RecommendResponse) == {"items": 1, "model_version": 2, "degraded": 3, "recall_coverage": 4,
-                                             "request_id": 5, "next_page_token": 6, "filter_passed": 7}
+                                             "request_id": 5, "next_page_token": 6, "filter_passed": 7,
+                                             "experiment": 8, "variant": 9}
     assert numbers(pb.DeleteUserResponse) == {"events_removed": 1}
     assert numbers(pb.Item) == {"item_id": 1, "text": 2, "tags": 3, "properties": 4, "created_ms": 5, "vectors": 6}
     assert numbers(pb.FloatVector) == {"values": 1}

@@ -83,7 +83,7 @@ class RecommendedItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., because_item_ids: _Optional[_Iterable[str]] = ..., channels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "model_version", "degraded", "recall_coverage", "request_id", "next_page_token", "filter_passed")
+    __slots__ = ("items", "model_version", "degraded", "recall_coverage", "request_id", "next_page_token", "filter_passed", "experiment", "variant")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,8 @@ class RecommendResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FILTER_PASSED_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RecommendedItem]
     model_version: str
     degraded: bool
@@ -98,7 +100,9 @@ class RecommendResponse(_message.Message):
     request_id: str
     next_page_token: str
     filter_passed: int
-    def __init__(self, items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., recall_coverage: _Optional[float] = ..., request_id: _Optional[str] = ..., next_page_token: _Optional[str] = ..., filter_passed: _Optional[int] = ...) -> None: ...
+    experiment: str
+    variant: str
+    def __init__(self, items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., recall_coverage: _Optional[float] = ..., request_id: _Optional[str] = ..., next_page_token: _Optional[str] = ..., filter_passed: _Optional[int] = ..., experiment: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("user_id", "item_id", "event_type", "value", "timestamp_ms", "event_id", "request_id")

@@ -69,6 +69,7 @@ class GatewayConfig:
     feedback: EventTypes = EVERY_TYPE_POSITIVE  # which event types are history, which keep items out
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     experiments: tuple[Experiment, ...] = ()  # the running A/B experiment, `[[experiments]]`; at most one
+    experiment_poll_s: float = 2.0  # how often the store's experiment setting (start / stop) is re-read
     # Bearer tokens clients must send; empty = open (the embedded demo on loopback only).
     tokens: tuple[str, ...] = field(default=(), repr=False)
     internal_token: str | None = field(default=None, repr=False)  # sent to recall and ranking

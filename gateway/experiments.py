@@ -9,13 +9,20 @@ that `recfunnel experiments report` can compare what each variant's answers led 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import logging
 import math
 import re
-from dataclasses import dataclass
-from typing import Any
+import time
+from concurrent.futures import Executor
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 from recdata.channels import CHANNELS
+
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 MAX_VARIANTS = 16
@@ -84,6 +91,9 @@ class Experiment:
         return cls(str(values.get("name", "")), tuple(Variant.from_dict(v) for v in values.get("variants", [])),
                    str(values.get("control", "control")), str(values.get("salt", "")))
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
     def assign(self, user_id: str) -> Variant:
         """The user's variant: the salted hash's place in [0, 1) among the cumulative shares."""
         digest = hashlib.sha256(f"{self.salt or self.name}\x1f{user_id}".encode()).digest()
@@ -119,3 +129,56 @@ def experiments_from_config(tables: list[dict[str, Any]]) -> tuple[Experiment, .
     if len(tables) > 1:
         raise ValueError(f"{len(tables)} experiments configured; one runs at a time")
     return tuple(Experiment.from_dict(t) for t in tables)
+
+
+# The event store's setting that starts and stops an experiment while the gateways serve:
+# an experiment's JSON, or "" for none. Unset, a gateway runs its configured experiment.
+EXPERIMENT_SETTING = "experiment"
+
+
+class SettingSource(Protocol):
+    def setting(self, key: str) -> str | None: ...
+
+
+class RunningExperiment:
+    """The experiment a gateway runs: its config's, until the event store's setting (written
+    by `recfunnel experiments start` / `stop`) says otherwise. Every gateway re-reads the
+    setting at most every `poll_s` while it serves, off the request path, so all of them
+    switch within about that long of each other without a restart."""
+
+    def __init__(self, configured: Experiment | None, store: SettingSource, executor: Executor | None = None,
+                 poll_s: float = 2.0):
+        self.current = configured
+        self.configured = configured
+        self.store = store
+        self.executor = executor
+        self.poll_s = poll_s
+        self._read_at = -math.inf
+        self._reading: asyncio.Future[None] | None = None
+
+    def refresh(self) -> None:
+        """Read the setting now; a setting that does not parse is logged and ignored."""
+        raw = self.store.setting(EXPERIMENT_SETTING)
+        if raw is None:
+            self.current = self.configured
+            return
+        try:
+            self.current = Experiment.from_dict(json.loads(raw)) if raw else None
+        except (ValueError, TypeError) as error:
+            log.warning("experiment setting ignored, %s still runs: %s",
+                        self.current.name if self.current else "no experiment", error)
+
+    def get(self) -> Experiment | None:
+        """The experiment to assign this request by; starts a re-read when the last is stale."""
+        now = time.monotonic()
+        if now - self._read_at >= self.poll_s and (self._reading is None or self._reading.done()):
+            self._read_at = now
+            self._reading = asyncio.get_running_loop().run_in_executor(self.executor, self._refresh_logged)
+        return self.current
+
+    def _refresh_logged(self) -> None:
+        try:
+            self.refresh()
+        except Exception as error:  # noqa: BLE001 - a store that is down keeps the experiment running
+            log.warning("experiment setting unread, %s still runs: %s",
+                        self.current.name if self.current else "no experiment", error)

@@ -19,7 +19,7 @@ from gateway.admission import Admission, Overloaded, Priority
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
 from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, UserRecord, UserView, read_user
-from gateway.experiments import Assignment, Variant
+from gateway.experiments import Assignment, RunningExperiment, Variant
 from gateway.exposures import ExposureLog
 from gateway.funnel import Answer, Funnel, Recommendation, RecommendQuery, SimilarQuery, StageFailed, UnknownItems
 from gateway.group_commit import GroupCommit
@@ -91,6 +91,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.config = config
         self.executor = executor
         self.pages = PageSessions(config.paging)
+        self.experiment = RunningExperiment(config.experiments[0] if config.experiments else None, events,
+                                            executor, config.experiment_poll_s)
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -165,9 +167,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
 
     def _assignment(self, user_id: str) -> Assignment | None:
         """The running experiment's variant for this user; None when none runs."""
-        for experiment in self.config.experiments:  # at most one
-            return experiment.assignment(user_id)
-        return None
+        experiment = self.experiment.get()
+        return experiment.assignment(user_id) if experiment is not None else None
 
     async def _page(self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext,
                     request_id: str, started: float, deadline: float, user: UserView, store_down: bool

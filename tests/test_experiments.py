@@ -115,3 +115,65 @@ def test_a_variant_sets_the_diversity_a_request_leaves_at_zero_and_the_channel_b
     assert query_of(asked, UserView([], []), variant=diverse).diversity == pytest.approx(0.3)  # the client's
     assert query_of(request, UserView([], []), variant=no_popular).channel_budgets == {"popular": 0}
     assert query_of(request, UserView([], [])).channel_budgets is None
+
+
+class Settings:
+    def __init__(self) -> None:
+        self.values: dict[str, str] = {}
+
+    def setting(self, key: str) -> str | None:
+        return self.values.get(key)
+
+
+def test_the_stores_setting_starts_replaces_and_stops_the_configured_experiment() -> None:
+    from gateway.experiments import EXPERIMENT_SETTING, RunningExperiment
+
+    store = Settings()
+    running = RunningExperiment(THREE_WAY, store)
+    running.refresh()
+    assert running.current == THREE_WAY  # nothing set: the config's
+    other = Experiment("other", (Variant("control", 0.5), Variant("b", 0.5)))
+    store.values[EXPERIMENT_SETTING] = other.to_json()
+    running.refresh()
+    assert running.current == other
+    store.values[EXPERIMENT_SETTING] = '{"name": "broken", "variants": []}'
+    running.refresh()
+    assert running.current == other  # a setting that does not parse changes nothing
+    store.values[EXPERIMENT_SETTING] = ""
+    running.refresh()
+    assert running.current is None
+
+
+async def test_recfunnel_experiments_start_and_stop_reach_a_serving_gateway_without_a_restart(
+        tiny_bundle: Path, tmp_path: Path) -> None:
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    db = tmp_path / "events.sqlite"
+    spec = tmp_path / "experiment.toml"
+    spec.write_text('[[experiments]]\nname = "live"\n[[experiments.variants]]\nname = "control"\nshare = 0.5\n'
+                    '[[experiments.variants]]\nname = "b"\nshare = 0.5\n')
+    async with serving_stack(tiny_bundle, db, experiment_poll_s=0.05) as (gateway, _, _), \
+            grpc.aio.insecure_channel(gateway.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+
+        async def experiment_seen() -> str:
+            for _ in range(100):  # the first request after the poll interval starts a re-read
+                reply = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="u7", k=3), timeout=10)
+                await asyncio.sleep(0.02)
+            return reply.experiment
+
+        assert await experiment_seen() == ""
+        started = CliRunner().invoke(app, ["experiments", "start", str(spec), "--db", str(db)])
+        assert started.exit_code == 0 and "experiment live started (control 0.5, b 0.5)" in started.output
+        assert await experiment_seen() == "live"
+        stopped = CliRunner().invoke(app, ["experiments", "stop", "--db", str(db)])
+        assert stopped.exit_code == 0
+        assert await experiment_seen() == ""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[experiments]]\nname = "x"\n')
+    refused = CliRunner().invoke(app, ["experiments", "start", str(bad), "--db", str(db)])
+    assert refused.exit_code == 2 and "variants with distinct names" in refused.output

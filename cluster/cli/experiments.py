@@ -19,10 +19,60 @@ class GroupBy(str, Enum):
     model_version = "model-version"
 
 
+DbOption = Annotated[str, typer.Option(help="the cluster's event store: a SQLite file or a postgresql:// URL")]
+
+
+def _store(db: str) -> Any:
+    from gateway.events import is_postgres_url, open_event_store
+
+    if not is_postgres_url(db) and not Path(db).is_file():  # opening it would create an empty one
+        raise typer.BadParameter(f"no event store at {db}", param_hint="--db")
+    return open_event_store(db)
+
+
+@group.command("start")
+def start_command(
+    file: Annotated[Path, typer.Argument(help="TOML with one [[experiments]] table (a cluster config will do)")],
+    db: DbOption = "recfunnel.sqlite",
+) -> None:
+    """Start an experiment on the running cluster: every gateway takes it up within its poll
+    interval (2 s), no restart; it replaces any experiment running."""
+    import tomllib
+
+    from gateway.experiments import EXPERIMENT_SETTING, experiments_from_config
+
+    try:
+        tables = tomllib.loads(file.read_text("utf-8")).get("experiments", [])
+        experiments = experiments_from_config(tables)
+    except (OSError, ValueError, TypeError) as error:
+        raise typer.BadParameter(str(error), param_hint="FILE") from error
+    if not experiments:
+        raise typer.BadParameter(f"{file} has no [[experiments]] table", param_hint="FILE")
+    store = _store(db)
+    try:
+        store.set_setting(EXPERIMENT_SETTING, experiments[0].to_json())
+    finally:
+        store.close()
+    shares = ", ".join(f"{v.name} {v.share:g}" for v in experiments[0].variants)
+    typer.echo(f"experiment {experiments[0].name} started ({shares})")
+
+
+@group.command("stop")
+def stop_command(db: DbOption = "recfunnel.sqlite") -> None:
+    """Stop the running experiment: every gateway serves without one within its poll interval."""
+    from gateway.experiments import EXPERIMENT_SETTING
+
+    store = _store(db)
+    try:
+        store.set_setting(EXPERIMENT_SETTING, "")
+    finally:
+        store.close()
+    typer.echo("no experiment runs")
+
+
 @group.command("report")
 def report_command(
-    db: Annotated[str, typer.Option(help="event store holding the exposure log: a SQLite file or a "
-                                         "postgresql:// URL")] = "recfunnel.sqlite",
+    db: DbOption = "recfunnel.sqlite",
     by: Annotated[GroupBy, typer.Option(help="compare answers by experiment variant or by model version")
                   ] = GroupBy.variant,
     k: Annotated[int, typer.Option(min=1, max=1000, help="places of an answer that count")] = 10,
@@ -36,7 +86,6 @@ def report_command(
 ) -> None:
     """Per group: answers, exposures, CTR@k, conversion@k and MRR@k with 95% intervals, and each
     against the control (difference, interval, lift, two-sided p-value)."""
-    from gateway.events import open_event_store
     from gateway.online_metrics import ReportConfig, online_report
 
     try:
@@ -45,11 +94,7 @@ def report_command(
                               by=by.value.replace("-", "_"), control=control)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    from gateway.events import is_postgres_url
-
-    if not is_postgres_url(db) and not Path(db).is_file():  # opening it would create an empty one
-        raise typer.BadParameter(f"no event store at {db}", param_hint="--db")
-    store = open_event_store(db)
+    store = _store(db)
     try:
         result = online_report(store, config)
     except ValueError as error:

@@ -143,10 +143,14 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
                                                       else ""))
 
         encoder = text_encoder or TextEncoder()
-        no_text = Trainer(dataset, replace(aux, use_text=False))
-        fit(no_text)
-        result["ablation"] = {"no_text": {"full": test.full(no_text.scorer().funnel_scores)}}
-        say(f"no-text funnel NDCG@10 {result['ablation']['no_text']['full']['ndcg@10']:.4f}")
+        if with_text:
+            no_text = Trainer(dataset, replace(aux, use_text=False))
+            fit(no_text)
+            result["ablation"] = {"no_text": {"full": test.full(no_text.scorer().funnel_scores)}}
+            say(f"no-text funnel NDCG@10 {result['ablation']['no_text']['full']['ndcg@10']:.4f}")
+        else:  # a shorter-trained copy of the funnel itself would say nothing about text
+            result["ablation"] = {"no_text": {"applicable": False, "why": "the items have no text: the funnel "
+                                              "is already ID-only"}}
         if dataset.item_vectors:  # the same funnel without the precomputed item vectors
             no_vectors = Trainer(dataset, replace(aux, use_vectors=False), encoder, text_vectors=text_vectors)
             fit(no_vectors)

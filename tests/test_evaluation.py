@@ -290,6 +290,7 @@ def test_without_item_text_evaluate_says_what_it_measured_on(tiny_bundle, tiny_d
     bare = replace(tiny_dataset, item_texts=[""] * n, item_tags=[() for _ in range(n)], timestamps=None)
     report = evaluate(tiny_bundle, bare, EvaluateConfig(seconds_per_model=2.0), text_encoder)
     assert report["cold_start"]["applicable"] is False and "no text" in report["cold_start"]["why"]
+    assert report["ablation"]["no_text"]["applicable"] is False  # the funnel is the no-text model
     assert report["beyond_accuracy"]["ild_on"] == "item vectors (no item text)"
     assert 0.0 <= report["beyond_accuracy"]["ild@10"] <= 2.0
     assert report["history_order"] == "file order (no timestamps)"

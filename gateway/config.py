@@ -87,5 +87,9 @@ class GatewayConfig:
             raise ValueError(f"port={self.port} must be in 0..65535")
         if self.default_deadline_s <= 0:
             raise ValueError(f"default_deadline_s={self.default_deadline_s} must be > 0")
+        if len(self.experiments) > 1:
+            raise ValueError(f"{len(self.experiments)} experiments given; one runs at a time")
+        if self.experiment_poll_s <= 0:
+            raise ValueError(f"experiment_poll_s={self.experiment_poll_s} must be > 0")
         if any(k < 0 for _, k in self.channel_budgets):
             raise ValueError("channel budgets must be >= 0")

@@ -67,6 +67,10 @@ def test_the_cluster_config_reads_experiments_and_runs_one_at_a_time(tmp_path: P
     path.write_text(two)
     with pytest.raises(ValueError, match="one runs at a time"):
         ClusterConfig.from_file(path)
+    from gateway.config import GatewayConfig
+
+    with pytest.raises(ValueError, match="2 experiments given; one runs at a time"):
+        GatewayConfig(("a:1",), ("b:2",), experiments=(THREE_WAY, THREE_WAY))
 
 
 async def test_answers_name_their_variant_which_changes_them_and_the_report_compares_them(

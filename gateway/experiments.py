@@ -116,11 +116,18 @@ class Experiment:
 
 @dataclass(frozen=True)
 class Assignment:
-    """A user's place in the running experiment."""
+    """A user's place in the running experiment (`NO_EXPERIMENT` when none runs)."""
 
     experiment: str
-    variant: Variant
+    variant: Variant | None
     label: str  # experiment/variant, as the exposure log keeps it
+
+    @property
+    def variant_name(self) -> str:
+        return self.variant.name if self.variant is not None else ""
+
+
+NO_EXPERIMENT = Assignment("", None, "")
 
 
 def experiments_from_config(tables: list[dict[str, Any]]) -> tuple[Experiment, ...]:

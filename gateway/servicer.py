@@ -19,7 +19,7 @@ from gateway.admission import Admission, Overloaded, Priority
 from gateway.catalogue import Catalogue
 from gateway.config import GatewayConfig
 from gateway.events import Event, EventStore, ItemChange, StoreUnavailable, UserRecord, UserView, read_user
-from gateway.experiments import Assignment, RunningExperiment, Variant
+from gateway.experiments import NO_EXPERIMENT, Assignment, RunningExperiment, Variant
 from gateway.exposures import ExposureLog
 from gateway.funnel import Answer, Funnel, Recommendation, RecommendQuery, SimilarQuery, StageFailed, UnknownItems
 from gateway.group_commit import GroupCommit
@@ -154,21 +154,20 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         if request.page_size:
             return await self._page(request, context, request_id, started, deadline, user, store_down)
         assigned = self._assignment(request.user_id)
-        query = query_of(request, user, variant=assigned.variant if assigned else None)
+        query = query_of(request, user, variant=assigned.variant)
         answer = await self.funnel.recommend(query, deadline)
         self._log_answer(request_id, request.user_id, request.k, len(query.history), answer, store_down, started)
         self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in answer.items],
-                             answer.model_version, assigned.label if assigned else "")
+                             answer.model_version, assigned.label)
         return recommender_pb2.RecommendResponse(
             items=recommended(answer.items), model_version=answer.model_version,
             degraded=answer.degraded or store_down, recall_coverage=answer.recall_coverage, request_id=request_id,
-            filter_passed=answer.filter_passed, experiment=assigned.experiment if assigned else "",
-            variant=assigned.variant.name if assigned else "")
+            filter_passed=answer.filter_passed, experiment=assigned.experiment, variant=assigned.variant_name)
 
-    def _assignment(self, user_id: str) -> Assignment | None:
-        """The running experiment's variant for this user; None when none runs."""
+    def _assignment(self, user_id: str) -> Assignment:
+        """The running experiment's variant for this user; `NO_EXPERIMENT` when none runs."""
         experiment = self.experiment.get()
-        return experiment.assignment(user_id) if experiment is not None else None
+        return experiment.assignment(user_id) if experiment is not None else NO_EXPERIMENT
 
     async def _page(self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext,
                     request_id: str, started: float, deadline: float, user: UserView, store_down: bool
@@ -190,8 +189,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             page = session.take(request.page_size, drop)
             while len(page) < request.page_size and not session.exhausted:
                 ahead = min(request.page_size * self.config.paging.pages_ahead, self.config.limits.max_k)
-                query = query_of(request, user, ahead, sorted(session.seen()),
-                                 assigned.variant if assigned else None)
+                query = query_of(request, user, ahead, sorted(session.seen()), assigned.variant)
                 answer = await self.funnel.recommend(query, deadline)
                 degraded, coverage = degraded or answer.degraded, min(coverage, answer.recall_coverage)
                 session.model_version = session.model_version or answer.model_version
@@ -203,12 +201,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self._log_answer(request_id, request.user_id, request.page_size, len(user.history),
                          Answer(page, session.model_version, degraded, coverage), store_down, started)
         self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in page], session.model_version,
-                             assigned.label if assigned else "")
+                             assigned.label)
         return recommender_pb2.RecommendResponse(
             items=recommended(page), model_version=session.model_version, degraded=degraded,
             recall_coverage=coverage, request_id=request_id,
             next_page_token="" if session.finished else token, filter_passed=session.filter_passed,
-            experiment=assigned.experiment if assigned else "", variant=assigned.variant.name if assigned else "")
+            experiment=assigned.experiment, variant=assigned.variant_name)
 
     def _log_answer(self, request_id: str, user_id: str, k: int, history: int, answer: Answer, store_down: bool,
                     started: float) -> None:

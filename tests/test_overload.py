@@ -93,23 +93,36 @@ def slow_gateway(tiny_bundle: Path, tmp_path: Path, request: pytest.FixtureReque
 # A tolerance of 1.5 x the no-load median (2 x by default) leaves a margin between the bound
 # below and the limit's own first windows, which admit a little more before it shrinks.
 @pytest.mark.parametrize("slow_gateway", [AdmissionConfig(tolerance=1.5)], indirect=True)
-def test_after_twice_its_capacity_the_gateway_recovers_at_once_and_loses_no_feedback(
+def test_under_twice_its_capacity_the_gateway_sheds_the_excess_and_loses_no_feedback(
         slow_gateway: str, tiny_dataset: Dataset) -> None:
     mix = Mix(tuple(tiny_dataset.user_ids), tuple(tiny_dataset.item_ids), k=5)
     # Phases long enough for a p99 of a few hundred answers each, not of the slowest two.
     report = run_overload(LoadTest(slow_gateway, CAPACITY_RPS, 1.0), mix, capacity_rps=CAPACITY_RPS, phase_s=6.0,
-                          recovery_s=20.0)
+                          recovery_s=10.0)
     overload = report["overload"]
     assert overload["shed_share"] > 0.05  # the excess was refused
     assert set(overload["errors"]) <= {"RESOURCE_EXHAUSTED"}
     assert report["goodput_over_capacity"] >= 0.9
     # What was admitted stayed fast: within the limiter's tolerance of the no-load median plus
-    # its tail, while the same overload without it queues to 4 x and more (below) ...
+    # its tail, while the same overload without it queues to 4 x and more (below).
     assert overload["recommend_admitted"]["p99_ms"] < 3 * report["before"]["p99_ms"]
-    # ... so nothing is left to drain once the overload ends: back within 1.2 x within 10 s.
+    assert report["feedback"]["lost"] == 0 and report["feedback"]["acknowledged"] > 0
+
+
+# The recovery's bound is a speed target at the 1.2 x margin, and on these 2 cores a 5 s p99
+# of the same load moves by up to a fifth from one window to the next (bench/overload.py), so
+# it is judged here in the slow suite and recorded by `recfunnel bench overload`, not in CI.
+@pytest.mark.slow
+@pytest.mark.parametrize("slow_gateway", [AdmissionConfig(tolerance=1.5)], indirect=True)
+def test_after_twice_its_capacity_the_gateway_recovers_at_once(slow_gateway: str, tiny_dataset: Dataset) -> None:
+    mix = Mix(tuple(tiny_dataset.user_ids), tuple(tiny_dataset.item_ids), k=5)
+    report = run_overload(LoadTest(slow_gateway, CAPACITY_RPS, 1.0), mix, capacity_rps=CAPACITY_RPS, phase_s=6.0,
+                          recovery_s=20.0)
+    # Nothing is left to drain once the overload ends: back within 1.2 x within 10 s (each 5 s
+    # window's p99 against those of the phase before, as long as the recovery) and staying there.
     assert report["recovered_after_s"] is not None and report["recovered_after_s"] <= 10.0
     assert report["p99_after_10s_over_before"] <= 1.2
-    assert report["feedback"]["lost"] == 0 and report["feedback"]["acknowledged"] > 0
+    assert report["feedback"]["lost"] == 0
 
 
 @pytest.mark.parametrize("slow_gateway", [AdmissionConfig(enabled=False)], indirect=True)

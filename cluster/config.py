@@ -14,6 +14,7 @@ from gateway.admission import AdmissionConfig
 from gateway.config import DEFAULT_PORT, PagingConfig
 from gateway.experiments import Experiment, experiments_from_config
 from gateway.exposures import ExposureConfig
+from gateway.propensity import ExplorationConfig
 from protos.auth import TlsFiles, tokens_from_file
 from recdata.feedback import EVERY_TYPE_POSITIVE, EventTypes
 
@@ -61,6 +62,8 @@ class ClusterConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # each gateway's, `[admission]`
     paging: PagingConfig = field(default_factory=PagingConfig)  # each gateway's page sessions, `[paging]`
     exposures: ExposureConfig = field(default_factory=ExposureConfig)  # each gateway's exposure log, `[exposures]`
+    # The share of answers that swap a pair of places to measure position bias, `[exploration]`.
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)
     # What each event type means to the gateways' history reads and the loop, `[feedback]`.
     feedback: EventTypes = EVERY_TYPE_POSITIVE
     experiments: tuple[Experiment, ...] = ()  # the gateways' A/B experiment, `[[experiments]]`
@@ -68,6 +71,8 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.loop is not None and self.loop.feedback != self.feedback:  # one meaning of each type
             object.__setattr__(self, "loop", replace(self.loop, feedback=self.feedback))
+        if self.loop is not None and self.loop.exploration_depth != self.exploration.depth:  # the places swapped
+            object.__setattr__(self, "loop", replace(self.loop, exploration_depth=self.exploration.depth))
         if not 1 <= self.num_shards <= 256:
             raise ValueError(f"num_shards={self.num_shards} must be in 1..256")
         if not 1 <= self.ranker_replicas <= 64 or not 1 <= self.gateways <= 64:
@@ -86,7 +91,8 @@ class ClusterConfig:
         and `[gateway_resources]` tables set num_cpus / num_gpus / max_restarts, `[admission]`
         the gateways' admission control (`gateway.admission.AdmissionConfig`), `[paging]` their
         page sessions (`gateway.config.PagingConfig`), `[exposures]` their exposure log
-        (`gateway.exposures.ExposureConfig`), `[feedback]` what each event type means
+        (`gateway.exposures.ExposureConfig`), `[exploration]` their swapped pairs
+        (`gateway.propensity.ExplorationConfig`), `[feedback]` what each event type means
         (`recdata.feedback.EventTypes`), `[[experiments]]` the A/B experiment the gateways run
         (`gateway.experiments.Experiment`). Secrets are
         never in the file itself: `tokens_file` and `internal_token_file` name files holding
@@ -117,6 +123,8 @@ class ClusterConfig:
             values["paging"] = PagingConfig(**values["paging"])
         if "exposures" in values:
             values["exposures"] = ExposureConfig(**values["exposures"])
+        if "exploration" in values:
+            values["exploration"] = ExplorationConfig.from_dict(values["exploration"])
         if "feedback" in values:
             values["feedback"] = EventTypes.from_dict(values["feedback"])
         if "experiments" in values:

@@ -167,7 +167,8 @@ class Controller:
                                 ranking_addresses=tuple(self.ranking_addresses()), db_path=config.db_path,
                                 db_url=config.db_url, host=config.host, port=config.gateway_port, tokens=config.tokens,
                                 internal_token=config.internal_token, tls=config.tls, admission=config.admission,
-                                paging=config.paging, exposures=config.exposures, feedback=config.feedback,
+                                paging=config.paging, exposures=config.exposures, exploration=config.exploration,
+                                feedback=config.feedback,
                                 experiments=config.experiments)
         for n, node in enumerate(self.gateway_nodes()):
             name = f"recfunnel-gateway-{n}"

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gateway.events import EventStore, open_event_store
+from gateway.propensity import estimate_propensity, inverse_propensity_factors
 from ranking.config import TrainConfig
 from recdata.bundle import MANIFEST, load_bundle, read_manifest
 from recdata.channels import SEMANTIC
@@ -66,6 +67,13 @@ class LoopConfig:
     # What each type means (`[feedback]` of the cluster config, which sets it here): only
     # positive types are learnt from.
     feedback: EventTypes = EVERY_TYPE_POSITIVE
+    # Position-debiased fine-tuning (`gateway.propensity`): each attributed click weighs 1 /
+    # the propensity of the place it was shown at, estimated from the gateways' swapped pairs
+    # (`[exploration]`); clipped at `propensity_clip`, self-normalised. Off by default.
+    inverse_propensity: bool = False
+    propensity_clip: float = 0.1
+    click_types: tuple[str, ...] = ("click",)  # what the propensity estimate counts as a click
+    exploration_depth: int = 10
     output: Path = Path("artifacts/loop")     # one bundle folder per round
     storage: Path = Path("ray-train/loop")    # Ray Train checkpoints, one run per round
     seed: int = 0
@@ -77,6 +85,9 @@ class LoopConfig:
             raise ValueError("encoder_epochs and ranker_epochs must be >= 1")
         if not 0 <= self.tolerance < 1 or self.min_cases < 1:
             raise ValueError("tolerance must be in [0, 1) and min_cases >= 1")
+        if not 0 < self.propensity_clip <= 1 or not self.click_types or not 2 <= self.exploration_depth <= 100:
+            raise ValueError(f"propensity_clip={self.propensity_clip} must be in (0, 1], click_types non-empty, "
+                             f"exploration_depth={self.exploration_depth} in 2..100")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LoopConfig:
@@ -91,8 +102,9 @@ class LoopConfig:
         for key in ("output", "storage"):
             if key in values:
                 values[key] = Path(values[key])
-        if "event_types" in values:
-            values["event_types"] = tuple(values["event_types"])
+        for key in ("event_types", "click_types"):
+            if key in values:
+                values[key] = tuple(values[key])
         unknown = set(values) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"[loop]: unknown settings {sorted(unknown)}")
@@ -241,8 +253,9 @@ class FeedbackLoop:
         parent = load_bundle(serving)
         base = align_to_catalogue(self.base(), parent.item_ids)
         types = frozenset(cfg.event_types) if cfg.event_types else None
-        fed = with_feedback(base, self.events.events_between(self.since_seq, through), types, cfg.feedback)
-        lineage = {"parent": parent.version, "feedback": fed.stats.to_dict()}
+        factors, debiasing = position_factors(self.events, cfg, self.since_seq, through)
+        fed = with_feedback(base, self.events.events_between(self.since_seq, through), types, cfg.feedback, factors)
+        lineage = {"parent": parent.version, "feedback": fed.stats.to_dict(), **debiasing}
         report: dict[str, Any] = dict(lineage)
         if fed.stats.used == 0:
             return {**report, "decision": "nothing to learn"}
@@ -258,6 +271,19 @@ class FeedbackLoop:
             return {**report, "decision": "kept serving version"}
         report["swap"] = self.serving.swap(out)
         return {**report, "decision": "rolled out"}
+
+
+def position_factors(events: EventStore, cfg: LoopConfig, after_seq: int, through_seq: int
+                     ) -> tuple[dict[int, float], dict[str, Any]]:
+    """Inverse-propensity factors of the attributed events in (after_seq, through_seq], and
+    what they came from; none unless `inverse_propensity` is on."""
+    if not cfg.inverse_propensity:
+        return {}, {}
+    estimate = estimate_propensity(events.position_outcomes(cfg.click_types, cfg.exploration_depth),
+                                   cfg.exploration_depth)
+    factors, summary = inverse_propensity_factors(events.shown_positions(after_seq, through_seq), estimate,
+                                                  cfg.propensity_clip)
+    return factors, {"propensity": estimate.to_json(), "inverse_propensity": summary}
 
 
 def _fine_tune(dataset: Dataset, training: TrainConfig, out: Path, cfg: LoopConfig, text_vectors: Any,

@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.admission import AdmissionConfig
 from gateway.experiments import Experiment
 from gateway.exposures import ExposureConfig
+from gateway.propensity import ExplorationConfig
 from protos.auth import TlsFiles
 from recdata.feedback import EVERY_TYPE_POSITIVE, EventTypes
 
@@ -66,6 +67,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     paging: PagingConfig = field(default_factory=PagingConfig)
     exposures: ExposureConfig = field(default_factory=ExposureConfig)
+    exploration: ExplorationConfig = field(default_factory=ExplorationConfig)  # swapped pairs, for position bias
     feedback: EventTypes = EVERY_TYPE_POSITIVE  # which event types are history, which keep items out
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     experiments: tuple[Experiment, ...] = ()  # the running A/B experiment, `[[experiments]]`; at most one

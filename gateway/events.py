@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS exposures (  -- what each answer showed, off the requ
     score REAL NOT NULL,
     model_version TEXT NOT NULL,
     variant TEXT NOT NULL DEFAULT '',
-    timestamp_ms INTEGER NOT NULL
+    timestamp_ms INTEGER NOT NULL,
+    ranked_position INTEGER NOT NULL DEFAULT -1  -- where the ranking put it, before exploration; -1 = position
 );
 CREATE INDEX IF NOT EXISTS exposures_by_request ON exposures (request_id, item_id);
 CREATE TABLE IF NOT EXISTS users (  -- what users said about themselves (UpsertUsers)
@@ -69,8 +70,8 @@ CREATE INDEX IF NOT EXISTS events_hidden ON events (user_id, item_id) WHERE even
 EVENT_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (event_id) WHERE event_id IS NOT NULL"
 # PRAGMA user_version of a log: 1 before events had idempotency keys, 2 with them, 3 with item
 # attributes in the catalogue changes and user attributes, 4 with exposures and the answer an
-# event is attributed to.
-SCHEMA_VERSION = 4
+# event is attributed to, 5 with each exposure's place before exploration swapped it.
+SCHEMA_VERSION = 5
 MAX_HIDDEN = 10_000  # hidden items read per user: the most recent ones
 
 
@@ -141,6 +142,11 @@ class Exposure:
     model_version: str
     variant: str = ""
     timestamp_ms: int = 0
+    ranked_position: int = -1  # where the ranking put it when exploration moved it; -1 = `position`
+
+    @property
+    def ranked_at(self) -> int:
+        return self.position if self.ranked_position < 0 else self.ranked_position
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,8 @@ class EventStore(Protocol):
     def attributed_events(self, request_id: str) -> list[tuple[str, str]]: ...
     def answer_sizes(self, by: str, k: int) -> list[tuple[str, str, int]]: ...
     def attributed_outcomes(self) -> list[tuple[str, int, str]]: ...
+    def position_outcomes(self, click_types: tuple[str, ...], depth: int) -> list[tuple[int, int, int, int]]: ...
+    def shown_positions(self, after_seq: int, through_seq: int) -> dict[int, int]: ...
     def erase_user(self, user_id: str) -> int: ...
     def record_item_changes(self, changes: Iterable[ItemChange]) -> None: ...
     def item_changes(self) -> list[ItemChange]: ...
@@ -257,6 +265,8 @@ class EventLog:
             self._db.execute("ALTER TABLE events ADD COLUMN event_id TEXT")
         if "request_id" not in columns:  # a log written before events named their answer (version 3)
             self._db.execute("ALTER TABLE events ADD COLUMN request_id TEXT")
+        if "ranked_position" not in {row[1] for row in self._db.execute("PRAGMA table_info(exposures)")}:
+            self._db.execute("ALTER TABLE exposures ADD COLUMN ranked_position INTEGER NOT NULL DEFAULT -1")
         if "attributes" not in {row[1] for row in self._db.execute("PRAGMA table_info(item_changes)")}:
             self._db.execute("ALTER TABLE item_changes ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}'")
         self._db.execute(EVENT_ID_INDEX)
@@ -340,12 +350,13 @@ class EventLog:
         written in batches off the request path, and the gateway counts what a crash loses."""
         now = int(time.time() * 1000)
         rows = [(x.request_id, x.user_id, x.item_id, x.position, x.score, x.model_version, x.variant,
-                 x.timestamp_ms or now) for x in exposures]
+                 x.timestamp_ms or now, x.ranked_position) for x in exposures]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("INSERT INTO exposures (request_id, user_id, item_id, position, score, "
-                                     "model_version, variant, timestamp_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                                     "model_version, variant, timestamp_ms, ranked_position) "
+                                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except sqlite3.Error:
                 self._db.execute("ROLLBACK")
@@ -356,7 +367,8 @@ class EventLog:
         """What one answer showed, in answer order."""
         with self._lock:
             rows = self._db.execute("SELECT request_id, user_id, item_id, position, score, model_version, variant, "
-                                    "timestamp_ms FROM exposures WHERE request_id = ? ORDER BY position",
+                                    "timestamp_ms, ranked_position FROM exposures WHERE request_id = ? "
+                                    "ORDER BY position",
                                     (request_id,)).fetchall()
         return [Exposure(*row) for row in rows]
 
@@ -383,6 +395,29 @@ class EventLog:
                                     "ON x.request_id = e.request_id AND x.item_id = e.item_id "
                                     "WHERE e.request_id IS NOT NULL").fetchall()
         return [(request, int(position), kind) for request, position, kind in rows]
+
+    def position_outcomes(self, click_types: tuple[str, ...], depth: int) -> list[tuple[int, int, int, int]]:
+        """(shown place, ranked place, exposures, clicked ones) over the first `depth` places of
+        every logged answer: what `gateway.propensity` estimates the click propensity from."""
+        marks = ", ".join("?" * len(click_types))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT x.position, CASE WHEN x.ranked_position < 0 THEN x.position ELSE x.ranked_position END, "
+                f"COUNT(*), COUNT(c.item_id) FROM exposures x LEFT JOIN (SELECT DISTINCT request_id, item_id "
+                f"FROM events WHERE request_id IS NOT NULL AND event_type IN ({marks})) c "
+                f"ON c.request_id = x.request_id AND c.item_id = x.item_id WHERE x.position < ? GROUP BY 1, 2",
+                (*click_types, depth)).fetchall()
+        return [(int(a), int(b), int(n), int(c)) for a, b, n, c in rows]
+
+    def shown_positions(self, after_seq: int, through_seq: int) -> dict[int, int]:
+        """seq -> the place its answer showed the item at, for the events in (after_seq,
+        through_seq] that name an answer which showed it."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.seq, MIN(x.position) FROM events e JOIN exposures x ON x.request_id = e.request_id "
+                "AND x.item_id = e.item_id WHERE e.seq > ? AND e.seq <= ? AND e.request_id IS NOT NULL "
+                "GROUP BY e.seq", (after_seq, through_seq)).fetchall()
+        return {int(seq): int(position) for seq, position in rows}
 
     def user_properties(self, user_id: str) -> dict[str, float | str]:
         with self._read_lock:

@@ -58,8 +58,9 @@ class ExposureLog:
         self._task: asyncio.Task[None] | None = None
 
     def offer(self, request_id: str, user_id: str, items: Sequence[tuple[str, float]], model_version: str,
-              variant: str = "") -> None:
-        """Queue one answer's (item id, score) list, in answer order; never blocks."""
+              variant: str = "", ranked: Sequence[int] | None = None) -> None:
+        """Queue one answer's (item id, score) list, in answer order; never blocks. `ranked`:
+        each shown place's place in the ranking, where exploration swapped some."""
         if not self.config.enabled or not items:
             return
         self.stats.offered += len(items)
@@ -68,8 +69,9 @@ class ExposureLog:
             self.stats.dropped += len(items)  # all of the answer or none: no half-logged answers
             return
         now = int(time.time() * 1000)
-        self._queue.extend(Exposure(request_id, user_id, item, n, score, model_version, variant, now)
-                           for n, (item, score) in enumerate(items))
+        places = ranked or range(len(items))
+        self._queue.extend(Exposure(request_id, user_id, item, n, score, model_version, variant, now, place)
+                           for n, ((item, score), place) in enumerate(zip(items, places, strict=True)))
         self.stats.queued = len(self._queue)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drain())

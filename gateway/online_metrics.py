@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gateway.propensity import estimate_propensity
+
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 NO_GROUP = "(none)"       # answers served outside any experiment
 
@@ -33,6 +35,7 @@ class OutcomeSource(Protocol):
 
     def answer_sizes(self, by: str, k: int) -> list[tuple[str, str, int]]: ...
     def attributed_outcomes(self) -> list[tuple[str, int, str]]: ...
+    def position_outcomes(self, click_types: tuple[str, ...], depth: int) -> list[tuple[int, int, int, int]]: ...
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,15 @@ class ReportConfig:
     by: str = "variant"              # or "model_version"
     control: str | None = None       # the group the others are tested against; None: "control" (or an
                                      # experiment's "…/control") if there is one, else the one with most answers
+    propensity_depth: int = 10       # places the position-bias estimate covers (`[exploration]` depth)
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 1000:
             raise ValueError(f"k={self.k} must be in 1..1000")
         if not self.click_types:
             raise ValueError("at least one click event type is needed")
+        if not 2 <= self.propensity_depth <= 100:
+            raise ValueError(f"propensity_depth={self.propensity_depth} must be in 2..100")
 
 
 @dataclass(frozen=True)
@@ -144,4 +150,15 @@ def online_report(source: OutcomeSource, config: ReportConfig) -> dict[str, Any]
             figures[name]["against_control"] = {metric: against_control(estimate, estimates[control][metric])
                                                 for metric, estimate in estimates[name].items()}
     return {"by": config.by, "k": k, "click_types": list(config.click_types),
-            "conversion_types": list(config.conversion_types), "control": control, "groups": figures}
+            "conversion_types": list(config.conversion_types), "control": control, "groups": figures,
+            "position_propensity": position_bias(source, config)}
+
+
+def position_bias(source: OutcomeSource, config: ReportConfig) -> dict[str, Any] | None:
+    """The click propensity of each place, from answers that exploration swapped; None when
+    no answer was swapped (exploration off)."""
+    outcomes = source.position_outcomes(config.click_types, config.propensity_depth)
+    swapped = sum(exposures for shown, ranked, exposures, _ in outcomes if shown != ranked)
+    if not swapped:
+        return None
+    return {"swapped_exposures": swapped, **estimate_propensity(outcomes, config.propensity_depth).to_json()}

@@ -80,6 +80,9 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX exposures_by_request ON exposures (request_id, item_id);
     """,
+    """
+    ALTER TABLE exposures ADD COLUMN ranked_position INTEGER NOT NULL DEFAULT -1;  -- before exploration
+    """,
 )
 # Keys of the advisory locks (any 64-bit numbers, the same in every process).
 MIGRATION_LOCK = 0x7265_6366_0001
@@ -237,21 +240,21 @@ class PostgresEventLog:
         """Append exposures in one transaction; how many."""
         now = int(time.time() * 1000)
         rows = [(x.request_id, x.user_id, x.item_id, x.position, x.score, x.model_version, x.variant,
-                 x.timestamp_ms or now) for x in exposures]
+                 x.timestamp_ms or now, x.ranked_position) for x in exposures]
         if not rows:
             return 0
         columns = [list(column) for column in zip(*rows, strict=True)]
         with self._connection() as db:
             db.execute("INSERT INTO exposures (request_id, user_id, item_id, position, score, model_version, variant, "
-                       "timestamp_ms) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[], "
-                       "%s::float8[], %s::text[], %s::text[], %s::bigint[])", columns)
+                       "timestamp_ms, ranked_position) SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], "
+                       "%s::int[], %s::float8[], %s::text[], %s::text[], %s::bigint[], %s::int[])", columns)
         return len(rows)
 
     def exposures_of(self, request_id: str) -> list[Exposure]:
         """What one answer showed, in answer order."""
         with self._connection() as db:
             rows = db.execute("SELECT request_id, user_id, item_id, position, score, model_version, variant, "
-                              "timestamp_ms FROM exposures WHERE request_id = %s ORDER BY position",
+                              "timestamp_ms, ranked_position FROM exposures WHERE request_id = %s ORDER BY position",
                               (request_id,)).fetchall()
         return [Exposure(*row) for row in rows]
 
@@ -277,6 +280,26 @@ class PostgresEventLog:
                               "ON x.request_id = e.request_id AND x.item_id = e.item_id "
                               "WHERE e.request_id IS NOT NULL").fetchall()
         return [(request, int(position), kind) for request, position, kind in rows]
+
+    def position_outcomes(self, click_types: tuple[str, ...], depth: int) -> list[tuple[int, int, int, int]]:
+        """(shown place, ranked place, exposures, clicked ones) over the first `depth` places."""
+        with self._connection() as db:
+            rows = db.execute(
+                "SELECT x.position, CASE WHEN x.ranked_position < 0 THEN x.position ELSE x.ranked_position END, "
+                "COUNT(*), COUNT(c.item_id) FROM exposures x LEFT JOIN (SELECT DISTINCT request_id, item_id "
+                "FROM events WHERE request_id IS NOT NULL AND event_type = ANY(%s)) c "
+                "ON c.request_id = x.request_id AND c.item_id = x.item_id WHERE x.position < %s GROUP BY 1, 2",
+                (list(click_types), depth)).fetchall()
+        return [(int(a), int(b), int(n), int(c)) for a, b, n, c in rows]
+
+    def shown_positions(self, after_seq: int, through_seq: int) -> dict[int, int]:
+        """seq -> the place its answer showed the item at, for events in (after_seq, through_seq]."""
+        with self._connection() as db:
+            rows = db.execute(
+                "SELECT e.seq, MIN(x.position) FROM events e JOIN exposures x ON x.request_id = e.request_id "
+                "AND x.item_id = e.item_id WHERE e.seq > %s AND e.seq <= %s AND e.request_id IS NOT NULL "
+                "GROUP BY e.seq", (after_seq, through_seq)).fetchall()
+        return {int(seq): int(position) for seq, position in rows}
 
     def user_properties(self, user_id: str) -> dict[str, float | str]:
         with self._connection() as db:

@@ -24,6 +24,7 @@ from gateway.exposures import ExposureLog
 from gateway.funnel import Answer, Funnel, Recommendation, RecommendQuery, SimilarQuery, StageFailed, UnknownItems
 from gateway.group_commit import GroupCommit
 from gateway.pages import PageSessions, request_fingerprint
+from gateway.propensity import Explorer, ranked_positions
 from gateway.rollout import Rollout
 from gateway.validation import (
     InvalidRequest,
@@ -91,6 +92,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.config = config
         self.executor = executor
         self.pages = PageSessions(config.paging)
+        self.explorer = Explorer(config.exploration)
         self.experiment = RunningExperiment(config.experiments[0] if config.experiments else None, events,
                                             executor, config.experiment_poll_s)
 
@@ -157,10 +159,13 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         query = query_of(request, user, variant=assigned.variant)
         answer = await self.funnel.recommend(query, deadline)
         self._log_answer(request_id, request.user_id, request.k, len(query.history), answer, store_down, started)
-        self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in answer.items],
-                             answer.model_version, assigned.label)
+        swapped = self.explorer.pair_to_swap(len(answer.items)) if request.user_id else None
+        ranked = ranked_positions(len(answer.items), swapped)
+        items = [answer.items[place] for place in ranked]
+        self.exposures.offer(request_id, request.user_id, [(r.item_id, r.score) for r in items],
+                             answer.model_version, assigned.label, ranked)
         return recommender_pb2.RecommendResponse(
-            items=recommended(answer.items), model_version=answer.model_version,
+            items=recommended(items), model_version=answer.model_version,
             degraded=answer.degraded or store_down, recall_coverage=answer.recall_coverage, request_id=request_id,
             filter_passed=answer.filter_passed, experiment=assigned.experiment, variant=assigned.variant_name)
 

@@ -170,7 +170,7 @@ EVERY_TYPE_POSITIVE = EventTypes()
 
 
 def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: frozenset[str] | None = None,
-                  types: EventTypes = EVERY_TYPE_POSITIVE) -> WithFeedback:
+                  types: EventTypes = EVERY_TYPE_POSITIVE, factors: dict[int, float] | None = None) -> WithFeedback:
     """`base` with `events` appended to their users' sequences, in log order.
 
     `event_types`: the types to learn from as history; None = every type the served history
@@ -178,7 +178,10 @@ def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: fro
     With weights configured in `types`, each added event weighs its type's weight times its
     value (where it has one, > 0), and the base data set's interactions what they weighed
     (1 unless it says). An event of a negative type (a dislike) adds its item to its user's
-    `negatives`. Event times (milliseconds) become seconds, the unit the data set readers keep."""
+    `negatives`. `factors` (seq -> factor, e.g. inverse propensities of the place an event was
+    clicked at) multiply the weights of those events. Event times (milliseconds) become
+    seconds, the unit the data set readers keep."""
+    factors = factors or {}
     item_index = {item: n for n, item in enumerate(base.item_ids)}
     user_index = {user: n for n, user in enumerate(base.user_ids)}
     user_ids = list(base.user_ids)
@@ -217,7 +220,8 @@ def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: fro
         user = user_of(event.user_id)
         extra_items[user].append(item)
         extra_times[user].append(event.timestamp_ms / 1000.0)
-        extra_weights[user].append(types.weight(event.event_type) * (event.value if event.value > 0 else 1.0))
+        extra_weights[user].append(types.weight(event.event_type) * (event.value if event.value > 0 else 1.0)
+                                   * factors.get(event.seq, 1.0))
     for user_id, items in disliked.items():  # a user known only by dislikes has nothing to train on
         if user_id in user_index:
             extra_negatives[user_index[user_id]].extend(items)
@@ -231,7 +235,7 @@ def with_feedback(base: Dataset, events: Iterable[LoggedEvent], event_types: fro
         timestamps = [np.concatenate([t, np.asarray(extra)]) if extra else t
                       for t, extra in zip(base_times, extra_times, strict=True)]
     weights = None
-    if types.weights or base.weights is not None:  # without configured weights every event weighs 1
+    if types.weights or factors or base.weights is not None:  # else every event weighs 1
         base_weights = list(base.weights) if base.weights is not None else [np.ones(len(s)) for s in base.sequences]
         base_weights += [np.zeros(0)] * (len(user_ids) - base.num_users)
         weights = [np.concatenate([w, np.asarray(extra)]) if extra else w

@@ -82,16 +82,19 @@ def report_command(
                                                                    "(repeatable) [default: purchase]")] = None,
     control: Annotated[str | None, typer.Option(help="the group the others are tested against (default: "
                                                      "'control', else the one with most answers)")] = None,
+    propensity_depth: Annotated[int, typer.Option(min=2, max=100, help="places the click-propensity estimate "
+                                                  "covers (the gateways' [exploration] depth)")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
 ) -> None:
     """Per group: answers, exposures, CTR@k, conversion@k and MRR@k with 95% intervals, and each
-    against the control (difference, interval, lift, two-sided p-value)."""
+    against the control (difference, interval, lift, two-sided p-value); with exploration on,
+    the click propensity of each place."""
     from gateway.online_metrics import ReportConfig, online_report
 
     try:
         config = ReportConfig(k=k, click_types=tuple(click_type or ("click",)),
                               conversion_types=tuple(conversion_type or ("purchase",)),
-                              by=by.value.replace("-", "_"), control=control)
+                              by=by.value.replace("-", "_"), control=control, propensity_depth=propensity_depth)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     store = _store(db)
@@ -117,4 +120,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         test = figures.get("against_control", {}).get(metrics[0])
         lines.append(f"{name:<24} {figures['answers']:>8} " + " ".join(f"{c:>26}" for c in cells)
                      + (f"  {test['p_value']:.3g}" if test else "  (control)"))
+    bias = result.get("position_propensity")
+    if bias:
+        lines.append(f"click propensity by place (from {bias['swapped_exposures']} swapped exposures): "
+                     + " ".join(f"{p:.3f}" for p in bias["propensity"]))
     return lines

@@ -130,7 +130,8 @@ class GatewayHost(ServiceHost):
 
     def _export_metrics(self) -> None:
         self.metrics.export(self.running.admission.snapshot())  # type: ignore[union-attr,attr-defined]
-        self.exposure_metrics.export(self.running.exposures.stats.to_dict())  # type: ignore[union-attr,attr-defined]
+        exposures = self.running.exposures  # type: ignore[union-attr,attr-defined]
+        self.exposure_metrics.export(exposures.stats.to_dict(), exposures.groups)
 
     async def describe(self) -> dict[str, Any]:
         described = await super().describe()

@@ -78,15 +78,35 @@ class ExposureMetrics:
         self.logged = Counter("recfunnel_exposures_logged", "Exposures (items shown in answers) written")
         self.dropped = Counter("recfunnel_exposures_dropped", "Exposures dropped: queue full or write failed")
         self.queued = Gauge("recfunnel_exposures_queued", "Exposures waiting to be written")
-        self._seen: dict[str, int] = {}
+        # The experiment report's counts, live: per variant ("" outside any experiment).
+        self.answers = Counter("recfunnel_variant_answers", "Answers served, by experiment variant",
+                               tag_keys=("variant",))
+        self.shown = Counter("recfunnel_variant_exposures", "Items shown, by experiment variant",
+                             tag_keys=("variant",))
+        self.events = Counter("recfunnel_variant_events", "Feedback events naming an answer, by the answer's "
+                              "variant and the event type", tag_keys=("variant", "event_type"))
+        self._seen: dict[Any, int] = {}
 
-    def export(self, stats: dict[str, int]) -> None:
+    def _add(self, counter: Counter, key: Any, total: int, tags: dict[str, str] | None = None) -> None:
+        new = total - self._seen.get(key, 0)
+        if new > 0 and tags:
+            counter.inc(new, tags=tags)
+        elif new > 0:
+            counter.inc(new)
+        self._seen[key] = total
+
+    def export(self, stats: dict[str, int], groups: Any = None) -> None:
         self.queued.set(stats["queued"])
-        for name, counter in (("logged", self.logged), ("dropped", self.dropped)):
-            new = stats[name] - self._seen.get(name, 0)
-            if new > 0:
-                counter.inc(new)
-            self._seen[name] = stats[name]
+        self._add(self.logged, "logged", stats["logged"])
+        self._add(self.dropped, "dropped", stats["dropped"])
+        if groups is None:
+            return
+        for variant, answers in list(groups.answers.items()):
+            self._add(self.answers, ("answers", variant), answers, {"variant": variant})
+            self._add(self.shown, ("exposures", variant), groups.exposures[variant], {"variant": variant})
+        for (variant, event_type), count in list(groups.events.items()):
+            self._add(self.events, ("events", variant, event_type), count,
+                      {"variant": variant, "event_type": event_type})
 
 
 class RankerMetrics:

@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.events import EventStore, Exposure
 
@@ -29,10 +29,14 @@ class ExposureConfig:
     capacity: int = 50_000         # exposures queued at most; beyond, new ones are dropped and counted
     batch: int = 2_000             # exposures a write holds at most
     flush_interval_s: float = 0.2  # how long exposures wait for a batch to fill
+    # Answers whose group (experiment variant) the gateway remembers, so that the events naming
+    # them count toward their group's metrics: a bounded map, the oldest answers forgotten first.
+    attribution_window: int = 100_000
 
     def __post_init__(self) -> None:
-        if self.capacity < 1 or self.batch < 1 or self.flush_interval_s <= 0:
-            raise ValueError("exposure capacity and batch must be >= 1 and flush_interval_s > 0")
+        if self.capacity < 1 or self.batch < 1 or self.flush_interval_s <= 0 or self.attribution_window < 1:
+            raise ValueError("exposure capacity, batch and attribution_window must be >= 1 and "
+                             "flush_interval_s > 0")
 
 
 @dataclass
@@ -46,12 +50,25 @@ class ExposureStats:
         return {"offered": self.offered, "logged": self.logged, "dropped": self.dropped, "queued": self.queued}
 
 
+@dataclass
+class GroupCounts:
+    """What `recfunnel experiments report` counts from the store, counted live per group
+    (experiment variant, "" outside any) for the Ray metrics: answers, items shown, and the
+    events that named one of the group's answers, by type."""
+
+    answers: Counter[str] = field(default_factory=Counter)
+    exposures: Counter[str] = field(default_factory=Counter)
+    events: Counter[tuple[str, str]] = field(default_factory=Counter)  # (group, event type)
+
+
 class ExposureLog:
     def __init__(self, store: EventStore, config: ExposureConfig, executor: Executor | None = None):
         self.store = store
         self.config = config
         self.executor = executor
         self.stats = ExposureStats()
+        self.groups = GroupCounts()
+        self._group_of: OrderedDict[str, str] = OrderedDict()  # request id -> group, the recent answers
         self._queue: deque[Exposure] = deque()
         self._wake = asyncio.Event()
         self._closing = False
@@ -63,6 +80,7 @@ class ExposureLog:
         each shown place's place in the ranking, where exploration swapped some."""
         if not self.config.enabled or not items:
             return
+        self._count_answer(request_id, variant, len(items))
         self.stats.offered += len(items)
         room = self.config.capacity - len(self._queue)
         if room < len(items) or self._closing:
@@ -77,6 +95,22 @@ class ExposureLog:
             self._task = asyncio.get_running_loop().create_task(self._drain())
         if len(self._queue) >= self.config.batch:
             self._wake.set()
+
+    def _count_answer(self, request_id: str, group: str, shown: int) -> None:
+        self.groups.answers[group] += 1
+        self.groups.exposures[group] += shown
+        self._group_of[request_id] = group
+        if len(self._group_of) > self.config.attribution_window:
+            self._group_of.popitem(last=False)
+
+    def attribute(self, events: Iterable[tuple[str, str]]) -> None:
+        """Count acknowledged (request id, event type) pairs toward their answer's group; an
+        answer older than the window (or another gateway's) is not counted here, only in the
+        store, which the report reads."""
+        for request_id, event_type in events:
+            group = self._group_of.get(request_id)
+            if group is not None:
+                self.groups.events[(group, event_type)] += 1
 
     async def _write(self, batch: list[Exposure]) -> None:
         try:

@@ -45,6 +45,7 @@ from protos.recfunnel.v1 import recommender_pb2, recommender_pb2_grpc, versions_
 log = logging.getLogger(__name__)
 MAX_PATH_BYTES = 4096  # a bundle folder path, as Linux's PATH_MAX
 request_log = logging.getLogger("recfunnel.requests")
+REPORTED_TYPES = frozenset({"click", "purchase", "interaction"})  # tagged by name in the metrics, as configured ones
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a refusal: when a retry may succeed
 
 
@@ -274,7 +275,15 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         except StoreUnavailable as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"nothing acknowledged; retry with the same event ids: "
                                 f"{error}")
+        if not duplicates:  # a retried call was counted the first time (the store counts exactly)
+            self.exposures.attribute((e.request_id, self._metric_type(e.event_type)) for e in events if e.request_id)
         return recommender_pb2.FeedbackResponse(accepted=accepted, duplicates=duplicates)
+
+    def _metric_type(self, event_type: str) -> str:
+        """The event type as a metric tag: configured types and the report's defaults by name,
+        any other as "other", so that callers' free-form types cannot grow the metrics."""
+        known = event_type in self.config.feedback.weights or event_type in REPORTED_TYPES
+        return event_type if known else "other"
 
     async def UpsertItems(self, request: recommender_pb2.UpsertItemsRequest,
                           context: grpc.aio.ServicerContext) -> recommender_pb2.UpsertItemsResponse:

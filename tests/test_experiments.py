@@ -96,6 +96,9 @@ async def test_answers_name_their_variant_which_changes_them_and_the_report_comp
         await stub.Feedback(recommender_pb2.FeedbackRequest(events=[recommender_pb2.Event(
             user_id=u, item_id=r.items[0].item_id, event_type="click", request_id=r.request_id)
             for u, r in replies.items() if r in clicked]))
+        control = next(r for r in replies.values() if r.variant == "control")
+        await stub.Feedback(recommender_pb2.FeedbackRequest(events=[recommender_pb2.Event(  # a type of its own
+            user_id="u0", item_id=control.items[0].item_id, event_type="wishlist", request_id=control.request_id)]))
     log = EventLog(db)
     reply = replies["u1"]
     assert {x.variant for x in log.exposures_of(reply.request_id)} == {f"ranking-2026/{reply.variant}"}
@@ -105,6 +108,11 @@ async def test_answers_name_their_variant_which_changes_them_and_the_report_comp
     assert sum(g["answers"] for g in groups.values()) == len(users) + 1
     assert groups["ranking-2026/diverse"]["clicks"] == 3 and groups["ranking-2026/control"]["clicks"] == 0
     assert "against_control" in groups["ranking-2026/diverse"]
+    # The gateway counted the same live, for the Ray metrics (recfunnel_variant_*).
+    live = gateway.exposures.groups
+    assert {g: live.answers[g] for g in groups} == {g: figures["answers"] for g, figures in groups.items()}
+    assert live.exposures["ranking-2026/control"] == groups["ranking-2026/control"]["exposures"]
+    assert live.events == {("ranking-2026/diverse", "click"): 3, ("ranking-2026/control", "other"): 1}
     log.close()
 
 

@@ -112,8 +112,8 @@ class GrpcRecall(_Backend):
         request = recall_pb2.RemoveItemsRequest(item_ids=item_ids)
         return (await self._ask(self.stage, self.stub.RemoveItems, request, timeout)).removed
 
-    async def load_version(self, bundle_path: str, timeout: float) -> str:
-        request = versions_pb2.LoadVersionRequest(bundle_path=bundle_path)
+    async def load_version(self, bundle_path: str, timeout: float, keep_default: bool = False) -> str:
+        request = versions_pb2.LoadVersionRequest(bundle_path=bundle_path, keep_default=keep_default)
         return (await self._ask(self.stage, self.stub.LoadVersion, request, timeout)).model_version
 
     async def unload_version(self, version: str, timeout: float) -> list[str]:
@@ -159,8 +159,8 @@ class GrpcRanking(_Backend):
         reply = await self._ask("embed", self.stub.EmbedItems, request, timeout)
         return {v.channel: from_tensor(v.vectors) for v in reply.vectors}, reply.model_version
 
-    async def load_version(self, bundle_path: str, timeout: float) -> str:
-        request = versions_pb2.LoadVersionRequest(bundle_path=bundle_path)
+    async def load_version(self, bundle_path: str, timeout: float, keep_default: bool = False) -> str:
+        request = versions_pb2.LoadVersionRequest(bundle_path=bundle_path, keep_default=keep_default)
         return (await self._ask("ranking", self.stub.LoadVersion, request, timeout)).model_version
 
     async def unload_version(self, version: str, timeout: float) -> list[str]:
@@ -232,8 +232,8 @@ class RankingReplicas:
                           ) -> tuple[dict[str, np.ndarray], str]:
         return await self._any(lambda r, left: r.embed_items(items, left, model_version), timeout)
 
-    async def load_version(self, bundle_path: str, timeout: float) -> str:
-        loaded = await asyncio.gather(*(r.load_version(bundle_path, timeout) for r in self.replicas))
+    async def load_version(self, bundle_path: str, timeout: float, keep_default: bool = False) -> str:
+        loaded = await asyncio.gather(*(r.load_version(bundle_path, timeout, keep_default) for r in self.replicas))
         if len(set(loaded)) != 1:
             raise StageFailed(f"ranking replicas loaded different versions from {bundle_path}: {sorted(set(loaded))}")
         return loaded[0]

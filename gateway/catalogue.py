@@ -49,6 +49,9 @@ class Catalogue:
         # Held while a change is applied and recorded, and while a swap replays the log and
         # switches versions, so no change lands in the old version only.
         self.lock = asyncio.Lock()
+        # Versions served beside the serving one (experiment variants'): every change reaches
+        # them too, each encoded by its own model, so that no variant serves a stale catalogue.
+        self.beside: set[str] = set()
 
     async def _add(self, items: list[ItemChange], timeout: float, version: str) -> str:
         vectors, version = await self.embedder.embed_items(items, timeout, version)
@@ -80,6 +83,8 @@ class Catalogue:
         """
         async with self.lock:
             version = await self._add(items, timeout, version)
+            for other in sorted(self.beside - {version}):
+                await self._add(items, timeout, other)
             await self._record(items)
         return len(items), version
 

@@ -35,6 +35,7 @@ class Variant:
     share: float                    # of the users, 0 < share <= 1; an experiment's shares sum to 1
     diversity: float | None = None  # for requests that leave it at 0; None: as requested
     channel_budgets: tuple[tuple[str, int], ...] | None = None  # None: the gateway's
+    bundle: str | None = None       # a bundle every service can read: its model answers; None: the serving one
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):
@@ -43,6 +44,8 @@ class Variant:
             raise ValueError(f"variant {self.name}: share={self.share} must be in (0, 1]")
         if self.diversity is not None and not (math.isfinite(self.diversity) and 0 <= self.diversity <= 1):
             raise ValueError(f"variant {self.name}: diversity={self.diversity} must be in 0.0..1.0")
+        if self.bundle is not None and not 1 <= len(self.bundle.encode("utf-8")) <= 4096:
+            raise ValueError(f"variant {self.name}: bundle must be a path of 1..4096 bytes")
         for channel, budget in self.channel_budgets or ():
             if channel not in CHANNELS:
                 raise ValueError(f"variant {self.name}: unknown channel {channel!r}; allowed: {', '.join(CHANNELS)}")
@@ -52,14 +55,15 @@ class Variant:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Variant:
-        unknown = set(values) - {"name", "share", "diversity", "channel_budgets"}
+        unknown = set(values) - {"name", "share", "diversity", "channel_budgets", "bundle"}
         if unknown:
-            raise ValueError(f"variant settings {sorted(unknown)} unknown; allowed: channel_budgets, diversity, "
-                             f"name, share")
+            raise ValueError(f"variant settings {sorted(unknown)} unknown; allowed: bundle, channel_budgets, "
+                             f"diversity, name, share")
         budgets = values.get("channel_budgets")
         return cls(str(values.get("name", "")), float(values.get("share", 0.0)),
                    None if values.get("diversity") is None else float(values["diversity"]),
-                   None if budgets is None else tuple((str(c), int(k)) for c, k in dict(budgets).items()))
+                   None if budgets is None else tuple((str(c), int(k)) for c, k in dict(budgets).items()),
+                   None if values.get("bundle") is None else str(values["bundle"]))
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,11 @@ class Experiment:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
+    @property
+    def bundles(self) -> set[str]:
+        """The bundles its variants serve beside the serving version."""
+        return {v.bundle for v in self.variants if v.bundle is not None}
+
     def assign(self, user_id: str) -> Variant:
         """The user's variant: the salted hash's place in [0, 1) among the cumulative shares."""
         digest = hashlib.sha256(f"{self.salt or self.name}\x1f{user_id}".encode()).digest()
@@ -120,7 +129,8 @@ class Assignment:
 
     experiment: str
     variant: Variant | None
-    label: str  # experiment/variant, as the exposure log keeps it
+    label: str              # experiment/variant, as the exposure log keeps it
+    model_version: str = ""  # the version the variant's bundle loaded as; "" = the serving one
 
     @property
     def variant_name(self) -> str:

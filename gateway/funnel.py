@@ -90,6 +90,7 @@ class RecommendQuery:
     # users who share it (segment popularity) instead of everyone's.
     user_properties: tuple[str, ...] = ()
     channel_budgets: dict[str, int] | None = None  # this query's (an experiment variant's); None: the funnel's
+    model_version: str = ""  # a version loaded beside the serving one (an experiment variant's); "" = serving
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ class Funnel:
 
     async def recommend(self, query: RecommendQuery, deadline: float) -> Answer:
         """Answer one query before `deadline` (time.monotonic() seconds)."""
-        run = _Run(time.monotonic(), self.model_version)
+        run = _Run(time.monotonic(), query.model_version or self.model_version)
         vectors: dict[str, np.ndarray] = {}
         if query.history and deadline - run.started < self.costs.needed("encode", "recall"):
             run.skip("encode")  # popularity, in time, rather than a personal answer too late

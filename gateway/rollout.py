@@ -21,13 +21,14 @@ from typing import Protocol
 
 from gateway.admission import Admission
 from gateway.catalogue import Catalogue
+from gateway.experiments import Experiment, Variant
 from gateway.funnel import Funnel, StageFailed
 
 log = logging.getLogger(__name__)
 
 
 class VersionHolder(Protocol):
-    async def load_version(self, bundle_path: str, timeout: float) -> str: ...
+    async def load_version(self, bundle_path: str, timeout: float, keep_default: bool = False) -> str: ...
 
     async def unload_version(self, version: str, timeout: float) -> list[str]: ...
 
@@ -72,11 +73,13 @@ class Rollout:
                 self.funnel.model_version = version
         return replayed
 
-    async def load(self, bundle_path: str) -> str:
-        """Load a bundle on the ranker and every shard, beside what they serve; its version."""
+    async def load(self, bundle_path: str, keep_default: bool = False) -> str:
+        """Load a bundle on the ranker and every shard, beside what they serve; its version.
+        With `keep_default` the services' default stays what it was."""
         holders = [self.ranking, *self.shards]
         with self.admission.limit_held() if self.admission else contextlib.nullcontext():
-            loaded = await asyncio.gather(*(h.load_version(bundle_path, self.load_timeout_s) for h in holders))
+            loaded = await asyncio.gather(*(h.load_version(bundle_path, self.load_timeout_s, keep_default)
+                                            for h in holders))
         if len(set(loaded)) != 1:
             raise StageFailed(f"services loaded different versions from {bundle_path}: {sorted(set(loaded))}")
         return loaded[0]
@@ -91,6 +94,25 @@ class Rollout:
             if isinstance(result, BaseException):  # a restarted service may not hold it any more
                 log.warning("unloading %s: %s", version, result)
 
+    async def add_beside(self, bundle_path: str) -> str:
+        """Load a bundle beside the serving version without switching to it (an experiment
+        variant's), bring it to the live catalogue, and keep every later change reaching it."""
+        serving = await self.serving_version()  # pinned first: the services' default may be any
+        version = await self.load(bundle_path, keep_default=True)
+        if version != serving:
+            async with self.catalogue.lock:  # no change lands between the replay and joining `beside`
+                await self.catalogue.replay(version, self.load_timeout_s)
+                self.catalogue.beside.add(version)
+        return version
+
+    async def drop_beside(self, version: str) -> None:
+        """Stop feeding catalogue changes to a version served beside and, once the requests
+        that named it have finished, unload it."""
+        async with self.catalogue.lock:
+            self.catalogue.beside.discard(version)
+        if version != self.funnel.model_version:
+            await self.retire(version)
+
     async def swap(self, bundle_path: str) -> SwapReport:
         """Load, replay and switch, drain, unload: the whole swap for a cluster of one gateway
         (with several, the controller runs these steps across all of them)."""
@@ -100,6 +122,51 @@ class Rollout:
             version = await self.load(bundle_path)
             replayed = await self.replay(version, switch=True)
             log.info("serving %s (was %s); %d catalogue changes replayed", version, previous, replayed)
-            if previous != version:
+            self.catalogue.beside.discard(version)  # a variant's version promoted: serving now
+            if previous != version and previous not in self.catalogue.beside:
                 await self.retire(previous)
             return SwapReport(version, previous, replayed, time.monotonic() - started)
+
+
+class VariantVersions:
+    """The model versions the running experiment's variants name, loaded beside the serving one
+    on every service. An experiment is applied only once all its versions are loaded: until
+    then (minutes, for an index build) its users get the serving version and no variant, so no
+    answer is labelled with a variant whose model did not make it. A bundle that fails to load
+    keeps its experiment off, and says why in the log; versions no longer named are unloaded."""
+
+    def __init__(self, rollout: Rollout):
+        self.rollout = rollout
+        self.loaded: dict[str, str] = {}   # bundle path -> its model version
+        self.failed: dict[str, str] = {}   # bundle path -> why it did not load
+        self._wanted: set[str] = set()
+        self._following: asyncio.Task[None] | None = None
+
+    def ready(self, experiment: Experiment | None) -> bool:
+        """Whether `experiment` can be applied now; starts loading (or unloading) what it needs."""
+        wanted = experiment.bundles if experiment is not None else set()
+        if wanted != set(self.loaded) and (self._following is None or self._following.done()):
+            self._wanted = wanted
+            self._following = asyncio.get_running_loop().create_task(self._follow())
+        self._wanted = wanted
+        return wanted <= set(self.loaded)
+
+    def version_of(self, variant: Variant | None) -> str:
+        """The version a variant's requests name; "" for the serving one."""
+        return self.loaded.get(variant.bundle, "") if variant is not None and variant.bundle else ""
+
+    async def _follow(self) -> None:
+        while True:
+            wanted = set(self._wanted)
+            for bundle in sorted(wanted - set(self.loaded) - set(self.failed)):
+                try:
+                    self.loaded[bundle] = await self.rollout.add_beside(bundle)
+                    log.info("experiment version %s loaded beside the serving one from %s",
+                             self.loaded[bundle], bundle)
+                except Exception as error:  # noqa: BLE001 - the experiment stays off; serving goes on
+                    self.failed[bundle] = f"{type(error).__name__}: {error}"
+                    log.error("experiment bundle %s not loaded, the experiment stays off: %s", bundle, error)
+            for bundle in sorted(set(self.loaded) - wanted):
+                await self.rollout.drop_beside(self.loaded.pop(bundle))
+            if wanted == self._wanted:
+                return

@@ -18,7 +18,7 @@ from gateway.exposures import ExposureConfig, ExposureLog
 from gateway.funnel import Funnel
 from gateway.group_commit import GroupCommit
 from gateway.observe import GatewayObserver, ObservingInterceptor
-from gateway.rollout import Rollout
+from gateway.rollout import Rollout, VariantVersions
 from gateway.servicer import RecommenderServicer, RolloutServicer
 from protos.auth import (
     CLIENT_TOKENS_ENV,
@@ -89,8 +89,9 @@ async def start(config: GatewayConfig, observer: GatewayObserver | None = None) 
     admission = Admission(config.admission)
     executor = ThreadPoolExecutor(4, thread_name_prefix="gateway")
     exposures = ExposureLog(events, config.exposures, executor)
-    servicer = RecommenderServicer(funnel, catalogue, events, config, executor, appender, admission, exposures)
     rollout = Rollout(funnel, catalogue, ranking, shards, config.swap_drain_s, admission=admission)
+    servicer = RecommenderServicer(funnel, catalogue, events, config, executor, appender, admission, exposures,
+                                   VariantVersions(rollout))
     freeze_loaded_objects()
     handle = await start_server(
         config.host, config.port,

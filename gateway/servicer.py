@@ -25,7 +25,7 @@ from gateway.funnel import Answer, Funnel, Recommendation, RecommendQuery, Simil
 from gateway.group_commit import GroupCommit
 from gateway.pages import PageSessions, request_fingerprint
 from gateway.propensity import Explorer, ranked_positions
-from gateway.rollout import Rollout
+from gateway.rollout import Rollout, VariantVersions
 from gateway.validation import (
     InvalidRequest,
     check_event,
@@ -50,10 +50,11 @@ RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a refusal: when a ret
 
 
 def query_of(request: recommender_pb2.RecommendRequest, user: UserView, k: int | None = None,
-             exclude: Sequence[str] = (), variant: Variant | None = None) -> RecommendQuery:
+             exclude: Sequence[str] = (), variant: Variant | None = None, model_version: str = ""
+             ) -> RecommendQuery:
     """The funnel's query for a request: the logged history, then the request's context; never
     an item the user hid. An experiment `variant` sets the diversity a request leaves at 0
-    and the channels' budgets."""
+    and the channels' budgets, and `model_version` (its bundle's) the model that answers."""
     diversity = request.diversity
     if not diversity and variant is not None and variant.diversity is not None:
         diversity = variant.diversity
@@ -65,7 +66,7 @@ def query_of(request: recommender_pb2.RecommendRequest, user: UserView, k: int |
                           user_properties=tuple(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
                                                 for name, value in sorted(user.properties.items())),
                           channel_budgets=dict(variant.channel_budgets) if variant and variant.channel_budgets
-                          else None)
+                          else None, model_version=model_version)
 
 
 def recommended(items: list[Recommendation]) -> list[recommender_pb2.RecommendedItem]:
@@ -83,7 +84,7 @@ def paging_fingerprint(request: recommender_pb2.RecommendRequest) -> bytes:
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def __init__(self, funnel: Funnel, catalogue: Catalogue, events: EventStore, config: GatewayConfig,
                  executor: ThreadPoolExecutor, appender: GroupCommit, admission: Admission,
-                 exposures: ExposureLog | None = None):
+                 exposures: ExposureLog | None = None, variant_versions: VariantVersions | None = None):
         self.funnel = funnel
         self.exposures = exposures or ExposureLog(events, replace(config.exposures, enabled=False))
         self.admission = admission
@@ -94,6 +95,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         self.executor = executor
         self.pages = PageSessions(config.paging)
         self.explorer = Explorer(config.exploration)
+        self.variant_versions = variant_versions  # None: variants that name a bundle never start
         self.experiment = RunningExperiment(config.experiments[0] if config.experiments else None, events,
                                             executor, config.experiment_poll_s)
 
@@ -157,7 +159,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
         if request.page_size:
             return await self._page(request, context, request_id, started, deadline, user, store_down)
         assigned = self._assignment(request.user_id)
-        query = query_of(request, user, variant=assigned.variant)
+        query = query_of(request, user, variant=assigned.variant, model_version=assigned.model_version)
         answer = await self.funnel.recommend(query, deadline)
         self._log_answer(request_id, request.user_id, request.k, len(query.history), answer, store_down, started)
         swapped = self.explorer.pair_to_swap(len(answer.items)) if request.user_id else None
@@ -173,7 +175,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
     def _assignment(self, user_id: str) -> Assignment:
         """The running experiment's variant for this user; `NO_EXPERIMENT` when none runs."""
         experiment = self.experiment.get()
-        return experiment.assignment(user_id) if experiment is not None else NO_EXPERIMENT
+        versions = self.variant_versions
+        loaded = versions is not None and versions.ready(experiment)  # loads or unloads what it names
+        if experiment is None or (experiment.bundles and not loaded):
+            return NO_EXPERIMENT
+        assigned = experiment.assignment(user_id)
+        return replace(assigned, model_version=versions.version_of(assigned.variant)) if versions else assigned
 
     async def _page(self, request: recommender_pb2.RecommendRequest, context: grpc.aio.ServicerContext,
                     request_id: str, started: float, deadline: float, user: UserView, store_down: bool
@@ -195,7 +202,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServicer):
             page = session.take(request.page_size, drop)
             while len(page) < request.page_size and not session.exhausted:
                 ahead = min(request.page_size * self.config.paging.pages_ahead, self.config.limits.max_k)
-                query = query_of(request, user, ahead, sorted(session.seen()), assigned.variant)
+                query = query_of(request, user, ahead, sorted(session.seen()), assigned.variant,
+                                 assigned.model_version)
                 answer = await self.funnel.recommend(query, deadline)
                 degraded, coverage = degraded or answer.degraded, min(coverage, answer.recall_coverage)
                 session.model_version = session.model_version or answer.model_version

@@ -167,7 +167,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {str(folder)!r}: {error}")
             # The language model is the same for every version: share it rather than load it again.
             await loop.run_in_executor(self.executor, model.prepare_item_encoding, serving.text_encoder)
-            version = self.versions.add(model)
+            version = self.versions.add(model, make_default=not request.keep_default)
             freeze_loaded_objects(collect_first=False)  # answering: no full collection now
         log.info("ranking loaded %s; holds %s", version, self.versions.names)
         return versions_pb2.LoadVersionResponse(model_version=version, loaded_versions=self.versions.names)

@@ -40,11 +40,13 @@ class LoadedVersions(Generic[Served]):
             raise VersionNotLoaded(f"model_version {version!r} not loaded; loaded: {', '.join(self.names)}")
         return served
 
-    def add(self, served: Served) -> str:
-        """Hold `served` (replacing a version of the same name) and make it the default."""
+    def add(self, served: Served, make_default: bool = True) -> str:
+        """Hold `served` (replacing a version of the same name) and, unless told otherwise,
+        make it the default."""
         version = self._version_of(served)
         self._served[version] = served
-        self.default = version
+        if make_default:
+            self.default = version
         return version
 
     def remove(self, version: str) -> Served:

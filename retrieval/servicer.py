@@ -142,7 +142,7 @@ class RecallServicer(recall_pb2_grpc.RecallServicer):
                     self.executor, lambda: RecallShard(load_bundle(folder, mapped=True), config))
             except (ValueError, KeyError) as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bundle {str(folder)!r}: {error}")
-            version = self.versions.add(shard)
+            version = self.versions.add(shard, make_default=not request.keep_default)
             freeze_loaded_objects(collect_first=False)  # answering: no full collection now
         log.info("recall shard %d loaded %s; holds %s", config.shard_id, version, self.versions.names)
         return versions_pb2.LoadVersionResponse(model_version=version, loaded_versions=self.versions.names)

@@ -133,3 +133,53 @@ async def test_swap_under_load_fails_no_request_and_keeps_catalogue_changes(
         deleted = await stub.DeleteItems(recommender_pb2.DeleteItemsRequest(
             item_ids=["added-before-swap", "i5"]), timeout=10)
         assert deleted.deleted == 1
+
+
+async def test_an_experiment_variant_serves_its_own_version_beside_the_serving_one(
+        tiny_bundle: Path, tiny_dataset, tmp_path: Path) -> None:
+    from gateway.experiments import EXPERIMENT_SETTING, Experiment, Variant
+
+    old = json.loads((tiny_bundle / "manifest.json").read_text("utf-8"))["version"]
+    new = copy_as_version(tiny_bundle, tmp_path / "v2", "tiny-v2")
+    experiment = Experiment("models", (Variant("control", 0.5), Variant("candidate", 0.5, bundle=str(new))))
+    batch = recommender_pb2.ItemFilter(equals=[recommender_pb2.PropertyEquals(property="batch", any_of=["late"])])
+
+    def late_item(item_id: str) -> recommender_pb2.Item:
+        return recommender_pb2.Item(item_id=item_id, text=tiny_dataset.item_texts[3],
+                                    properties={"batch": recommender_pb2.PropertyValue(text="late")})
+
+    async with serving_stack(tiny_bundle, tmp_path / "events.sqlite", swap_drain_s=0.3, experiment_poll_s=0.1) as (
+            gw, shards, _), grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        await stub.UpsertItems(recommender_pb2.UpsertItemsRequest(items=[late_item("before")]), timeout=30)
+        gw.events.set_setting(EXPERIMENT_SETTING, experiment.to_json())
+        # Until its version is loaded everywhere the experiment is off: no answer names a variant
+        # whose model did not answer it.
+        for _ in range(600):
+            reply = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="u0", k=5), timeout=10)
+            if reply.variant:
+                break
+            assert reply.model_version == old
+            await asyncio.sleep(0.1)
+        assert reply.variant, "the variant's version never loaded"
+        await stub.UpsertItems(recommender_pb2.UpsertItemsRequest(items=[late_item("during")]), timeout=30)
+        replies = [await stub.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}", k=5, filter=batch),
+                                        timeout=10) for n in range(30)]
+        versions = {(r.variant, r.model_version) for r in replies}
+        assert versions == {("control", old), ("candidate", "tiny-v2")}
+        # Both versions hold the catalogue: the change before (replayed) and the one during.
+        assert all(r.filter_passed == 2 for r in replies)
+        for shard in shards:  # the services' default stayed the serving version
+            async with grpc.aio.insecure_channel(shard.address) as shard_channel:
+                info = await recall_pb2_grpc.RecallStub(shard_channel).ShardInfo(recall_pb2.ShardInfoRequest())
+                assert info.model_version == old and sorted(info.loaded_versions) == sorted([old, "tiny-v2"])
+        # Stopped, the variant's version is unloaded once drained.
+        gw.events.set_setting(EXPERIMENT_SETTING, "")
+        for _ in range(100):
+            reply = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="u1", k=5), timeout=10)
+            async with grpc.aio.insecure_channel(shards[0].address) as shard_channel:
+                info = await recall_pb2_grpc.RecallStub(shard_channel).ShardInfo(recall_pb2.ShardInfoRequest())
+            if list(info.loaded_versions) == [old]:
+                break
+            await asyncio.sleep(0.1)
+        assert list(info.loaded_versions) == [old] and not reply.variant and reply.model_version == old

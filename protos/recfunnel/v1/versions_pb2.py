@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/recfunnel/v1/versions.proto\x12\x0crecfunnel.v1\")\n\x12LoadVersionRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\"E\n\x13LoadVersionResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x17\n\x0floaded_versions\x18\x02 \x03(\t\"-\n\x14UnloadVersionRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"0\n\x15UnloadVersionResponse\x12\x17\n\x0floaded_versions\x18\x01 \x03(\t\")\n\x12SwapVersionRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\"q\n\x13SwapVersionResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x18\n\x10replayed_changes\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x02\"\x17\n\x15ServingVersionRequest\"/\n\x16ServingVersionResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t2\xba\x01\n\x07Rollout\x12R\n\x0bSwapVersion\x12 .recfunnel.v1.SwapVersionRequest\x1a!.recfunnel.v1.SwapVersionResponse\x12[\n\x0eServingVersion\x12#.recfunnel.v1.ServingVersionRequest\x1a$.recfunnel.v1.ServingVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/recfunnel/v1/versions.proto\x12\x0crecfunnel.v1\"?\n\x12LoadVersionRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\x12\x14\n\x0ckeep_default\x18\x02 \x01(\x08\"E\n\x13LoadVersionResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x17\n\x0floaded_versions\x18\x02 \x03(\t\"-\n\x14UnloadVersionRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\t\"0\n\x15UnloadVersionResponse\x12\x17\n\x0floaded_versions\x18\x01 \x03(\t\")\n\x12SwapVersionRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\"q\n\x13SwapVersionResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x18\n\x10replayed_changes\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x02\"\x17\n\x15ServingVersionRequest\"/\n\x16ServingVersionResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t2\xba\x01\n\x07Rollout\x12R\n\x0bSwapVersion\x12 .recfunnel.v1.SwapVersionRequest\x1a!.recfunnel.v1.SwapVersionResponse\x12[\n\x0eServingVersion\x12#.recfunnel.v1.ServingVersionRequest\x1a$.recfunnel.v1.ServingVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,21 +32,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.recfunnel.v1.version
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOADVERSIONREQUEST']._serialized_start=52
-  _globals['_LOADVERSIONREQUEST']._serialized_end=93
-  _globals['_LOADVERSIONRESPONSE']._serialized_start=95
-  _globals['_LOADVERSIONRESPONSE']._serialized_end=164
-  _globals['_UNLOADVERSIONREQUEST']._serialized_start=166
-  _globals['_UNLOADVERSIONREQUEST']._serialized_end=211
-  _globals['_UNLOADVERSIONRESPONSE']._serialized_start=213
-  _globals['_UNLOADVERSIONRESPONSE']._serialized_end=261
-  _globals['_SWAPVERSIONREQUEST']._serialized_start=263
-  _globals['_SWAPVERSIONREQUEST']._serialized_end=304
-  _globals['_SWAPVERSIONRESPONSE']._serialized_start=306
-  _globals['_SWAPVERSIONRESPONSE']._serialized_end=419
-  _globals['_SERVINGVERSIONREQUEST']._serialized_start=421
-  _globals['_SERVINGVERSIONREQUEST']._serialized_end=444
-  _globals['_SERVINGVERSIONRESPONSE']._serialized_start=446
-  _globals['_SERVINGVERSIONRESPONSE']._serialized_end=493
-  _globals['_ROLLOUT']._serialized_start=496
-  _globals['_ROLLOUT']._serialized_end=682
+  _globals['_LOADVERSIONREQUEST']._serialized_end=115
+  _globals['_LOADVERSIONRESPONSE']._serialized_start=117
+  _globals['_LOADVERSIONRESPONSE']._serialized_end=186
+  _globals['_UNLOADVERSIONREQUEST']._serialized_start=188
+  _globals['_UNLOADVERSIONREQUEST']._serialized_end=233
+  _globals['_UNLOADVERSIONRESPONSE']._serialized_start=235
+  _globals['_UNLOADVERSIONRESPONSE']._serialized_end=283
+  _globals['_SWAPVERSIONREQUEST']._serialized_start=285
+  _globals['_SWAPVERSIONREQUEST']._serialized_end=326
+  _globals['_SWAPVERSIONRESPONSE']._serialized_start=328
+  _globals['_SWAPVERSIONRESPONSE']._serialized_end=441
+  _globals['_SERVINGVERSIONREQUEST']._serialized_start=443
+  _globals['_SERVINGVERSIONREQUEST']._serialized_end=466
+  _globals['_SERVINGVERSIONRESPONSE']._serialized_start=468
+  _globals['_SERVINGVERSIONRESPONSE']._serialized_end=515
+  _globals['_ROLLOUT']._serialized_start=518
+  _globals['_ROLLOUT']._serialized_end=704
 # @@protoc_insertion_point(module_scope)

@@ -7,10 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoadVersionRequest(_message.Message):
-    __slots__ = ("bundle_path",)
+    __slots__ = ("bundle_path", "keep_default")
     BUNDLE_PATH_FIELD_NUMBER: _ClassVar[int]
+    KEEP_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     bundle_path: str
-    def __init__(self, bundle_path: _Optional[str] = ...) -> None: ...
+    keep_default: bool
+    def __init__(self, bundle_path: _Optional[str] = ..., keep_default: _Optional[bool] = ...) -> None: ...
 
 class LoadVersionResponse(_message.Message):
     __slots__ = ("model_version", "loaded_versions")

@@ -8,7 +8,9 @@ seconds when there are some), and
   3. judges both versions on the held-out recent events (full-ranking NDCG@10);
   4. rolls the new version out only if it is not worse: the controller's live swap loads it
      on every service (the shards build their indexes), switches, drains and unloads the
-     old one. `recfunnel versions` then lists it with its metrics.
+     old one. `recfunnel versions` then lists it with its metrics. With a canary
+     (`[loop.canary]`, `cluster.canary`) it first serves a share of the users as an
+     experiment, and is swapped in only if its online metric is not worse.
 
 Where the loop stands lives in the event log's own SQLite file, so a restarted loop goes on
 where it was. Events logged before the cluster first started on that log are taken to be in
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from cluster.canary import CanaryConfig, run_canary
 from gateway.events import EventStore, open_event_store
 from gateway.propensity import estimate_propensity, inverse_propensity_factors
 from ranking.config import TrainConfig
@@ -74,6 +77,9 @@ class LoopConfig:
     propensity_clip: float = 0.1
     click_types: tuple[str, ...] = ("click",)  # what the propensity estimate counts as a click
     exploration_depth: int = 10
+    # A version that passed offline first serves a share of the users as an experiment, and
+    # serves everyone only if its online metric is not worse (`cluster.canary`); off at share 0.
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
     output: Path = Path("artifacts/loop")     # one bundle folder per round
     storage: Path = Path("ray-train/loop")    # Ray Train checkpoints, one run per round
     seed: int = 0
@@ -102,6 +108,8 @@ class LoopConfig:
         for key in ("output", "storage"):
             if key in values:
                 values[key] = Path(values[key])
+        if "canary" in values:
+            values["canary"] = CanaryConfig.from_dict(values["canary"])
         for key in ("event_types", "click_types"):
             if key in values:
                 values[key] = tuple(values[key])
@@ -269,6 +277,10 @@ class FeedbackLoop:
         report.update(version=result.version, bundle=str(out), verdict=verdict)
         if not verdict["roll_out"]:
             return {**report, "decision": "kept serving version"}
+        if cfg.canary.share > 0:
+            report["canary"] = run_canary(self.events, self.serving, out, result.version, cfg.canary)
+            promoted = report["canary"]["promote"]
+            return {**report, "decision": "rolled out after canary" if promoted else "rolled back after canary"}
         report["swap"] = self.serving.swap(out)
         return {**report, "decision": "rolled out"}
 

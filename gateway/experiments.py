@@ -151,6 +151,7 @@ def experiments_from_config(tables: list[dict[str, Any]]) -> tuple[Experiment, .
 # The event store's setting that starts and stops an experiment while the gateways serve:
 # an experiment's JSON, or "" for none. Unset, a gateway runs its configured experiment.
 EXPERIMENT_SETTING = "experiment"
+CONFIGURED = "configured"  # the setting's value for "the gateway's configured one", as if never set
 
 
 class SettingSource(Protocol):
@@ -176,7 +177,7 @@ class RunningExperiment:
     def refresh(self) -> None:
         """Read the setting now; a setting that does not parse is logged and ignored."""
         raw = self.store.setting(EXPERIMENT_SETTING)
-        if raw is None:
+        if raw is None or raw == CONFIGURED:
             self.current = self.configured
             return
         try:

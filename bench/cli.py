@@ -352,6 +352,45 @@ def bench_feedback(
         ("weighted / unweighted", "weighted_over_unweighted")], "typed feedback, ML-100K")
 
 
+@bench.command("experiment")
+def bench_experiment(
+    users: Annotated[int, typer.Option(min=50, help="simulated users")] = 1200,
+    items: Annotated[int, typer.Option(min=20, help="simulated items")] = 300,
+    aa_seeds: Annotated[int, typer.Option(min=1, help="A/A experiments, each with its own salt and clicks")] = 20,
+    aa_answers: Annotated[int, typer.Option(min=20, help="answers per A/A experiment")] = 600,
+    ab_answers: Annotated[int, typer.Option(min=20, help="answers of the A/B experiment")] = 8000,
+    log_answers: Annotated[int, typer.Option(min=20, help="answers logged with exploration for debiasing")] = 6000,
+    position_decay: Annotated[float, typer.Option(min=0.0, help="propensity of place p: 1/(1+p)^decay")] = 1.0,
+    train_seconds: Annotated[float, typer.Option(help="encoder training budget of each model")] = 60.0,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    plot: Annotated[Path | None, typer.Option(help="draw the A/A, A/B and propensity figures (PNG)")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A simulated population with known preferences and position bias clicks on what the
+    cluster serves: the A/A false positive rate, an A/B test of a better model, and naive
+    against inverse-propensity training from the same logged clicks."""
+    from bench.experiment import ExperimentBenchConfig, run_experiment_bench
+
+    try:
+        config = ExperimentBenchConfig(users=users, items=items, aa_seeds=aa_seeds, aa_answers=aa_answers,
+                                       ab_answers=ab_answers, log_answers=log_answers,
+                                       position_decay=position_decay, train_seconds=train_seconds, seed=seed)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    report = run_experiment_bench(config, progress=(lambda _: None) if as_json else progress_console.log)
+    if plot is not None:
+        from bench.plots import plot_experiment
+
+        report["plot"] = str(plot_experiment(report, plot, "recfunnel bench experiment"))
+    print_report(report, as_json, [
+        ("A/A false positive rate", "aa.false_positive_rate"),
+        ("A/B true CTR lift", "ab.true_lift"), ("A/B measured CTR lift", "ab.measured_lift"),
+        ("A/B p-value", "ab.p_value"), ("answers per variant for a 10% lift", "ab.answers_per_variant_for_10pct_lift"),
+        ("naive NDCG@10 (true appeal)", "debiasing.true_ndcg@10.naive"),
+        ("IPS NDCG@10 (true appeal)", "debiasing.true_ndcg@10.inverse_propensity"),
+        ("IPS / naive", "debiasing.inverse_propensity_over_naive")], "experiments and debiasing, simulated")
+
+
 @bench.command("serving")
 def bench_serving(
     bundle: Annotated[Path | None, typer.Option(help="ML-100K bundle; default: the demo one")] = None,

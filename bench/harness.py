@@ -20,16 +20,22 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:  # the services load only for the benches that start them
+    from gateway.observe import GatewayObserver
+    from gateway.server import Gateway
+    from ranking.server import RankingService
+    from retrieval.server import RecallService
 
 LATENCY_QUANTILES = (50, 90, 99, 99.9)
 
@@ -221,3 +227,33 @@ def process_stack(bundle: Path, db_path: Path, gateways: dict[str, list[str]], n
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
+
+
+@contextlib.asynccontextmanager
+async def grpc_stack(bundle: Path, db_path: Path, num_shards: int = 2, internal_token: str | None = None,
+                     observer: GatewayObserver | None = None, **gateway_options: Any
+                     ) -> AsyncIterator[tuple[Gateway, list[RecallService], RankingService]]:
+    """Recall shards, the ranking service and a gateway over them, as gRPC servers on free
+    loopback ports of this process (the services require `internal_token` when one is given,
+    and the gateway sends it): (gateway, shard handles, ranking service)."""
+    from gateway import server as gateway_server
+    from gateway.config import GatewayConfig
+    from ranking import server as ranking_server
+    from ranking.config import RankingConfig
+    from retrieval import server as recall_server
+    from retrieval.config import RecallConfig
+
+    shards = [await recall_server.start(RecallConfig(bundle=bundle, shard_id=n, num_shards=num_shards,
+                                                     internal_token=internal_token))
+              for n in range(num_shards)]
+    ranking = await ranking_server.start(RankingConfig(bundle=bundle, internal_token=internal_token))
+    gateway = await gateway_server.start(GatewayConfig(
+        recall_addresses=tuple(s.address for s in shards), ranking_addresses=(ranking.address,),
+        db_path=db_path, port=0, internal_token=internal_token, **gateway_options), observer)
+    try:
+        yield gateway, shards, ranking
+    finally:
+        await gateway.stop(0)
+        for shard in shards:
+            await shard.stop(0)
+        await ranking.stop(0)

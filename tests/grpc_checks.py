@@ -4,9 +4,8 @@ the real services started together for tests that call them over gRPC."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from bench.harness import free_port  # noqa: F401 - the tests' helper lives with the benches'
-from gateway import server as gateway_server
-from gateway.config import GatewayConfig
-from gateway.observe import GatewayObserver
+from bench.harness import (
+    free_port,  # noqa: F401 - the tests' helper lives with the benches'
+    grpc_stack,
+)
 from gateway.server import Gateway
 from protos.auth import call_metadata
-from protos.serving import ServerHandle
-from ranking import server as ranking_server
-from ranking.config import RankingConfig
-from ranking.server import RankingService
-from retrieval import server as recall_server
-from retrieval.config import RecallConfig
 
 
 async def assert_health_and_reflection(address: str, service_name: str, token: str | None = None) -> None:
@@ -45,25 +38,8 @@ async def assert_health_and_reflection(address: str, service_name: str, token: s
         assert "grpc.health.v1.Health" in services
 
 
-@contextlib.asynccontextmanager
-async def serving_stack(bundle: Path, db_path: Path, num_shards: int = 2, internal_token: str | None = None,
-                        observer: GatewayObserver | None = None, **gateway_options: Any
-                        ) -> AsyncIterator[tuple[Gateway, list[ServerHandle], RankingService]]:
-    """Recall shards, the ranking service and a gateway over them, on free loopback ports;
-    the services require `internal_token` when one is given, and the gateway sends it."""
-    shards = [await recall_server.start(RecallConfig(bundle=bundle, shard_id=n, num_shards=num_shards,
-                                                     internal_token=internal_token))
-              for n in range(num_shards)]
-    ranking = await ranking_server.start(RankingConfig(bundle=bundle, internal_token=internal_token))
-    gateway = await gateway_server.start(GatewayConfig(
-        recall_addresses=tuple(s.address for s in shards), ranking_addresses=(ranking.address,),
-        db_path=db_path, port=0, internal_token=internal_token, **gateway_options), observer)
-    try:
-        yield gateway, shards, ranking
-    finally:
-        await gateway.stop(0)
-        for handle in [*shards, ranking]:
-            await handle.stop(0)
+# The services in this process, started as the benches start them.
+serving_stack = grpc_stack
 
 
 @contextmanager

@@ -145,10 +145,10 @@ class VariantVersions:
     def ready(self, experiment: Experiment | None) -> bool:
         """Whether `experiment` can be applied now; starts loading (or unloading) what it needs."""
         wanted = experiment.bundles if experiment is not None else set()
-        if wanted != set(self.loaded) and (self._following is None or self._following.done()):
-            self._wanted = wanted
+        self._wanted = wanted  # a running follow picks up a change when it is done
+        pending = wanted - set(self.failed) != set(self.loaded)  # a failed bundle is not retried each request
+        if pending and (self._following is None or self._following.done()):
             self._following = asyncio.get_running_loop().create_task(self._follow())
-        self._wanted = wanted
         return wanted <= set(self.loaded)
 
     def version_of(self, variant: Variant | None) -> str:

@@ -183,3 +183,19 @@ async def test_an_experiment_variant_serves_its_own_version_beside_the_serving_o
                 break
             await asyncio.sleep(0.1)
         assert list(info.loaded_versions) == [old] and not reply.variant and reply.model_version == old
+
+
+async def test_a_variant_bundle_that_does_not_load_keeps_its_experiment_off(tiny_bundle: Path, tmp_path: Path) -> None:
+    from gateway.experiments import EXPERIMENT_SETTING, Experiment, Variant
+
+    old = json.loads((tiny_bundle / "manifest.json").read_text("utf-8"))["version"]
+    broken = Experiment("broken", (Variant("control", 0.5), Variant("missing", 0.5, bundle=str(tmp_path / "none"))))
+    async with serving_stack(tiny_bundle, tmp_path / "events.sqlite", experiment_poll_s=0.1) as (gw, _, _), \
+            grpc.aio.insecure_channel(gw.address) as channel:
+        stub = recommender_pb2_grpc.RecommenderStub(channel)
+        gw.events.set_setting(EXPERIMENT_SETTING, broken.to_json())
+        replies = []
+        for n in range(30):  # 3 s: the load is refused, and the experiment stays off meanwhile
+            replies.append(await stub.Recommend(recommender_pb2.RecommendRequest(user_id=f"u{n}", k=5), timeout=10))
+            await asyncio.sleep(0.1)
+        assert all(not r.variant and r.model_version == old for r in replies)

@@ -605,12 +605,15 @@ class Trainer:
         return state.curve
 
     # ---- phase 2: ranker ------------------------------------------------------------------
-    def ranker_examples(self) -> list[tuple[np.ndarray, int]]:
-        """(history, target) pairs from the most recent training positions of every user."""
+    def ranker_examples(self) -> list[tuple[np.ndarray, int, float]]:
+        """(history, target, weight) from the most recent training positions of every user:
+        the target's event weight (type × value × inverse propensity, 1 without weights), so
+        that the ranker learns from each event as much as the encoders do."""
+        weights = self.split.train_weights
         examples = []
-        for seq in self.split.train:
+        for user, seq in enumerate(self.split.train):
             for end in range(max(1, len(seq) - self.config.ranker_positions), len(seq)):
-                examples.append((seq[:end], int(seq[end])))
+                examples.append((seq[:end], int(seq[end]), 1.0 if weights is None else float(weights[user][end])))
         return examples
 
     def train_ranker(self) -> list[dict[str, float]]:
@@ -643,8 +646,9 @@ class Trainer:
             for step, start in enumerate(range(0, len(order), batch_size), 1):
                 self.phase_progress(f"ranker epoch {epoch + 1}", step, steps)
                 chosen = [examples[i] for i in order[start : start + batch_size]]
-                histories = [h for h, _ in chosen]
-                targets = torch.tensor([t for _, t in chosen], device=self.device)
+                histories = [h for h, _, _ in chosen]
+                targets = torch.tensor([t for _, t, _ in chosen], device=self.device)
+                target_weights = torch.tensor([w for _, _, w in chosen], dtype=torch.float32, device=self.device)
                 with torch.no_grad():
                     users, semantic = scorer.queries(histories)
                     candidates, flags, mask = scorer.recall(histories, users, semantic,
@@ -664,7 +668,8 @@ class Trainer:
                 as_cold = (torch.rand(candidates.shape, device=CPU) < cfg.ranker_cold_share).to(self.device)
                 scores = scorer.rank(histories, users, semantic, candidates, flags, as_cold)
                 scores = scores.masked_fill(~mask, -math.inf)
-                loss = F.cross_entropy(scores[keep], hit[keep].float().argmax(1))
+                losses = F.cross_entropy(scores[keep], hit[keep].float().argmax(1), reduction="none")
+                loss = (losses * target_weights[keep]).sum() / target_weights[keep].sum()
                 loss.backward()
                 self._step(params, optimiser)
                 total += loss.item()

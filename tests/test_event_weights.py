@@ -85,3 +85,28 @@ def test_weights_and_dislikes_change_the_encoder_loss_and_dislikes_get_gradients
     first_users = trainer.events.window_users[:64].unique()  # type: ignore[union-attr]
     disliked = np.unique(np.concatenate([with_feedback_events.negatives[u] for u in first_users.tolist()]))
     assert (ids.to_dense()[torch.from_numpy(disliked) + 1].abs().sum(1) > 0).all()
+
+
+
+def _ranker_epoch(data: Dataset, text_encoder: TextEncoder) -> dict[str, float]:
+    """The first ranker epoch's summed loss and validation NDCG@10, from the same start."""
+    trainer = Trainer(data, replace(TINY_TRAINING, ranker_epochs=1), text_encoder)
+    return trainer.train_ranker()[0]
+
+
+def test_the_ranker_learns_from_each_target_by_its_events_weight(
+        tiny_dataset: Dataset, with_feedback_events: Dataset, text_encoder: TextEncoder) -> None:
+    weighted_only = replace(with_feedback_events, negatives=[])
+    trainer = Trainer(weighted_only, TINY_TRAINING, text_encoder)
+    weights = trainer.split.train_weights
+    assert weights is not None
+    expected = [(seq[:end].tolist(), int(seq[end]), float(weights[u][end])) for u, seq in enumerate(trainer.split.train)
+                for end in range(max(1, len(seq) - TINY_TRAINING.ranker_positions), len(seq))]
+    assert [(h.tolist(), t, w) for h, t, w in trainer.ranker_examples()] == expected
+    # Equal weights change nothing (a weighted mean); unequal ones change what it learns.
+    plain = _ranker_epoch(tiny_dataset, text_encoder)
+    doubled = replace(tiny_dataset, weights=[np.full(len(s), 2.0) for s in tiny_dataset.sequences])
+    uniform = _ranker_epoch(doubled, text_encoder)
+    assert uniform["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert uniform["ndcg@10"] == pytest.approx(plain["ndcg@10"], rel=1e-5)
+    assert _ranker_epoch(weighted_only, text_encoder)["loss"] != pytest.approx(plain["loss"], rel=1e-3)

@@ -45,10 +45,10 @@ class InProcessRanking:
         return {c: v[0] for c, v in self.model.encode([rows]).items()}, self.model.version
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
-                   diversity: float, explain_top: int, timeout: float, model_version: str
-                   ) -> list[tuple[str, float, list[str]]]:
+                   diversity: float, explain_top: int, timeout: float, model_version: str,
+                   new_item_place: int | None = None) -> list[tuple[str, float, list[str]]]:
         return self.model.rank_items(history, [(i, channel_mask(s)) for i, s in candidates], k, diversity,
-                                     explain_top)
+                                     explain_top, new_item_place)
 
     async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str
                            ) -> tuple[dict[str, np.ndarray], str, list[str]]:

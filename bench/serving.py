@@ -125,12 +125,12 @@ class RecordingRanking:
         return result
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
-                   diversity: float, explain_top: int, timeout: float, model_version: str
-                   ) -> list[tuple[str, float, list[str]]]:
-        self.calls.append(rank_request(history, candidates, k, diversity, explain_top, model_version))
+                   diversity: float, explain_top: int, timeout: float, model_version: str,
+                   new_item_place: int | None = None) -> list[tuple[str, float, list[str]]]:
+        self.calls.append(rank_request(history, candidates, k, diversity, explain_top, model_version, new_item_place))
         self.arguments.append((history, candidates, k, diversity, explain_top, model_version))
         ranked: list[tuple[str, float, list[str]]] = await self.inner.rank(
-            history, candidates, k, diversity, explain_top, timeout, model_version)
+            history, candidates, k, diversity, explain_top, timeout, model_version, new_item_place)
         return ranked
 
     async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str

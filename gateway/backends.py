@@ -71,11 +71,12 @@ class _Backend:
 
 
 def rank_request(history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int, diversity: float,
-                 explain_top: int, model_version: str) -> ranking_pb2.RankRequest:
+                 explain_top: int, model_version: str, new_item_place: int | None = None) -> ranking_pb2.RankRequest:
     return ranking_pb2.RankRequest(
         history_item_ids=history, candidate_ids=[item_id for item_id, _ in candidates],
         candidate_channels=[channel_mask(scores) for _, scores in candidates],
-        explain_top=explain_top, model_version=model_version, k=k, diversity=diversity)
+        explain_top=explain_top, model_version=model_version, k=k, diversity=diversity,
+        new_item_place=new_item_place)  # None leaves it unset: the service's setting
 
 
 class GrpcRecall(_Backend):
@@ -135,9 +136,9 @@ class GrpcRanking(_Backend):
         return {v.channel: from_tensor(v.vector) for v in reply.vectors}, reply.model_version
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
-                   diversity: float, explain_top: int, timeout: float, model_version: str
-                   ) -> list[tuple[str, float, list[str]]]:
-        request = rank_request(history, candidates, k, diversity, explain_top, model_version)
+                   diversity: float, explain_top: int, timeout: float, model_version: str,
+                   new_item_place: int | None = None) -> list[tuple[str, float, list[str]]]:
+        request = rank_request(history, candidates, k, diversity, explain_top, model_version, new_item_place)
         reply = await self._ask("rank", self.stub.Rank, request, timeout)
         return [(i.item_id, i.score, list(i.because_item_ids)) for i in reply.items]
 
@@ -219,10 +220,10 @@ class RankingReplicas:
         return await self._any(lambda r, left: r.encode(history, left, model_version), timeout)
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
-                   diversity: float, explain_top: int, timeout: float, model_version: str
-                   ) -> list[tuple[str, float, list[str]]]:
-        return await self._any(
-            lambda r, left: r.rank(history, candidates, k, diversity, explain_top, left, model_version), timeout)
+                   diversity: float, explain_top: int, timeout: float, model_version: str,
+                   new_item_place: int | None = None) -> list[tuple[str, float, list[str]]]:
+        return await self._any(lambda r, left: r.rank(history, candidates, k, diversity, explain_top, left,
+                                                      model_version, new_item_place), timeout)
 
     async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str = ""
                            ) -> tuple[dict[str, np.ndarray], str, list[str]]:

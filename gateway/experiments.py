@@ -3,8 +3,9 @@
 A user's variant is a salted hash of their user id, so it is the same on every request and
 on every gateway, with no state to share; another salt reshuffles the users for the next
 experiment. The variant changes the serving parameters of the user's answers (the diversity a
-request leaves at 0, the recall channels' budgets); the answer and its exposures name it, so
-that `recfunnel experiments report` can compare what each variant's answers led to.
+request leaves at 0, the recall channels' budgets, the place kept for a new item) or the
+model that answers; the answer and its exposures name it, so that `recfunnel experiments
+report` can compare what each variant's answers led to.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from concurrent.futures import Executor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from recdata.channels import CHANNELS
+from recdata.channels import CHANNELS, MAX_NEW_ITEM_PLACE
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class Variant:
     diversity: float | None = None  # for requests that leave it at 0; None: as requested
     channel_budgets: tuple[tuple[str, int], ...] | None = None  # None: the gateway's
     bundle: str | None = None       # a bundle every service can read: its model answers; None: the serving one
+    # The place of the best new item (no interactions yet) in lists without one: 1 = first;
+    # 0 = none kept; None: the ranking service's setting (the last place).
+    new_item_place: int | None = None
 
     def __post_init__(self) -> None:
         if not NAME.fullmatch(self.name):
@@ -46,6 +50,9 @@ class Variant:
             raise ValueError(f"variant {self.name}: diversity={self.diversity} must be in 0.0..1.0")
         if self.bundle is not None and not 1 <= len(self.bundle.encode("utf-8")) <= 4096:
             raise ValueError(f"variant {self.name}: bundle must be a path of 1..4096 bytes")
+        if self.new_item_place is not None and not 0 <= self.new_item_place <= MAX_NEW_ITEM_PLACE:
+            raise ValueError(f"variant {self.name}: new_item_place={self.new_item_place} must be in "
+                             f"0..{MAX_NEW_ITEM_PLACE} (0 = no place kept for new items)")
         for channel, budget in self.channel_budgets or ():
             if channel not in CHANNELS:
                 raise ValueError(f"variant {self.name}: unknown channel {channel!r}; allowed: {', '.join(CHANNELS)}")
@@ -55,15 +62,16 @@ class Variant:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Variant:
-        unknown = set(values) - {"name", "share", "diversity", "channel_budgets", "bundle"}
+        unknown = set(values) - {"name", "share", "diversity", "channel_budgets", "bundle", "new_item_place"}
         if unknown:
             raise ValueError(f"variant settings {sorted(unknown)} unknown; allowed: bundle, channel_budgets, "
-                             f"diversity, name, share")
+                             f"diversity, name, new_item_place, share")
         budgets = values.get("channel_budgets")
         return cls(str(values.get("name", "")), float(values.get("share", 0.0)),
                    None if values.get("diversity") is None else float(values["diversity"]),
                    None if budgets is None else tuple((str(c), int(k)) for c, k in dict(budgets).items()),
-                   None if values.get("bundle") is None else str(values["bundle"]))
+                   None if values.get("bundle") is None else str(values["bundle"]),
+                   None if values.get("new_item_place") is None else int(values["new_item_place"]))
 
 
 @dataclass(frozen=True)

@@ -64,10 +64,11 @@ class RankingBackend(Protocol):
         ...
 
     async def rank(self, history: list[str], candidates: list[tuple[str, dict[str, float]]], k: int,
-                   diversity: float, explain_top: int, timeout: float, model_version: str
-                   ) -> list[tuple[str, float, list[str]]]:
+                   diversity: float, explain_top: int, timeout: float, model_version: str,
+                   new_item_place: int | None = None) -> list[tuple[str, float, list[str]]]:
         """k of the candidates as (item id, score, because ids), best first (MMR order when
-        diversity > 0)."""
+        diversity > 0); `new_item_place`: the best new item's place (0 = none kept; None = as
+        the ranking service is configured)."""
         ...
 
     async def item_vectors(self, item_ids: list[str], timeout: float, model_version: str
@@ -91,6 +92,7 @@ class RecommendQuery:
     user_properties: tuple[str, ...] = ()
     channel_budgets: dict[str, int] | None = None  # this query's (an experiment variant's); None: the funnel's
     model_version: str = ""  # a version loaded beside the serving one (an experiment variant's); "" = serving
+    new_item_place: int | None = None  # an experiment variant's place for a new item; None: the ranker's
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,8 @@ class Funnel:
         recent = tuple(query.history[-ITEM2ITEM_RECENT:]) if vectors else ()
         return await self._recall_and_rank(run, vectors, recent, query.history,
                                            seen, query.k, query.diversity, query.explain, query.item_filter,
-                                           deadline, query.user_properties, query.channel_budgets)
+                                           deadline, query.user_properties, query.channel_budgets,
+                                           query.new_item_place)
 
     async def similar(self, query: SimilarQuery, deadline: float) -> Answer:
         """Items like `query.item_ids`, from their own vectors and co-occurrence neighbours,
@@ -243,7 +246,8 @@ class Funnel:
     async def _recall_and_rank(self, run: _Run, vectors: dict[str, np.ndarray], recent: tuple[str, ...],
                                history: list[str], seen: set[str], k: int, diversity: float, explain: bool,
                                item_filter: ItemFilter, deadline: float, user_properties: tuple[str, ...] = (),
-                               channel_budgets: dict[str, int] | None = None) -> Answer:
+                               channel_budgets: dict[str, int] | None = None,
+                               new_item_place: int | None = None) -> Answer:
         """Fan out to the shards with the query vectors (popularity alone without), merge,
         rank the candidates for `history` and cut the top k."""
         chosen = self.budgets if channel_budgets is None else {**self.budgets, **channel_budgets}
@@ -283,7 +287,7 @@ class Funnel:
         elif rankable:
             try:
                 ranked = await self.ranking.rank(history, candidates, k, diversity, self.explain_top if explain else 0,
-                                                 max(deadline - time.monotonic(), 0.001), version)
+                                                 max(deadline - time.monotonic(), 0.001), version, new_item_place)
                 self.costs.observe("rank", time.monotonic() - t)
             except StageFailed as error:
                 log.warning("ranking failed, answering in recall order: %s", error)

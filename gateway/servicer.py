@@ -53,8 +53,8 @@ def query_of(request: recommender_pb2.RecommendRequest, user: UserView, k: int |
              exclude: Sequence[str] = (), variant: Variant | None = None, model_version: str = ""
              ) -> RecommendQuery:
     """The funnel's query for a request: the logged history, then the request's context; never
-    an item the user hid. An experiment `variant` sets the diversity a request leaves at 0
-    and the channels' budgets, and `model_version` (its bundle's) the model that answers."""
+    an item the user hid. An experiment `variant` sets the diversity a request leaves at 0,
+    the channels' budgets and the new-item place, and `model_version` (its bundle's) the model that answers."""
     diversity = request.diversity
     if not diversity and variant is not None and variant.diversity is not None:
         diversity = variant.diversity
@@ -66,7 +66,8 @@ def query_of(request: recommender_pb2.RecommendRequest, user: UserView, k: int |
                           user_properties=tuple(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
                                                 for name, value in sorted(user.properties.items())),
                           channel_budgets=dict(variant.channel_budgets) if variant and variant.channel_budgets
-                          else None, model_version=model_version)
+                          else None, model_version=model_version,
+                          new_item_place=variant.new_item_place if variant is not None else None)
 
 
 def recommended(items: list[Recommendation]) -> list[recommender_pb2.RecommendedItem]:

@@ -107,15 +107,17 @@ def mmr_order(scores: np.ndarray, vectors: np.ndarray | None, k: int, diversity:
 NEW_ITEM_SLOT_MIN_K = 5
 
 
-def with_new_item_slot(order: np.ndarray, scores: np.ndarray, is_new: np.ndarray, k: int) -> np.ndarray:
-    """The chosen positions `order`, with the last one given to the best-scored new candidate
-    (one without training interactions) when none was chosen and the list has
-    NEW_ITEM_SLOT_MIN_K places or more.
+def with_new_item_slot(order: np.ndarray, scores: np.ndarray, is_new: np.ndarray, k: int,
+                       place: int | None = None) -> np.ndarray:
+    """The chosen positions `order`, with the best-scored new candidate (one without training
+    interactions) at `place` (1-based; None or beyond the list: the last) when none was
+    chosen and the list has NEW_ITEM_SLOT_MIN_K places or more; the others keep their order.
 
     Why a reserved place: the ranker scores a new item from its content alone, and evidence
     from content is weaker than evidence from interactions, so a calibrated ranker rarely
     puts a new item in the top k; without exposure it never gathers the interactions that
-    would let it compete. The ranker still chooses which new item.
+    would let it compete. The ranker still chooses which new item; where it goes is a serving
+    choice (an experiment can try a higher place against the last).
     """
     if k < NEW_ITEM_SLOT_MIN_K or len(order) < k or is_new[order].any():
         return order
@@ -123,7 +125,8 @@ def with_new_item_slot(order: np.ndarray, scores: np.ndarray, is_new: np.ndarray
     if len(waiting) == 0:
         return order
     best_new = waiting[np.argmax(scores[waiting])]
-    return np.append(order[: k - 1], best_new)
+    at = k - 1 if place is None else min(place, k) - 1
+    return np.insert(order[: k - 1], at, best_new)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class RankCall:
     diversity: float = 0.0
     explain_top: int = 0
     new_item_slot: bool = True  # see `with_new_item_slot`
+    new_item_place: int | None = None  # the slot's place, 1-based; None: the last
 
 
 @dataclass(frozen=True)
@@ -340,10 +344,13 @@ class RankingModel:
                 for b, history in enumerate(histories)]
 
     def rank_items(self, history_ids: list[str], candidates: list[tuple[str, int]], k: int,
-                   diversity: float = 0.0, explain_top: int = 0) -> list[tuple[str, float, list[str]]]:
+                   diversity: float = 0.0, explain_top: int = 0, new_item_place: int | None = None
+                   ) -> list[tuple[str, float, list[str]]]:
         """The served Rank: (item id, score, because ids) best first, k of them. Candidates
-        come with their channel masks, as on the wire (`recdata.channels.channel_mask`)."""
-        return self.rank_many([RankCall(history_ids, candidates, k, diversity, explain_top)])[0]
+        come with their channel masks, as on the wire (`recdata.channels.channel_mask`);
+        `new_item_place` as RankRequest's (None: the last place; 0: none kept)."""
+        call = RankCall(history_ids, candidates, k, diversity, explain_top, new_item_place != 0, new_item_place or None)
+        return self.rank_many([call])[0]
 
     def rank_many(self, calls: Sequence[RankCall]) -> list[list[tuple[str, float, list[str]]]]:
         """Several served Rank calls scored in one model call.
@@ -370,7 +377,8 @@ class RankingModel:
             vectors = tables.item_vectors[torch.from_numpy(rows_b)].cpu().numpy() if call.diversity > 0 else None
             order = mmr_order(ranked_b.scores, vectors, call.k, call.diversity)
             if call.new_item_slot:
-                order = with_new_item_slot(order, ranked_b.scores, tables.popularity[rows_b] == 0, call.k)
+                order = with_new_item_slot(order, ranked_b.scores, tables.popularity[rows_b] == 0, call.k,
+                                           call.new_item_place)
             out = [(known[n][0], float(ranked_b.scores[n]),
                     [known_history[p] for p in ranked_b.because(n, call.explain_top)])
                    for n in order]

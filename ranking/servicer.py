@@ -19,7 +19,7 @@ from protos.wire import to_tensor
 from ranking.batching import DeadlinePassed, MicroBatcher
 from ranking.config import RankingConfig
 from ranking.inference import InvalidItems, RankCall, RankingModel
-from recdata.channels import ALL_CHANNEL_BITS, CHANNELS
+from recdata.channels import ALL_CHANNEL_BITS, CHANNELS, MAX_NEW_ITEM_PLACE
 from recdata.versions import LoadedVersions
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         if not 0 <= request.explain_top <= MAX_EXPLAIN:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"explain_top={request.explain_top} out of range 0..{MAX_EXPLAIN}")
+        if request.HasField("new_item_place") and not 0 <= request.new_item_place <= MAX_NEW_ITEM_PLACE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"new_item_place={request.new_item_place} out of range 0..{MAX_NEW_ITEM_PLACE} "
+                                f"(0 = no place kept for new items)")
+        slot, place = self.config.new_item_slot, None
+        if request.HasField("new_item_place"):
+            slot, place = request.new_item_place > 0, request.new_item_place
         candidates = rank_candidates(request)
         ranked = await self._scored(self.rank_batcher, (model, RankCall(
             list(request.history_item_ids)[-self.config.max_history :], candidates,
-            request.k or len(candidates), request.diversity, request.explain_top, self.config.new_item_slot)), context)
+            request.k or len(candidates), request.diversity, request.explain_top, slot, place)), context)
         items = [ranking_pb2.ScoredItem(item_id=i, score=s, because_item_ids=b) for i, s, b in ranked]
         return ranking_pb2.RankResponse(items=items, model_version=model.version)
 

@@ -24,6 +24,8 @@ def tuning_queries_name(channel: str) -> str:
 # The channels that proposed a candidate, as bits (CHANNELS order) on the gateway -> ranker wire.
 CHANNEL_BITS = {channel: 1 << n for n, channel in enumerate(CHANNELS)}
 ALL_CHANNEL_BITS = (1 << len(CHANNELS)) - 1
+# The place a new item may be given on the same wire (1-based): no answer is longer than this.
+MAX_NEW_ITEM_PLACE = 1000
 
 
 def channel_mask(channels: Iterable[str]) -> int:

@@ -188,6 +188,10 @@ def test_the_last_place_goes_to_the_best_new_item_when_none_made_the_list() -> N
     assert with_new_item_slot(order, scores, np.zeros(8, bool), 5).tolist() == order.tolist()
     never_proposed = np.where(is_new, -np.inf, scores)
     assert with_new_item_slot(order, never_proposed, is_new, 5).tolist() == order.tolist()
+    # Another place moves the rest down, in their order; a place beyond the list is its last.
+    assert with_new_item_slot(order, scores, is_new, 5, place=1).tolist() == [6, 0, 1, 2, 3]
+    assert with_new_item_slot(order, scores, is_new, 5, place=2).tolist() == [0, 6, 1, 2, 3]
+    assert with_new_item_slot(order, scores, is_new, 5, place=9).tolist() == [0, 1, 2, 3, 6]
 
 
 def test_served_and_evaluated_lists_keep_the_same_place_for_new_items(tiny_bundle, tiny_dataset,

@@ -3,6 +3,7 @@ the answers, and answers and exposures that name their variant for the report.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -45,6 +46,9 @@ def test_assignment_is_sticky_follows_the_shares_and_a_new_salt_reshuffles() -> 
      "unknown channel 'trending'"),
     ({"name": "x", "variants": [{"name": "control", "share": 0.5}, {"name": "b", "share": 0.5, "diversity": 2}]},
      "diversity=2.0 must be in 0.0..1.0"),
+    ({"name": "x", "variants": [{"name": "control", "share": 0.5},
+                                {"name": "b", "share": 0.5, "new_item_place": 1001}]},
+     "new_item_place=1001 must be in 0..1000"),
     ({"name": "X Y", "variants": []}, "experiment name 'X Y' must match"),
     ({"name": "x", "variants": [], "traffic": 1}, "experiment settings ['traffic'] unknown"),
 ])
@@ -127,6 +131,11 @@ def test_a_variant_sets_the_diversity_a_request_leaves_at_zero_and_the_channel_b
     assert query_of(asked, UserView([], []), variant=diverse).diversity == pytest.approx(0.3)  # the client's
     assert query_of(request, UserView([], []), variant=no_popular).channel_budgets == {"popular": 0}
     assert query_of(request, UserView([], [])).channel_budgets is None
+    first = Variant.from_dict({"name": "new-first", "share": 0.5, "new_item_place": 1})
+    assert query_of(request, UserView([], []), variant=first).new_item_place == 1
+    assert query_of(request, UserView([], []), variant=diverse).new_item_place is None  # the ranker's setting
+    stored = json.loads(Experiment("x", (Variant("control", 0.5), first)).to_json())  # as the store keeps it
+    assert Experiment.from_dict(stored).variants[1] == first
 
 
 class Settings:

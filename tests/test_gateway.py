@@ -58,7 +58,7 @@ class FakeRanking:
                      ) -> tuple[dict[str, np.ndarray], str]:
         return {"sequential": np.ones(4, np.float32)}, "v1"
 
-    async def rank(self, history, candidates, k, diversity, explain_top, timeout, model_version):
+    async def rank(self, history, candidates, k, diversity, explain_top, timeout, model_version, new_item_place=None):
         if self.fail_rank:
             raise StageFailed("ranker down")
         scored = [(i, float(i.removeprefix("i")), history[-explain_top:] if explain_top else []) for i, _ in candidates]

@@ -85,6 +85,32 @@ async def test_embedded_items_become_rankable(tiny_bundle: Path) -> None:
         await handle.stop(0)
 
 
+async def test_the_caller_chooses_the_new_items_place_or_none(tiny_bundle: Path) -> None:
+    handle = await ranking_server.start(RankingConfig(bundle=tiny_bundle))
+    client = GrpcRanking(handle.address)
+    try:
+        await client.embed_items([ItemChange("upsert", "fresh-1", "The quiet garden #999: a theme3 story")], 10)
+        history = ["i1", "i5", "i9"]
+        known = [(f"i{n}", {"sequential": 1.0}) for n in range(20, 32)]
+        candidates = [*known, ("fresh-1", {"semantic": 0.1})]
+        by_score = [i for i, _, _ in await client.rank(history, candidates, 0, 0.0, 0, 5, "", 0)]
+        top = [i for i in by_score if i != "fresh-1"][:7]
+        assert by_score.index("fresh-1") >= 6, "the new item is outscored: it needs a kept place"
+        places = {place: [i for i, _, _ in await client.rank(history, candidates, 6, 0.0, 0, 5, "", place)]
+                  for place in (None, 0, 1, 3, 6, 50)}
+        assert places[None] == [*top[:5], "fresh-1"]  # the service's setting: the last place
+        assert places[0] == top[:6]                    # none kept: relevance alone
+        assert places[1] == ["fresh-1", *top[:5]]
+        assert places[3] == [*top[:2], "fresh-1", *top[2:5]]
+        assert places[6] == places[50] == places[None]  # beyond the list: its last place
+        for bad in (-1, 1001):
+            with pytest.raises(StageFailed, match=rf"INVALID_ARGUMENT new_item_place={bad} out of range 0..1000"):
+                await client.rank(history, candidates, 6, 0.0, 0, 5, "", bad)
+    finally:
+        await client.close()
+        await handle.stop(0)
+
+
 def test_new_items_are_encoded_like_cold_items_in_training(tiny_bundle: Path, text_encoder) -> None:
     model = RankingModel.load(tiny_bundle, device="cpu")
     model.prepare_item_encoding(text_encoder)

@@ -27,7 +27,7 @@ from protos.recfunnel.v1 import tensor_pb2 as protos_dot_recfunnel_dot_v1_dot_te
 from protos.recfunnel.v1 import versions_pb2 as protos_dot_recfunnel_dot_v1_dot_versions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/recfunnel/v1/ranking.proto\x12\x0crecfunnel.v1\x1a%protos/recfunnel/v1/recommender.proto\x1a protos/recfunnel/v1/tensor.proto\x1a\"protos/recfunnel/v1/versions.proto\"U\n\rEncodeRequest\x12\x18\n\x10history_item_ids\x18\x01 \x03(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x13\n\x0bitems_alone\x18\x03 \x01(\x08\"F\n\rChannelVector\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensor\"o\n\x0e\x45ncodeResponse\x12,\n\x07vectors\x18\x01 \x03(\x0b\x32\x1b.recfunnel.v1.ChannelVector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x18\n\x10unknown_item_ids\x18\x03 \x03(\t\"\xaa\x01\n\x0bRankRequest\x12\x18\n\x10history_item_ids\x18\x01 \x03(\t\x12\x15\n\rcandidate_ids\x18\x07 \x03(\t\x12\x1a\n\x12\x63\x61ndidate_channels\x18\x08 \x03(\r\x12\x13\n\x0b\x65xplain_top\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\t\n\x01k\x18\x05 \x01(\x05\x12\x11\n\tdiversity\x18\x06 \x01(\x02J\x04\x08\x02\x10\x03\"F\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\x03 \x03(\t\"N\n\x0cRankResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.recfunnel.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb8\x01\n\x08ItemText\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x34\n\x07vectors\x18\x04 \x03(\x0b\x32#.recfunnel.v1.ItemText.VectorsEntry\x1aI\n\x0cVectorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.recfunnel.v1.FloatVector:\x02\x38\x01\"Q\n\x11\x45mbedItemsRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.recfunnel.v1.ItemText\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"Z\n\x12\x45mbedItemsResponse\x12-\n\x07vectors\x18\x01 \x03(\x0b\x32\x1c.recfunnel.v1.ChannelVectors\x12\x15\n\rmodel_version\x18\x02 \x01(\t2\x8c\x03\n\x07Ranking\x12\x43\n\x06\x45ncode\x12\x1b.recfunnel.v1.EncodeRequest\x1a\x1c.recfunnel.v1.EncodeResponse\x12=\n\x04Rank\x12\x19.recfunnel.v1.RankRequest\x1a\x1a.recfunnel.v1.RankResponse\x12O\n\nEmbedItems\x12\x1f.recfunnel.v1.EmbedItemsRequest\x1a .recfunnel.v1.EmbedItemsResponse\x12R\n\x0bLoadVersion\x12 .recfunnel.v1.LoadVersionRequest\x1a!.recfunnel.v1.LoadVersionResponse\x12X\n\rUnloadVersion\x12\".recfunnel.v1.UnloadVersionRequest\x1a#.recfunnel.v1.UnloadVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/recfunnel/v1/ranking.proto\x12\x0crecfunnel.v1\x1a%protos/recfunnel/v1/recommender.proto\x1a protos/recfunnel/v1/tensor.proto\x1a\"protos/recfunnel/v1/versions.proto\"U\n\rEncodeRequest\x12\x18\n\x10history_item_ids\x18\x01 \x03(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x13\n\x0bitems_alone\x18\x03 \x01(\x08\"F\n\rChannelVector\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12$\n\x06vector\x18\x02 \x01(\x0b\x32\x14.recfunnel.v1.Tensor\"o\n\x0e\x45ncodeResponse\x12,\n\x07vectors\x18\x01 \x03(\x0b\x32\x1b.recfunnel.v1.ChannelVector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x18\n\x10unknown_item_ids\x18\x03 \x03(\t\"\xda\x01\n\x0bRankRequest\x12\x18\n\x10history_item_ids\x18\x01 \x03(\t\x12\x15\n\rcandidate_ids\x18\x07 \x03(\t\x12\x1a\n\x12\x63\x61ndidate_channels\x18\x08 \x03(\r\x12\x13\n\x0b\x65xplain_top\x18\x03 \x01(\x05\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\t\n\x01k\x18\x05 \x01(\x05\x12\x11\n\tdiversity\x18\x06 \x01(\x02\x12\x1b\n\x0enew_item_place\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x11\n\x0f_new_item_placeJ\x04\x08\x02\x10\x03\"F\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x18\n\x10\x62\x65\x63\x61use_item_ids\x18\x03 \x03(\t\"N\n\x0cRankResponse\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.recfunnel.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb8\x01\n\x08ItemText\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x34\n\x07vectors\x18\x04 \x03(\x0b\x32#.recfunnel.v1.ItemText.VectorsEntry\x1aI\n\x0cVectorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.recfunnel.v1.FloatVector:\x02\x38\x01\"Q\n\x11\x45mbedItemsRequest\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.recfunnel.v1.ItemText\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"Z\n\x12\x45mbedItemsResponse\x12-\n\x07vectors\x18\x01 \x03(\x0b\x32\x1c.recfunnel.v1.ChannelVectors\x12\x15\n\rmodel_version\x18\x02 \x01(\t2\x8c\x03\n\x07Ranking\x12\x43\n\x06\x45ncode\x12\x1b.recfunnel.v1.EncodeRequest\x1a\x1c.recfunnel.v1.EncodeResponse\x12=\n\x04Rank\x12\x19.recfunnel.v1.RankRequest\x1a\x1a.recfunnel.v1.RankResponse\x12O\n\nEmbedItems\x12\x1f.recfunnel.v1.EmbedItemsRequest\x1a .recfunnel.v1.EmbedItemsResponse\x12R\n\x0bLoadVersion\x12 .recfunnel.v1.LoadVersionRequest\x1a!.recfunnel.v1.LoadVersionResponse\x12X\n\rUnloadVersion\x12\".recfunnel.v1.UnloadVersionRequest\x1a#.recfunnel.v1.UnloadVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,19 +43,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODERESPONSE']._serialized_start=319
   _globals['_ENCODERESPONSE']._serialized_end=430
   _globals['_RANKREQUEST']._serialized_start=433
-  _globals['_RANKREQUEST']._serialized_end=603
-  _globals['_SCOREDITEM']._serialized_start=605
-  _globals['_SCOREDITEM']._serialized_end=675
-  _globals['_RANKRESPONSE']._serialized_start=677
-  _globals['_RANKRESPONSE']._serialized_end=755
-  _globals['_ITEMTEXT']._serialized_start=758
-  _globals['_ITEMTEXT']._serialized_end=942
-  _globals['_ITEMTEXT_VECTORSENTRY']._serialized_start=869
-  _globals['_ITEMTEXT_VECTORSENTRY']._serialized_end=942
-  _globals['_EMBEDITEMSREQUEST']._serialized_start=944
-  _globals['_EMBEDITEMSREQUEST']._serialized_end=1025
-  _globals['_EMBEDITEMSRESPONSE']._serialized_start=1027
-  _globals['_EMBEDITEMSRESPONSE']._serialized_end=1117
-  _globals['_RANKING']._serialized_start=1120
-  _globals['_RANKING']._serialized_end=1516
+  _globals['_RANKREQUEST']._serialized_end=651
+  _globals['_SCOREDITEM']._serialized_start=653
+  _globals['_SCOREDITEM']._serialized_end=723
+  _globals['_RANKRESPONSE']._serialized_start=725
+  _globals['_RANKRESPONSE']._serialized_end=803
+  _globals['_ITEMTEXT']._serialized_start=806
+  _globals['_ITEMTEXT']._serialized_end=990
+  _globals['_ITEMTEXT_VECTORSENTRY']._serialized_start=917
+  _globals['_ITEMTEXT_VECTORSENTRY']._serialized_end=990
+  _globals['_EMBEDITEMSREQUEST']._serialized_start=992
+  _globals['_EMBEDITEMSREQUEST']._serialized_end=1073
+  _globals['_EMBEDITEMSRESPONSE']._serialized_start=1075
+  _globals['_EMBEDITEMSRESPONSE']._serialized_end=1165
+  _globals['_RANKING']._serialized_start=1168
+  _globals['_RANKING']._serialized_end=1564
 # @@protoc_insertion_point(module_scope)

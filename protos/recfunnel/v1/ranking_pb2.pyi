@@ -38,7 +38,7 @@ class EncodeResponse(_message.Message):
     def __init__(self, vectors: _Optional[_Iterable[_Union[ChannelVector, _Mapping]]] = ..., model_version: _Optional[str] = ..., unknown_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("history_item_ids", "candidate_ids", "candidate_channels", "explain_top", "model_version", "k", "diversity")
+    __slots__ = ("history_item_ids", "candidate_ids", "candidate_channels", "explain_top", "model_version", "k", "diversity", "new_item_place")
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_CHANNELS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class RankRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    NEW_ITEM_PLACE_FIELD_NUMBER: _ClassVar[int]
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
     candidate_ids: _containers.RepeatedScalarFieldContainer[str]
     candidate_channels: _containers.RepeatedScalarFieldContainer[int]
@@ -53,7 +54,8 @@ class RankRequest(_message.Message):
     model_version: str
     k: int
     diversity: float
-    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., candidate_channels: _Optional[_Iterable[int]] = ..., explain_top: _Optional[int] = ..., model_version: _Optional[str] = ..., k: _Optional[int] = ..., diversity: _Optional[float] = ...) -> None: ...
+    new_item_place: int
+    def __init__(self, history_item_ids: _Optional[_Iterable[str]] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., candidate_channels: _Optional[_Iterable[int]] = ..., explain_top: _Optional[int] = ..., model_version: _Optional[str] = ..., k: _Optional[int] = ..., diversity: _Optional[float] = ..., new_item_place: _Optional[int] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "because_item_ids")

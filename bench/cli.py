@@ -363,6 +363,7 @@ def bench_experiment(
     position_decay: Annotated[float, typer.Option(min=0.0, help="propensity of place p: 1/(1+p)^decay")] = 1.0,
     train_seconds: Annotated[float, typer.Option(help="encoder training budget of each model")] = 60.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    phases: Annotated[str, typer.Option(help="which phases to run, comma-separated: aa, ab, debias")] = "aa,ab,debias",
     plot: Annotated[Path | None, typer.Option(help="draw the A/A, A/B and propensity figures (PNG)")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -374,7 +375,8 @@ def bench_experiment(
     try:
         config = ExperimentBenchConfig(users=users, items=items, aa_seeds=aa_seeds, aa_answers=aa_answers,
                                        ab_answers=ab_answers, log_answers=log_answers,
-                                       position_decay=position_decay, train_seconds=train_seconds, seed=seed)
+                                       position_decay=position_decay, train_seconds=train_seconds, seed=seed,
+                                       phases=tuple(p.strip() for p in phases.split(",") if p.strip()))
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     report = run_experiment_bench(config, progress=(lambda _: None) if as_json else progress_console.log)

@@ -20,10 +20,12 @@ Models: `better` learns from `history` interactions per user drawn by appeal, `w
     served (the true lift), the report's measured lift with its interval and p-value, and the
     answers per variant a 10% lift needs at 80% power, from the measured variance.
   * Debiasing: `weaker` serves with exploration on (`swap_share` of the answers swap a pair),
-    logging `log_answers` answers and their clicks. From the same log, two models train on
-    the base interactions plus the clicks: `naive` weighs every click 1, `inverse_propensity`
+    logging `log_answers` answers and their clicks. From the same log, models train on the
+    base interactions plus the clicks: `naive` weighs every click 1, `inverse_propensity`
     by 1 / the estimated propensity of its place (clipped, self-normalised, as the feedback
-    loop does). Each is judged by NDCG@10 of its served answers against the true appeal.
+    loop does), and `inverse_true_propensity` by the simulator's own propensities (what a
+    perfect estimate would give). Each is judged by NDCG@10 of its served answers against
+    the true appeal.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ log = logging.getLogger(__name__)
 Z_80 = 0.8416212335729143  # the standard normal's 80% quantile: power 0.8
 
 
+PHASES = ("aa", "ab", "debias")
+
+
 @dataclass(frozen=True)
 class ExperimentBenchConfig:
     users: int = 1200
@@ -71,8 +76,11 @@ class ExperimentBenchConfig:
     train_seconds: float = 60.0  # encoder budget of each model trained (the ranker's is half)
     concurrency: int = 8         # requests in flight at once
     seed: int = 0
+    phases: tuple[str, ...] = PHASES  # which of the three to run
 
     def __post_init__(self) -> None:
+        if not self.phases or set(self.phases) - set(PHASES):
+            raise ValueError(f"phases={','.join(self.phases)} must name one or more of {', '.join(PHASES)}")
         if self.users < 50 or self.items < 2 * self.k or self.topics < 2:
             raise ValueError(f"users={self.users} must be >= 50, items={self.items} >= 2 k, topics >= 2")
         if not 1 <= self.weak_history < self.history < self.items:
@@ -231,13 +239,12 @@ def _experiment_report(store: Any, name: str, k: int) -> dict[str, Any]:
     return {group: figures for group, figures in report["groups"].items() if group.startswith(f"{name}/")}
 
 
-async def _aa_and_ab(weaker: Path, better: Path, db: Path, population: Population, config: ExperimentBenchConfig,
-                     progress: Callable[[str], None]) -> dict[str, Any]:
+async def _aa(weaker: Path, db: Path, population: Population, config: ExperimentBenchConfig,
+              progress: Callable[[str], None]) -> dict[str, Any]:
     from bench.harness import grpc_stack
     from gateway.experiments import EXPERIMENT_SETTING, Experiment, Variant
 
     rng = np.random.default_rng(config.seed + 1)
-    out: dict[str, Any] = {}
     async with grpc_stack(weaker, db, experiment_poll_s=0.2, swap_drain_s=1.0) as (gateway, _, _):
         store = gateway.events
         p_values = []
@@ -252,8 +259,22 @@ async def _aa_and_ab(weaker: Path, better: Path, db: Path, population: Populatio
             groups = _experiment_report(store, name, config.k)
             p_values.append(groups[f"{name}/treatment"]["against_control"][f"ctr@{config.k}"]["p_value"])
             progress(f"A/A {seed + 1}/{config.aa_seeds}: p = {p_values[-1]:.3f}")
-        out["aa"] = {"seeds": config.aa_seeds, "answers_per_seed": config.aa_answers, "p_values": p_values,
-                     "false_positive_rate": float(np.mean(np.asarray(p_values) < 0.05)), "alpha": 0.05}
+        store.set_setting(EXPERIMENT_SETTING, "")
+    return {"seeds": config.aa_seeds, "answers_per_seed": config.aa_answers, "p_values": p_values,
+            "false_positive_rate": float(np.mean(np.asarray(p_values) < 0.05)), "alpha": 0.05}
+
+
+async def _ab(weaker: Path, better: Path, db: Path, population: Population, config: ExperimentBenchConfig,
+              progress: Callable[[str], None]) -> dict[str, Any]:
+    """The better model beside the serving one, on a log of its own: the users' histories are
+    the ones both models learnt from, so the lift is the models' (after the A/A phase's clicks
+    the weaker model serves histories it never trained on, and the lift grows several-fold)."""
+    from bench.harness import grpc_stack
+    from gateway.experiments import EXPERIMENT_SETTING, Experiment, Variant
+
+    rng = np.random.default_rng(config.seed + 3)
+    async with grpc_stack(weaker, db, experiment_poll_s=0.2, swap_drain_s=1.0) as (gateway, _, _):
+        store = gateway.events
         name = "ab"
         experiment = Experiment(name, (Variant("control", 0.5), Variant("better", 0.5, bundle=str(better))),
                                 salt=name)
@@ -264,17 +285,16 @@ async def _aa_and_ab(weaker: Path, better: Path, db: Path, population: Populatio
         served = await serve_and_click(gateway.address, population, users, config.k, config.concurrency, rng)
         await flushed(gateway)
         groups = _experiment_report(store, name, config.k)
-        test = groups[f"{name}/better"]["against_control"][f"ctr@{config.k}"]
-        control, treated = arm_figures(served, "control"), arm_figures(served, "better")
-        out["ab"] = {"control": {**control, "measured_ctr": groups[f"{name}/control"][f"ctr@{config.k}"]},
-                     "better": {**treated, "measured_ctr": groups[f"{name}/better"][f"ctr@{config.k}"]},
-                     "true_lift": treated["true_ctr"] / control["true_ctr"] - 1,
-                     "measured_lift": test["lift"], "difference": test, "p_value": test["p_value"],
-                     "detected": test["p_value"] < 0.05 and test["difference"] > 0,
-                     "answers_per_variant_for_10pct_lift": answers_for_lift(served, "control"),
-                     "p_value_by_answers": p_value_curve(served, "control", "better")}
         store.set_setting(EXPERIMENT_SETTING, "")
-    return out
+    test = groups[f"{name}/better"]["against_control"][f"ctr@{config.k}"]
+    control, treated = arm_figures(served, "control"), arm_figures(served, "better")
+    return {"control": {**control, "measured_ctr": groups[f"{name}/control"][f"ctr@{config.k}"]},
+            "better": {**treated, "measured_ctr": groups[f"{name}/better"][f"ctr@{config.k}"]},
+            "true_lift": treated["true_ctr"] / control["true_ctr"] - 1,
+            "measured_lift": test["lift"], "difference": test, "p_value": test["p_value"],
+            "detected": test["p_value"] < 0.05 and test["difference"] > 0,
+            "answers_per_variant_for_10pct_lift": answers_for_lift(served, "control"),
+            "p_value_by_answers": p_value_curve(served, "control", "better")}
 
 
 def p_value_curve(served: list[Served], control: str, treatment: str, points: int = 12) -> list[list[float]]:
@@ -327,9 +347,6 @@ async def true_ndcg(bundle: Path, dataset: Dataset, population: Population, k: i
 def run_experiment_bench(config: ExperimentBenchConfig, progress: Callable[[str], None] = lambda _: None
                          ) -> dict[str, Any]:
     from cluster.demo import fresh_event_log
-    from cluster.loop import LoopConfig, position_factors
-    from gateway.events import EventLog
-    from recdata.feedback import with_feedback
 
     started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="recfunnel-experiment-bench-"))
@@ -340,12 +357,33 @@ def run_experiment_bench(config: ExperimentBenchConfig, progress: Callable[[str]
                               "true_propensity": [round(float(p), 4) for p in population.propensity]}
     progress(f"training the weaker model ({config.weak_history} interactions a user)")
     weaker = _train(weak_data, workdir / "weaker", config, config.seed)
-    progress(f"training the better model ({config.history} interactions a user)")
-    better = _train(full_data, workdir / "better", config, config.seed)
-    report["models_true_ndcg@10"] = {"weaker": asyncio.run(true_ndcg(weaker, weak_data, population, 10)),
-                                     "better": asyncio.run(true_ndcg(better, weak_data, population, 10))}
-    db = fresh_event_log(workdir / "experiments.sqlite", weak_data)
-    report.update(asyncio.run(_aa_and_ab(weaker, better, db, population, config, progress)))
+    if "ab" in config.phases:
+        progress(f"training the better model ({config.history} interactions a user)")
+        better = _train(full_data, workdir / "better", config, config.seed)
+        report["models_true_ndcg@10"] = {"weaker": asyncio.run(true_ndcg(weaker, weak_data, population, 10)),
+                                         "better": asyncio.run(true_ndcg(better, weak_data, population, 10))}
+    if "aa" in config.phases:
+        report["aa"] = asyncio.run(_aa(weaker, fresh_event_log(workdir / "aa.sqlite", weak_data), population,
+                                       config, progress))
+    if "ab" in config.phases:
+        report["ab"] = asyncio.run(_ab(weaker, better, fresh_event_log(workdir / "ab.sqlite", weak_data),
+                                       population, config, progress))
+    if "debias" in config.phases:
+        report["debiasing"] = _debiasing(weaker, weak_data, population, config, workdir, progress)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def _debiasing(weaker: Path, weak_data: Dataset, population: Population, config: ExperimentBenchConfig,
+               workdir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Serve with exploration, estimate the propensities, and train naive and inverse-propensity
+    models from the same logged clicks."""
+    from cluster.demo import fresh_event_log
+    from cluster.loop import LoopConfig, position_factors
+    from gateway.events import EventLog
+    from gateway.propensity import PositionPropensity, inverse_propensity_factors
+    from recdata.feedback import with_feedback
 
     progress(f"logging {config.log_answers} answers with {config.swap_share:.0%} exploration")
     log_db = fresh_event_log(workdir / "logged.sqlite", weak_data)
@@ -354,17 +392,21 @@ def run_experiment_bench(config: ExperimentBenchConfig, progress: Callable[[str]
     loop_config = LoopConfig(inverse_propensity=True, propensity_clip=config.propensity_clip,
                              exploration_depth=config.k)
     factors, debiasing = position_factors(store, loop_config, since, through)
+    # The same weighting with the simulator's own propensities: what a perfect estimate would
+    # give, which tells the estimate's error apart from what weighting can do at all.
+    true_propensity = PositionPropensity(tuple(float(p) for p in population.propensity), (), config.k)
+    true_factors, _ = inverse_propensity_factors(store.shown_positions(since, through), true_propensity,
+                                                 config.propensity_clip)
     events = store.events_between(since, through)
     store.close()
     learnt: dict[str, Any] = {}
-    for name, weights in (("naive", None), ("inverse_propensity", factors)):
+    for name, weights in (("naive", None), ("inverse_propensity", factors),
+                          ("inverse_true_propensity", true_factors)):
         data = with_feedback(weak_data, events, factors=weights).dataset
         progress(f"training on the logged clicks: {name}")
         bundle = _train(data, workdir / name, config, config.seed)
         learnt[name] = asyncio.run(true_ndcg(bundle, data, population, 10))
-    report["debiasing"] = {"clicks": len(events), "estimated_propensity": debiasing["propensity"],
-                           "weights": debiasing["inverse_propensity"], "true_ndcg@10": learnt,
-                           "inverse_propensity_over_naive": learnt["inverse_propensity"] / learnt["naive"]}
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    shutil.rmtree(workdir, ignore_errors=True)
-    return report
+    return {"clicks": len(events), "estimated_propensity": debiasing["propensity"],
+            "weights": debiasing["inverse_propensity"], "true_ndcg@10": learnt,
+            "inverse_propensity_over_naive": learnt["inverse_propensity"] / learnt["naive"],
+            "true_propensity_over_naive": learnt["inverse_true_propensity"] / learnt["naive"]}

@@ -172,32 +172,37 @@ def plot_overload(runs: dict[str, dict[str, Any]], path: Path, title: str) -> Pa
 
 def plot_experiment(report: dict[str, Any], path: Path, title: str) -> Path:
     """`recfunnel bench experiment`: the A/A p-values, the A/B test's p-value as answers came
-    in, and the position propensity: true against estimated."""
-    figure, (aa, ab, bias) = plt.subplots(1, 3, figsize=(13, 4), dpi=120)
-    p_values = report["aa"]["p_values"]
-    aa.hist(p_values, bins=np.linspace(0, 1, 11), color="tab:blue", alpha=0.8)
-    aa.axvline(0.05, color="tab:red", linestyle="--", label="alpha 0.05")
-    aa.set_title(f"A/A: {len(p_values)} seeds, FPR {report['aa']['false_positive_rate']:.2f}", fontsize=9)
-    aa.set_xlabel("p-value of the CTR test")
-    aa.legend(fontsize=8)
-    curve = np.asarray(report["ab"]["p_value_by_answers"])
-    ab.semilogy(curve[:, 0], np.maximum(curve[:, 1], 1e-12), marker="o")
-    ab.axhline(0.05, color="tab:red", linestyle="--", label="alpha 0.05")
-    ab.set_title(f"A/B: true lift {report['ab']['true_lift']:+.0%}, measured {report['ab']['measured_lift']:+.0%}",
-                 fontsize=9)
-    ab.set_xlabel("answers so far (both variants)")
-    ab.set_ylabel("p-value (drawn no lower than 1e-12)")
-    ab.legend(fontsize=8)
-    true = report["true_propensity"]
-    estimated = report["debiasing"]["estimated_propensity"]["propensity"]
-    bias.plot(range(len(true)), true, marker="o", label="true")
-    bias.plot(range(len(estimated)), estimated, marker="s", linestyle="--", label="estimated (swapped pairs)")
-    ndcg = report["debiasing"]["true_ndcg@10"]
-    bias.set_title(f"propensity; NDCG@10 IPS {ndcg['inverse_propensity']:.3f} vs naive {ndcg['naive']:.3f}",
-                   fontsize=9)
-    bias.set_xlabel("place in the answer")
-    bias.legend(fontsize=8)
-    for axis in (aa, ab, bias):
+    in, and the position propensity: true against estimated (the panels of the phases run)."""
+    phases = [phase for phase in ("aa", "ab", "debiasing") if phase in report]
+    figure, axes = plt.subplots(1, len(phases), figsize=(4.4 * len(phases), 4), dpi=120, squeeze=False)
+    panels = dict(zip(phases, axes[0], strict=True))
+    if "aa" in panels:
+        aa, p_values = panels["aa"], report["aa"]["p_values"]
+        aa.hist(p_values, bins=np.linspace(0, 1, 11), color="tab:blue", alpha=0.8)
+        aa.axvline(0.05, color="tab:red", linestyle="--", label="alpha 0.05")
+        aa.set_title(f"A/A: {len(p_values)} seeds, FPR {report['aa']['false_positive_rate']:.2f}", fontsize=9)
+        aa.set_xlabel("p-value of the CTR test")
+        aa.legend(fontsize=8)
+    if "ab" in panels:
+        ab, curve = panels["ab"], np.asarray(report["ab"]["p_value_by_answers"])
+        ab.semilogy(curve[:, 0], np.maximum(curve[:, 1], 1e-12), marker="o")
+        ab.axhline(0.05, color="tab:red", linestyle="--", label="alpha 0.05")
+        ab.set_title(f"A/B: true lift {report['ab']['true_lift']:+.0%}, "
+                     f"measured {report['ab']['measured_lift']:+.0%}", fontsize=9)
+        ab.set_xlabel("answers so far (both variants)")
+        ab.set_ylabel("p-value (drawn no lower than 1e-12)")
+        ab.legend(fontsize=8)
+    if "debiasing" in panels:
+        bias, true = panels["debiasing"], report["true_propensity"]
+        estimated = report["debiasing"]["estimated_propensity"]["propensity"]
+        bias.plot(range(len(true)), true, marker="o", label="true")
+        bias.plot(range(len(estimated)), estimated, marker="s", linestyle="--", label="estimated (swapped pairs)")
+        ndcg = report["debiasing"]["true_ndcg@10"]
+        bias.set_title(f"propensity; NDCG@10 IPS {ndcg['inverse_propensity']:.3f} vs naive {ndcg['naive']:.3f}",
+                       fontsize=9)
+        bias.set_xlabel("place in the answer")
+        bias.legend(fontsize=8)
+    for axis in panels.values():
         axis.grid(alpha=0.3)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()

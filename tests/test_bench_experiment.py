@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -53,7 +55,8 @@ def test_the_lift_figures_and_the_power_needed_come_from_what_was_served() -> No
 
 def test_bad_settings_are_refused_with_the_allowed_range() -> None:
     for bad, message in (({"users": 10}, "users=10 must be >= 50"), ({"weak_history": 30}, "weak_history"),
-                         ({"swap_share": 0.0}, "swap_share"), ({"aa_answers": 5}, "at least 20 answers")):
+                         ({"swap_share": 0.0}, "swap_share"), ({"aa_answers": 5}, "at least 20 answers"),
+                         ({"phases": ("ab", "bb")}, "phases=ab,bb must name one or more of aa, ab, debias")):
         with pytest.raises(ValueError, match=message):
             ExperimentBenchConfig(**bad)
     result = CliRunner().invoke(app, ["bench", "experiment", "--users", "10"], env={"COLUMNS": "200"})
@@ -66,5 +69,7 @@ def test_a_small_run_measures_every_figure_through_the_cluster() -> None:
     assert len(report["aa"]["p_values"]) == 2 and 0 <= report["aa"]["false_positive_rate"] <= 1
     ab = report["ab"]
     assert ab["control"]["answers"] + ab["better"]["answers"] == 120 and ab["true_lift"] > 0
-    assert report["debiasing"]["clicks"] > 0 and set(report["debiasing"]["true_ndcg@10"]) == {"naive",
-                                                                                             "inverse_propensity"}
+    assert report["debiasing"]["clicks"] > 0 and set(report["debiasing"]["true_ndcg@10"]) == {
+        "naive", "inverse_propensity", "inverse_true_propensity"}
+    only = run_experiment_bench(replace(SMALL, phases=("ab",)))
+    assert "ab" in only and "aa" not in only and "debiasing" not in only

@@ -158,6 +158,20 @@ async def test_a_stage_the_remaining_budget_cannot_pay_for_is_skipped() -> None:
     assert answer.skipped == [] and not answer.degraded and CountingRanking.ranked == 1
 
 
+async def test_a_querys_new_item_place_reaches_the_ranker() -> None:
+    places: list[int | None] = []
+
+    class RecordingRanking(FakeRanking):
+        async def rank(self, *args):  # type: ignore[no-untyped-def]
+            places.append(args[7])
+            return await super().rank(*args)
+
+    f = funnel([FakeShard([f"i{n}" for n in range(20)])], RecordingRanking())
+    await f.recommend(RecommendQuery("u", 5, ["i1"], new_item_place=2), deadline(2.0))  # an experiment variant's
+    await f.recommend(RecommendQuery("u", 5, ["i1"]), deadline(2.0))
+    assert places == [2, None]
+
+
 def test_merge_keeps_each_item_once_with_its_best_score() -> None:
     a = ShardAnswer({"c": [("x", 0.9), ("y", 0.5)]}, "v")
     b = ShardAnswer({"c": [("y", 0.7), ("z", 0.1)]}, "v")

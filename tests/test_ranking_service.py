@@ -91,18 +91,18 @@ async def test_the_caller_chooses_the_new_items_place_or_none(tiny_bundle: Path)
     try:
         await client.embed_items([ItemChange("upsert", "fresh-1", "The quiet garden #999: a theme3 story")], 10)
         history = ["i1", "i5", "i9"]
-        known = [(f"i{n}", {"sequential": 1.0}) for n in range(20, 32)]
+        known = [(f"i{n}", {"sequential": 1.0, "item2item": 1.0}) for n in range(20, 60)]
         candidates = [*known, ("fresh-1", {"semantic": 0.1})]
         by_score = [i for i, _, _ in await client.rank(history, candidates, 0, 0.0, 0, 5, "", 0)]
-        top = [i for i in by_score if i != "fresh-1"][:7]
-        assert by_score.index("fresh-1") >= 6, "the new item is outscored: it needs a kept place"
-        places = {place: [i for i, _, _ in await client.rank(history, candidates, 6, 0.0, 0, 5, "", place)]
-                  for place in (None, 0, 1, 3, 6, 50)}
-        assert places[None] == [*top[:5], "fresh-1"]  # the service's setting: the last place
-        assert places[0] == top[:6]                    # none kept: relevance alone
-        assert places[1] == ["fresh-1", *top[:5]]
-        assert places[3] == [*top[:2], "fresh-1", *top[2:5]]
-        assert places[6] == places[50] == places[None]  # beyond the list: its last place
+        top = [i for i in by_score if i != "fresh-1"][:5]
+        assert by_score.index("fresh-1") >= 5, "the new item is outscored: it needs a kept place"
+        places = {place: [i for i, _, _ in await client.rank(history, candidates, 5, 0.0, 0, 5, "", place)]
+                  for place in (None, 0, 1, 3, 5, 50)}
+        assert places[None] == [*top[:4], "fresh-1"]  # the service's setting: the last place
+        assert places[0] == top[:5]                    # none kept: relevance alone
+        assert places[1] == ["fresh-1", *top[:4]]
+        assert places[3] == [*top[:2], "fresh-1", *top[2:4]]
+        assert places[5] == places[50] == places[None]  # beyond the list: its last place
         for bad in (-1, 1001):
             with pytest.raises(StageFailed, match=rf"INVALID_ARGUMENT new_item_place={bad} out of range 0..1000"):
                 await client.rank(history, candidates, 6, 0.0, 0, 5, "", bad)

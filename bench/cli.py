@@ -360,7 +360,11 @@ def bench_experiment(
     aa_answers: Annotated[int, typer.Option(min=20, help="answers per A/A experiment")] = 600,
     ab_answers: Annotated[int, typer.Option(min=20, help="answers of the A/B experiment")] = 8000,
     log_answers: Annotated[int, typer.Option(min=20, help="answers logged with exploration for debiasing")] = 6000,
+    history: Annotated[int, typer.Option(help="interactions a user the better model learns from")] = 6,
+    weak_history: Annotated[int, typer.Option(help="interactions a user the weaker, serving model learns from")] = 5,
     position_decay: Annotated[float, typer.Option(min=0.0, help="propensity of place p: 1/(1+p)^decay")] = 1.0,
+    promotion: Annotated[float, typer.Option(help="how much more often promoted items were picked before "
+                                                  "the logs began (1 = no promotion)")] = 1.0,
     train_seconds: Annotated[float, typer.Option(help="encoder training budget of each model")] = 60.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     phases: Annotated[str, typer.Option(help="which phases to run, comma-separated: aa, ab, debias")] = "aa,ab,debias",
@@ -375,7 +379,8 @@ def bench_experiment(
     try:
         config = ExperimentBenchConfig(users=users, items=items, aa_seeds=aa_seeds, aa_answers=aa_answers,
                                        ab_answers=ab_answers, log_answers=log_answers,
-                                       position_decay=position_decay, train_seconds=train_seconds, seed=seed,
+                                       history=history, weak_history=weak_history, position_decay=position_decay,
+                                       promotion=promotion, train_seconds=train_seconds, seed=seed,
                                        phases=tuple(p.strip() for p in phases.split(",") if p.strip()))
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error

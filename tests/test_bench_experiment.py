@@ -39,6 +39,16 @@ def test_the_population_clicks_by_place_and_appeal() -> None:
     assert data.num_users == 60 and all(len(s) == 5 and len(set(s)) == 5 for s in data.sequences)
 
 
+def test_promoted_items_were_picked_more_often_than_their_appeal_alone_would_have_them() -> None:
+    plain = Population(ExperimentBenchConfig(users=400, items=60, topics=4))
+    promoted = Population(ExperimentBenchConfig(users=400, items=60, topics=4, promotion=5.0))
+    np.testing.assert_array_equal(plain.appeal, promoted.appeal)  # what people like is the same
+    share = {name: np.isin(np.concatenate(population.dataset(5, seed=2).sequences),
+                           np.flatnonzero(promoted.promoted)).mean() for name, population in
+             (("plain", plain), ("promoted", promoted))}
+    assert 0 < promoted.promoted.mean() < 0.5 and share["promoted"] > 1.5 * share["plain"]
+
+
 def test_the_lift_figures_and_the_power_needed_come_from_what_was_served() -> None:
     rng = np.random.default_rng(1)
     served = [Served(f"u{n}", variant, ["a"] * 10, rng.random(10) < rate, 10 * rate)
@@ -56,6 +66,7 @@ def test_the_lift_figures_and_the_power_needed_come_from_what_was_served() -> No
 def test_bad_settings_are_refused_with_the_allowed_range() -> None:
     for bad, message in (({"users": 10}, "users=10 must be >= 50"), ({"weak_history": 30}, "weak_history"),
                          ({"swap_share": 0.0}, "swap_share"), ({"aa_answers": 5}, "at least 20 answers"),
+                         ({"promotion": 0.5}, "promotion=0.5 must be >= 1"),
                          ({"phases": ("ab", "bb")}, "phases=ab,bb must name one or more of aa, ab, debias")):
         with pytest.raises(ValueError, match=message):
             ExperimentBenchConfig(**bad)

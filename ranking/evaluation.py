@@ -264,6 +264,9 @@ class Evaluation:
         self.histories = [split.valid_history(int(p)) if validation else split.test_history(int(p)) for p in chosen]
         targets = split.valid_targets if validation else split.test_targets
         self.targets = torch.from_numpy(targets[chosen].astype(np.int64))
+        # Validation picks epochs for weighted training, so its cases weigh as their events do;
+        # test figures stay plain per-case means, comparable across models and data sets.
+        self.weights = split.valid_weights[chosen] if validation and split.valid_weights is not None else None
         self.seed, self.negative_count = seed, negatives
         self._negatives: list[np.ndarray] | None = None
 
@@ -321,7 +324,7 @@ class Evaluation:
         return np.concatenate(ranks)
 
     def full(self, scorer: FullScorer, progress: BatchProgress | None = None) -> dict[str, float]:
-        return ranking_metrics(self.full_ranks(scorer, progress).tolist())
+        return ranking_metrics(self.full_ranks(scorer, progress).tolist(), weights=self.weights)
 
     def sampled(self, scorer: ItemScorer) -> dict[str, float]:
         metrics = ranking_metrics(self.sampled_ranks(scorer).tolist(), ks=(10,))

@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -295,10 +295,9 @@ class Trainer:
             cold = np.zeros(dataset.num_items, dtype=bool)
             cold[cold_items] = True
             weights = self.split.train_weights
-            self.split = Split([s[~cold[s]] for s in self.split.train], self.split.users,
-                               self.split.valid_targets, self.split.test_targets,
-                               None if weights is None else [w[~cold[s]] for s, w in
-                                                             zip(self.split.train, weights, strict=True)])
+            self.split = replace(self.split, train=[s[~cold[s]] for s in self.split.train],
+                                 train_weights=None if weights is None else [
+                                     w[~cold[s]] for s, w in zip(self.split.train, weights, strict=True)])
         if config.use_text:
             if text_vectors is None:
                 # Vectors are kept on disk by text hash: a second run over the same catalogue

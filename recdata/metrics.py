@@ -39,15 +39,19 @@ def sample_unseen(
     return rng.choice(pool, size=min(count, len(pool)), replace=False)
 
 
-def ranking_metrics(ranks: Iterable[int], ks: tuple[int, ...] = (10, 20)) -> dict[str, float]:
-    """HR@k, NDCG@k and MRR@k averaged over cases, from each case's 0-based target rank."""
+def ranking_metrics(ranks: Iterable[int], ks: tuple[int, ...] = (10, 20),
+                    weights: np.ndarray | None = None) -> dict[str, float]:
+    """HR@k, NDCG@k and MRR@k averaged over cases, from each case's 0-based target rank;
+    with `weights` (one > 0 per case), a weighted mean."""
     r = np.asarray(list(ranks), dtype=np.float64)
     if r.size == 0:
         raise ValueError("no evaluation cases")
+    if weights is not None and len(weights) != len(r):
+        raise ValueError(f"{len(weights)} weights for {len(r)} cases")
     out: dict[str, float] = {}
     for k in ks:
         hit = r < k
-        out[f"hr@{k}"] = float(hit.mean())
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(r + 2.0), 0.0).mean())
-        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / (r + 1.0), 0.0).mean())
+        out[f"hr@{k}"] = float(np.average(hit, weights=weights))
+        out[f"ndcg@{k}"] = float(np.average(np.where(hit, 1.0 / np.log2(r + 2.0), 0.0), weights=weights))
+        out[f"mrr@{k}"] = float(np.average(np.where(hit, 1.0 / (r + 1.0), 0.0), weights=weights))
     return out

@@ -21,6 +21,9 @@ class Split:
     test_targets: np.ndarray      # (U_eval,) last item of each evaluated user
     # Per user, the training weight of each item of `train`; None: all weigh 1.
     train_weights: list[np.ndarray] | None = None
+    # (U_eval,) the weight of each validation target's event, so that choosing the best epoch
+    # counts each case as training counts its events; None: all weigh 1.
+    valid_weights: np.ndarray | None = None
 
     def valid_history(self, position: int) -> np.ndarray:
         """Items seen before the validation target of evaluated user `position`."""
@@ -42,13 +45,15 @@ def leave_last_two(dataset: Dataset) -> Split:
             test.append(seq[-1])
         else:
             train.append(seq)
-    weights = None
+    weights = valid_weights = None
     if dataset.weights is not None:
         weights = [w[: len(t)] for w, t in zip(dataset.weights, train, strict=True)]
+        valid_weights = np.asarray([dataset.weights[u][-2] for u in users], dtype=np.float64)
     return Split(
         train=train,
         users=np.asarray(users, dtype=np.int64),
         valid_targets=np.asarray(valid, dtype=np.int64),
         test_targets=np.asarray(test, dtype=np.int64),
         train_weights=weights,
+        valid_weights=valid_weights,
     )

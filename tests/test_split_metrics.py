@@ -60,3 +60,35 @@ def test_sampled_protocol_never_samples_seen_items_or_the_target() -> None:
     assert not set(negatives.tolist()) & (set(range(50)) | {120})
     scores = np.arange(200, dtype=float)
     assert sampled_rank(scores, 120, negatives) == int((negatives > 120).sum())
+
+
+def test_validation_cases_weigh_as_their_events_and_test_cases_alike() -> None:
+    from dataclasses import replace
+
+    import torch
+
+    from ranking.evaluation import Evaluation
+    from ranking.scores import DenseScores
+
+    plain = dataset([[0, 1, 2, 3], [4, 5], [5, 4, 3]])
+    weighted = replace(plain, weights=[np.array([1.0, 1, 3, 1]), np.ones(2), np.array([1.0, 1, 1])])
+    split = leave_last_two(weighted)
+    assert split.valid_weights is not None and split.valid_weights.tolist() == [3.0, 1.0]
+    assert leave_last_two(plain).valid_weights is None
+    # Hand example: ranks 0 and 3, the first case weighing 3: HR@1 = 3/4, NDCG@10 = (3 + 1/log2 5)/4.
+    metrics = ranking_metrics([0, 3], ks=(1, 10), weights=np.array([3.0, 1.0]))
+    assert metrics["hr@1"] == pytest.approx(0.75)
+    assert metrics["ndcg@10"] == pytest.approx((3 + 1 / math.log2(5)) / 4)
+    with pytest.raises(ValueError, match="1 weights for 2 cases"):
+        ranking_metrics([0, 3], weights=np.array([1.0]))
+
+    table = torch.tensor([[0.0], [6], [5], [4], [3], [2], [1]])  # padding row, then item 0 best .. item 5 worst
+
+    def lower_items_first(histories: list[np.ndarray]) -> DenseScores:
+        return DenseScores.inner_products(torch.ones(len(histories), 1), table)
+
+    valid = Evaluation(split, 6, validation=True).full(lower_items_first)
+    # Validation targets: item 2 after [0, 1] (rank 0), weighing 3; item 4 after [5] (rank 4).
+    assert valid["ndcg@10"] == pytest.approx((3 * 1.0 + 1 / math.log2(6)) / 4)
+    test = Evaluation(split, 6, validation=False)
+    assert test.weights is None and test.full(lower_items_first)["ndcg@10"] == pytest.approx((1 + 1 / math.log2(5)) / 2)

@@ -138,8 +138,8 @@ class RankCall:
     k: int
     diversity: float = 0.0
     explain_top: int = 0
-    new_item_slot: bool = True  # see `with_new_item_slot`
-    new_item_place: int | None = None  # the slot's place, 1-based; None: the last
+    # The best new item's place (see `with_new_item_slot`), 1-based; None: the last; 0: none kept.
+    new_item_place: int | None = None
 
 
 @dataclass(frozen=True)
@@ -349,8 +349,7 @@ class RankingModel:
         """The served Rank: (item id, score, because ids) best first, k of them. Candidates
         come with their channel masks, as on the wire (`recdata.channels.channel_mask`);
         `new_item_place` as RankRequest's (None: the last place; 0: none kept)."""
-        call = RankCall(history_ids, candidates, k, diversity, explain_top, new_item_place != 0, new_item_place or None)
-        return self.rank_many([call])[0]
+        return self.rank_many([RankCall(history_ids, candidates, k, diversity, explain_top, new_item_place)])[0]
 
     def rank_many(self, calls: Sequence[RankCall]) -> list[list[tuple[str, float, list[str]]]]:
         """Several served Rank calls scored in one model call.
@@ -376,7 +375,7 @@ class RankingModel:
             # Only MMR reads the item vectors.
             vectors = tables.item_vectors[torch.from_numpy(rows_b)].cpu().numpy() if call.diversity > 0 else None
             order = mmr_order(ranked_b.scores, vectors, call.k, call.diversity)
-            if call.new_item_slot:
+            if call.new_item_place != 0:
                 order = with_new_item_slot(order, ranked_b.scores, tables.popularity[rows_b] == 0, call.k,
                                            call.new_item_place)
             out = [(known[n][0], float(ranked_b.scores[n]),

@@ -125,17 +125,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         if not 0 <= request.explain_top <= MAX_EXPLAIN:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"explain_top={request.explain_top} out of range 0..{MAX_EXPLAIN}")
-        if request.HasField("new_item_place") and not 0 <= request.new_item_place <= MAX_NEW_ITEM_PLACE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"new_item_place={request.new_item_place} out of range 0..{MAX_NEW_ITEM_PLACE} "
-                                f"(0 = no place kept for new items)")
-        slot, place = self.config.new_item_slot, None
+        place = None if self.config.new_item_slot else 0  # unset on the wire: this service's setting
         if request.HasField("new_item_place"):
-            slot, place = request.new_item_place > 0, request.new_item_place
+            place = request.new_item_place
+            if not 0 <= place <= MAX_NEW_ITEM_PLACE:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"new_item_place={place} out of range "
+                                    f"0..{MAX_NEW_ITEM_PLACE} (0 = no place kept for new items)")
         candidates = rank_candidates(request)
         ranked = await self._scored(self.rank_batcher, (model, RankCall(
             list(request.history_item_ids)[-self.config.max_history :], candidates,
-            request.k or len(candidates), request.diversity, request.explain_top, slot, place)), context)
+            request.k or len(candidates), request.diversity, request.explain_top, place)), context)
         items = [ranking_pb2.ScoredItem(item_id=i, score=s, because_item_ids=b) for i, s, b in ranked]
         return ranking_pb2.RankResponse(items=items, model_version=model.version)
 

@@ -103,8 +103,11 @@ class Controller:
             if saved is not None:
                 self.serving_bundle, self.serving_version = saved["serving_bundle"], saved["serving_version"]
                 self.history = saved["history"]
-            # Queued behind this constructor: adopt the services and watch them again.
-            ray.get_runtime_context().current_actor.start.remote()
+            # Queued behind this constructor: adopt the services and watch them again. Ray may
+            # refuse a call sent while this actor still shows as restarting (it then fails at
+            # once, and a status read would wait for an adoption that never runs); retried, it
+            # runs once the actor is alive. `start` is idempotent, so a repeat changes nothing.
+            ray.get_runtime_context().current_actor.start.options(max_task_retries=-1).remote()
 
     def _saved_state(self) -> dict[str, Any] | None:
         events = open_event_store(self.config.store_location())

@@ -277,10 +277,15 @@ def bench_ablations(
 
     from ranking.baselines import BASELINE_EPOCHS, SASRecLoss, SASRecTrainer
     from ranking.config import TrainConfig
+    from ranking.sizing import DataSize, with_sized_defaults
     from ranking.train import Trainer, fit
 
     data = load_data(dataset, interactions, items, fmt, item_column)
-    base = TrainConfig(time_budget_s=seconds, ranker_time_budget_s=seconds / 2, seed=seed)
+    # Every variant trains with the settings `recfunnel train` would give this data (the
+    # data-size rule; ML-100K gets the defaults), under the same encoder budget.
+    size = DataSize.of(data)
+    settings, decided = with_sized_defaults(size, {"time_budget_s": seconds, "seed": seed})
+    base = TrainConfig.from_dict(settings)
     variants = {
         "full": base,
         "hstu": replace(base, model=replace(base.model, encoder="hstu")),
@@ -323,7 +328,9 @@ def bench_ablations(
         training[name] = {"train_seconds": seconds_taken, **sasrec.stop}
         progress_console.log(f"{name}: NDCG@10 {rows[f'{name}/recall']['ndcg@10']:.4f} after "
                              f"{sasrec.stop['epochs']} epochs ({sasrec.stop['reason']})")
-    print_report({"dataset": data.name, "seconds_per_variant": seconds, "test": rows, "training": training},
+    print_report({"dataset": data.name, "seconds_per_variant": seconds,
+                  "sized": {"data": size.to_dict(), "decided": decided, "settings": settings},
+                  "test": rows, "training": training},
                  as_json, [(f"{name} NDCG@10", f"test.{name}.ndcg@10") for name in rows], "ablations, test split")
 
 

@@ -103,3 +103,7 @@ def test_bench_ablations_compares_the_encoders_on_validation_and_reports_baselin
     assert {"valid_recall_ndcg@10", "train_seconds"} <= set(report["training"]["hstu"])
     assert report["training"]["sasrec_ce"]["reason"] in {"patience", "epochs"}
     assert not report["training"]["sasrec_ce"]["capped"]
+    # The variants train with the data-size rule's settings, as `recfunnel train` would, under --seconds.
+    settings = report["sized"]["settings"]
+    assert settings["time_budget_s"] == 3 and settings["ranker_time_budget_s"] == 1.5
+    assert {"epochs", "num_negatives", "model.max_len"} <= set(report["sized"]["decided"])

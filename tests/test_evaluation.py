@@ -111,6 +111,27 @@ def test_popularity_and_sasrec_baselines(tiny_dataset) -> None:
     assert test.full(softmax.scores)["hr@10"] > 2 * (10 / tiny_dataset.num_items)
 
 
+def test_the_sasrec_baselines_keep_sasrec_blocks_when_the_funnel_uses_hstu(tiny_dataset) -> None:
+    from ranking.query_encoder import Block
+
+    split = leave_last_two(tiny_dataset)
+    hstu = replace(TINY_TRAINING, model=replace(TINY_TRAINING.model, encoder="hstu"))
+    sasrec = SASRecTrainer(split, tiny_dataset.num_items, hstu, Evaluation(split, tiny_dataset.num_items, True))
+    assert all(isinstance(block, Block) for block in sasrec.model.encoder.blocks)
+    assert sasrec.model.encoder.position is not None
+
+
+def test_the_bce_baseline_takes_the_papers_width_and_optimiser_and_ce_the_funnels(tiny_dataset) -> None:
+    from ranking.baselines import PAPER_BETAS, PAPER_DIM, PAPER_LR
+
+    split = leave_last_two(tiny_dataset)
+    valid = Evaluation(split, tiny_dataset.num_items, True)
+    bce = SASRecTrainer(split, tiny_dataset.num_items, TINY_TRAINING, valid, loss="bce")
+    assert bce.model.items.embedding_dim == PAPER_DIM and bce.config.lr == PAPER_LR and bce.betas == PAPER_BETAS
+    ce = SASRecTrainer(split, tiny_dataset.num_items, TINY_TRAINING, valid, loss="ce")
+    assert ce.model.items.embedding_dim == TINY_TRAINING.model.dim and ce.config.lr == TINY_TRAINING.lr
+
+
 class ScriptedValidation:
     """A validation whose NDCG@10 after each epoch is given in advance."""
 

@@ -18,6 +18,12 @@ percentile 244) gets exactly the defaults every figure in BENCHMARKS.md was meas
   model.max_len         the 90th percentile history, rounded up to tens, within 10..50; 200
                         where the median history reaches 150 (SASRec's recipe for long
                         histories, as MovieLens-1M's)
+  model.encoder         "sasrec" below 3 x 10^5 interactions, "hstu" from there. Where the
+                        SASRec-style encoder converges inside its budget (ML-100K, 10^5) it
+                        ranks best; where the budget cuts it while it still learns (10^6), the
+                        HSTU-style encoder's cheaper epochs and faster learning win. The
+                        boundary is the geometric middle of the two sizes measured
+                        (BENCHMARKS.md)
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from recdata.dataset import Dataset
 
 # The settings the rule decides, as a config file names them.
 SIZED_SETTINGS = ("epochs", "time_budget_s", "ranker_time_budget_s", "num_negatives", "model.dim",
-                  "model.max_len")
+                  "model.max_len", "model.encoder")
+HSTU_FROM_INTERACTIONS = 300_000
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,8 @@ def sized_settings(size: DataSize) -> dict[str, Any]:
         "time_budget_s": round(encoder_seconds, 1),
         "ranker_time_budget_s": round(encoder_seconds / 2, 1),
         "num_negatives": int(min(8192, max(1024, size.items // 64))),
-        "model": {"dim": 64 if size.items < 100_000 else 128, "max_len": max_len},
+        "model": {"dim": 64 if size.items < 100_000 else 128, "max_len": max_len,
+                  "encoder": "sasrec" if interactions < HSTU_FROM_INTERACTIONS else "hstu"},
     }
 
 

@@ -101,6 +101,7 @@ def test_bench_ablations_compares_the_encoders_on_validation_and_reports_baselin
     report = json.loads(result.output.strip().splitlines()[-1])
     assert {"hstu/recall", "hstu/funnel", "sasrec_ce/recall"} <= set(report["test"])
     assert {"valid_recall_ndcg@10", "train_seconds"} <= set(report["training"]["hstu"])
+    assert report["training"]["hstu"]["encoder"] == "hstu"
     assert report["training"]["sasrec_ce"]["reason"] in {"patience", "epochs"}
     assert not report["training"]["sasrec_ce"]["capped"]
     # The variants train with the data-size rule's settings, as `recfunnel train` would, under --seconds.

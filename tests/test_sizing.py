@@ -22,14 +22,23 @@ def test_larger_data_gets_more_negatives_width_and_time_and_fewer_epochs() -> No
                                       p90_length=31.0))
     assert million == {"epochs": 60, "time_budget_s": pytest.approx(1897.4, abs=0.1),
                        "ranker_time_budget_s": pytest.approx(948.7, abs=0.1), "num_negatives": 3125,
-                       "model": {"dim": 128, "max_len": 40}}
+                       "model": {"dim": 128, "max_len": 40, "encoder": "hstu"}}
     huge = sized_settings(DataSize(users=10**6, items=10**7, interactions=10**9, median_length=200.0,
                                    p90_length=900.0))
     assert (huge["epochs"], huge["time_budget_s"], huge["num_negatives"]) == (60, 3600, 8192)
     assert huge["model"]["max_len"] == 200  # long histories: SASRec's length for them
     tiny = sized_settings(DataSize(users=60, items=40, interactions=480, median_length=8.0, p90_length=11.0))
     assert (tiny["epochs"], tiny["time_budget_s"], tiny["num_negatives"]) == (200, 600, 1024)
-    assert tiny["model"] == {"dim": 64, "max_len": 20}
+    assert tiny["model"] == {"dim": 64, "max_len": 20, "encoder": "sasrec"}
+
+
+def test_the_encoder_follows_the_data_size_unless_the_config_names_one() -> None:
+    below = DataSize(users=6000, items=5000, interactions=299_999, median_length=15.0, p90_length=40.0)
+    at = DataSize(users=6000, items=5000, interactions=300_000, median_length=15.0, p90_length=40.0)
+    assert sized_settings(below)["model"]["encoder"] == "sasrec"
+    assert sized_settings(at)["model"]["encoder"] == "hstu"
+    settings, decided = with_sized_defaults(at, {"model": {"encoder": "sasrec"}})
+    assert TrainConfig.from_dict(settings).model.encoder == "sasrec" and "model.encoder" not in decided
 
 
 def test_explicit_settings_win_and_the_ranker_budget_follows_an_explicit_encoder_budget() -> None:
@@ -38,7 +47,7 @@ def test_explicit_settings_win_and_the_ranker_budget_follows_an_explicit_encoder
     config = TrainConfig.from_dict(settings)
     assert (config.epochs, config.time_budget_s, config.ranker_time_budget_s) == (7, 100.0, 50.0)
     assert (config.model.dim, config.model.max_len) == (32, 50)
-    assert sorted(decided) == ["model.max_len", "num_negatives", "ranker_time_budget_s"]
+    assert sorted(decided) == ["model.encoder", "model.max_len", "num_negatives", "ranker_time_budget_s"]
 
 
 def test_a_data_sets_size_is_measured_from_its_histories() -> None:

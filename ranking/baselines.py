@@ -74,10 +74,11 @@ class SASRecTrainer:
         "ce"); its time budget is the funnel's and is not read: `time_budget_s` caps this run
         (None = no cap, the default). The BCE recipe takes the paper's width and optimiser."""
         seed_everything(config.seed)
+        self.betas = (0.9, 0.999)  # Adam's own
         if loss == "bce":
             width = -(-PAPER_DIM // config.model.heads) * config.model.heads  # divisible by the heads
             config = replace(config, lr=PAPER_LR, model=replace(config.model, dim=width))
-        self.betas = PAPER_BETAS if loss == "bce" else (0.9, 0.999)
+            self.betas = PAPER_BETAS
         self.split, self.num_items, self.config, self.valid = split, num_items, config, valid
         self.loss, self.time_budget_s = loss, time_budget_s
         self.device = resolve_device(config.device)

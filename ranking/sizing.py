@@ -39,6 +39,7 @@ from recdata.dataset import Dataset
 # The settings the rule decides, as a config file names them.
 SIZED_SETTINGS = ("epochs", "time_budget_s", "ranker_time_budget_s", "num_negatives", "model.dim",
                   "model.max_len", "model.encoder")
+# From this many interactions the rule picks the HSTU-style encoder (see `model.encoder` above).
 HSTU_FROM_INTERACTIONS = 300_000
 
 

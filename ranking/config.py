@@ -55,7 +55,8 @@ class TrainConfig:
                                       # is what makes items without interactions retrievable
     negative_feedback_weight: float = 1.0  # weight of the loss that ranks each target above the items
                                            # its user disliked (where the data has dislikes)
-    ranker_epochs: int = 6     # upper bound (0: no ranker training); patience usually ends it sooner
+    ranker_epochs: int = 6     # upper bound (0: no ranker training; the data-size rule sets it when unset);
+                               # patience usually ends it sooner
     ranker_patience: int = 3   # ranker epochs without beating its best before it stops; the first
                                # best is the funnel it starts from, so it trains until it beats that
     ranker_positions: int = 8  # training positions per user for the ranker (most recent)

@@ -11,6 +11,11 @@ percentile 244) gets exactly the defaults every figure in BENCHMARKS.md was meas
   time_budget_s         600 s x sqrt(interactions / 10^5), within 600..3600 (an epoch's cost
                         grows with the interactions, convergence in epochs shrinks)
   ranker_time_budget_s  half the encoder's (as set, or as the rule has it)
+  ranker_epochs         enough for five passes over the ranker's examples (each user's most
+                        recent `ranker_positions`), within 6..60: on the 10^5 set the ranker
+                        peaks after 2.5 passes and its patience ends it after 5, while 6 epochs
+                        of 40,000 examples are 0.6 of a pass over the 10^6 set's 400,000. The
+                        time budget binds first on large data
   num_negatives         items / 64, within 1024..8192 (a larger catalogue needs more negatives
                         per step to tell its items apart; the step's cost follows this, not the
                         catalogue)
@@ -34,13 +39,16 @@ from typing import Any
 
 import numpy as np
 
+from ranking.config import TrainConfig
 from recdata.dataset import Dataset
 
 # The settings the rule decides, as a config file names them.
-SIZED_SETTINGS = ("epochs", "time_budget_s", "ranker_time_budget_s", "num_negatives", "model.dim",
-                  "model.max_len", "model.encoder")
+SIZED_SETTINGS = ("epochs", "time_budget_s", "ranker_time_budget_s", "ranker_epochs", "num_negatives",
+                  "model.dim", "model.max_len", "model.encoder")
 # From this many interactions the rule picks the HSTU-style encoder (see `model.encoder` above).
 HSTU_FROM_INTERACTIONS = 300_000
+# Passes over its examples the rule gives the ranker phase (see `ranker_epochs` above).
+RANKER_PASSES = 5
 
 
 @dataclass(frozen=True)
@@ -61,9 +69,12 @@ class DataSize:
         return asdict(self)
 
 
-def sized_settings(size: DataSize) -> dict[str, Any]:
-    """The rule's settings for data of this size, shaped as a config file's values."""
+def sized_settings(size: DataSize, ranker_positions: int = TrainConfig.ranker_positions,
+                   ranker_examples_per_epoch: int = TrainConfig.ranker_examples_per_epoch) -> dict[str, Any]:
+    """The rule's settings for data of this size, shaped as a config file's values; the ranker's
+    epochs count its examples as the config has them."""
     interactions = max(1, size.interactions)
+    ranker_examples = size.users * ranker_positions
     encoder_seconds = float(min(3600, 600 * math.sqrt(max(1.0, interactions / 1e5))))
     long_histories = size.median_length >= 150
     max_len = 200 if long_histories else int(min(50, max(10, math.ceil(size.p90_length / 10) * 10)))
@@ -71,6 +82,7 @@ def sized_settings(size: DataSize) -> dict[str, Any]:
         "epochs": int(min(200, max(60, round(6e6 / interactions)))),
         "time_budget_s": round(encoder_seconds, 1),
         "ranker_time_budget_s": round(encoder_seconds / 2, 1),
+        "ranker_epochs": int(min(60, max(6, math.ceil(RANKER_PASSES * ranker_examples / ranker_examples_per_epoch)))),
         "num_negatives": int(min(8192, max(1024, size.items // 64))),
         "model": {"dim": 64 if size.items < 100_000 else 128, "max_len": max_len,
                   "encoder": "sasrec" if interactions < HSTU_FROM_INTERACTIONS else "hstu"},
@@ -80,7 +92,8 @@ def sized_settings(size: DataSize) -> dict[str, Any]:
 def with_sized_defaults(size: DataSize, explicit: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """`explicit` settings (a config file's, the command line's) over the rule's: the merged
     values and the names of the settings the rule decided."""
-    rule = sized_settings(size)
+    rule = sized_settings(size, **{k: explicit[k] for k in ("ranker_positions", "ranker_examples_per_epoch")
+                                   if k in explicit})
     model_rule = rule.pop("model")
     if "time_budget_s" in explicit:  # the ranker's budget stays half the encoder's
         rule["ranker_time_budget_s"] = explicit["time_budget_s"] / 2

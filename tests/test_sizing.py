@@ -21,14 +21,15 @@ def test_larger_data_gets_more_negatives_width_and_time_and_fewer_epochs() -> No
     million = sized_settings(DataSize(users=50_000, items=200_000, interactions=1_000_000, median_length=18.0,
                                       p90_length=31.0))
     assert million == {"epochs": 60, "time_budget_s": pytest.approx(1897.4, abs=0.1),
-                       "ranker_time_budget_s": pytest.approx(948.7, abs=0.1), "num_negatives": 3125,
+                       "ranker_time_budget_s": pytest.approx(948.7, abs=0.1), "ranker_epochs": 50,
+                       "num_negatives": 3125,
                        "model": {"dim": 128, "max_len": 40, "encoder": "hstu"}}
     huge = sized_settings(DataSize(users=10**6, items=10**7, interactions=10**9, median_length=200.0,
                                    p90_length=900.0))
-    assert (huge["epochs"], huge["time_budget_s"], huge["num_negatives"]) == (60, 3600, 8192)
+    assert (huge["epochs"], huge["time_budget_s"], huge["num_negatives"], huge["ranker_epochs"]) == (60, 3600, 8192, 60)
     assert huge["model"]["max_len"] == 200  # long histories: SASRec's length for them
     tiny = sized_settings(DataSize(users=60, items=40, interactions=480, median_length=8.0, p90_length=11.0))
-    assert (tiny["epochs"], tiny["time_budget_s"], tiny["num_negatives"]) == (200, 600, 1024)
+    assert (tiny["epochs"], tiny["time_budget_s"], tiny["num_negatives"], tiny["ranker_epochs"]) == (200, 600, 1024, 6)
     assert tiny["model"] == {"dim": 64, "max_len": 20, "encoder": "sasrec"}
 
 
@@ -47,7 +48,19 @@ def test_explicit_settings_win_and_the_ranker_budget_follows_an_explicit_encoder
     config = TrainConfig.from_dict(settings)
     assert (config.epochs, config.time_budget_s, config.ranker_time_budget_s) == (7, 100.0, 50.0)
     assert (config.model.dim, config.model.max_len) == (32, 50)
-    assert sorted(decided) == ["model.encoder", "model.max_len", "num_negatives", "ranker_time_budget_s"]
+    assert sorted(decided) == ["model.encoder", "model.max_len", "num_negatives", "ranker_epochs",
+                               "ranker_time_budget_s"]
+
+
+def test_the_ranker_gets_five_passes_over_its_examples_as_the_config_counts_them() -> None:
+    ten_thousand_users = DataSize(users=10_000, items=5000, interactions=200_000, median_length=20.0,
+                                  p90_length=35.0)
+    assert sized_settings(ten_thousand_users)["ranker_epochs"] == 10  # 80,000 examples, 40,000 an epoch
+    settings, decided = with_sized_defaults(ten_thousand_users, {"ranker_positions": 16,
+                                                                 "ranker_examples_per_epoch": 20_000})
+    assert settings["ranker_epochs"] == 40 and "ranker_epochs" in decided
+    settings, decided = with_sized_defaults(ten_thousand_users, {"ranker_epochs": 3})
+    assert settings["ranker_epochs"] == 3 and "ranker_epochs" not in decided
 
 
 def test_a_data_sets_size_is_measured_from_its_histories() -> None:

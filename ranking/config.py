@@ -45,7 +45,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 60           # upper bound; early stopping usually ends sooner
+    epochs: int = 100          # upper bound; early stopping usually ends sooner
     patience: int = 5          # epochs without better validation NDCG@10 before stopping
     batch_size: int = 128
     lr: float = 2e-3

@@ -314,13 +314,20 @@ class Evaluation:
 
     @torch.no_grad()
     def sampled_ranks(self, scorer: ItemScorer) -> np.ndarray:
-        """0-based rank of each target against its 100 sampled unseen items."""
+        """0-based rank of each target against its 100 sampled unseen items (all of them, where
+        a small catalogue leaves a user fewer)."""
         ranks = []
         for part in self.batches():
-            items = torch.from_numpy(np.stack([np.append(t, n) for t, n in
-                                               zip(self.targets[part].numpy(), self.negatives[part], strict=True)]))
-            scores = scorer(self.histories[part], items).float()
-            ranks.append((scores[:, 1:] >= scores[:, :1]).sum(1).cpu().numpy())
+            targets, negatives = self.targets[part].numpy(), self.negatives[part]
+            # Rows padded with the target to one width; the padding is not counted.
+            width = 1 + max(len(n) for n in negatives)
+            items = np.repeat(targets[:, None], width, axis=1)
+            counted = np.zeros((len(targets), width - 1), dtype=bool)
+            for row, drawn in enumerate(negatives):
+                items[row, 1: 1 + len(drawn)] = drawn
+                counted[row, : len(drawn)] = True
+            scores = scorer(self.histories[part], torch.from_numpy(items)).float().cpu()
+            ranks.append(((scores[:, 1:] >= scores[:, :1]) & torch.from_numpy(counted)).sum(1).numpy())
         return np.concatenate(ranks)
 
     def full(self, scorer: FullScorer, progress: BatchProgress | None = None) -> dict[str, float]:

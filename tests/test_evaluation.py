@@ -21,9 +21,10 @@ from ranking.quality import EvaluateConfig, beyond_accuracy, evaluate
 from ranking.scores import DenseScores, SeenItems, seen_mask, top_unseen
 from ranking.text_encoder import TextEncoder
 from recdata.bundle import load_bundle, load_weights
+from recdata.ceiling import Generator
 from recdata.dataset import Dataset
 from recdata.split import leave_last_two
-from tests.conftest import TINY_TRAINING
+from tests.conftest import TINY_DATA, TINY_TRAINING
 
 
 def hand_dataset() -> Dataset:
@@ -56,6 +57,16 @@ def test_sampled_protocol_draws_unseen_items_only_and_is_seeded() -> None:
     for negatives, history, target in zip(a.negatives, a.histories, a.targets.tolist(), strict=True):
         assert not set(negatives.tolist()) & (set(history.tolist()) | {target})
     assert all(np.array_equal(x, y) for x, y in zip(a.negatives, b.negatives, strict=True))
+
+
+def test_sampled_protocol_ranks_against_every_unseen_item_where_fewer_than_asked_are_left() -> None:
+    """Eight items and 100 negatives asked: each case ranks against all its unseen items."""
+    split = leave_last_two(hand_dataset())
+    cases = Evaluation(split, 8, validation=False, negatives=100)
+    ranks = cases.sampled_ranks(lambda histories, items: items.float())   # the item number as its score
+    for rank, history, target in zip(ranks, cases.histories, cases.targets.tolist(), strict=True):
+        unseen = set(range(8)) - set(history.tolist()) - {target}
+        assert rank == sum(item > target for item in unseen)
 
 
 def test_batched_funnel_scores_match_the_served_path(tiny_bundle, tiny_dataset) -> None:
@@ -179,8 +190,9 @@ def test_beyond_accuracy_by_hand() -> None:
 
 
 def test_evaluate_report_has_every_section(tiny_bundle, tiny_dataset, text_encoder) -> None:
-    report = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(seconds_per_model=5.0, cold_draws=2), text_encoder)
-    assert {"funnel", "recall", "baselines", "ablation", "cold_start", "beyond_accuracy"} <= set(report)
+    report = evaluate(tiny_bundle, tiny_dataset, EvaluateConfig(seconds_per_model=5.0, cold_draws=2), text_encoder,
+                      generator=Generator(TINY_DATA, "redraw"))
+    assert {"funnel", "recall", "baselines", "ablation", "cold_start", "beyond_accuracy", "ceiling"} <= set(report)
     assert set(report["funnel"]["full"]) >= {"hr@10", "ndcg@10", "mrr@10", "hr@20", "ndcg@20"}
     assert set(report["funnel"]["sampled100"]) == {"hr@10", "ndcg@10"}
     assert 0 < report["recall"]["hit_rate_at_budget"] <= 1 and report["recall"]["budget"] == 65
@@ -192,6 +204,16 @@ def test_evaluate_report_has_every_section(tiny_bundle, tiny_dataset, text_encod
     assert cold["cases"] == sum(d["cases"] for d in cold["draws"])
     assert set(cold["hr@10"]) == {"text", "no_text", "random"}
     assert report["funnel"]["sampled100"]["hr@10"] >= report["funnel"]["full"]["hr@10"]
+    # The generator's own odds rank the same cases above every trained model, and the room
+    # above the best SASRec is measured from that baseline.
+    ceiling, room = report["ceiling"]["full"]["ndcg@10"], report["ceiling"]["room"]
+    assert ceiling > report["funnel"]["full"]["ndcg@10"]
+    best = max(("sasrec_bce", "sasrec_ce"), key=lambda name: report["baselines"][name]["full"]["ndcg@10"])
+    assert room["best_baseline"] == best
+    floor = report["baselines"][best]["full"]["ndcg@10"]
+    assert room["ceiling_over_best"] == pytest.approx(ceiling / floor)
+    assert room["funnel_share_of_room"] == pytest.approx((report["funnel"]["full"]["ndcg@10"] - floor)
+                                                         / (ceiling - floor))
 
 
 def test_evaluate_refuses_a_bundle_of_another_catalogue(tiny_bundle) -> None:

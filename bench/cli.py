@@ -337,6 +337,44 @@ def bench_ablations(
                  as_json, [(f"{name} NDCG@10", f"test.{name}.ndcg@10") for name in rows], "ablations, test split")
 
 
+@bench.command("ceiling")
+def bench_ceiling(
+    interactions: Annotated[Path, typer.Option(help="interactions of a set `recfunnel synth` wrote (its "
+                                                    "synthetic.json beside them)")],
+    items: ItemsOption = None,
+    fmt: FormatOption = DataFormat.parquet,
+    users: Annotated[int, typer.Option(min=0, help="a seeded sample of this many users (0 = every user)")] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the user sample")] = 0,
+    as_json: JsonOption = False,
+) -> None:
+    """The best NDCG any model can reach on a synthetic set: its cases ranked by the generator's
+    own next-item odds, under `evaluate`'s protocol. A target above it is out of every model's reach."""
+    from rich.progress import Progress
+
+    from ranking.quality import ceiling_report
+    from recdata.ceiling import GENERATOR_FILE, Generator
+
+    try:
+        generator = Generator.beside(interactions)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--interactions") from error
+    if generator is None:
+        raise typer.BadParameter(f"no {GENERATOR_FILE} beside {interactions}: the ceiling is known only for "
+                                 "sets `recfunnel synth` wrote", param_hint="--interactions")
+    data = load_data(None, interactions, items, fmt)
+    with Progress(console=progress_console, transient=True) as progress:
+        def phase_progress(phase: str) -> Any:
+            task = progress.add_task(f"ranking the {phase} cases by the generator's odds")
+            return lambda done, total: progress.update(task, completed=done, total=total)
+        try:
+            report = ceiling_report(generator, data, users, seed, phase_progress)
+        except ValueError as error:  # the data's items are not the generator's
+            raise typer.BadParameter(str(error), param_hint="--interactions") from error
+    print_report(report, as_json, [("valid NDCG@10", "valid.ndcg@10"), ("test NDCG@10", "test.ndcg@10"),
+                                   ("test HR@10", "test.hr@10"), ("cases", "evaluated_users.count")],
+                 f"ceiling of {data.name}")
+
+
 @bench.command("feedback")
 def bench_feedback(
     dislike_at: Annotated[float, typer.Option(min=1.0, max=4.0, help="ratings at or below this are dislikes")] = 2.0,

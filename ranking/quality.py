@@ -1,5 +1,6 @@
 """`recfunnel evaluate`: a bundle's quality under DESIGN.md's protocol, against baselines
-trained in the same run, with the text ablation and the cold-start test."""
+trained in the same run, with the text ablation, the cold-start test and, on a synthetic set,
+the ceiling its generator sets."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ranking.baselines import BASELINE_EPOCHS, SASRecLoss, SASRecTrainer, popularity_scorer
 from ranking.config import ModelConfig, TrainConfig
 from ranking.devices import resolve_device
-from ranking.evaluation import Evaluation, FunnelScorer, items_from_full, user_sample
+from ranking.evaluation import BatchProgress, Evaluation, FullScorer, FunnelScorer, items_from_full, user_sample
+from ranking.scores import DenseScores
 from ranking.text_encoder import TextEncoder
 from ranking.train import Trainer, fit
 from recdata.bundle import load_bundle
+from recdata.ceiling import Generator, NextItemOdds
 from recdata.channels import SEMANTIC, SEQUENTIAL
 from recdata.dataset import Dataset
 from recdata.metrics import ranking_metrics
@@ -77,9 +81,50 @@ def beyond_accuracy(lists: np.ndarray, vectors: np.ndarray, popularity: np.ndarr
     return {"coverage@10": coverage, "ild@10": ild, "novelty@10": novelty}
 
 
+def ceiling_scorer(generator: Generator, dataset: Dataset) -> FullScorer:
+    """The generator's own next-item odds as a scorer of the data set's items: the ranking
+    no model can pass on a synthetic set (see `recdata.ceiling`)."""
+    odds = NextItemOdds(generator)
+    numbers = odds.catalogue_positions(dataset.item_ids)
+
+    def scores(histories: list[np.ndarray]) -> DenseScores:
+        rows = np.stack([odds.next_item(numbers[history])[numbers] for history in histories])
+        return DenseScores.of_matrix(torch.from_numpy(rows.astype(np.float32)))
+    return scores
+
+
+def ceiling_report(generator: Generator, dataset: Dataset, users: int = 0, seed: int = 0,
+                   progress: Callable[[str], BatchProgress | None] = lambda phase: None) -> dict[str, Any]:
+    """`recfunnel bench ceiling`: the generator's ranking on the validation and test cases,
+    under the protocol `evaluate` uses (the same split, sample of users and ties)."""
+    started = time.perf_counter()
+    split = leave_last_two(dataset)
+    sample = user_sample(len(split.users), users, seed)
+    scorer = ceiling_scorer(generator, dataset)
+    result: dict[str, Any] = {"dataset": dataset.name, "walk": generator.walk, "items": dataset.num_items,
+                              "evaluated_users": {"sample": sample is not None, "seed": seed}}
+    for phase, validation in (("valid", True), ("test", False)):
+        cases = Evaluation(split, dataset.num_items, validation=validation, positions=sample, seed=seed)
+        result["evaluated_users"]["count"] = len(cases)
+        result[phase] = cases.full(scorer, progress(phase))
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def room_above(baselines: dict[str, Any], funnel: float, ceiling: float) -> dict[str, Any]:
+    """How the funnel and the ceiling compare with the best baseline, and the share of the
+    room between that baseline and the ceiling the funnel takes."""
+    best = max((name for name in baselines if name.startswith("sasrec")),
+               key=lambda name: baselines[name]["full"]["ndcg@10"])
+    floor = baselines[best]["full"]["ndcg@10"]
+    return {"best_baseline": best, "funnel_over_best": funnel / floor, "ceiling_over_best": ceiling / floor,
+            "funnel_share_of_room": (funnel - floor) / (ceiling - floor) if ceiling > floor else None}
+
+
 def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_encoder: TextEncoder | None = None,
-             report: Report | None = None) -> dict[str, Any]:
-    """Everything `recfunnel evaluate --json` prints, as a dict."""
+             report: Report | None = None, generator: Generator | None = None) -> dict[str, Any]:
+    """Everything `recfunnel evaluate --json` prints, as a dict. With the `generator` of a
+    synthetic set, also the ceiling: its own next-item odds' figures on the same cases."""
     say = report or (lambda message: log.info("%s", message))
     started = time.perf_counter()
     bundle = load_bundle(bundle_dir)
@@ -109,6 +154,10 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
         "baselines": {"popularity": {"full": test.full(popularity_scorer(split, num_items))}},
     }
     say(f"funnel NDCG@10 {result['funnel']['full']['ndcg@10']:.4f}, recall {result['recall']['full']['ndcg@10']:.4f}")
+    if generator is not None:
+        result["ceiling"] = {"full": test.full(ceiling_scorer(generator, dataset)), "walk": generator.walk,
+                             "what": "ranking by the generator's own next-item odds; no model passes it beyond noise"}
+        say(f"ceiling NDCG@10 {result['ceiling']['full']['ndcg@10']:.4f}")
     text_vectors = bundle.arrays[SEMANTIC]
     popularity = np.bincount(np.concatenate(split.train), minlength=num_items).astype(np.float64)
     # Diversity on the items' text where they have some, else on their learned vectors: a
@@ -164,6 +213,9 @@ def evaluate(bundle_dir: Path, dataset: Dataset, config: EvaluateConfig, text_en
         else:  # an item without interactions, text or vectors has nothing to be found by
             result["cold_start"] = {"applicable": False, "why": "the items have no text and no item vectors: a "
                                     "cold item has nothing the models could recommend it from"}
+        if generator is not None:
+            result["ceiling"]["room"] = room_above(result["baselines"], result["funnel"]["full"]["ndcg@10"],
+                                                   result["ceiling"]["full"]["ndcg@10"])
     result["seconds"] = time.perf_counter() - started
     return result
 

@@ -148,7 +148,7 @@ USERS_PER_CHUNK = 100_000
 
 
 @dataclass(frozen=True)
-class _Catalogue:
+class Catalogue:
     item_topic: np.ndarray    # (I,) topic of each item
     sequel: np.ndarray        # (I,) the next item in its series, -1 for a series' last
     members: np.ndarray       # items grouped by topic, most popular first within each
@@ -156,7 +156,9 @@ class _Catalogue:
     topic_start: np.ndarray   # (T,) offset of each topic's members
 
 
-def _catalogue(config: SyntheticConfig, rng: np.random.Generator) -> _Catalogue:
+def catalogue_of(config: SyntheticConfig, rng: np.random.Generator) -> Catalogue:
+    """Topics, series and popularity of the items; from a fresh generator of the config's
+    seed, the same catalogue `generate` builds."""
     item_topic = rng.integers(0, config.num_topics, config.num_items)
     members = np.argsort(item_topic, kind="stable")
     counts = np.bincount(item_topic, minlength=config.num_topics)
@@ -171,17 +173,17 @@ def _catalogue(config: SyntheticConfig, rng: np.random.Generator) -> _Catalogue:
     follows = np.ones(config.num_items, dtype=bool)
     follows[last[counts > 0]] = False
     sequel[members[follows]] = members[np.flatnonzero(follows) + 1]
-    return _Catalogue(item_topic, sequel, members, cdf, topic_start)
+    return Catalogue(item_topic, sequel, members, cdf, topic_start)
 
 
-def _draw(catalogue: _Catalogue, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def draw_by_popularity(catalogue: Catalogue, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One item per entry of `topics`, by popularity within that topic."""
     at = np.searchsorted(catalogue.cdf, topics + rng.random(len(topics)) * (1 - 1e-9))
     drawn: np.ndarray = catalogue.members[np.minimum(at, len(catalogue.members) - 1)]
     return drawn
 
 
-def _chunk_events(config: SyntheticConfig, catalogue: _Catalogue, users: int, rng: np.random.Generator
+def _chunk_events(config: SyntheticConfig, catalogue: Catalogue, users: int, rng: np.random.Generator
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user, item, position) columns of `users` sequences, repeats within a user dropped."""
     nonempty = np.flatnonzero(np.bincount(catalogue.item_topic, minlength=config.num_topics))
@@ -192,7 +194,7 @@ def _chunk_events(config: SyntheticConfig, catalogue: _Catalogue, users: int, rn
     # Walk further than each length, so that after repeats are dropped most sequences still
     # reach it; each is then cut to its length.
     walks = lengths + lengths // 2 + 5
-    current = _draw(catalogue, tastes[np.arange(users), rng.integers(k, size=users)], rng)
+    current = draw_by_popularity(catalogue, tastes[np.arange(users), rng.integers(k, size=users)], rng)
     columns = [(np.arange(users), current)]
     for step in range(1, int(walks.max())):
         active = np.flatnonzero(walks > step)
@@ -200,7 +202,7 @@ def _chunk_events(config: SyntheticConfig, catalogue: _Catalogue, users: int, rn
         follow = (catalogue.sequel[now] >= 0) & (rng.random(len(active)) < config.next_in_series)
         stay = rng.random(len(active)) < config.stay_in_topic
         topic = np.where(stay, catalogue.item_topic[now], tastes[active, rng.integers(k, size=len(active))])
-        chosen = np.where(follow, catalogue.sequel[now], _draw(catalogue, topic, rng))
+        chosen = np.where(follow, catalogue.sequel[now], draw_by_popularity(catalogue, topic, rng))
         current[active] = chosen
         columns.append((active, chosen))
     user = np.concatenate([c[0] for c in columns])
@@ -278,7 +280,7 @@ def write_parquet(config: SyntheticConfig, folder: Path, progress: Callable[[int
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
-    catalogue = _catalogue(config, rng)
+    catalogue = catalogue_of(config, rng)
     interactions, items = folder / "interactions.parquet", folder / "items.csv"
     item_ids = pa.array([f"i{i}" for i in range(config.num_items)], pa.string())
     schema = pa.schema([("user", pa.dictionary(pa.int32(), pa.string())),

@@ -21,6 +21,7 @@ TINY_TRAINING = TrainConfig(
     candidates_per_channel=(("sequential", 40), ("semantic", 10), ("item2item", 10), ("popular", 5)),
     time_budget_s=120.0, threads=2,
 )
+TINY_DATA = SyntheticConfig(num_users=300, num_items=200, num_topics=8, mean_length=20, seed=7)
 
 
 # The PostgreSQL server the store's tests use; without it they skip, naming the variable.
@@ -45,7 +46,7 @@ def text_encoder() -> TextEncoder:
 
 @pytest.fixture(scope="session")
 def tiny_dataset() -> Dataset:
-    return generate(SyntheticConfig(num_users=300, num_items=200, num_topics=8, mean_length=20, seed=7))
+    return generate(TINY_DATA)
 
 
 @pytest.fixture(scope="session")

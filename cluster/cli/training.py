@@ -195,8 +195,15 @@ def evaluate(
                                 cold_draws=cold_draws, device=device, users=users)
     except ValueError as error:  # the message names the option's field
         raise typer.BadParameter(str(error)) from error
+    from recdata.ceiling import Generator
+
     data = load_data(dataset, interactions, items, fmt, item_column)
-    report = run_evaluation(bundle, data, config, report=None if as_json else progress_console.log)
+    try:  # a synthetic set's generator, where `recfunnel synth` left one beside the data
+        generator = Generator.beside(interactions) if interactions else None
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--interactions") from error
+    report = run_evaluation(bundle, data, config, report=None if as_json else progress_console.log,
+                            generator=generator)
     typer.echo(json.dumps(report, indent=None if as_json else 2))
 
 
@@ -222,6 +229,7 @@ def synth(
     vectors with --image-dim), for scale and quality runs."""
     from rich.progress import Progress
 
+    from recdata.ceiling import Generator
     from recdata.synthetic import SyntheticConfig, generate, write_pairs, write_parquet
 
     if fmt == DataFormat.csv:
@@ -238,7 +246,10 @@ def synth(
             task = progress.add_task("writing synthetic interactions", total=users)
             interactions, item_file, count = write_parquet(
                 config, out, lambda done, _total: progress.update(task, completed=done))
+    # What drew the set, so that `bench ceiling` and `evaluate` can work out its best possible ranking.
+    generator = Generator(config, "redraw" if fmt == DataFormat.pairs else "skip").write(out)
     typer.echo(json.dumps({"interactions": str(interactions), "items": str(item_file), "format": fmt.value,
+                           "generator": str(generator),
                            "users": users, "catalogue": items, "pairs": count,
                            "item_vectors": {"image": image_dim} if image_dim else {}}))
 

@@ -18,7 +18,7 @@ import torch
 
 from ranking.config import ModelConfig
 from ranking.devices import resolve_device
-from ranking.inference import NEW_ITEM_SLOT_MIN_K, candidate_features, pad_left, semantic_queries
+from ranking.inference import NEW_ITEM_SLOT_MIN_K, NextItems, candidate_features, pad_left, semantic_queries
 from ranking.query_encoder import QueryEncoder
 from ranking.ranker import Ranker
 from ranking.scores import BatchScores, ChunkScores, DenseScores, ProposedScores, SeenItems, top_unseen
@@ -54,6 +54,7 @@ class FunnelScorer:
     popular: torch.Tensor          # (I,) the popular channel's score (all-time and recent)
     neighbour_ids: torch.Tensor    # (I, M) item2item co-occurrence neighbours, -1 = none
     neighbour_scores: torch.Tensor # (I, M)
+    next_items: NextItems          # each item's usual next items, for the ranker's follow share
     budgets: dict[str, int]        # candidates per recall channel
     # (I, d) text-and-tags-only item vectors: how cold items look. Set while training the
     # ranker, which sees some candidates this way so that it learns to rank cold items.
@@ -70,6 +71,7 @@ class FunnelScorer:
         self.popular = self.popular.to(self.device)
         self.neighbour_ids = self.neighbour_ids.to(self.device)
         self.neighbour_scores = self.neighbour_scores.to(self.device)
+        self.next_items = self.next_items.to(self.device)
         self.max_len = self.encoder.config.max_len
         self.num_items = self.item_table.shape[0] - 1
 
@@ -95,7 +97,8 @@ class FunnelScorer:
                    torch.from_numpy(popular_scores(arrays["popularity"], arrays["recent_popularity"],
                                                    bundle.manifest["recent_share"])),
                    torch.from_numpy(arrays["item2item_ids"].astype(np.int64)),
-                   torch.from_numpy(arrays["item2item_scores"]), budgets)
+                   torch.from_numpy(arrays["item2item_scores"]),
+                   NextItems(arrays["next_item_ids"], arrays["next_item_shares"], place), budgets)
 
     def queries(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) user vectors and (B, D_text) semantic query vectors."""
@@ -174,14 +177,17 @@ class FunnelScorer:
         padded, padding = self._padded(histories)
         vectors = self.item_table[1 + items]
         log_popularity = self.log_popularity[items]
+        follow_share = self.next_items.share_after(histories, items)
         if as_cold is not None and self.cold_table is not None:
             vectors = torch.where(as_cold.unsqueeze(-1), self.cold_table[items], vectors)
             log_popularity = log_popularity.masked_fill(as_cold, 0.0)
+            follow_share = follow_share.masked_fill(as_cold, 0.0)  # nobody has taken a cold item yet
             # A cold item has no co-occurrences and no popularity: those channels never propose
             # it, so a candidate shown as cold must not carry their flags either.
             needs_history = torch.tensor([c in (ITEM2ITEM, POPULAR) for c in CHANNELS], device=self.device)
             flags = flags.masked_fill(as_cold.unsqueeze(-1) & needs_history, 0.0)
-        features = candidate_features(users, semantic, vectors, self.text_t[items], log_popularity, flags)
+        features = candidate_features(users, semantic, vectors, self.text_t[items], log_popularity, follow_share,
+                                      flags)
         scores, _ = self.ranker(self.item_table[padded], padding, users, vectors, features)
         return scores
 

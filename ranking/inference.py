@@ -64,13 +64,39 @@ def candidate_features(
     vectors: torch.Tensor,         # (B, C, d) candidate item vectors
     texts: torch.Tensor,           # (B, C, D_text) candidate text vectors
     log_popularity: torch.Tensor,  # (B, C) log1p of training interactions
+    follow_share: torch.Tensor,    # (B, C) share of the last history item's next steps to it
     proposed_by: torch.Tensor,     # (B, C, n_channels) 0/1 flags
 ) -> torch.Tensor:
     """(B, C, F) ranker side features in the order `ranker.NUM_SCORE_FEATURES` names."""
     seq_score = (vectors * user.unsqueeze(1)).sum(-1)
     sem_score = (texts * semantic.unsqueeze(1)).sum(-1)
     known = (log_popularity > 0).to(vectors.dtype)  # cold items: no interactions to learn from yet
-    return torch.cat([torch.stack([seq_score, sem_score, log_popularity, known], dim=-1), proposed_by], dim=-1)
+    scores = torch.stack([seq_score, sem_score, log_popularity, known, follow_share.to(vectors.dtype)], dim=-1)
+    return torch.cat([scores, proposed_by], dim=-1)
+
+
+class NextItems:
+    """Each trained item's most frequent next items in the training histories and their
+    shares (`recdata.item_stats.next_item_shares`): what the ranker's follow share reads.
+    Catalogue indexes of trained items never move, so upserts leave this table as it is."""
+
+    def __init__(self, ids: np.ndarray | torch.Tensor, shares: np.ndarray | torch.Tensor, device: torch.device):
+        self.ids = torch.as_tensor(ids).to(device=device, dtype=torch.long)      # (I, N), -1 = none
+        self.shares = torch.as_tensor(shares).to(device=device, dtype=torch.float32)
+
+    def to(self, device: torch.device) -> NextItems:
+        return NextItems(self.ids, self.shares, device)
+
+    def share_after(self, histories: list[np.ndarray], candidates: torch.Tensor) -> torch.Tensor:
+        """(B, C) the share of the last history item's next steps in training that went to
+        each candidate; 0 without a history, or where the last item joined after training.
+        Costs B x C x N comparisons, whatever the catalogue's size."""
+        last = torch.tensor([int(h[-1]) if len(h) else -1 for h in histories], device=self.ids.device)
+        known = (last >= 0) & (last < len(self.ids))
+        rows = torch.where(known, last, torch.zeros_like(last))
+        match = self.ids[rows].unsqueeze(1) == candidates.unsqueeze(2)           # (B, C, N)
+        shares = (match * self.shares[rows].unsqueeze(1)).sum(-1)
+        return shares * known.unsqueeze(1)
 
 
 def mmr_order(scores: np.ndarray, vectors: np.ndarray | None, k: int, diversity: float) -> np.ndarray:
@@ -241,6 +267,7 @@ class RankingModel:
         self.device = device
         self.tables = ItemTables.build(list(bundle.item_ids), bundle.arrays[SEQUENTIAL], bundle.arrays[SEMANTIC],
                                        bundle.arrays["popularity"], device)
+        self.next_items = NextItems(bundle.arrays["next_item_ids"], bundle.arrays["next_item_shares"], device)
         self.query_encoder = query_encoder.to(device).eval()
         self.ranker = ranker.to(device).eval()
         self.item_encoder: ItemEncoder | None = None
@@ -335,8 +362,9 @@ class RankingModel:
         user = torch.from_numpy(queries[SEQUENTIAL]).to(self.device)
         semantic = torch.from_numpy(queries[SEMANTIC]).to(self.device)
         vectors = tables.item_vectors[cand]
-        features = candidate_features(user, semantic, vectors, tables.text_tensor[cand],
-                                      tables.log_popularity[cand], torch.from_numpy(flags).to(self.device))
+        features = candidate_features(user, semantic, vectors, tables.text_tensor[cand], tables.log_popularity[cand],
+                                      self.next_items.share_after(histories, cand),
+                                      torch.from_numpy(flags).to(self.device))
         scores, weights = self.ranker(tables.input_table[padded], padding, user, vectors, features)
         scores = scores.float().cpu().numpy()
         attention = weights.float().cpu().numpy()                              # (B, C, T)

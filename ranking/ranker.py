@@ -15,9 +15,10 @@ from torch import nn
 from ranking.config import ModelConfig
 
 # Per-candidate side features, in this order: sequential score, semantic score,
-# log popularity, known (has training interactions), then one "proposed by" flag per
+# log popularity, known (has training interactions), follow share (how often the candidate
+# came right after the user's last item in training), then one "proposed by" flag per
 # recall channel.
-NUM_SCORE_FEATURES = 4
+NUM_SCORE_FEATURES = 5
 
 
 class Ranker(nn.Module):

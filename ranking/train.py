@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ranking.config import TrainConfig
 from ranking.devices import resolve_device
 from ranking.evaluation import Evaluation, FunnelScorer, user_sample
+from ranking.inference import NextItems
 from ranking.item_encoder import ItemEncoder, tag_matrix
 from ranking.losses import sampled_softmax
 from ranking.optim import LazyAdamW
@@ -34,7 +35,7 @@ from ranking.text_encoder import TextEncoder, default_disk_cache, default_model_
 from recdata.bundle import Bundle, load_weights, new_version_id
 from recdata.channels import CHANNELS, SEMANTIC, SEQUENTIAL, popular_scores, tuning_queries_name
 from recdata.dataset import Dataset
-from recdata.item_stats import RECENT_SHARE, cooccurrence_neighbours, recent_popularity
+from recdata.item_stats import RECENT_SHARE, cooccurrence_neighbours, next_item_shares, recent_popularity
 from recdata.segments import SegmentCounts
 from recdata.split import Split, leave_last_two
 from retrieval.index import build_index
@@ -336,6 +337,7 @@ class Trainer:
         self.recent_popularity = (recent_popularity(self.split.train, dataset.num_items, dataset.timestamps)
                                   if config.recent_popularity else self.popularity * RECENT_SHARE)
         self.neighbour_ids, self.neighbour_scores = cooccurrence_neighbours(self.split.train, dataset.num_items)
+        self.next_item_ids, self.next_item_shares = next_item_shares(self.split.train, dataset.num_items)
         self.valid = Evaluation(self.split, dataset.num_items, validation=True, seed=config.seed,
                                 positions=user_sample(len(self.split.users), config.validation_users, config.seed))
         # Its own seeded draw, so the test users are not only the validation sample's.
@@ -466,7 +468,8 @@ class Trainer:
         # The scorer computes where the item table lives, this trainer's device.
         return FunnelScorer(self.model.encoder, self.model.ranker, table, self.text_vectors, self.log_popularity,
                             torch.from_numpy(popular), torch.from_numpy(self.neighbour_ids.astype(np.int64)),
-                            torch.from_numpy(self.neighbour_scores), self.budgets)
+                            torch.from_numpy(self.neighbour_scores),
+                            NextItems(self.next_item_ids, self.next_item_shares, self.device), self.budgets)
 
     def evaluate(self, validation: bool, with_ranker: bool, when: str = "") -> dict[str, float]:
         """Full-ranking metrics of recall alone (two-tower) or of the whole funnel; its
@@ -728,6 +731,7 @@ class Trainer:
             item_attributes=self.dataset.item_attributes(),
             arrays={**arrays, "popularity": self.popularity, "recent_popularity": self.recent_popularity,
                     "item2item_ids": self.neighbour_ids, "item2item_scores": self.neighbour_scores,
+                    "next_item_ids": self.next_item_ids, "next_item_shares": self.next_item_shares,
                     "segment_counts": segments.counts,
                     **{tuning_queries_name(channel): q for channel, q in queries.items()}},
             manifest={

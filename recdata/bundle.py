@@ -28,7 +28,7 @@ from recdata.attributes import ItemAttributes
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
 ARRAYS = "arrays.safetensors"
-FORMAT_VERSION = 2  # 2: item2item neighbours, recent popularity, four ranker channel flags
+FORMAT_VERSION = 3  # 2: item2item neighbours, recent popularity, four ranker channel flags; 3: next items
 
 
 def new_version_id(prefix: str) -> str:

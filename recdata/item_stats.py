@@ -1,5 +1,6 @@
-"""Item statistics the trainer writes into a bundle for the non-vector recall channels:
-co-occurrence neighbours (item2item) and recent popularity (popular).
+"""Item statistics the trainer writes into a bundle: co-occurrence neighbours and recent
+popularity for the non-vector recall channels (item2item, popular), and each item's usual
+next items for the ranker.
 
 Plain numpy over the training sequences, so they cost seconds even at millions of
 interactions and need no model.
@@ -13,6 +14,7 @@ COOCCURRENCE_WINDOW = 5    # items up to this many positions apart in a history 
 NEIGHBOURS = 50            # neighbours kept per item
 RECENT_SHARE = 0.1         # "recent" = the latest tenth of the training interactions
 PAIRS_PER_CHUNK = 1 << 22  # co-occurrences summed at a time: ~100 MB of temporaries
+NEXT_ITEMS = 20            # next items kept per item
 
 
 def cooccurrence_neighbours(sequences: list[np.ndarray], num_items: int, window: int = COOCCURRENCE_WINDOW,
@@ -40,6 +42,36 @@ def cooccurrence_neighbours(sequences: list[np.ndarray], num_items: int, window:
     ids[rows[top], rank[top]] = cols[top]
     scores[rows[top], rank[top]] = strength[top]
     return ids, scores
+
+
+def next_item_shares(sequences: list[np.ndarray], num_items: int, kept: int = NEXT_ITEMS
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's most frequent next items in the histories: (I, N) int32 catalogue indexes
+    (-1 = none), most frequent first, and (I, N) float32 shares, count(a then b) /
+    (count(a followed by anything) + 1), the 1 so that a single sighting is not a certainty.
+
+    Order within a history is what a sequel, the next episode or the usual second purchase
+    leave behind; co-occurrence (both ways, within a window) blurs it. One pass over the
+    events; memory follows the distinct consecutive pairs.
+    """
+    ids = np.full((num_items, kept), -1, dtype=np.int32)
+    shares = np.zeros((num_items, kept), dtype=np.float32)
+    steps = [seq.astype(np.int64) for seq in sequences if len(seq) > 1]
+    if not steps:
+        return ids, shares
+    before = np.concatenate([seq[:-1] for seq in steps])
+    after = np.concatenate([seq[1:] for seq in steps])
+    keep = before != after
+    pairs, counts = np.unique(before[keep] * num_items + after[keep], return_counts=True)
+    rows, cols = pairs // num_items, pairs % num_items
+    outgoing = np.bincount(rows, weights=counts, minlength=num_items)
+    order = np.lexsort((cols, -counts, rows))       # by item, most frequent first, ties by index
+    rows, cols, counts = rows[order], cols[order], counts[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, np.arange(num_items))[rows]
+    top = rank < kept
+    ids[rows[top], rank[top]] = cols[top]
+    shares[rows[top], rank[top]] = counts[top] / (outgoing[rows[top]] + 1.0)
+    return ids, shares
 
 
 def pair_weights(sequences: list[np.ndarray], num_items: int, window: int = COOCCURRENCE_WINDOW,

@@ -1,4 +1,5 @@
-"""Co-occurrence neighbours and recent popularity, the item2item and popular channels' data."""
+"""Co-occurrence neighbours and recent popularity, the item2item and popular channels' data,
+and each item's next items, the ranker's follow share."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 
 from recdata.channels import popular_scores, recency_weights
 from recdata.dataset import from_events
-from recdata.item_stats import cooccurrence_neighbours, recent_popularity
+from recdata.item_stats import cooccurrence_neighbours, next_item_shares, recent_popularity
 
 
 def test_neighbours_come_from_nearby_positions_and_discount_popularity() -> None:
@@ -23,6 +24,19 @@ def test_neighbours_come_from_nearby_positions_and_discount_popularity() -> None
 def test_window_bounds_the_distance_of_neighbours() -> None:
     ids, _ = cooccurrence_neighbours([np.array([0, 1, 2, 3])], num_items=4, window=1, neighbours=3)
     assert set(ids[0]) - {-1} == {1} and set(ids[1]) - {-1} == {0, 2}
+
+
+def test_next_items_follow_order_and_count_by_hand() -> None:
+    # 0 -> 1 twice, 0 -> 2 once; 1 -> 2 and 1 -> 3 once each; 2 is never followed; 1 -> 0 is
+    # the other direction and does not count for 0.
+    sequences = [np.array([0, 1, 2]), np.array([0, 1, 3]), np.array([0, 2]), np.array([1, 0]), np.array([4])]
+    ids, shares = next_item_shares(sequences, num_items=5, kept=2)
+    assert ids.shape == shares.shape == (5, 2) and ids.dtype == np.int32
+    assert ids[0].tolist() == [1, 2] and shares[0].tolist() == [2 / 4, 1 / 4]   # three next steps, + 1
+    assert ids[1].tolist() == [0, 2] and np.allclose(shares[1], [1 / 4, 1 / 4])  # ties by index; one kept out
+    assert ids[2].tolist() == [-1, -1] and not shares[2].any()
+    empty_ids, _ = next_item_shares([np.array([3])], num_items=4)
+    assert (empty_ids == -1).all()
 
 
 def test_recent_popularity_cuts_by_time_or_by_each_users_latest_share() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ranking.config import ENCODERS, ModelConfig, TrainConfig
+from ranking.inference import NextItems, candidate_features
 from ranking.item_encoder import ItemEncoder, tag_matrix
 from ranking.query_encoder import HSTUBlock, QueryEncoder
 from ranking.ranker import NUM_SCORE_FEATURES, Ranker
@@ -150,6 +151,22 @@ def test_ranker_attends_only_to_real_history() -> None:
     assert weights[0, :, :2].abs().max() == 0
     torch.testing.assert_close(weights[0].sum(-1), torch.ones(4))
     assert weights[1].abs().max() == 0  # no history: no attention, no reasons
+
+
+def test_follow_share_reads_the_last_history_item_and_joins_the_side_features() -> None:
+    # Item 0 was followed by 1 (half its next steps) and 2 (a quarter); 1 by 2.
+    next_items = NextItems(np.array([[1, 2], [2, -1], [-1, -1]]), np.array([[0.5, 0.25], [0.3, 0.0], [0.0, 0.0]]),
+                           torch.device("cpu"))
+    candidates = torch.tensor([[1, 2, 0], [1, 2, 0], [1, 2, 0], [1, 2, 0]])
+    # The last item counts, not the first; no history, or a last item that joined after
+    # training (index 7, beyond the table), gives nothing.
+    histories = [np.array([1, 0]), np.array([0, 1]), np.array([], dtype=np.int64), np.array([0, 7])]
+    shares = next_items.share_after(histories, candidates)
+    torch.testing.assert_close(shares, torch.tensor([[0.5, 0.25, 0.0], [0.0, 0.3, 0.0], [0.0] * 3, [0.0] * 3]))
+    features = candidate_features(torch.randn(4, 16), torch.randn(4, 12), torch.randn(4, 3, 16),
+                                  torch.randn(4, 3, 12), torch.zeros(4, 3), shares, torch.zeros(4, 3, 2))
+    assert features.shape == (4, 3, NUM_SCORE_FEATURES + 2)
+    torch.testing.assert_close(features[..., NUM_SCORE_FEATURES - 1], shares)
 
 
 def test_training_windows_cover_every_position_once() -> None:

@@ -28,6 +28,7 @@ from gateway.events import Event, EventLog, EventStore
 from protos.recfunnel.v1 import recommender_pb2
 from ranking.config import TrainConfig
 from ranking.train import train
+from recdata.bundle import FORMAT_VERSION
 from recdata.dataset import Dataset
 from recdata.movielens import cache_dir, load_ml100k
 
@@ -74,9 +75,10 @@ def demo_training(seconds: float) -> TrainConfig:
 
 
 def training_key(dataset: Dataset, config: TrainConfig) -> str:
-    """What decides a trained bundle: the data and the training configuration, hashed."""
+    """What decides a trained bundle: the data, the training configuration and the bundle
+    format (a bundle of an older format cannot be served), hashed."""
     settings = json.dumps(config.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(f"{dataset.fingerprint()}\n{settings}".encode()).hexdigest()
+    return hashlib.sha256(f"{dataset.fingerprint()}\n{settings}\n{FORMAT_VERSION}".encode()).hexdigest()
 
 
 def train_bundle(dataset: Dataset, out: Path, seconds: float, console: Console) -> Path:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from cluster.demo import demo_bundle, demo_training, training_key
-from recdata.bundle import load_bundle
+from recdata.bundle import FORMAT_VERSION, load_bundle
 from recdata.dataset import Dataset
 from recdata.synthetic import SyntheticConfig, generate
 
@@ -24,6 +25,14 @@ def test_the_key_follows_the_data_and_the_configuration() -> None:
     assert training_key(data, demo_training(SECONDS)) != training_key(data, demo_training(SECONDS + 1))
     other = generate(SyntheticConfig(num_users=60, num_items=40, num_topics=3, mean_length=8, seed=4))
     assert training_key(data, demo_training(SECONDS)) != training_key(other, demo_training(SECONDS))
+
+
+def test_a_new_bundle_format_retrains_the_demo_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle cached by an older recfunnel cannot be served by this one: its key differs."""
+    data = small_data()
+    before = training_key(data, demo_training(SECONDS))
+    monkeypatch.setattr("cluster.demo.FORMAT_VERSION", FORMAT_VERSION + 1)
+    assert training_key(data, demo_training(SECONDS)) != before
 
 
 def test_the_same_data_and_configuration_reuse_the_bundle_and_retrain_trains_again(tmp_path: Path) -> None:

@@ -51,8 +51,9 @@ def next_item_shares(sequences: list[np.ndarray], num_items: int, kept: int = NE
     (count(a followed by anything) + 1), the 1 so that a single sighting is not a certainty.
 
     Order within a history is what a sequel, the next episode or the usual second purchase
-    leave behind; co-occurrence (both ways, within a window) blurs it. One pass over the
-    events; memory follows the distinct consecutive pairs.
+    leave behind; co-occurrence (both ways, within a window) blurs it. One sort of the
+    consecutive pairs: time and memory follow the events (a few tens of bytes each while
+    it runs), and the table the items.
     """
     ids = np.full((num_items, kept), -1, dtype=np.int32)
     shares = np.zeros((num_items, kept), dtype=np.float32)

@@ -81,8 +81,8 @@ class NextItems:
     Catalogue indexes of trained items never move, so upserts leave this table as it is."""
 
     def __init__(self, ids: np.ndarray | torch.Tensor, shares: np.ndarray | torch.Tensor, device: torch.device):
-        self.ids = torch.as_tensor(ids).to(device=device, dtype=torch.long)      # (I, N), -1 = none
-        self.shares = torch.as_tensor(shares).to(device=device, dtype=torch.float32)
+        self.ids = torch.as_tensor(ids, dtype=torch.long, device=device)      # (I, N), -1 = none
+        self.shares = torch.as_tensor(shares, dtype=torch.float32, device=device)
 
     def to(self, device: torch.device) -> NextItems:
         return NextItems(self.ids, self.shares, device)

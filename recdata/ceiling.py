@@ -78,12 +78,8 @@ class NextItemOdds:
         catalogue = catalogue_of(config, np.random.default_rng(config.seed))
         self.item_topic = catalogue.item_topic
         self.sequel = catalogue.sequel
+        self.within = catalogue.share   # the chance an item is drawn when its topic is
         counts = np.bincount(self.item_topic, minlength=config.num_topics)
-        rank = np.empty(config.num_items, dtype=np.int64)   # rank by popularity within the topic
-        rank[catalogue.members] = np.arange(config.num_items) - np.repeat(catalogue.topic_start, counts)
-        weight = 1.0 / (rank + 1.0) ** config.popularity_exponent
-        topic_weight = np.bincount(self.item_topic, weights=weight, minlength=config.num_topics)
-        self.within = weight / topic_weight[self.item_topic]   # the chance it is drawn when its topic is
         self.follow = np.where(self.sequel >= 0, config.next_in_series, 0.0)
         self.stay = config.stay_in_topic
         self.topics = np.flatnonzero(counts)             # the topics a taste can be

@@ -154,6 +154,7 @@ class Catalogue:
     members: np.ndarray       # items grouped by topic, most popular first within each
     cdf: np.ndarray           # (I,) topic + cumulative popularity within the topic, for one searchsorted
     topic_start: np.ndarray   # (T,) offset of each topic's members
+    share: np.ndarray         # (I,) the chance of each item when its topic is drawn
 
 
 def catalogue_of(config: SyntheticConfig, rng: np.random.Generator) -> Catalogue:
@@ -173,7 +174,9 @@ def catalogue_of(config: SyntheticConfig, rng: np.random.Generator) -> Catalogue
     follows = np.ones(config.num_items, dtype=bool)
     follows[last[counts > 0]] = False
     sequel[members[follows]] = members[np.flatnonzero(follows) + 1]
-    return Catalogue(item_topic, sequel, members, cdf, topic_start)
+    share = np.empty(config.num_items)
+    share[members] = weight / np.repeat(np.maximum(totals, 1e-12), counts)
+    return Catalogue(item_topic, sequel, members, cdf, topic_start, share)
 
 
 def draw_by_popularity(catalogue: Catalogue, topics: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -188,6 +188,7 @@ def evaluate(
     """Full-ranking and sampled metrics of the funnel against baselines trained in the same run."""
     from ranking.quality import EvaluateConfig
     from ranking.quality import evaluate as run_evaluation
+    from recdata.ceiling import Generator
 
     try:
         config = EvaluateConfig(seconds_per_model=seconds_per_model, baselines=baselines, seed=seed,
@@ -195,13 +196,11 @@ def evaluate(
                                 cold_draws=cold_draws, device=device, users=users)
     except ValueError as error:  # the message names the option's field
         raise typer.BadParameter(str(error)) from error
-    from recdata.ceiling import Generator
-
-    data = load_data(dataset, interactions, items, fmt, item_column)
     try:  # a synthetic set's generator, where `recfunnel synth` left one beside the data
         generator = Generator.beside(interactions) if interactions else None
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--interactions") from error
+    data = load_data(dataset, interactions, items, fmt, item_column)
     report = run_evaluation(bundle, data, config, report=None if as_json else progress_console.log,
                             generator=generator)
     typer.echo(json.dumps(report, indent=None if as_json else 2))

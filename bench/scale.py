@@ -61,22 +61,28 @@ class PhaseMeter:
         self.process = psutil.Process()
         self.phases: dict[str, dict[str, float]] = {}
         self._peak = 0
+        # The sampler reads memory and raises the peak in one step under this lock: otherwise a
+        # reading taken in one phase could land after the next phase's reset and count there.
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
         self._sampler.start()
 
     def _sample(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            self._peak = max(self._peak, self.process.memory_info().rss)
+            with self._lock:
+                self._peak = max(self._peak, self.process.memory_info().rss)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self._peak = self.process.memory_info().rss
+        with self._lock:
+            self._peak = self.process.memory_info().rss
         started = time.perf_counter()
         try:
             yield
         finally:
-            self._peak = max(self._peak, self.process.memory_info().rss)
+            with self._lock:
+                self._peak = max(self._peak, self.process.memory_info().rss)
             self.phases[name] = {"seconds": round(time.perf_counter() - started, 3),
                                  "peak_rss_gib": round(self._peak / GIB, 3)}
 
